@@ -1,0 +1,99 @@
+"""Feature extraction for evaluation: eval-mode forward over a loader, gathered in sample order."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from passreid import dist
+
+FeatureFn = Callable[[nn.Module, torch.Tensor], torch.Tensor]
+
+
+def cls_feature(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """The [CLS] output of a backbone whose forward returns (B, T, D) leading tokens."""
+    return model(images)[:, 0]
+
+
+def pass_fusion_feature(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """PASS test feature ``cat(CLS, mean(parts))`` (2D wide); falls back to [CLS] without part tokens."""
+    tokens = model(images)
+    if tokens.shape[1] == 1:
+        return tokens[:, 0]
+    return torch.cat([tokens[:, 0], tokens[:, 1:].mean(dim=1)], dim=1)
+
+
+@dataclass
+class ExtractedFeatures:
+    """Features of one split in dataset order, plus the labels the evaluator needs."""
+
+    feats: np.ndarray  # (N, D) float32
+    pids: np.ndarray  # (N,) int64
+    camids: np.ndarray  # (N,) int64
+
+    def save_npz(self, path: str) -> None:
+        """Write the ``feats`` / ``pids`` / ``camids`` npz that ``tools/evaluate.py`` reads."""
+        np.savez(path, feats=self.feats, pids=self.pids, camids=self.camids)
+
+
+@torch.no_grad()
+def extract_features(
+    model: nn.Module,
+    loader: DataLoader,
+    *,
+    feature_fn: FeatureFn = pass_fusion_feature,
+    device: torch.device | str | None = None,
+    autocast: Callable | None = None,
+) -> ExtractedFeatures:
+    """Run ``model`` in eval mode over ``loader`` and return features in sample-index order.
+
+    The loader yields dicts with ``img``, ``pid``, ``camid`` and ``index`` (``ImageDataset``). Under
+    DDP each rank sees a shard; features are gathered by ``index`` so every rank returns the whole
+    split in dataset order, whatever the sharding or padding.
+    """
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    was_training = model.training
+    model.eval()
+    feats, pids, camids, indices = [], [], [], []
+    for batch in loader:
+        images = batch["img"].to(device, non_blocking=True)
+        if autocast is not None:
+            with autocast():
+                out = feature_fn(model, images)
+        else:
+            out = feature_fn(model, images)
+        feats.append(out.float().cpu())
+        pids.append(torch.as_tensor(batch["pid"]))
+        camids.append(torch.as_tensor(batch["camid"]))
+        indices.append(torch.as_tensor(batch["index"]))
+    model.train(was_training)
+
+    total = len(loader.dataset)
+    local_index = torch.cat(indices).long()
+    # Labels ride along as two extra float columns (exact below 2**24) so one gather suffices.
+    labels = torch.stack([torch.cat(pids), torch.cat(camids)], dim=1).float()
+    local = torch.cat([torch.cat(feats), labels], dim=1)
+    if dist.get_world_size() > 1:
+        gathered = dist.all_gather_by_index(local, local_index, total)
+    else:
+        gathered = _order_by_index(local, local_index, total)
+    return ExtractedFeatures(
+        feats=gathered[:, :-2].numpy().astype(np.float32),
+        pids=gathered[:, -2].round().long().numpy(),
+        camids=gathered[:, -1].round().long().numpy(),
+    )
+
+
+def _order_by_index(rows: torch.Tensor, index: torch.Tensor, total: int) -> torch.Tensor:
+    if index.numel() != total or not torch.equal(index.sort().values, torch.arange(total)):
+        raise RuntimeError(
+            f"feature extraction saw {index.numel()} samples for a split of {total}: "
+            "the loader must visit every sample exactly once (no drop_last, no shuffling sampler)"
+        )
+    out = torch.empty_like(rows)
+    out[index] = rows
+    return out
