@@ -1,0 +1,28 @@
+"""Data: dataset readers (one registry), image decoding, LMDB access.
+
+Samplers, transforms and the synthetic generator live in sibling modules
+(``passreid.data.samplers``, ``.transforms``, ``.synthetic``) and are imported from there.
+"""
+from .datasets import (
+    DatasetFormatError,
+    DatasetLayoutError,
+    ImageItem,
+    ReIDDataset,
+    build_dataset,
+    list_datasets,
+    register_dataset,
+)
+from .images import CorruptImageError, SafeImageReader, read_image
+
+__all__ = [
+    "CorruptImageError",
+    "DatasetFormatError",
+    "DatasetLayoutError",
+    "ImageItem",
+    "ReIDDataset",
+    "SafeImageReader",
+    "build_dataset",
+    "list_datasets",
+    "read_image",
+    "register_dataset",
+]

@@ -1,0 +1,60 @@
+"""Print the split table (ids / images / cameras) of a dataset, or the same figures as JSON.
+
+Examples (from the repository root):
+    python tools/dataset_info.py --dataset market1501 --root /data
+    python tools/dataset_info.py --dataset msmt17 --root /data --version v1 --train-split train --json
+    python tools/dataset_info.py --dataset image_folder --root /data/LUP --json
+
+JSON: {"train": {"ids", "images", "cameras"}, "query": {...}, "gallery": {...}}; unlabeled sets
+(image_folder, luperson_lmdb) report only "train". Images are listed, never decoded.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from passreid.data import DatasetFormatError, DatasetLayoutError, build_dataset, list_datasets
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line options; reader options are passed on only when given."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", required=True, choices=list_datasets(), help="registered dataset name")
+    parser.add_argument("--root", required=True, help="the dataset folder or its parent")
+    parser.add_argument("--version", choices=("v1", "v2"), help="msmt17 release (required for msmt17)")
+    parser.add_argument("--train-split", choices=("train", "trainval"),
+                        help="msmt17 train split (default trainval = list_train + list_val)")
+    parser.add_argument("--file-list", help="image_folder: text file of image paths relative to --root")
+    parser.add_argument("--keys-file", help="luperson_lmdb: key list (default: keys.pkl next to the LMDB)")
+    parser.add_argument("--json", action="store_true", help="print the split figures as JSON only")
+    return parser.parse_args(argv)
+
+
+def reader_options(args: argparse.Namespace) -> dict[str, str]:
+    """Map the given command-line options to ``build_dataset`` keyword options."""
+    given = {"version": args.version, "train_split": args.train_split,
+             "file_list": args.file_list, "keys_file": args.keys_file}
+    return {name: value for name, value in given.items() if value is not None}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the tool; returns the process exit status (2 for a bad dataset or options)."""
+    args = parse_args(argv)
+    # The table goes to stdout below; logging (warnings) goes to stderr so --json output stays clean.
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        dataset = build_dataset(args.dataset, args.root, **reader_options(args))
+    except (DatasetLayoutError, DatasetFormatError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(dataset.split_stats(), indent=2))
+    else:
+        print(dataset.split_table())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
