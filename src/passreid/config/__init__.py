@@ -1,0 +1,36 @@
+"""Typed configs: dataclass schemas, YAML recipes with ``_base_`` inheritance, dotlist overrides.
+
+Defaults < YAML (bases first, the file last) < ``--output-dir``/``--data-root`` < ``key=value``.
+Unknown keys and wrong types are :class:`ConfigError`s naming the dotted key.
+"""
+from .cli import DATA_ROOT_KEYS, OUTPUT_DIR_KEYS, default_argument_parser, parse_and_load
+from .errors import ConfigError
+from .loader import (build_config, config_from_dict, config_to_dict, dump_config, field_type,
+                     load_config, overrides_to_layers, save_config)
+from .schema import DataConfig, EvalConfig, ModelConfig, OptimConfig, TrainConfig
+from .yaml_io import Layer, deep_merge, load_yaml_layers, load_yaml_with_bases
+
+__all__ = [
+    "ConfigError",
+    "DATA_ROOT_KEYS",
+    "DataConfig",
+    "EvalConfig",
+    "Layer",
+    "ModelConfig",
+    "OUTPUT_DIR_KEYS",
+    "OptimConfig",
+    "TrainConfig",
+    "build_config",
+    "config_from_dict",
+    "config_to_dict",
+    "deep_merge",
+    "default_argument_parser",
+    "dump_config",
+    "field_type",
+    "load_config",
+    "load_yaml_layers",
+    "load_yaml_with_bases",
+    "overrides_to_layers",
+    "parse_and_load",
+    "save_config",
+]

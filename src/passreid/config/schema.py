@@ -1,0 +1,86 @@
+"""Reusable config sections that the stage schemas compose.
+
+Defaults are the published recipes: PASS ViT-S/16 fine-tuning in the TransReID family
+(256x128 input, P=16 x K=4 batches of 64, SGD lr 4e-4 with 20 warm-up epochs, cosine to
+0.002x, 120 epochs, Euclidean distance on the normalised feature, no re-ranking); see
+``docs/reference/finetune-occluded.md`` §0 and §4.3. A stage schema looks like::
+
+    @dataclass
+    class FinetuneConfig:
+        model: ModelConfig = field(default_factory=ModelConfig)
+        data: DataConfig = field(default_factory=DataConfig)
+        optim: OptimConfig = field(default_factory=OptimConfig)
+        eval: EvalConfig = field(default_factory=EvalConfig)
+        train: TrainConfig = field(default_factory=TrainConfig)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+
+@dataclass
+class ModelConfig:
+    """The ViT backbone with PASS part tokens."""
+
+    arch: Literal["vit_tiny", "vit_small", "vit_base"] = "vit_small"
+    img_size: tuple[int, int] = (256, 128)  # (height, width) of the network input
+    stride_size: int = 16  # patch-embedding stride; 12 or 11 gives overlapping patches
+    drop_path_rate: float = 0.1
+    num_part_tokens: int = 3  # PASS learnable part [CLS] tokens next to the global one
+    pretrained: str = ""  # checkpoint to start from ("" = random init)
+    hw_ratio: int = 2  # height/width ratio of the pre-training crops (position-embedding resize)
+
+
+@dataclass
+class DataConfig:
+    """Which labelled re-ID set to read and how to batch it."""
+
+    dataset: str = "market1501"  # a name from passreid.data.list_datasets()
+    root: str = ""  # dataset folder; --data-root on the command line fills it
+    version: Literal["", "v1", "v2"] = ""  # MSMT17 only, where it is required
+    train_split: Literal["train", "trainval"] = "train"  # MSMT17 only
+    num_workers: int = 8
+    batch_size: int = 64  # global batch: P identities x num_instances images
+    num_instances: int = 4  # K images per identity in a batch
+    skip_corrupt: bool = False  # drop unreadable images (listing them) instead of failing
+
+
+@dataclass
+class OptimConfig:
+    """SGD with per-parameter groups and a cosine schedule with linear warm-up (per epoch)."""
+
+    name: Literal["sgd", "adam", "adamw"] = "sgd"
+    lr: float = 4e-4  # base lr for a global batch of 64 (0.008 for ImageNet-initialised ViT-B)
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    weight_decay_bias: float = 1e-4
+    bias_lr_factor: float = 2.0  # parameters named *bias* get lr x this
+    warmup_epochs: int = 20
+    warmup_lr_factor: float = 0.01  # warm-up starts at lr x this
+    min_lr_factor: float = 0.002  # the cosine ends at lr x this
+
+
+@dataclass
+class EvalConfig:
+    """Retrieval evaluation (CMC / mAP / mINP) and optional k-reciprocal re-ranking."""
+
+    metric: str = "euclidean"  # distance for passreid.eval.rank_metrics
+    max_rank: int = 50
+    rerank: bool = False
+    k1: int = 20
+    k2: int = 6
+    lambda_value: float = 0.3
+    period: int = 120  # evaluate every `period` epochs (and after the last one)
+
+
+@dataclass
+class TrainConfig:
+    """Loop length, reproducibility, precision and where the run writes."""
+
+    epochs: int = 120
+    seed: int = 1234
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    log_period: int = 50  # iterations between log lines
+    checkpoint_period: int = 1  # epochs between writes of checkpoint.pth (the resume point)
+    output_dir: str = "output"  # --output-dir on the command line fills it
