@@ -21,3 +21,11 @@ def market1501_root() -> Path:
     if not (root / "bounding_box_train").is_dir():
         pytest.skip(f"real Market-1501 not found at {root} (set PASSREID_MARKET1501)")
     return root
+
+
+@pytest.fixture(scope="session")
+def synthetic_world(tmp_path_factory) -> Path:
+    """The default generated world (seed 0), rendered once per test session."""
+    from passreid.data.synthetic import generate_world
+
+    return generate_world(tmp_path_factory.mktemp("synthetic_world"))
