@@ -1,0 +1,113 @@
+"""Training-loop building blocks shared by every stage (pretrain, finetune, usl, uda).
+
+No trainer class: a stage's loop composes these pieces. The intended shape::
+
+    out = make_output_dir(args.output_dir)
+    logger = setup_logging(out, rank=env.rank)
+    ckpt = Checkpointer(out, is_main=env.rank == 0)
+    seed_everything(cfg.seed + env.rank)
+    lr_schedule = cosine_schedule(lr, min_lr, total_iters, warmup_iters)   # indexed by iteration
+    amp = autocast_for(device, cfg.precision)
+    start = ResumeInfo(epoch=0, iteration=0)
+    if not args.no_resume and (state := ckpt.load()) is not None:
+        start = restore_checkpoint(state, model=model, optimizer=opt, scaler=amp.scaler,
+                                   rank=env.rank, world_size=env.world_size)
+        # put the sampler at start.sampler (or pass sampler=... above)
+    metrics = MetricsWriter(out, enabled=env.rank == 0, purge_step=start.iteration)
+    progress = ProgressLogger(total_iters, log_period=20, logger=logger)
+    for it in range(start.iteration, total_iters):
+        apply_schedule(opt, lr=lr_schedule[it])
+        with amp.autocast():
+            loss = model(batch)
+        check_finite(loss, it)          # raises NonFiniteLossError; let it propagate
+        ...backward / step...
+        progress.update(it, loss=loss)
+        ckpt.save(build_checkpoint(model=model, optimizer=opt, scaler=amp.scaler,
+                                   epoch=epoch, iteration=it + 1, sampler=position,
+                                   config=config_to_dict(cfg)))
+
+Checkpoint dict convention: see :mod:`passreid.engine.checkpoint` (keys ``model, optimizer,
+scheduler, scaler, epoch, iteration, rng, sampler, config, extra``).
+
+Exact resume covers model, optimizer, scheduler, scaler, the global RNGs and the sampler
+position. Two conditions are on the stage: build the DataLoader with its own
+``generator`` (seeded per epoch), because creating an iterator draws the workers' base
+seed from it, or from the global torch RNG otherwise; and with ``num_workers > 0`` the
+random augmentations inside workers restart from fresh worker seeds after a mid-epoch
+resume (only per-sample seeding would make those exact).
+"""
+from passreid.engine.amp import PRECISIONS, AmpSetup, autocast_for, resolve_precision
+from passreid.engine.checkpoint import (
+    CHECKPOINT_KEYS,
+    CheckpointCorruptError,
+    Checkpointer,
+    CheckpointStateError,
+    ResumeInfo,
+    atomic_save,
+    build_checkpoint,
+    remove_stale_temp_files,
+    restore_checkpoint,
+    unwrap_model,
+)
+from passreid.engine.guards import NonFiniteLossError, check_finite
+from passreid.engine.logger import MetricsWriter, ProgressLogger, SmoothedValue, format_eta, setup_logging
+from passreid.engine.output import (
+    CHECKPOINT_FILE,
+    CONFIG_FILE,
+    FINAL_MODEL_FILE,
+    LOG_FILE,
+    METRICS_FILE,
+    TENSORBOARD_DIR,
+    OutputLayout,
+    make_output_dir,
+    output_layout,
+)
+from passreid.engine.schedules import WarmupCosineLR, apply_schedule, cosine_schedule, warmup_cosine_lr
+from passreid.engine.seeding import (
+    capture_rng_state,
+    gather_rng_states,
+    restore_rng_state,
+    seed_everything,
+    worker_init_fn,
+)
+
+__all__ = [
+    "AmpSetup",
+    "CHECKPOINT_FILE",
+    "CHECKPOINT_KEYS",
+    "CONFIG_FILE",
+    "CheckpointCorruptError",
+    "CheckpointStateError",
+    "Checkpointer",
+    "FINAL_MODEL_FILE",
+    "LOG_FILE",
+    "METRICS_FILE",
+    "MetricsWriter",
+    "NonFiniteLossError",
+    "OutputLayout",
+    "PRECISIONS",
+    "ProgressLogger",
+    "ResumeInfo",
+    "SmoothedValue",
+    "TENSORBOARD_DIR",
+    "WarmupCosineLR",
+    "apply_schedule",
+    "atomic_save",
+    "autocast_for",
+    "build_checkpoint",
+    "capture_rng_state",
+    "check_finite",
+    "cosine_schedule",
+    "format_eta",
+    "gather_rng_states",
+    "make_output_dir",
+    "output_layout",
+    "remove_stale_temp_files",
+    "resolve_precision",
+    "restore_checkpoint",
+    "restore_rng_state",
+    "seed_everything",
+    "unwrap_model",
+    "warmup_cosine_lr",
+    "worker_init_fn",
+]

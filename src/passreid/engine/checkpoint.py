@@ -1,0 +1,405 @@
+"""Atomic checkpoint files and the full-training-state convention.
+
+Checkpoint dict convention (``build_checkpoint`` writes it, ``restore_checkpoint`` reads it);
+every key is always present, ``None`` when the run has no such object:
+
+=============  =================================================================================
+key            content
+=============  =================================================================================
+``model``      ``state_dict()`` of the model (DDP / DataParallel wrappers are unwrapped)
+``optimizer``  ``optimizer.state_dict()`` (momentum buffers, Adam moments, param-group lrs)
+``scheduler``  ``scheduler.state_dict()`` of a stateful LR scheduler; ``None`` for the
+               dinov2-style precomputed arrays, which are indexed by ``iteration`` instead
+``scaler``     ``GradScaler.state_dict()`` (fp16 runs only)
+``epoch``      the epoch in progress, 0-based
+``iteration``  optimizer steps completed so far = index of the next step
+``rng``        list of :func:`~passreid.engine.seeding.capture_rng_state` dicts, index = rank
+``sampler``    the sampler position (its ``state_dict()``, or a plain dict from the loop)
+``config``     the resolved config as a plain dict (``passreid.config.config_to_dict(cfg)``)
+``extra``      stage-specific picklable state (teacher temperature, pseudo labels, best mAP, ...)
+=============  =================================================================================
+
+A checkpoint is taken *after* an optimizer step, so resuming continues at step ``iteration``
+with the sampler at the stored position and the RNG exactly where the interrupted run was.
+
+Non-finite losses: :func:`passreid.engine.check_finite` raises before ``backward``; the loop
+must let the error propagate (no ``finally: save``), so ``checkpoint.pth`` keeps the last
+good state.
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import pickle
+import shutil
+import socket
+import uuid
+import zipfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from passreid.engine.output import CHECKPOINT_FILE
+from passreid.engine.seeding import capture_rng_state, restore_rng_state, seed_everything
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_KEYS = (
+    "model",
+    "optimizer",
+    "scheduler",
+    "scaler",
+    "epoch",
+    "iteration",
+    "rng",
+    "sampler",
+    "config",
+    "extra",
+)
+_TEMP_MARKER = ".tmp-"
+
+
+class CheckpointCorruptError(RuntimeError):
+    """A checkpoint file exists but cannot be read (truncated, garbage, not a dict)."""
+
+
+class CheckpointStateError(ValueError):
+    """A checkpoint does not match the objects it is restored into."""
+
+
+class Stateful(Protocol):
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> Any: ...
+
+
+# --------------------------------------------------------------------------- atomic file writes
+
+
+def _temp_prefix(target: Path) -> str:
+    return f".{target.name}{_TEMP_MARKER}"
+
+
+def _new_temp_path(target: Path) -> Path:
+    """A temp name unique per host, process and call, in ``target``'s directory."""
+    return target.with_name(
+        f"{_temp_prefix(target)}{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    )
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Make a rename durable. Filesystems without directory fsync are accepted as they are."""
+    if os.name != "posix":
+        return
+    fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+            raise
+    finally:
+        os.close(fd)
+
+
+def _process_is_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def remove_stale_temp_files(target: str | os.PathLike[str]) -> list[Path]:
+    """Delete temp files of ``target`` left by writers on this host that have died.
+
+    Temp names are ``.<name>.tmp-<host>-<pid>-<token>``. Files of live processes, or from
+    other hosts (shared filesystems: we cannot tell whether their writer is alive), are left
+    alone; they are never read, so they cannot break a save or a load. Returns what was removed.
+    """
+    target = Path(target)
+    prefix = _temp_prefix(target)
+    host = socket.gethostname()
+    removed = []
+    for candidate in target.parent.iterdir():
+        if not candidate.name.startswith(prefix):
+            continue
+        parts = candidate.name[len(prefix):].rsplit("-", 2)
+        if len(parts) != 3 or parts[0] != host or not parts[1].isdigit():
+            continue
+        if _process_is_alive(int(parts[1])):
+            continue
+        try:
+            candidate.unlink()
+            removed.append(candidate)
+        except FileNotFoundError:
+            pass
+    return removed
+
+
+def atomic_save(obj: Any, path: str | os.PathLike[str]) -> Path:
+    """``torch.save(obj)`` to ``path`` so that readers only ever see a complete file.
+
+    Writes a uniquely named temp file in the same directory, flushes and fsyncs it, then
+    ``os.replace``s it over ``path`` and fsyncs the directory. A process killed mid-write
+    leaves the previous ``path`` intact plus an orphan temp file that the next save of the
+    same path removes (see :func:`remove_stale_temp_files`).
+    """
+    target = Path(path)
+    directory = target.parent
+    if not directory.is_dir():
+        raise FileNotFoundError(f"cannot save {target}: directory {directory} does not exist")
+    remove_stale_temp_files(target)
+    temp = _new_temp_path(target)
+    try:
+        with open(temp, "wb") as handle:
+            torch.save(obj, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp, target)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+    _fsync_directory(directory)
+    return target
+
+
+# --------------------------------------------------------------------------- Checkpointer
+
+
+class Checkpointer:
+    """Saves and loads training checkpoints inside one output directory.
+
+    Every rank may call :meth:`save`; only the main rank (``is_main=True``) touches the disk.
+    With ``keep_every=N``, a save with ``step`` divisible by N also keeps a named copy
+    ``<stem>_<step:07d><suffix>`` (a hard link when the filesystem allows, else a copy).
+    """
+
+    def __init__(
+        self,
+        output_dir: str | os.PathLike[str],
+        is_main: bool = True,
+        keep_every: int | None = None,
+    ) -> None:
+        if keep_every is not None and keep_every <= 0:
+            raise ValueError(f"Checkpointer: keep_every must be a positive int or None, got {keep_every}")
+        self.output_dir = Path(output_dir)
+        self.is_main = is_main
+        self.keep_every = keep_every
+
+    def path(self, name: str = CHECKPOINT_FILE) -> Path:
+        """Absolute location of checkpoint ``name`` (a bare file name)."""
+        if not name or Path(name).name != name or name in (".", ".."):
+            raise ValueError(f"Checkpointer: name must be a plain file name, got {name!r}")
+        return self.output_dir / name
+
+    def has_checkpoint(self, name: str = CHECKPOINT_FILE) -> bool:
+        """Whether ``name`` exists (temp files of interrupted writes never count)."""
+        return self.path(name).is_file()
+
+    def save(self, state: Mapping[str, Any], name: str = CHECKPOINT_FILE, step: int | None = None) -> Path | None:
+        """Atomically write ``state``; returns the path on the main rank, ``None`` elsewhere."""
+        if not self.is_main:
+            return None
+        if not isinstance(state, Mapping):
+            raise TypeError(f"Checkpointer.save: state must be a dict, got {type(state).__name__}")
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        target = atomic_save(dict(state), self.path(name))
+        if self.keep_every is not None and step is not None and step % self.keep_every == 0:
+            self._keep_copy(target, step)
+        return target
+
+    def _keep_copy(self, source: Path, step: int) -> Path:
+        copy = source.with_name(f"{source.stem}_{step:07d}{source.suffix}")
+        remove_stale_temp_files(copy)
+        temp = _new_temp_path(copy)
+        try:
+            try:
+                os.link(source, temp)  # same inode: no second write of a large file
+            except OSError:  # filesystem without hard links
+                shutil.copyfile(source, temp)
+                with open(temp, "rb+") as handle:
+                    os.fsync(handle.fileno())
+            os.replace(temp, copy)
+        except BaseException:
+            temp.unlink(missing_ok=True)
+            raise
+        _fsync_directory(copy.parent)
+        return copy
+
+    def load(
+        self, name: str = CHECKPOINT_FILE, map_location: Any = "cpu", weights_only: bool = False
+    ) -> dict[str, Any] | None:
+        """Load checkpoint ``name``; ``None`` if it does not exist.
+
+        ``weights_only=False`` by default because this run's own checkpoints carry arbitrary
+        picklable ``extra`` state; never point a Checkpointer at untrusted files.
+        Raises :class:`CheckpointCorruptError` naming the file when it cannot be read.
+        """
+        target = self.path(name)
+        if not target.is_file():
+            return None
+        try:
+            state = torch.load(target, map_location=map_location, weights_only=weights_only)
+        except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as exc:
+            raise CheckpointCorruptError(
+                f"checkpoint {target} cannot be read ({type(exc).__name__}: {exc}); the file is "
+                f"truncated or corrupt. Move it away to start fresh, or resume from a named copy."
+            ) from exc
+        if not isinstance(state, dict):
+            raise CheckpointCorruptError(
+                f"checkpoint {target} holds a {type(state).__name__}, expected a dict"
+            )
+        return state
+
+
+# --------------------------------------------------------------------------- training state
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The module inside a DistributedDataParallel / DataParallel wrapper (else ``model``)."""
+    if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        return model.module
+    return model
+
+
+def _state_of(obj: Any, key: str) -> Any:
+    if obj is None:
+        return None
+    if isinstance(obj, Mapping):
+        return dict(obj)
+    if not hasattr(obj, "state_dict"):
+        raise TypeError(f"build_checkpoint: {key} must have state_dict() or be a dict, got {type(obj).__name__}")
+    return obj.state_dict()
+
+
+def build_checkpoint(
+    *,
+    model: nn.Module | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: Stateful | None = None,
+    scaler: torch.amp.GradScaler | None = None,
+    epoch: int = 0,
+    iteration: int = 0,
+    sampler: Stateful | Mapping[str, Any] | None = None,
+    config: Mapping[str, Any] | None = None,
+    extra: Mapping[str, Any] | None = None,
+    rng_states: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """Assemble the checkpoint dict described in the module docstring.
+
+    ``rng_states`` defaults to this process's state only. For exact multi-rank resume pass
+    :func:`~passreid.engine.seeding.gather_rng_states()` (a collective: call it on every rank).
+    """
+    if config is not None and not isinstance(config, Mapping):
+        raise TypeError(
+            "build_checkpoint: config must be a plain dict; convert a dataclass config with "
+            f"passreid.config.config_to_dict(cfg) (got {type(config).__name__})"
+        )
+    if extra is not None and not isinstance(extra, Mapping):
+        raise TypeError(f"build_checkpoint: extra must be a dict, got {type(extra).__name__}")
+    return {
+        "model": None if model is None else unwrap_model(model).state_dict(),
+        "optimizer": _state_of(optimizer, "optimizer"),
+        "scheduler": _state_of(scheduler, "scheduler"),
+        "scaler": _state_of(scaler, "scaler"),
+        "epoch": int(epoch),
+        "iteration": int(iteration),
+        "rng": rng_states if rng_states is not None else [capture_rng_state()],
+        "sampler": _state_of(sampler, "sampler"),
+        "config": None if config is None else dict(config),
+        "extra": {} if extra is None else dict(extra),
+    }
+
+
+@dataclass
+class ResumeInfo:
+    """What :func:`restore_checkpoint` hands back to the loop."""
+
+    epoch: int
+    iteration: int
+    sampler: dict[str, Any] | None = None
+    config: dict[str, Any] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _load_into(obj: Any, state: Any, key: str) -> None:
+    if obj is None:
+        return
+    if state is None:
+        raise CheckpointStateError(
+            f"restore_checkpoint: the checkpoint has no '{key}' state but a {key} was passed; "
+            f"it was saved by a run without one. Pass {key}=None or start a fresh run."
+        )
+    obj.load_state_dict(state)
+
+
+def restore_checkpoint(
+    checkpoint: Mapping[str, Any],
+    *,
+    model: nn.Module | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: Stateful | None = None,
+    scaler: torch.amp.GradScaler | None = None,
+    sampler: Stateful | None = None,
+    restore_rng: bool = True,
+    rank: int = 0,
+    world_size: int = 1,
+) -> ResumeInfo:
+    """Load a :func:`build_checkpoint` dict into the given objects (``None`` = skip that object).
+
+    The model is loaded strictly. An object passed here whose state the checkpoint lacks is
+    an error, except the AMP scaler: changing precision on resume is allowed and logged.
+    ``sampler`` receives ``load_state_dict`` if given; the raw state is also returned for loops
+    that track the position themselves. RNG: rank ``r`` restores ``rng[r]``; with a different
+    world size than at save time, exact continuation is impossible and ranks without a stored
+    state are re-seeded from ``(iteration, rank)`` (a warning says so).
+    """
+    missing = [key for key in CHECKPOINT_KEYS if key not in checkpoint]
+    if missing:
+        raise CheckpointStateError(
+            f"restore_checkpoint: not a passreid training checkpoint (missing keys {missing}; "
+            f"expected {list(CHECKPOINT_KEYS)}). To load weights only, use passreid.models.load_pretrained."
+        )
+    if model is not None:
+        _load_into(unwrap_model(model), checkpoint["model"], "model")
+    _load_into(optimizer, checkpoint["optimizer"], "optimizer")
+    _load_into(scheduler, checkpoint["scheduler"], "scheduler")
+    if scaler is not None and checkpoint["scaler"] is None:
+        logger.warning("checkpoint has no AMP scaler state (saved without fp16); the GradScaler starts fresh")
+    else:
+        _load_into(scaler, checkpoint["scaler"], "scaler")
+    _load_into(sampler, checkpoint["sampler"], "sampler")
+    if restore_rng:
+        _restore_rank_rng(checkpoint["rng"], int(checkpoint["iteration"]), rank, world_size)
+    return ResumeInfo(
+        epoch=int(checkpoint["epoch"]),
+        iteration=int(checkpoint["iteration"]),
+        sampler=checkpoint["sampler"],
+        config=checkpoint["config"],
+        extra=dict(checkpoint["extra"] or {}),
+    )
+
+
+def _restore_rank_rng(rng_states: Any, iteration: int, rank: int, world_size: int) -> None:
+    if isinstance(rng_states, Mapping):  # a single state stored by hand
+        rng_states = [rng_states]
+    if not rng_states:
+        raise CheckpointStateError("restore_checkpoint: the checkpoint has no RNG state; pass restore_rng=False")
+    if len(rng_states) != world_size:
+        logger.warning(
+            "checkpoint holds RNG states of %d rank(s), resuming with world size %d: random "
+            "streams will not continue exactly",
+            len(rng_states),
+            world_size,
+        )
+    if rank < len(rng_states):
+        restore_rng_state(rng_states[rank])
+    else:
+        seed_everything(hash((iteration, rank)) % 2**32)

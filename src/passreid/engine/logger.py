@@ -1,0 +1,235 @@
+"""Rank-aware logging, metrics files (JSON lines + TensorBoard) and progress lines with ETA."""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import statistics
+import sys
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any, TextIO
+
+import numpy as np
+import torch
+
+from passreid.engine.output import output_layout
+
+_HANDLER_FLAG = "_passreid_handler"
+_FORMAT = "[%(asctime)s %(name)s %(levelname)s] %(message)s"
+_DATE_FORMAT = "%m/%d %H:%M:%S"
+
+
+def setup_logging(
+    output_dir: str | os.PathLike[str] | None = None,
+    rank: int = 0,
+    name: str = "passreid",
+    level: int = logging.INFO,
+) -> logging.Logger:
+    """Configure logger ``name`` (and so every ``passreid.*`` module logger) and return it.
+
+    Rank 0: console at ``level`` plus ``<output_dir>/log.txt`` (appended, so resumed runs keep
+    their history). Other ranks: console warnings only, prefixed with the rank, and no file,
+    so ranks never clobber each other's log. Calling again replaces the handlers it added.
+    """
+    logger = logging.getLogger(name)
+    logger.setLevel(level)
+    logger.propagate = False
+    for handler in list(logger.handlers):
+        if getattr(handler, _HANDLER_FLAG, False):
+            logger.removeHandler(handler)
+            handler.close()
+
+    prefix = "" if rank == 0 else f"[rank {rank}] "
+    formatter = logging.Formatter(prefix + _FORMAT, datefmt=_DATE_FORMAT)
+    console = logging.StreamHandler(sys.stdout)
+    console.setLevel(level if rank == 0 else max(level, logging.WARNING))
+    handlers: list[logging.Handler] = [console]
+    if rank == 0 and output_dir is not None:
+        log_path = output_layout(output_dir).log
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(log_path, mode="a", encoding="utf-8"))
+    for handler in handlers:
+        handler.setFormatter(formatter)
+        setattr(handler, _HANDLER_FLAG, True)
+        logger.addHandler(handler)
+    return logger
+
+
+def _to_float(key: str, value: Any) -> float:
+    """A scalar as float; 1-element tensors and numpy scalars accepted."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"metric {key!r}: expected a scalar, got a tensor of shape {tuple(value.shape)}")
+        return float(value.item())
+    if isinstance(value, (bool, int, float, np.integer, np.floating, np.bool_)):
+        return float(value)
+    raise TypeError(f"metric {key!r}: expected a number or scalar tensor, got {type(value).__name__}")
+
+
+class MetricsWriter:
+    """Appends scalar metrics to ``metrics.jsonl`` and TensorBoard (``tb/``) on the main rank.
+
+    Each :meth:`write` adds one line ``{"step", "split", "time", <scalars>}``, flushed at once.
+    Non-finite values are written as ``null`` (strict JSON); TensorBoard gets them as is.
+    The TensorBoard writer is created on first use (importing tensorboard is slow).
+    ``purge_step`` (the resume iteration) drops TensorBoard events at or after it that a
+    crashed run wrote after its last checkpoint. In ``metrics.jsonl`` such lines stay; the
+    last line per ``(split, step)`` is the valid one.
+    """
+
+    _RESERVED = ("step", "split", "time")
+
+    def __init__(self, output_dir: str | os.PathLike[str], enabled: bool = True, purge_step: int | None = None):
+        self.layout = output_layout(output_dir)
+        self.enabled = enabled
+        self.purge_step = purge_step
+        self._file: TextIO | None = None
+        self._tensorboard: Any = None
+
+    def write(self, step: int, split: str = "train", **scalars: Any) -> None:
+        """Record ``scalars`` at ``step`` under ``split`` (TensorBoard tag ``<split>/<name>``)."""
+        if not self.enabled:
+            return
+        clashes = [key for key in scalars if key in self._RESERVED]
+        if clashes:
+            raise ValueError(f"MetricsWriter.write: metric names {clashes} are reserved ({self._RESERVED})")
+        values = {key: _to_float(key, value) for key, value in scalars.items()}
+        record: dict[str, Any] = {"step": int(step), "split": split, "time": time.time()}
+        record.update({key: value if math.isfinite(value) else None for key, value in values.items()})
+        if self._file is None:
+            self.layout.root.mkdir(parents=True, exist_ok=True)
+            self._file = open(self.layout.metrics, "a", encoding="utf-8")
+        self._file.write(json.dumps(record, allow_nan=False) + "\n")
+        self._file.flush()
+        writer = self._summary_writer()
+        for key, value in values.items():
+            writer.add_scalar(f"{split}/{key}", value, int(step))
+
+    def _summary_writer(self) -> Any:
+        if self._tensorboard is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tensorboard = SummaryWriter(log_dir=str(self.layout.tensorboard), purge_step=self.purge_step)
+        return self._tensorboard
+
+    def flush(self) -> None:
+        """Flush TensorBoard events to disk (the JSON file is flushed on every write)."""
+        if self._tensorboard is not None:
+            self._tensorboard.flush()
+
+    def close(self) -> None:
+        """Flush and close both outputs; a later :meth:`write` reopens them."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self._tensorboard is not None:
+            self._tensorboard.close()
+            self._tensorboard = None
+
+    def __enter__(self) -> MetricsWriter:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+class SmoothedValue:
+    """A series summarised by the median / mean of its last ``window`` values and its global mean."""
+
+    def __init__(self, window: int = 20) -> None:
+        if window <= 0:
+            raise ValueError(f"SmoothedValue: window must be positive, got {window}")
+        self.values: deque[float] = deque(maxlen=window)
+        self.total = 0.0
+        self.count = 0
+
+    def update(self, value: float) -> None:
+        self.values.append(value)
+        self.total += value
+        self.count += 1
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.values) if self.values else math.nan
+
+    @property
+    def avg(self) -> float:
+        return statistics.fmean(self.values) if self.values else math.nan
+
+    @property
+    def global_avg(self) -> float:
+        return self.total / self.count if self.count else math.nan
+
+
+def format_eta(seconds: float) -> str:
+    """``h:mm:ss`` (hours unbounded, e.g. ``27:46:40``); ``?:??:??`` when unknown (nan / inf)."""
+    if not math.isfinite(seconds):
+        return "?:??:??"
+    if seconds < 0:
+        raise ValueError(f"format_eta: seconds must be >= 0, got {seconds}")
+    total = int(round(seconds))
+    hours, remainder = divmod(total, 3600)
+    minutes, secs = divmod(remainder, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}"
+
+
+class ProgressLogger:
+    """Periodic progress lines: iteration, smoothed values, it/s, ETA and CUDA memory.
+
+    Call :meth:`update` once per iteration (0-based index of the iteration just finished).
+    A line is logged every ``log_period`` iterations and at the last one, e.g.
+    ``it 200/1000  loss 0.4321 (0.4502)  lr 0.0004  12.50 it/s  eta 0:01:04  mem 812M``,
+    values shown as window median (global mean). it/s uses the window median of iteration
+    times; the ETA uses the mean time per iteration measured in this process, so a resumed
+    run (pass absolute iteration indices) estimates from its own speed.
+    """
+
+    def __init__(
+        self,
+        total_iters: int,
+        log_period: int,
+        logger: logging.Logger,
+        window: int = 20,
+        time_fn: Callable[[], float] = time.perf_counter,
+    ) -> None:
+        if total_iters <= 0 or log_period <= 0:
+            raise ValueError(
+                f"ProgressLogger: total_iters and log_period must be positive, got {total_iters}, {log_period}"
+            )
+        self.total_iters = total_iters
+        self.log_period = log_period
+        self.logger = logger
+        self.window = window
+        self.meters: dict[str, SmoothedValue] = {}
+        self.iter_time = SmoothedValue(window)
+        self._time_fn = time_fn
+        self._last_time = time_fn()
+
+    def update(self, iteration: int, **values: Any) -> str | None:
+        """Record ``values`` for ``iteration``; return the logged line, or ``None`` if not logged."""
+        now = self._time_fn()
+        self.iter_time.update(now - self._last_time)
+        self._last_time = now
+        for key, value in values.items():
+            self.meters.setdefault(key, SmoothedValue(self.window)).update(_to_float(key, value))
+        done = iteration + 1
+        if done % self.log_period != 0 and done != self.total_iters:
+            return None
+        line = self._format_line(done)
+        self.logger.info(line)
+        return line
+
+    def _format_line(self, done: int) -> str:
+        parts = [f"it {done}/{self.total_iters}"]
+        parts += [f"{key} {meter.median:.4g} ({meter.global_avg:.4g})" for key, meter in self.meters.items()]
+        seconds_per_iter = self.iter_time.median
+        iters_per_second = 1.0 / seconds_per_iter if seconds_per_iter > 0 else math.inf
+        eta = self.iter_time.global_avg * max(self.total_iters - done, 0)
+        parts += [f"{iters_per_second:.2f} it/s", f"eta {format_eta(eta)}"]
+        if torch.cuda.is_available():
+            parts.append(f"mem {torch.cuda.max_memory_allocated() / 2**20:.0f}M")
+        return "  ".join(parts)
+
