@@ -1,0 +1,393 @@
+"""Backbone checkpoint reading, conversion and loud, reported loading into :class:`VisionTransformer`.
+
+Accepted inputs (``extract_backbone_state_dict``):
+
+(a) a PASS/DINO pre-training ``checkpoint.pth``: ``{"student": {"module.backbone.*", "module.head.*"},
+    "teacher": {"backbone.*", "head.*"}, "optimizer", "epoch", "args", "dino_loss", ...}``
+    (pre-training reference §4.1); the ``teacher`` (default) or ``student`` backbone is taken;
+(b) a converted flat backbone state dict (``convert_model_dino.py`` output, reference §4.2);
+(c) a passreid backbone export ``{"backbone": state_dict, "arch": ..., "img_size": ...,
+    "patch_size": ..., "stride_size": ..., "num_part_tokens": ...}`` (see :func:`export_backbone`);
+(d) a timm / DINO / TransReID-SSL ViT state dict whose ``pos_embed`` (1, 1+N, D) has a [CLS] slot:
+    the slot becomes ``cls_pos`` and ``pos_embed`` keeps the N patch rows;
+(e) any of these wrapped as ``{"model": ...}`` or ``{"state_dict": ...}``.
+
+``head.*``, ``pre_logits.*`` and distillation-token weights are dropped and reported.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fnmatch
+import logging
+import math
+import os
+import pickle
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from passreid.models.vit import patch_grid_size
+
+__all__ = [
+    "CheckpointMismatchError",
+    "CheckpointFormatError",
+    "LoadReport",
+    "read_checkpoint",
+    "extract_backbone_state_dict",
+    "export_backbone",
+    "infer_pretrain_grid",
+    "resize_pos_embed",
+    "load_pretrained",
+]
+
+logger = logging.getLogger(__name__)
+
+# Key prefixes of weights that are never part of the backbone (TransReID/SSL loaders skip the same).
+_NON_BACKBONE_PREFIXES = ("head.", "head_dist.", "pre_logits.")
+_NON_BACKBONE_KEYS = ("dist_token",)
+_TRAINING_CHECKPOINT_KEYS = ("teacher", "student")
+_WRAPPER_KEYS = ("model", "state_dict")
+
+
+class CheckpointMismatchError(RuntimeError):
+    """Checkpoint keys/shapes do not match the model and the caller did not allow the difference."""
+
+
+class CheckpointFormatError(ValueError):
+    """The object is not one of the checkpoint layouts passreid understands."""
+
+
+@dataclass
+class LoadReport:
+    """What :func:`load_pretrained` did.
+
+    ``shape_mismatched`` holds ``(key, checkpoint shape, model shape)``; ``resized`` holds
+    ``(key, old grid, new grid)``; ``dropped`` lists checkpoint entries discarded before matching
+    (heads, the other network of a student/teacher pair, optimizer state, ...).
+    """
+
+    source: str
+    loaded: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    shape_mismatched: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = field(default_factory=list)
+    resized: list[tuple[str, tuple[int, int], tuple[int, int]]] = field(default_factory=list)
+    dropped: list[str] = field(default_factory=list)
+    num_model_tensors: int = 0
+
+    @property
+    def is_exact(self) -> bool:
+        """True when every model tensor was loaded and nothing in the checkpoint was left over."""
+        return not (self.missing or self.unexpected or self.shape_mismatched)
+
+    def summary(self) -> str:
+        """Multi-line human-readable report, starting with ``Loaded n / m tensors from <source>``."""
+        lines = [f"Loaded {len(self.loaded)} / {self.num_model_tensors} tensors from {self.source}"]
+        for key, old, new in self.resized:
+            lines.append(f"  resized {key}: grid {old[0]}x{old[1]} -> {new[0]}x{new[1]}")
+        if self.missing:
+            lines.append(f"  missing in checkpoint ({len(self.missing)}): {', '.join(self.missing)}")
+        if self.unexpected:
+            lines.append(f"  unexpected in checkpoint ({len(self.unexpected)}): {', '.join(self.unexpected)}")
+        for key, ckpt_shape, model_shape in self.shape_mismatched:
+            lines.append(f"  shape mismatch {key}: checkpoint {list(ckpt_shape)} vs model {list(model_shape)}")
+        if self.dropped:
+            lines.append(f"  dropped before matching ({len(self.dropped)}): {', '.join(self.dropped)}")
+        return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- reading
+def read_checkpoint(path: str | os.PathLike, *, weights_only: bool = True) -> Any:
+    """``torch.load`` a checkpoint onto the CPU.
+
+    With ``weights_only=True`` only tensors, containers and ``argparse.Namespace`` (which PASS/DINO
+    pickle under ``'args'``, pre-training reference §7.14) are unpickled. Pass ``weights_only=False``
+    only for files you trust.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint file not found: {path}")
+    if not weights_only:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    # safe_globals exists from torch 2.5; older torch refuses the Namespace with a clear error below.
+    safe_globals = getattr(torch.serialization, "safe_globals", None)
+    allow_namespace = safe_globals([argparse.Namespace]) if safe_globals else contextlib.nullcontext()
+    try:
+        with allow_namespace:
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise CheckpointFormatError(
+            f"{path} pickles objects other than tensors, containers and argparse.Namespace, so it "
+            f"cannot be read with weights_only=True ({error}). If you trust the file, pass "
+            "weights_only=False."
+        ) from error
+
+
+# ------------------------------------------------------------------------ extraction
+def _as_tensor_dict(raw: Mapping[str, Any], where: str) -> dict[str, Tensor]:
+    not_tensors = [k for k, v in raw.items() if not isinstance(v, Tensor)]
+    if not_tensors:
+        shown = ", ".join(f"{k!r} ({type(raw[k]).__name__})" for k in not_tensors[:8])
+        raise CheckpointFormatError(
+            f"{where}: expected a state dict of tensors (or a PASS/DINO checkpoint with 'teacher'/"
+            f"'student', a passreid export with 'backbone', or a {{'model'|'state_dict': ...}} "
+            f"wrapper), but these entries are not tensors: {shown}"
+        )
+    return dict(raw)
+
+
+def _strip_prefix(key: str, prefix: str) -> str:
+    return key[len(prefix):] if key.startswith(prefix) else key
+
+
+def _select_backbone(state: dict[str, Tensor], label: str) -> tuple[dict[str, Tensor], list[str]]:
+    """Strip ``module.``; keep only ``backbone.*`` when present; drop head/distillation weights."""
+    state = {_strip_prefix(k, "module."): v for k, v in state.items()}
+    dropped: list[str] = []
+    if any(k.startswith("backbone.") for k in state):
+        dropped += [f"{label}{k}" for k in state if not k.startswith("backbone.")]
+        state = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
+    kept: dict[str, Tensor] = {}
+    for key, value in state.items():
+        if key.startswith(_NON_BACKBONE_PREFIXES) or key in _NON_BACKBONE_KEYS:
+            dropped.append(f"{label}{key}")
+        else:
+            kept[key] = value
+    has_dist_token = "dist_token" in state
+    dropped += _split_cls_position_slot(kept, has_dist_token)
+    return kept, dropped
+
+
+def _split_cls_position_slot(state: dict[str, Tensor], has_dist_token: bool) -> list[str]:
+    """Convert the timm/DINO ``pos_embed`` (1, 1[+1]+N, D) to ``cls_pos`` + patch-only ``pos_embed``.
+
+    A state dict with ``cls_token`` but neither ``cls_pos`` nor part tokens follows the timm/DINO
+    convention, where the first position slot belongs to [CLS] (and the second to the DeiT
+    distillation token, dropped). A PASS-layout dict that merely lacks ``cls_pos`` is left alone, so
+    the key is reported missing instead of being invented from a patch position.
+    """
+    pass_layout = "cls_pos" in state or any(k.startswith("part_token") for k in state)
+    if pass_layout or "pos_embed" not in state or "cls_token" not in state:
+        return []
+    if "reg_token" in state:
+        raise CheckpointFormatError(
+            "state dict has register tokens ('reg_token'); ViTs with registers are not supported"
+        )
+    pos = state["pos_embed"]
+    prefix = 2 if has_dist_token else 1
+    if pos.ndim != 3 or pos.shape[1] <= prefix:
+        raise CheckpointFormatError(
+            f"pos_embed with a [CLS] slot should be shaped (1, {prefix}+N, D), got {tuple(pos.shape)}"
+        )
+    state["cls_pos"] = pos[:, :1].clone()
+    state["pos_embed"] = pos[:, prefix:].clone()
+    return ["pos_embed[distillation-token slot]"] if has_dist_token else []
+
+
+def extract_backbone_state_dict(
+    obj: Mapping[str, Any], which: str = "teacher"
+) -> tuple[dict[str, Tensor], list[str]]:
+    """Backbone state dict in passreid/PASS key names from any supported layout (module docstring).
+
+    ``which`` picks ``"teacher"`` (what fine-tuning uses) or ``"student"`` from a pre-training
+    checkpoint. Returns ``(state_dict, dropped)``: ``dropped`` names every discarded weight, and
+    other top-level tensor/dict entries of a training checkpoint as ``"<name>/*"``.
+    """
+    if not isinstance(obj, Mapping):
+        raise CheckpointFormatError(
+            f"expected a checkpoint dict, got {type(obj).__name__}; pass a path or a loaded dict"
+        )
+    if any(isinstance(obj.get(k), Mapping) for k in _TRAINING_CHECKPOINT_KEYS):
+        if which not in _TRAINING_CHECKPOINT_KEYS:
+            raise ValueError(f"which must be 'teacher' or 'student', got {which!r}")
+        if not isinstance(obj.get(which), Mapping):
+            raise CheckpointFormatError(
+                f"pre-training checkpoint has no {which!r} state dict (top-level keys: {sorted(obj)})"
+            )
+        container_key = which
+    elif isinstance(obj.get("backbone"), Mapping):
+        container_key = "backbone"
+    else:
+        container_key = next((k for k in _WRAPPER_KEYS if isinstance(obj.get(k), Mapping)), None)
+
+    if container_key is None:
+        state = _as_tensor_dict(obj, "checkpoint")
+        return _select_backbone(state, label="")
+
+    siblings = [
+        f"{k}/*" for k, v in obj.items() if k != container_key and isinstance(v, (Mapping, Tensor))
+    ]
+    inner = obj[container_key]
+    if container_key in _WRAPPER_KEYS:
+        # A wrapper may hold any other layout, e.g. {"model": <PASS checkpoint>}.
+        state, dropped = extract_backbone_state_dict(inner, which)
+        return state, siblings + [f"{container_key}.{d}" for d in dropped]
+    state = _as_tensor_dict(inner, f"checkpoint[{container_key!r}]")
+    state, dropped = _select_backbone(state, label=f"{container_key}.")
+    return state, siblings + dropped
+
+
+def export_backbone(model: nn.Module, arch: str, /, **metadata: Any) -> dict[str, Any]:
+    """The passreid backbone export (layout (c)): ``torch.save`` it as e.g. ``backbone.pth``.
+
+    ``{"backbone": state_dict (CPU), "arch", "img_size", "patch_size", "stride_size",
+    "num_part_tokens", **metadata}``; loads back with :func:`load_pretrained`.
+    """
+    patch_embed = model.patch_embed
+    export = {
+        "backbone": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+        "arch": arch,
+        "img_size": list(model.img_size),
+        "patch_size": patch_embed.patch_size,
+        "stride_size": patch_embed.stride_size,
+        "num_part_tokens": model.num_part_tokens,
+    }
+    clashes = set(metadata) & set(export)
+    if clashes:
+        raise ValueError(f"metadata keys {sorted(clashes)} would overwrite export fields")
+    export.update(metadata)
+    return export
+
+
+# ------------------------------------------------------------------ position resize
+def infer_pretrain_grid(num_patches: int, hw_ratio: int = 2) -> tuple[int, int]:
+    """Grid of a pretrained patch-only ``pos_embed`` with ``num_patches`` rows.
+
+    PASS/TransReID-SSL convention (fine-tuning reference §3.2): ``gs_h = int(sqrt(N * hw_ratio))``,
+    ``gs_w = gs_h // hw_ratio`` (16x8 for N=128, hw_ratio=2). When that does not multiply back to N,
+    a square grid (timm/ImageNet, e.g. 14x14) is tried.
+    """
+    if hw_ratio < 1:
+        raise ValueError(f"hw_ratio must be a positive integer, got {hw_ratio}")
+    grid_h = math.isqrt(num_patches * hw_ratio)
+    grid_w = grid_h // hw_ratio
+    if grid_h * grid_w == num_patches:
+        return grid_h, grid_w
+    side = math.isqrt(num_patches)
+    if side * side == num_patches:
+        return side, side
+    raise CheckpointMismatchError(
+        f"cannot infer the grid of a pretrained pos_embed with {num_patches} patches: hw_ratio="
+        f"{hw_ratio} gives {grid_h}x{grid_w} and it is not square; pass the right hw_ratio"
+    )
+
+
+def resize_pos_embed(pos_embed: Tensor, old_grid: tuple[int, int], new_grid: tuple[int, int]) -> Tensor:
+    """Bilinear (``align_corners=False``) resize of patch-only positions ``(1, h*w, D)`` to a new grid."""
+    old_h, old_w = old_grid
+    if pos_embed.ndim != 3 or pos_embed.shape[1] != old_h * old_w:
+        raise CheckpointMismatchError(
+            f"pos_embed {tuple(pos_embed.shape)} does not hold a {old_h}x{old_w} patch grid"
+        )
+    dim = pos_embed.shape[-1]
+    grid = pos_embed.reshape(1, old_h, old_w, dim).permute(0, 3, 1, 2)
+    compute_dtype = torch.promote_types(pos_embed.dtype, torch.float32)
+    grid = F.interpolate(grid.to(compute_dtype), size=tuple(new_grid), mode="bilinear", align_corners=False)
+    return grid.permute(0, 2, 3, 1).reshape(1, new_grid[0] * new_grid[1], dim).to(pos_embed.dtype)
+
+
+# ---------------------------------------------------------------------------- loading
+def _matches_any(key: str, patterns: Iterable[str]) -> bool:
+    return any(key == p or fnmatch.fnmatchcase(key, p) for p in patterns)
+
+
+def _export_grid(obj: Mapping[str, Any]) -> tuple[int, int] | None:
+    """Exact pos_embed grid recorded in a passreid export (layout (c)), else None."""
+    if not isinstance(obj.get("backbone"), Mapping):
+        return None
+    try:
+        return patch_grid_size(tuple(obj["img_size"]), int(obj["patch_size"]), int(obj["stride_size"]))
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def _resize_positions_if_needed(
+    state: dict[str, Tensor],
+    model: nn.Module,
+    model_state: Mapping[str, Tensor],
+    hw_ratio: int,
+    recorded_grid: tuple[int, int] | None,
+) -> list[tuple[str, tuple[int, int], tuple[int, int]]]:
+    pos, target = state.get("pos_embed"), model_state.get("pos_embed")
+    if pos is None or target is None or pos.shape == target.shape:
+        return []
+    resizable = (
+        pos.ndim == 3 and pos.shape[0] == 1 and pos.shape[2] == target.shape[2] and hasattr(model, "pos_grid")
+    )
+    if not resizable:
+        return []  # reported as a shape mismatch
+    if recorded_grid is not None and recorded_grid[0] * recorded_grid[1] == pos.shape[1]:
+        old_grid = recorded_grid
+    else:
+        old_grid = infer_pretrain_grid(pos.shape[1], hw_ratio)
+    new_grid = tuple(model.pos_grid)
+    state["pos_embed"] = resize_pos_embed(pos, old_grid, new_grid)
+    return [("pos_embed", old_grid, new_grid)]
+
+
+def load_pretrained(
+    model: nn.Module,
+    source: str | os.PathLike | Mapping[str, Any],
+    *,
+    allow_missing: Sequence[str] = (),
+    allow_unexpected: Sequence[str] = (),
+    hw_ratio: int = 2,
+    which: str = "teacher",
+    weights_only: bool = True,
+) -> LoadReport:
+    """Load backbone weights into ``model`` and report exactly what happened; never silently partial.
+
+    ``source`` is a path or an already-loaded checkpoint in any layout of
+    :func:`extract_backbone_state_dict`. ``pos_embed`` of another grid is resized bilinearly and
+    reported in ``resized``; the old grid is the one recorded in a passreid export, otherwise it is
+    inferred from ``hw_ratio`` (see :func:`infer_pretrain_grid`).
+
+    The report is logged. Raises :class:`CheckpointMismatchError` listing the offending keys unless
+    every missing key matches a name/fnmatch pattern in ``allow_missing`` and every unexpected key one
+    in ``allow_unexpected``. A shape-mismatched key leaves the model's tensor as it was, like a missing
+    key, so it is tolerated only when it matches ``allow_missing``.
+    Example: ``load_pretrained(vit, timm_sd, allow_missing=("part*",))``.
+    """
+    if isinstance(source, (str, os.PathLike)):
+        label = str(source)
+        obj = read_checkpoint(source, weights_only=weights_only)
+    elif isinstance(source, Mapping):
+        label, obj = "<in-memory checkpoint>", source
+    else:
+        raise TypeError(f"source must be a path or a checkpoint dict, got {type(source).__name__}")
+
+    state, dropped = extract_backbone_state_dict(obj, which=which)
+    model_state = model.state_dict()
+    resized = _resize_positions_if_needed(state, model, model_state, hw_ratio, _export_grid(obj))
+
+    report = LoadReport(source=label, dropped=dropped, resized=resized, num_model_tensors=len(model_state))
+    for key, target in model_state.items():
+        if key not in state:
+            report.missing.append(key)
+        elif state[key].shape != target.shape:
+            report.shape_mismatched.append((key, tuple(state[key].shape), tuple(target.shape)))
+        else:
+            report.loaded.append(key)
+    report.unexpected = [k for k in state if k not in model_state]
+
+    refused = [k for k in report.missing if not _matches_any(k, allow_missing)]
+    refused += [k for k, _, _ in report.shape_mismatched if not _matches_any(k, allow_missing)]
+    refused += [f"{k} (unexpected)" for k in report.unexpected if not _matches_any(k, allow_unexpected)]
+    if refused:
+        logger.error(report.summary())
+        raise CheckpointMismatchError(
+            f"checkpoint {label} does not match the model; not allowed: {', '.join(refused)}. "
+            "Pass allow_missing=/allow_unexpected= names or fnmatch patterns to accept them.\n"
+            + report.summary()
+        )
+
+    result = model.load_state_dict({k: state[k] for k in report.loaded}, strict=False)
+    if result.unexpected_keys or set(result.missing_keys) != set(model_state) - set(report.loaded):
+        raise RuntimeError(f"internal error: load_state_dict disagreed with the load report: {result}")
+    logger.info(report.summary())
+    return report
