@@ -1,0 +1,222 @@
+"""Convert a PASS / DINO pre-training checkpoint into a passreid backbone export.
+
+    python tools/convert_checkpoint.py checkpoint.pth backbone.pth
+    python tools/convert_checkpoint.py checkpoint.pth student_backbone.pth --which student --arch vit_small
+
+Accepted inputs:
+
+* a published PASS/DINO ``checkpoint.pth``: ``{"student": {"module.backbone.*", "module.head.*"},
+  "teacher": {"backbone.*", "head.*"}, "optimizer", "epoch", "args" (argparse.Namespace),
+  "dino_loss", "fp16_scaler"}`` (pre-training reference §4.1);
+* a passreid pre-training ``checkpoint.pth``: ``{"model": PASSMetaArch.state_dict() (keys
+  ``student.backbone.*``, ``teacher.backbone.*``, ``loss.center_*``), "optimizer", "config", ...}``,
+  with or without the published ``student``/``teacher``/``dino_loss`` aliases;
+* anything else :func:`passreid.models.extract_backbone_state_dict` understands.
+
+The chosen network's backbone (``--which``, default the teacher, which fine-tuning uses) is loaded
+strictly into a freshly built ViT and saved in the :func:`passreid.models.export_backbone` format
+(part tokens and their positions kept), which ``passreid.models.load_pretrained`` reads. Every
+entry that is not carried over is printed. The architecture, input size and patch size are taken
+from ``--arch`` / the checkpoint's ``args`` or ``config`` where present and checked against the
+weights, otherwise inferred from them. Exit status 2 on bad input, with the reason.
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from passreid.engine import atomic_save
+from passreid.models import (
+    VIT_ARCHS,
+    CheckpointFormatError,
+    CheckpointMismatchError,
+    build_vit,
+    export_backbone,
+    extract_backbone_state_dict,
+    infer_pretrain_grid,
+    load_pretrained,
+    read_checkpoint,
+)
+from passreid.pretrain.meta_arch import to_published_layout
+
+_PART_TOKEN = re.compile(r"^part_token(\d+)$")
+_BLOCK = re.compile(r"^blocks\.(\d+)\.")
+
+
+class ConversionError(ValueError):
+    """The input cannot be converted; the message says why and what was expected."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("input", type=Path, help="pre-training checkpoint.pth (published PASS/DINO or passreid)")
+    parser.add_argument("output", type=Path, help="where to write the backbone export (.pth)")
+    parser.add_argument("--which", choices=("teacher", "student"), default="teacher",
+                        help="which network's backbone to export (default: teacher, what fine-tuning uses)")
+    parser.add_argument("--arch", choices=sorted(VIT_ARCHS), default=None,
+                        help="ViT architecture; default: from the checkpoint's args/config, else inferred from the weights")
+    parser.add_argument("--hw-ratio", type=int, default=2,
+                        help="height/width ratio of the pre-training input, used only when the checkpoint "
+                             "records no input size (default 2, i.e. 256x128)")
+    parser.add_argument("--trust-pickle", action="store_true",
+                        help="load with torch.load(weights_only=False); only for files you trust")
+    return parser
+
+
+def _is_meta_arch_state(state: Any) -> bool:
+    return isinstance(state, Mapping) and any(
+        isinstance(k, str) and k.startswith(("student.", "teacher.")) for k in state
+    )
+
+
+def normalize_layout(obj: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """Turn a passreid training checkpoint into the published layout; returns (checkpoint, notes).
+
+    A checkpoint that already has ``teacher``/``student`` is returned unchanged (its ``model`` alias,
+    if any, is reported as dropped by the extraction).
+    """
+    obj = dict(obj)
+    has_published = any(isinstance(obj.get(k), Mapping) for k in ("teacher", "student"))
+    if has_published or not _is_meta_arch_state(obj.get("model")):
+        return obj, []
+    published = to_published_layout(obj.pop("model"))
+    notes = ["model: passreid PASSMetaArch state dict, read as student/teacher/dino_loss"]
+    return {**obj, **published}, notes
+
+
+def _config_hints(obj: Mapping[str, Any]) -> dict[str, Any]:
+    """arch / img_size / patch_size recorded in a published ``args`` Namespace or a passreid ``config``."""
+    hints: dict[str, Any] = {}
+    args = obj.get("args")
+    if isinstance(args, argparse.Namespace):
+        values = vars(args)
+        if values.get("arch") in VIT_ARCHS:
+            hints["arch"] = values["arch"]
+        if isinstance(values.get("height"), int) and isinstance(values.get("width"), int):
+            hints["img_size"] = (values["height"], values["width"])
+        if isinstance(values.get("patch_size"), int):
+            hints["patch_size"] = values["patch_size"]
+    config = obj.get("config")
+    model_cfg = config.get("model") if isinstance(config, Mapping) else None
+    if isinstance(model_cfg, Mapping):
+        if model_cfg.get("arch") in VIT_ARCHS:
+            hints["arch"] = model_cfg["arch"]
+        if isinstance(model_cfg.get("img_size"), (list, tuple)) and len(model_cfg["img_size"]) == 2:
+            hints["img_size"] = tuple(int(v) for v in model_cfg["img_size"])
+    return hints
+
+
+def infer_architecture(state: Mapping[str, torch.Tensor], arch: str | None, hints: Mapping[str, Any],
+                       hw_ratio: int) -> dict[str, Any]:
+    """``build_vit`` arguments that reproduce the backbone of ``state``; raises ConversionError on conflicts."""
+    if "cls_token" not in state or "patch_embed.proj.weight" not in state or "pos_embed" not in state:
+        raise ConversionError(
+            f"the extracted backbone has no cls_token / patch_embed.proj.weight / pos_embed; keys start with "
+            f"{sorted(state)[:6]}: is this a ViT pre-training checkpoint?"
+        )
+    embed_dim = state["cls_token"].shape[-1]
+    depth = 1 + max((int(m.group(1)) for k in state if (m := _BLOCK.match(k))), default=-1)
+    matching = [name for name, spec in VIT_ARCHS.items() if (spec.embed_dim, spec.depth) == (embed_dim, depth)]
+    chosen = arch or hints.get("arch")
+    if chosen is None:
+        if not matching:
+            raise ConversionError(f"no known ViT has embed_dim {embed_dim} and depth {depth}; known: "
+                                  f"{ {n: (s.embed_dim, s.depth) for n, s in VIT_ARCHS.items()} }")
+        chosen = matching[0]
+    spec = VIT_ARCHS[chosen]
+    if (spec.embed_dim, spec.depth) != (embed_dim, depth):
+        raise ConversionError(
+            f"arch {chosen!r} has embed_dim {spec.embed_dim} and depth {spec.depth}, but the checkpoint's "
+            f"backbone has embed_dim {embed_dim} and depth {depth}" + (f" (matches {matching})" if matching else "")
+        )
+    patch_size = state["patch_embed.proj.weight"].shape[-1]
+    if hints.get("patch_size", patch_size) != patch_size:
+        raise ConversionError(f"args say patch_size {hints['patch_size']}, the weights have {patch_size}")
+    num_patches = state["pos_embed"].shape[1]
+    img_size = hints.get("img_size")
+    if img_size is None:
+        grid = infer_pretrain_grid(num_patches, hw_ratio)
+        img_size = (grid[0] * patch_size, grid[1] * patch_size)
+    num_parts = sum(1 for k in state if _PART_TOKEN.match(k))
+    return dict(arch=chosen, img_size=tuple(img_size), patch_size=patch_size, stride_size=patch_size,
+                num_part_tokens=num_parts)
+
+
+def _expand_dropped(obj: Mapping[str, Any], dropped: list[str]) -> list[str]:
+    """Every dropped entry by name: ``X/*`` of a tensor dict becomes ``X/<key>`` per key."""
+    expanded: list[str] = []
+    for entry in dropped:
+        name = entry[:-2] if entry.endswith("/*") else None
+        inner = obj.get(name) if name is not None else None
+        if isinstance(inner, Mapping) and inner and all(isinstance(v, torch.Tensor) for v in inner.values()):
+            expanded += [f"{name}/{key}" for key in inner]
+        else:
+            expanded.append(entry)
+    reported = {e.split("/", 1)[0] for e in dropped if "/" in e}
+    for key, value in obj.items():
+        if key not in reported and not isinstance(value, (Mapping, torch.Tensor)):
+            expanded.append(f"{key} ({type(value).__name__})")
+    return expanded
+
+
+def convert(input_path: Path, output_path: Path, which: str = "teacher", arch: str | None = None,
+            hw_ratio: int = 2, trust_pickle: bool = False) -> dict[str, Any]:
+    """Convert ``input_path`` and write the export to ``output_path``; returns a summary dict."""
+    try:
+        raw = read_checkpoint(input_path, weights_only=not trust_pickle)
+    except (FileNotFoundError, CheckpointFormatError) as error:
+        raise ConversionError(str(error)) from error
+    except Exception as error:  # torch.load on a corrupt/non-torch file
+        raise ConversionError(f"{input_path}: cannot be read as a torch checkpoint ({error})") from error
+    if not isinstance(raw, Mapping):
+        raise ConversionError(f"{input_path}: expected a checkpoint dict, got {type(raw).__name__}")
+    obj, notes = normalize_layout(raw)
+    try:
+        state, dropped = extract_backbone_state_dict(obj, which=which)
+    except CheckpointFormatError as error:
+        raise ConversionError(f"{input_path}: {error}") from error
+    settings = infer_architecture(state, arch, _config_hints(obj), hw_ratio)
+    arch_name = settings.pop("arch")
+    model = build_vit(arch_name, **settings)
+    try:
+        report = load_pretrained(model, state)  # strict: any missing/unexpected/shape-mismatched key raises
+    except CheckpointMismatchError as error:
+        raise ConversionError(f"{input_path}: the {which} backbone does not load into {arch_name}: {error}") from error
+    metadata: dict[str, Any] = {"source": str(input_path), "which": which}
+    if isinstance(obj.get("epoch"), int):
+        metadata["epoch"] = obj["epoch"]
+    atomic_save(export_backbone(model, arch_name, **metadata), output_path)
+    return {"arch": arch_name, **settings, "loaded": len(report.loaded), "notes": notes,
+            "dropped": _expand_dropped(obj, dropped)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if not args.output.parent.is_dir():
+        print(f"convert_checkpoint.py: error: output directory {args.output.parent} does not exist", file=sys.stderr)
+        return 2
+    try:
+        summary = convert(args.input, args.output, args.which, args.arch, args.hw_ratio, args.trust_pickle)
+    except ConversionError as error:
+        print(f"convert_checkpoint.py: error: {error}", file=sys.stderr)
+        return 2
+    for note in summary["notes"]:
+        print(f"note: {note}")
+    for entry in summary["dropped"]:
+        print(f"dropped: {entry}")
+    print(
+        f"wrote {args.output}: {args.which} backbone, {summary['arch']} img_size={list(summary['img_size'])} "
+        f"patch={summary['patch_size']} part_tokens={summary['num_part_tokens']}, {summary['loaded']} tensors "
+        f"({len(summary['dropped'])} entries dropped)"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
