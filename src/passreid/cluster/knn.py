@@ -1,0 +1,244 @@
+"""Exact k-nearest neighbours of a feature set against itself (self included).
+
+Two backends give the same neighbours (exact search, float32):
+
+* ``"torch"``: blocks of dot products ``X_a X_bᵀ`` (each off-diagonal block computed once and used
+  for both row blocks, half the matmul work), scored ``2 x_i·x_j − ||x_j||²``, with a running top-k
+  per row: after a plain ``topk`` of each row's own block, later blocks only contribute the scores
+  above the row's current k-th best. The squared Euclidean distance is ``||x_i||² − score``, so the
+  largest scores are the nearest points. Memory is a few ``block x block`` arrays, never ``N x N``.
+  Runs on ``device`` (CUDA when available).
+* ``"faiss"``: ``faiss.IndexFlatL2`` / ``IndexFlatIP``, moved to all GPUs when faiss was built with
+  GPU support and CUDA is available. faiss is imported only here, so it stays optional.
+
+``backend="auto"`` picks faiss only when faiss has GPUs, torch otherwise: on CPU, torch's matmul +
+``topk`` measured about 4x faster than ``IndexFlatL2`` (12,936 x 768, 2 cores: 0.46 s vs 1.7 s per
+4,096 queries), and on GPU the two are comparable (reference cluster-contrast §7).
+
+**Ties.** Neighbours at exactly equal distance may come back in a different order from the two
+backends (and the order of equal distances is unspecified in both); the sets of distances agree up
+to float rounding. Duplicate features are therefore interchangeable in the neighbour lists.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+import torch
+
+from passreid.eval.distance import EvaluationInputError, as_feature_tensor, resolve_device
+
+__all__ = ["knn", "knn_with_farthest", "resolve_knn_backend", "DEFAULT_KNN_MEMORY_MB"]
+
+Backend = Literal["auto", "faiss", "torch"]
+KnnMetric = Literal["sqeuclidean", "inner_product"]
+_BACKENDS = ("auto", "faiss", "torch")
+_METRICS = ("sqeuclidean", "inner_product")
+
+#: Memory budget of the torch backend's dot-product blocks, in MiB.
+DEFAULT_KNN_MEMORY_MB = 32
+
+
+def knn(
+    feats: torch.Tensor | np.ndarray,
+    k: int,
+    *,
+    backend: Backend = "auto",
+    metric: KnnMetric = "sqeuclidean",
+    device: str | torch.device | None = None,
+    memory_budget_mb: float = DEFAULT_KNN_MEMORY_MB,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` nearest rows of ``feats`` (N, D) for every row, the row itself included.
+
+    Returns ``(distances, indices)``, both ``(N, min(k, N))`` CPU tensors (float32, int64), nearest
+    first. ``metric="sqeuclidean"`` gives squared Euclidean distances (ascending);
+    ``metric="inner_product"`` gives inner products (descending). ``k`` larger than ``N`` is capped
+    at ``N``. See the module docstring for the backends and for ties.
+    """
+    x = as_feature_tensor(feats, "feats")
+    k = _checked_k(k, x.shape[0])
+    if metric not in _METRICS:
+        raise EvaluationInputError(f"unknown kNN metric {metric!r}; expected one of {_METRICS}")
+    if resolve_knn_backend(backend) == "faiss":
+        return _faiss_knn(x, k, metric)
+    dist, idx, _ = _torch_knn(x, k, metric, resolve_device(device), memory_budget_mb, want_farthest=False)
+    return dist, idx
+
+
+def knn_with_farthest(
+    feats: torch.Tensor | np.ndarray,
+    k: int,
+    *,
+    device: str | torch.device | None = None,
+    memory_budget_mb: float = DEFAULT_KNN_MEMORY_MB,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Squared-Euclidean ``knn`` (torch backend) plus each row's largest distance to any row.
+
+    Returns ``(distances, indices, farthest)`` with ``farthest`` (N,) float32. The farthest
+    distance comes from the same chunked pass, so the ``N x N`` matrix is never stored; k-reciprocal
+    re-ranking needs it to normalise distances.
+    """
+    x = as_feature_tensor(feats, "feats")
+    k = _checked_k(k, x.shape[0])
+    dist, idx, farthest = _torch_knn(x, k, "sqeuclidean", resolve_device(device), memory_budget_mb,
+                                     want_farthest=True)
+    assert farthest is not None
+    return dist, idx, farthest
+
+
+def resolve_knn_backend(backend: Backend) -> Literal["faiss", "torch"]:
+    """Resolve ``"auto"`` (faiss only when it has GPUs and CUDA is available) and check the name."""
+    if backend not in _BACKENDS:
+        raise EvaluationInputError(f"unknown kNN backend {backend!r}; expected one of {_BACKENDS}")
+    if backend != "auto":
+        return backend
+    try:
+        import faiss
+    except ImportError:
+        return "torch"
+    has_gpu = hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0 and torch.cuda.is_available()
+    return "faiss" if has_gpu else "torch"
+
+
+def _checked_k(k: int, num_rows: int) -> int:
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise EvaluationInputError(f"k must be a positive integer, got {k!r}")
+    return min(int(k), num_rows)
+
+
+def _block_size(num_rows: int, memory_budget_mb: float) -> int:
+    # An off-diagonal block pair holds two float32 score blocks and a bool mask: ~10 bytes per cell.
+    return max(1, min(num_rows, int((memory_budget_mb * 2**20 / 10) ** 0.5)))
+
+
+class _RunningTopK:
+    """Each row's ``k`` largest scores seen so far (and, optionally, its lowest score)."""
+
+    def __init__(self, num_rows: int, k: int, device: torch.device, track_lowest: bool) -> None:
+        self.k = k
+        self.score = torch.full((num_rows, k), float("-inf"), device=device)
+        self.index = torch.zeros((num_rows, k), dtype=torch.int64, device=device)
+        self.lowest = torch.full((num_rows,), float("inf"), device=device) if track_lowest else None
+
+    def seed(self, rows: slice, score: torch.Tensor, col_offset: int) -> None:
+        """First block of these rows: a plain top-k (fewer than k columns leave -inf slots)."""
+        width = min(self.k, score.shape[1])
+        values, idx = score.topk(width, dim=1, largest=True, sorted=True)
+        self.score[rows, :width] = values
+        self.index[rows, :width] = idx + col_offset
+        if self.lowest is not None:
+            self._update_lowest(rows, score.amin(dim=1))
+
+    def offer(self, rows: slice, score: torch.Tensor, col_offset: int, *, rows_along_columns: bool) -> None:
+        """Merge a later block. Only scores above a row's current k-th best can enter its list, so
+        only those (few, once the lists are seeded) are extracted and merged, instead of a top-k
+        over the whole block. ``rows_along_columns``: ``score[c, r]`` belongs to row ``r``."""
+        kth = self.score[rows, -1]
+        threshold = kth[None, :] if rows_along_columns else kth[:, None]
+        flat = _flat_indices_above(score, threshold)
+        first, second = flat // score.shape[1], flat % score.shape[1]
+        local_row, col = (second, first) if rows_along_columns else (first, second)
+        if self.lowest is not None:
+            self._update_lowest(rows, score.amin(dim=0 if rows_along_columns else 1))
+        if local_row.numel():
+            self._merge(rows, local_row, col + col_offset, score.view(-1)[flat])
+
+    def _merge(self, rows: slice, local_row: torch.Tensor, col: torch.Tensor, value: torch.Tensor) -> None:
+        # Lay the candidates out as a ragged (rows, k + max candidates) matrix next to the current
+        # lists, then one small top-k per row.
+        num = rows.stop - rows.start
+        order = torch.argsort(local_row, stable=True)
+        local_row, col, value = local_row[order], col[order], value[order]
+        counts = torch.bincount(local_row, minlength=num)
+        slot = torch.arange(local_row.numel(), device=local_row.device) - torch.repeat_interleave(
+            torch.cumsum(counts, 0) - counts, counts)
+        width = self.k + int(counts.max())
+        values = torch.full((num, width), float("-inf"), device=value.device)
+        indices = torch.zeros((num, width), dtype=torch.int64, device=value.device)
+        values[:, :self.k] = self.score[rows]
+        indices[:, :self.k] = self.index[rows]
+        values[local_row, self.k + slot] = value
+        indices[local_row, self.k + slot] = col
+        top, pos = values.topk(self.k, dim=1, largest=True, sorted=True)
+        self.score[rows] = top
+        self.index[rows] = indices.gather(1, pos)
+
+    def _update_lowest(self, rows: slice, block_lowest: torch.Tensor) -> None:
+        assert self.lowest is not None
+        self.lowest[rows] = torch.minimum(self.lowest[rows], block_lowest)
+
+
+def _flat_indices_above(score: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+    """Flat indices of the (contiguous) ``score`` entries ``> threshold`` (broadcast), ascending.
+
+    On the CPU numpy does this several times faster than ``torch.nonzero`` (measured ~7x on a
+    1,672² block), and it is the hot loop of the search.
+    """
+    if score.device.type != "cpu":
+        return (score > threshold).view(-1).nonzero().squeeze(1)
+    return torch.from_numpy(np.flatnonzero(np.greater(score.numpy(), threshold.numpy())))
+
+
+@torch.no_grad()
+def _torch_knn(
+    x: torch.Tensor,
+    k: int,
+    metric: str,
+    device: torch.device,
+    memory_budget_mb: float,
+    *,
+    want_farthest: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Blocked exact self-search. Scores (larger = nearer) are ``2 x_i·x_j − ||x_j||²``
+    (``= ||x_i||² − ||x_i − x_j||²``) or ``x_i·x_j``. The diagonal blocks seed every row's list;
+    each off-diagonal dot block ``X_a X_bᵀ`` is then computed once and serves the rows of ``a`` and,
+    read along its columns, the rows of ``b`` (half the matmul work of a row-by-row search)."""
+    num_rows = x.shape[0]
+    x = x.to(device)
+    sq_norm = x.pow(2).sum(1)
+    block = _block_size(num_rows, memory_budget_mb)
+    blocks = [slice(start, min(start + block, num_rows)) for start in range(0, num_rows, block)]
+    top = _RunningTopK(num_rows, k, device, track_lowest=want_farthest)
+    for rows in blocks:
+        dot = torch.mm(x[rows], x[rows].t())
+        top.seed(rows, dot.mul_(2.0).sub_(sq_norm[rows]) if metric == "sqeuclidean" else dot, rows.start)
+    # Two reused block buffers: fresh allocations per block pair fragment the heap (resident memory grows).
+    dot_buffer = torch.empty(block * block, device=device)
+    score_buffer = torch.empty(block * block, device=device) if metric == "sqeuclidean" else None
+    for a_index, rows_a in enumerate(blocks):
+        for rows_b in blocks[a_index + 1:]:
+            shape = (rows_a.stop - rows_a.start, rows_b.stop - rows_b.start)
+            dot = torch.mm(x[rows_a], x[rows_b].t(), out=dot_buffer[:shape[0] * shape[1]].view(shape))
+            if score_buffer is not None:
+                score_a = score_buffer[:shape[0] * shape[1]].view(shape)
+                torch.mul(dot, 2.0, out=score_a).sub_(sq_norm[rows_b])  # rows of a x columns of b
+                score_b = dot.mul_(2.0).sub_(sq_norm[rows_a, None])  # same layout, for the rows of b
+            else:
+                score_a = score_b = dot
+            top.offer(rows_a, score_a, rows_b.start, rows_along_columns=False)
+            top.offer(rows_b, score_b, rows_a.start, rows_along_columns=True)
+
+    best_score = top.score
+    if metric == "sqeuclidean":
+        # Rounding can make a distance (e.g. a point to itself) slightly negative.
+        best_score = (sq_norm[:, None] - best_score).clamp_(min=0.0)
+    farthest = None
+    if top.lowest is not None:
+        farthest = (sq_norm - top.lowest).clamp_(min=0.0).cpu()
+    return best_score.cpu(), top.index.cpu(), farthest
+
+
+def _faiss_knn(x: torch.Tensor, k: int, metric: str) -> tuple[torch.Tensor, torch.Tensor]:
+    try:
+        import faiss
+    except ImportError as exc:
+        raise ImportError("backend='faiss' needs the faiss package (pip install faiss-cpu or faiss-gpu)") from exc
+    data = np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32)
+    index = faiss.IndexFlatL2(data.shape[1]) if metric == "sqeuclidean" else faiss.IndexFlatIP(data.shape[1])
+    if hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0 and torch.cuda.is_available():
+        index = faiss.index_cpu_to_all_gpus(index)
+    index.add(data)
+    dist, idx = index.search(data, k)
+    if metric == "sqeuclidean":
+        dist = np.maximum(dist, 0.0)
+    return torch.from_numpy(np.ascontiguousarray(dist, dtype=np.float32)), torch.from_numpy(idx.astype(np.int64))
