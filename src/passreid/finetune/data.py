@@ -1,0 +1,196 @@
+"""Datasets and loaders of a fine-tuning run: train set, test set, generated world, subsets."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Sampler
+
+from passreid.data import ImageItem, ReIDDataset, SafeImageReader, build_dataset
+from passreid.data.samplers import ImageDataset, RandomIdentitySampler
+from passreid.data.synthetic import generate_world
+from passreid.data.transforms import build_test_transform, build_train_transform
+from passreid.engine import worker_init_fn
+from passreid.finetune.config import GENERATED_ROOT_PREFIX, FinetuneConfig, default_world_dir
+
+__all__ = [
+    "FinetuneData",
+    "ShardSampler",
+    "build_test_loader",
+    "build_train_loader",
+    "load_finetune_data",
+    "load_test_dataset",
+    "resolve_data_root",
+]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class FinetuneData:
+    """The training identities and the evaluation split of one run."""
+
+    train: ReIDDataset  # its train split is what the run trains on
+    test: ReIDDataset  # its query/gallery splits are what the run evaluates on
+    num_classes: int
+    num_cameras: int  # training cameras (camids 0..num_cameras-1): the SIE table size
+
+
+def resolve_data_root(root: str, cfg: FinetuneConfig) -> str:
+    """``root`` itself, or for ``generated:<subset>`` the subset of the (rendered on demand) generated world."""
+    if not root.startswith(GENERATED_ROOT_PREFIX):
+        if not root:
+            raise ValueError("data.root is empty: pass --data-root DIR (or data.root=..., or generated:market "
+                             "for the built-in generated world)")
+        return root
+    subset = root[len(GENERATED_ROOT_PREFIX):]
+    world = generate_world(default_world_dir(cfg), seed=cfg.data.world_seed, **cfg.data.world_options)
+    logger.info("generated world (seed %d) at %s; reading %s/", cfg.data.world_seed, world, subset)
+    return str(world / subset)
+
+
+def _dataset_options(name: str, cfg: FinetuneConfig) -> dict:
+    if name != "msmt17":
+        return {}
+    if not cfg.data.version:
+        raise ValueError("msmt17 needs data.version: v1 or v2 (it is never guessed)")
+    return {"version": cfg.data.version, "train_split": cfg.data.train_split}
+
+
+def _first_train_ids(dataset: ReIDDataset, max_ids: int) -> ReIDDataset:
+    """Keep the identities relabelled 0..max_ids-1 (already contiguous, so labels stay valid)."""
+    train = [item for item in dataset.train if item.pid < max_ids]
+    note = f"train restricted to the first {max_ids} identities (data.max_train_ids)"
+    return ReIDDataset(dataset.name, dataset.root, train, dataset.query, dataset.gallery,
+                       dataset.unlabeled, [*dataset.notes, note])
+
+
+def _first_test_ids(dataset: ReIDDataset, max_ids: int) -> ReIDDataset:
+    """Keep the query/gallery items of the first ``max_ids`` query identities (sorted); distractors go."""
+    keep = set(sorted({item.pid for item in dataset.query})[:max_ids])
+    query = [item for item in dataset.query if item.pid in keep]
+    gallery = [item for item in dataset.gallery if item.pid in keep]
+    note = f"query/gallery restricted to the first {max_ids} query identities (data.max_test_ids)"
+    return ReIDDataset(dataset.name, dataset.root, dataset.train, query, gallery, dataset.unlabeled,
+                       [*dataset.notes, note])
+
+
+def _drop_unreadable(items: list[ImageItem], split: str) -> list[ImageItem]:
+    """``data.skip_corrupt``: decode every image once and drop (and log) the unreadable ones."""
+    reader = SafeImageReader(skip_corrupt=True)
+    kept = [item for item in items if reader(item.path) is not None]
+    if reader.num_skipped:
+        logger.warning("data.skip_corrupt: dropped %d unreadable %s image(s): %s", reader.num_skipped, split,
+                       ", ".join(reader.skipped_paths))
+    return kept
+
+
+def load_test_dataset(cfg: FinetuneConfig, train_set: ReIDDataset | None = None) -> ReIDDataset:
+    """The evaluation set: ``data.test_dataset`` (under ``data.test_root`` or ``data.root``), else the
+    query/gallery of ``data.dataset`` (``train_set`` when it is already read); subset and corrupt-image
+    options applied."""
+    data = cfg.data
+    if data.test_dataset:
+        test_root = resolve_data_root(data.test_root or data.root, cfg)
+        test_set = build_dataset(data.test_dataset, test_root, **_dataset_options(data.test_dataset, cfg))
+    elif train_set is not None:
+        test_set = train_set
+    else:
+        test_set = build_dataset(data.dataset, resolve_data_root(data.root, cfg),
+                                 **_dataset_options(data.dataset, cfg))
+    if not test_set.query or not test_set.gallery:
+        raise ValueError(f"test dataset {test_set.name!r} has an empty query or gallery split")
+    if data.max_test_ids:
+        test_set = _first_test_ids(test_set, data.max_test_ids)
+    if data.skip_corrupt:
+        test_set = ReIDDataset(test_set.name, test_set.root, test_set.train,
+                               _drop_unreadable(test_set.query, "query"),
+                               _drop_unreadable(test_set.gallery, "gallery"), test_set.unlabeled, test_set.notes)
+    return test_set
+
+
+def load_finetune_data(cfg: FinetuneConfig) -> FinetuneData:
+    """Read the training set and the test set (``data.test_dataset`` or the training set's own query/gallery)."""
+    data = cfg.data
+    train_set = build_dataset(data.dataset, resolve_data_root(data.root, cfg), **_dataset_options(data.dataset, cfg))
+    if not train_set.train or train_set.unlabeled:
+        raise ValueError(f"dataset {data.dataset!r} has no labelled train split to fine-tune on")
+    if data.max_train_ids:
+        train_set = _first_train_ids(train_set, data.max_train_ids)
+    test_set = load_test_dataset(cfg, train_set if not data.test_dataset else None)
+    if data.skip_corrupt:
+        train_set.train = _drop_unreadable(train_set.train, "train")
+    if data.max_train_ids or data.max_test_ids or data.skip_corrupt:
+        logger.info("splits used by this run (data.max_train_ids / max_test_ids / skip_corrupt):\n%s\n%s",
+                    train_set.split_table(), test_set.split_table() if test_set is not train_set else "")
+    num_classes = max(item.pid for item in train_set.train) + 1
+    num_cameras = max(item.camid for item in train_set.train) + 1
+    logger.info("fine-tuning on %s: %d identities, %d images, %d cameras; evaluating on %s: %d query, %d gallery",
+                train_set.name, num_classes, len(train_set.train), num_cameras, test_set.name,
+                len(test_set.query), len(test_set.gallery))
+    return FinetuneData(train_set, test_set, num_classes, num_cameras)
+
+
+def loader_generator(seed: int, rank: int, epoch: int) -> torch.Generator:
+    """The DataLoader's own generator for (seed, rank, epoch): creating an iterator must not draw from
+    the global RNG (exact resume), and workers of different ranks/epochs get different seeds."""
+    state = np.random.SeedSequence([seed, rank, epoch]).generate_state(1, dtype=np.uint64)[0]
+    return torch.Generator().manual_seed(int(state % (2**63)))
+
+
+def build_train_loader(dataset: ImageDataset, sampler: RandomIdentitySampler, cfg: FinetuneConfig, epoch: int,
+                       rank: int, pin_memory: bool) -> DataLoader:
+    """One epoch's loader over ``sampler`` (set to ``epoch`` by the caller) with ``per_rank_batch_size`` batches."""
+    return DataLoader(
+        dataset,
+        batch_size=sampler.per_rank_batch_size,
+        sampler=sampler,
+        num_workers=cfg.data.num_workers,
+        pin_memory=pin_memory,
+        drop_last=False,
+        worker_init_fn=worker_init_fn,
+        generator=loader_generator(cfg.train.seed, rank, epoch),
+    )
+
+
+def build_train_set(items: list[ImageItem], cfg: FinetuneConfig) -> ImageDataset:
+    """Training images with the TransReID-family augmentation (finetune-occluded.md §4.4)."""
+    data = cfg.data
+    transform = build_train_transform(tuple(cfg.model.img_size), flip_p=data.flip_p, padding=data.padding,
+                                      erasing_p=data.erasing_p, mean=data.pixel_mean, std=data.pixel_std)
+    return ImageDataset(items, transform)
+
+
+class ShardSampler(Sampler[int]):
+    """Indices ``rank, rank + world_size, ...`` of a dataset in order: disjoint shards, no padding, so an
+    order-restoring gather sees every sample exactly once (shards may differ in length by one)."""
+
+    def __init__(self, num_samples: int, rank: int = 0, world_size: int = 1) -> None:
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"invalid rank {rank} for world size {world_size}")
+        self.indices = list(range(rank, num_samples, world_size))
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def build_test_loader(items: list[ImageItem], img_size: tuple[int, int], cfg: FinetuneConfig, rank: int = 0,
+                      world_size: int = 1, pin_memory: bool = False) -> DataLoader:
+    """Ordered (sharded under DDP) loader with the test transform (resize + normalise)."""
+    data = cfg.data
+    dataset = ImageDataset(items, build_test_transform(tuple(img_size), mean=data.pixel_mean, std=data.pixel_std))
+    return DataLoader(
+        dataset,
+        batch_size=data.test_batch_size,
+        sampler=ShardSampler(len(dataset), rank, world_size),
+        num_workers=data.num_workers,
+        pin_memory=pin_memory,
+        worker_init_fn=worker_init_fn,
+        generator=torch.Generator().manual_seed(0),
+    )
+

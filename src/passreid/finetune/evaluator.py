@@ -1,0 +1,144 @@
+"""Evaluation of a fine-tuned model: test features in sample order, then the retrieval core.
+
+Features come from :func:`passreid.eval.features.extract_features` (eval mode, gathered by sample
+index under DDP), metrics from :func:`passreid.eval.rank_metrics` (Rank-k, mAP, mINP on L2-normalised
+features, squared Euclidean distance: finetune-occluded.md §2.1) and, when ``eval.rerank`` is set,
+from k-reciprocal re-ranking with the configured ``k1, k2, lambda``.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+
+from passreid.config.schema import EvalConfig
+from passreid.data import ImageItem, ReIDDataset
+from passreid.eval import RankResult, rank_metrics, rank_metrics_from_distance
+from passreid.eval.features import ExtractedFeatures, extract_features
+from passreid.finetune.config import FinetuneConfig
+from passreid.finetune.data import build_test_loader
+
+__all__ = ["EvalResult", "evaluate_features", "evaluate_model", "extract_split", "format_result", "summarize"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class EvalResult:
+    """Features of both splits, the plain rank metrics and (optionally) the re-ranked ones."""
+
+    query: ExtractedFeatures
+    gallery: ExtractedFeatures
+    plain: RankResult
+    reranked: RankResult | None
+    rerank_params: dict[str, float] | None
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        """Flat scalars: ``rank1, rank5, rank10, mAP, mINP`` (fractions), plus ``rerank_*`` when computed."""
+        scalars = summarize(self.plain)
+        if self.reranked is not None:
+            scalars.update({f"rerank_{key}": value for key, value in summarize(self.reranked).items()})
+        return scalars
+
+    def to_json(self) -> dict[str, Any]:
+        """What ``metrics.json`` holds: scalars, full CMC curves, counts and the re-ranking parameters."""
+        record: dict[str, Any] = {**self.metrics, "plain": self.plain.to_dict()}
+        if self.reranked is not None:
+            record["reranked"] = self.reranked.to_dict()
+            record["rerank_params"] = self.rerank_params
+        return record
+
+
+def summarize(result: RankResult) -> dict[str, float]:
+    """``rank1/5/10`` (those within the CMC length), ``mAP`` and ``mINP`` as fractions in [0, 1]."""
+    scalars = {f"rank{k}": result.rank(k) for k in (1, 5, 10) if k <= len(result.cmc)}
+    scalars.update(mAP=result.mAP, mINP=result.mINP)
+    return scalars
+
+
+class _CameraFeed:
+    """Iterates a test loader and exposes the current batch's camera ids to the feature function.
+
+    :func:`extract_features` hands the feature function the images only; SIE models also need the
+    camera ids. The feature function is called right after each batch is drawn, in the same thread,
+    so ``current`` always belongs to the images being processed (checked by batch size).
+    """
+
+    def __init__(self, loader: DataLoader) -> None:
+        self.loader = loader
+        self.dataset = loader.dataset
+        self.current: Tensor | None = None
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        for batch in self.loader:
+            self.current = torch.as_tensor(batch["camid"])
+            yield batch
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def camids_for(self, images: Tensor) -> Tensor:
+        if self.current is None or self.current.shape[0] != images.shape[0]:
+            raise RuntimeError("camera ids of the current test batch are out of step with its images")
+        return self.current.to(images.device)
+
+
+def _uses_cameras(model: nn.Module) -> bool:
+    return getattr(model, "sie_embed", None) is not None
+
+
+def extract_split(model: nn.Module, items: list[ImageItem], img_size: tuple[int, int], cfg: FinetuneConfig,
+                  device: torch.device, autocast: Callable | None = None, rank: int = 0,
+                  world_size: int = 1) -> ExtractedFeatures:
+    """Test features of ``items`` (the model's eval forward) in item order, on every rank."""
+    loader = build_test_loader(items, img_size, cfg, rank, world_size, pin_memory=device.type == "cuda")
+    if not _uses_cameras(model):
+        return extract_features(model, loader, feature_fn=lambda m, images: m(images), device=device,
+                                autocast=autocast)
+    feed = _CameraFeed(loader)
+    return extract_features(model, feed, feature_fn=lambda m, images: m(images, camids=feed.camids_for(images)),
+                            device=device, autocast=autocast)
+
+
+def evaluate_features(query: ExtractedFeatures, gallery: ExtractedFeatures, eval_cfg: EvalConfig,
+                      device: torch.device | None = None) -> EvalResult:
+    """Rank metrics of saved/extracted features (plus re-ranking when ``eval_cfg.rerank``)."""
+    labels = (query.pids, gallery.pids, query.camids, gallery.camids)
+    plain = rank_metrics(query.feats, gallery.feats, *labels, metric=eval_cfg.metric, max_rank=eval_cfg.max_rank,
+                         device=device)
+    reranked, params = None, None
+    if eval_cfg.rerank:
+        from passreid.eval.rerank import re_ranking  # only imported when asked for
+
+        params = {"k1": eval_cfg.k1, "k2": eval_cfg.k2, "lambda_value": eval_cfg.lambda_value}
+        distance = re_ranking(query.feats, gallery.feats, eval_cfg.k1, eval_cfg.k2, eval_cfg.lambda_value,
+                              device=device)
+        reranked = rank_metrics_from_distance(distance, *labels, max_rank=eval_cfg.max_rank, device=device)
+    return EvalResult(query, gallery, plain, reranked, params)
+
+
+def evaluate_model(model: nn.Module, dataset: ReIDDataset, img_size: tuple[int, int], cfg: FinetuneConfig,
+                   device: torch.device, autocast: Callable | None = None, rank: int = 0,
+                   world_size: int = 1) -> EvalResult | None:
+    """Extract query and gallery features of ``dataset`` (a collective under DDP) and compute the rank
+    metrics on rank 0; other ranks return ``None``."""
+    query = extract_split(model, dataset.query, img_size, cfg, device, autocast, rank, world_size)
+    gallery = extract_split(model, dataset.gallery, img_size, cfg, device, autocast, rank, world_size)
+    if rank != 0:
+        return None
+    return evaluate_features(query, gallery, cfg.eval, device=device)
+
+
+def format_result(result: EvalResult) -> str:
+    """Printable Rank-k / mAP / mINP table(s), with the re-ranking parameters when used."""
+    text = "plain\n" + result.plain.format_table()
+    if result.reranked is not None:
+        params = ", ".join(f"{k}={v}" for k, v in (result.rerank_params or {}).items())
+        text += f"\nre-ranked ({params})\n" + result.reranked.format_table()
+    return text

@@ -1,0 +1,173 @@
+"""Fine-tuning methods, selected by ``method:`` in the config.
+
+A method says how to build the model and its criterion; the trainer, evaluator and checkpoints are
+shared. ``bnneck`` is the TransReID-family supervised recipe (PASS head or plain [CLS] head, optional
+SIE and JPM). An occluded method (e.g. DPM) registers itself the same way::
+
+    register_method(FinetuneMethod("dpm", "Dynamic Prototype Mask", build_dpm_model, build_dpm_criterion))
+
+``build_model(cfg, num_classes, num_cameras, load_weights)`` returns a module whose training forward
+gives a :class:`~passreid.finetune.losses.ReIDTrainOutput` (extra loss terms go in ``extra_losses``)
+and whose eval forward gives the test feature; ``load_weights=False`` is used when the weights come
+from a fine-tuned checkpoint instead of ``model.pretrained``.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from torch import nn
+
+from passreid.finetune.config import FinetuneConfig
+from passreid.finetune.losses import ReIDCriterion
+from passreid.finetune.model import ReIDModel
+from passreid.models import LoadReport, VisionTransformer, build_vit, load_pretrained
+
+__all__ = [
+    "FinetuneMethod",
+    "build_backbone",
+    "build_criterion",
+    "build_model",
+    "get_method",
+    "list_methods",
+    "register_method",
+]
+
+logger = logging.getLogger(__name__)
+
+ModelBuilder = Callable[[FinetuneConfig, int, int, bool], nn.Module]
+CriterionBuilder = Callable[[FinetuneConfig], nn.Module]
+
+
+@dataclass(frozen=True)
+class FinetuneMethod:
+    """A named way to build the fine-tuning model and its loss."""
+
+    name: str
+    description: str
+    build_model: ModelBuilder
+    build_criterion: CriterionBuilder
+
+
+_METHODS: dict[str, FinetuneMethod] = {}
+
+
+def register_method(method: FinetuneMethod) -> FinetuneMethod:
+    """Add ``method`` to the registry (names are unique)."""
+    if method.name in _METHODS:
+        raise ValueError(f"fine-tuning method {method.name!r} is already registered")
+    _METHODS[method.name] = method
+    return method
+
+
+def list_methods() -> list[str]:
+    """Names accepted by ``method:`` in a fine-tuning config."""
+    return sorted(_METHODS)
+
+
+def get_method(name: str) -> FinetuneMethod:
+    """The registered method ``name``; unknown names list the valid ones."""
+    if name not in _METHODS:
+        raise ValueError(f"unknown fine-tuning method {name!r}; registered methods: {', '.join(list_methods())}")
+    return _METHODS[name]
+
+
+def build_model(cfg: FinetuneConfig, num_classes: int, num_cameras: int, load_weights: bool = True) -> nn.Module:
+    """The model of ``cfg.method`` for ``num_classes`` training identities and ``num_cameras`` cameras."""
+    return get_method(cfg.method).build_model(cfg, num_classes, num_cameras, load_weights)
+
+
+def build_criterion(cfg: FinetuneConfig) -> nn.Module:
+    """The loss of ``cfg.method``."""
+    return get_method(cfg.method).build_criterion(cfg)
+
+
+# ------------------------------------------------------------------------------------------ bnneck
+
+
+def build_backbone(cfg: FinetuneConfig) -> VisionTransformer:
+    """The ViT of ``cfg.model`` (random init; fine-tuning adds positions unchanged when grids match)."""
+    model = cfg.model
+    return build_vit(
+        model.arch,
+        img_size=tuple(model.img_size),
+        patch_size=model.patch_size,
+        stride_size=model.stride_size,
+        drop_path_rate=model.drop_path_rate,
+        num_part_tokens=model.num_part_tokens,
+    )
+
+
+def load_backbone_weights(backbone: VisionTransformer, cfg: FinetuneConfig) -> LoadReport | None:
+    """Load ``cfg.model.pretrained`` into ``backbone`` (never partially unless the recipe allows it).
+
+    Accepts every layout of :func:`passreid.models.load_pretrained`: a pretrain/ ``backbone.pth``
+    export, a PASS/DINO training checkpoint (teacher by default), a converted backbone, timm ViT
+    weights. Position embeddings are resized to this model's token grid and reported.
+    """
+    model = cfg.model
+    if not model.pretrained:
+        if model.arch == "vit_tiny":
+            logger.info("backbone: %s, random initialisation (model.pretrained is empty)", model.arch)
+        else:
+            logger.warning("backbone: %s from RANDOM initialisation (model.pretrained is empty); the recipes' "
+                           "published numbers assume pre-trained weights", model.arch)
+        return None
+    report = load_pretrained(
+        backbone,
+        model.pretrained,
+        allow_missing=tuple(model.pretrained_allow_missing),
+        allow_unexpected=tuple(model.pretrained_allow_unexpected),
+        hw_ratio=model.hw_ratio,
+        which=model.pretrained_which,
+    )
+    if report.missing or report.unexpected or report.shape_mismatched:
+        logger.warning("backbone weights loaded with allowed differences:\n%s", report.summary())
+    return report
+
+
+def build_bnneck_model(cfg: FinetuneConfig, num_classes: int, num_cameras: int, load_weights: bool = True) -> ReIDModel:
+    """ViT + BNNeck head (PASS or [CLS]), SIE when ``model.sie_camera``, JPM when ``model.jpm``."""
+    model = cfg.model
+    if model.sie_camera and num_cameras < 1:
+        raise ValueError("model.sie_camera is set but the training set has no camera ids")
+    backbone = build_backbone(cfg)
+    if load_weights:
+        load_backbone_weights(backbone, cfg)
+    return ReIDModel(
+        backbone,
+        num_classes,
+        head=model.head,
+        feat_fusion=model.feat_fusion,
+        multi_neck=model.multi_neck,
+        neck_feat=model.neck_feat,
+        num_cameras=num_cameras if model.sie_camera else 0,
+        sie_coe=model.sie_coe,
+        jpm=model.jpm,
+        jpm_num_branches=model.jpm_num_branches,
+        jpm_shift=model.jpm_shift,
+        jpm_shuffle_groups=model.jpm_shuffle_groups,
+        jpm_rearrange=model.jpm_rearrange,
+    )
+
+
+def build_reid_criterion(cfg: FinetuneConfig) -> ReIDCriterion:
+    """CE (+ optional label smoothing) and batch-hard triplet (soft margin or a margin), weighted."""
+    loss = cfg.loss
+    return ReIDCriterion(
+        id_weight=loss.id_weight,
+        triplet_weight=loss.triplet_weight,
+        label_smoothing=loss.label_smoothing,
+        triplet_margin=None if loss.triplet == "soft_margin" else loss.margin,
+    )
+
+
+register_method(
+    FinetuneMethod(
+        name="bnneck",
+        description="ViT + BNNeck (PASS [CLS]+part necks or plain [CLS]), CE + batch-hard triplet; optional SIE, JPM",
+        build_model=build_bnneck_model,
+        build_criterion=build_reid_criterion,
+    )
+)

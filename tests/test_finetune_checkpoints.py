@@ -1,0 +1,154 @@
+"""model_final.pth round trips and the explicit mapping of published TransReID / PASS checkpoints."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from passreid.config import load_config
+from passreid.engine import atomic_save
+from passreid.finetune import FinetuneConfig, build_final_checkpoint, build_model, load_finetuned_model
+from passreid.finetune.checkpoints import stored_config
+from passreid.models import CheckpointFormatError, CheckpointMismatchError
+
+TINY = ["model.arch=vit_tiny", "model.img_size=[64,32]", "model.drop_path_rate=0.0"]
+JPM_SIE = ["model.head=cls", "model.num_part_tokens=0", "model.jpm=true", "model.jpm_shift=2",
+           "model.sie_camera=true"]
+
+
+def _cfg(*overrides: str) -> FinetuneConfig:
+    return load_config(FinetuneConfig, None, [*TINY, *overrides])
+
+
+def _trained_looking_model(cfg: FinetuneConfig, num_classes: int = 7, num_cameras: int = 3) -> torch.nn.Module:
+    """A model whose BN running statistics and weights are not at their init values."""
+    torch.manual_seed(0)
+    model = build_model(cfg, num_classes, num_cameras)
+    with torch.no_grad():
+        for name, tensor in model.state_dict().items():
+            if tensor.is_floating_point():
+                tensor.add_(0.05 * torch.randn_like(tensor))
+            if name.endswith("running_var"):
+                tensor.abs_().add_(0.5)
+    return model.eval()
+
+
+def _features(model: torch.nn.Module, sie: bool) -> torch.Tensor:
+    images = torch.randn(4, 3, 64, 32, generator=torch.Generator().manual_seed(1))
+    camids = torch.tensor([0, 2, 1, 2]) if sie else None
+    with torch.no_grad():
+        return model.eval()(images, camids=camids)
+
+
+@pytest.mark.parametrize("overrides,sie", [((), False), (JPM_SIE, True)])
+def test_model_final_rebuilds_from_the_file_alone(tmp_path: Path, overrides, sie):
+    cfg = _cfg(*overrides)
+    model = _trained_looking_model(cfg)
+    path = atomic_save(build_final_checkpoint(model, cfg, num_classes=7, num_cameras=3), tmp_path / "model_final.pth")
+    loaded, loaded_cfg, report = load_finetuned_model(path)
+    assert report is None and loaded_cfg == cfg
+    torch.testing.assert_close(_features(loaded, sie), _features(model, sie), rtol=0, atol=0)
+    meta = torch.load(path, weights_only=True)["meta"]
+    assert meta["num_classes"] == 7 and meta["sie"] is sie and meta["jpm"] is sie
+    assert meta["feature_dim"] == model.feature_dim and meta["img_size"] == [64, 32]
+    assert stored_config(path)["model"]["arch"] == "vit_tiny"
+
+
+def test_model_final_with_a_tampered_state_is_refused(tmp_path: Path):
+    cfg = _cfg()
+    final = build_final_checkpoint(_trained_looking_model(cfg), cfg, 7, 3)
+    del final["model"]["head.necks.1.weight"]
+    final["model"]["stray"] = torch.zeros(1)
+    with pytest.raises(CheckpointMismatchError, match=r"missing \['head.necks.1.weight'\].*unexpected \['stray'\]"):
+        load_finetuned_model(final)
+
+
+def _published_pass(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The model in PASS-reID's names (build_transformer_pass): base.*, bottleneck[_k], classifier."""
+    out = {}
+    for key, value in model.state_dict().items():
+        if key.startswith("backbone."):
+            out["module.base." + key[len("backbone."):]] = value.clone()
+        elif key.startswith("head.necks."):
+            index, rest = key[len("head.necks."):].split(".", 1)
+            out["module." + ("bottleneck" if index == "0" else f"bottleneck_{index}") + "." + rest] = value.clone()
+        elif key.startswith("head.classifier."):
+            out["module.classifier." + key[len("head.classifier."):]] = value.clone()
+        else:
+            raise AssertionError(f"unexpected key {key}")
+    return out
+
+
+def _published_transreid_jpm(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The model in TransReID's names (build_transformer_local, SIE): [CLS] slot inside base.pos_embed,
+    b1 = global copy of the last block + LN, b2 = local copy, base's own last block/LN unused."""
+    state = model.state_dict()
+    depth = model.backbone.depth
+    out = {"base.sie_embed": state["sie_embed"].clone(),
+           "base.pos_embed": torch.cat([state["backbone.cls_pos"], state["backbone.pos_embed"]], dim=1)}
+    for key, value in state.items():
+        if key.startswith(f"backbone.blocks.{depth - 1}."):
+            out["b1.0." + key.split(".", 3)[3]] = value.clone()
+            out["base.blocks." + key.split(".", 2)[2]] = torch.randn_like(value)  # stale, unused by JPM
+        elif key.startswith("backbone.norm."):
+            out["b1.1." + key[len("backbone.norm."):]] = value.clone()
+            out["base.norm." + key[len("backbone.norm."):]] = torch.randn_like(value)
+        elif key in ("backbone.cls_pos", "backbone.pos_embed", "sie_embed"):
+            continue
+        elif key.startswith("backbone."):
+            out["base." + key[len("backbone."):]] = value.clone()
+        elif key.startswith("jpm.block."):
+            out["b2.0." + key[len("jpm.block."):]] = value.clone()
+        elif key.startswith("jpm.norm."):
+            out["b2.1." + key[len("jpm.norm."):]] = value.clone()
+        elif key.startswith("jpm.heads."):
+            index, kind, rest = key[len("jpm.heads."):].split(".", 2)
+            name = "bottleneck" if kind == "necks" else "classifier"
+            rest = rest.split(".", 1)[1] if kind == "necks" else rest
+            out[f"{name}_{int(index) + 1}.{rest}"] = value.clone()
+        elif key.startswith("head.necks.0."):
+            out["bottleneck." + key[len("head.necks.0."):]] = value.clone()
+        elif key.startswith("head.classifier."):
+            out["classifier." + key[len("head.classifier."):]] = value.clone()
+        else:
+            raise AssertionError(f"unexpected key {key}")
+    return out
+
+
+def test_published_pass_checkpoint_maps_exactly(tmp_path: Path):
+    cfg = _cfg()
+    model = _trained_looking_model(cfg)
+    path = tmp_path / "transformer_120.pth"
+    torch.save(_published_pass(model), path)
+    loaded, _, report = load_finetuned_model(path, cfg)
+    assert report.is_exact and not report.dropped and len(report.loaded) == report.num_model_tensors
+    torch.testing.assert_close(_features(loaded, False), _features(model, False), rtol=0, atol=0)
+
+
+def test_published_transreid_jpm_sie_checkpoint_maps_and_reports_unused_base_keys():
+    cfg = _cfg(*JPM_SIE)
+    model = _trained_looking_model(cfg)
+    loaded, _, report = load_finetuned_model({"state_dict": _published_transreid_jpm(model)}, cfg)
+    assert report.is_exact
+    assert any(d.startswith("base.blocks.3.attn.qkv.weight (unused") for d in report.dropped)
+    assert any(d.startswith("base.norm.weight (unused") for d in report.dropped)
+    torch.testing.assert_close(_features(loaded, True), _features(model, True), rtol=0, atol=0)
+
+
+def test_published_checkpoint_mismatches_are_reported_never_silent():
+    cfg = _cfg()
+    published = _published_pass(_trained_looking_model(cfg))
+    published["module.extra_head.weight"] = torch.zeros(3)
+    with pytest.raises(CheckpointMismatchError, match=r"extra_head.weight \(no mapping rule\)"):
+        load_finetuned_model(published, cfg)
+    _, _, report = load_finetuned_model(published, cfg, allow_unexpected=["extra_head.*"])
+    assert report.unexpected == ["extra_head.weight (no mapping rule)"]
+
+    del published["module.bottleneck_2.running_mean"]
+    with pytest.raises(CheckpointMismatchError, match="head.necks.2.running_mean"):
+        load_finetuned_model(published, cfg, allow_unexpected=["extra_head.*"])
+    with pytest.raises(CheckpointMismatchError, match="JPM=False, SIE=False but the config says model.jpm=True"):
+        load_finetuned_model(published, _cfg(*JPM_SIE))
+    with pytest.raises(CheckpointFormatError, match="pass the config"):
+        load_finetuned_model(published)

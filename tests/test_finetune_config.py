@@ -1,0 +1,66 @@
+"""Every fine-tuning recipe loads, validates and states what it should reproduce."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from passreid.config import ConfigError, load_config
+from passreid.finetune import FinetuneConfig, validate_config
+from passreid.finetune.config import default_world_dir
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "finetune"
+RECIPES = sorted(p for p in CONFIG_DIR.rglob("*.yaml") if "_base_" not in p.parts)
+
+
+def test_recipe_set_covers_the_datasets():
+    folders = {p.parent.name for p in RECIPES}
+    assert {"market1501", "msmt17_v1", "msmt17_v2", "dukemtmcreid", "occluded_duke", "occluded_reid"} <= folders
+    assert (CONFIG_DIR / "demo.yaml") in RECIPES and (CONFIG_DIR / "demo_occluded.yaml") in RECIPES
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: str(p.relative_to(CONFIG_DIR)))
+def test_recipe_loads_and_states_its_target(path: Path):
+    cfg = validate_config(load_config(FinetuneConfig, path))
+    text = path.read_text()
+    if path.parent == CONFIG_DIR:  # demos
+        assert cfg.data.root.startswith("generated:") and cfg.train.device == "cpu"
+        return
+    assert "Published target" in text or "No published" in text, path
+    if path.parent.name.startswith("msmt17"):
+        assert cfg.data.dataset == "msmt17" and cfg.data.version == path.parent.name[-2:]
+    if path.parent.name == "occluded_reid":
+        assert (cfg.data.dataset, cfg.data.test_dataset) == ("market1501", "occluded_reid")
+        assert not cfg.model.sie_camera
+    if "pass_" in path.name:
+        assert cfg.model.head == "pass" and cfg.model.num_part_tokens == 3 and cfg.optim.lr == 4e-4
+        assert cfg.optim.warmup_epochs == 20 and cfg.optim.lr_stepping == "pass"
+    if "transreid" in path.name:
+        assert cfg.model.arch == "vit_base" and cfg.optim.lr == 0.008 and cfg.optim.warmup_epochs == 5
+        assert cfg.optim.lr_stepping == "transreid" and cfg.model.head == "cls"
+        star = "baseline" not in path.name
+        assert cfg.model.jpm is star and cfg.model.sie_camera is (star and path.parent.name != "occluded_reid")
+        assert cfg.model.stride_size == (16 if not star else 11 if path.parent.name == "occluded_duke" else 12)
+    size = 384 if "_384" in path.name else 256
+    assert tuple(cfg.model.img_size) == (size, 128)
+
+
+def test_validation_names_the_offending_key():
+    with pytest.raises(ConfigError, match="model.head"):
+        validate_config(load_config(FinetuneConfig, None, ["model.num_part_tokens=0"]))
+    with pytest.raises(ConfigError, match="data.root.*generated:market"):
+        validate_config(load_config(FinetuneConfig, None, ["data.root=generated:duke"]))
+    with pytest.raises(ConfigError, match="data.batch_size"):
+        validate_config(load_config(FinetuneConfig, None, ["data.batch_size=30"]))
+    with pytest.raises(ConfigError, match="did you mean 'model.feat_fusion'"):
+        load_config(FinetuneConfig, None, ["model.feat_fusoin=cat"])
+
+
+def test_generated_world_location(tmp_path: Path):
+    cfg = load_config(FinetuneConfig, None, [f"train.output_dir={tmp_path / 'runs' / 'demo'}"])
+    assert default_world_dir(cfg) == tmp_path / "runs" / "world"
+    other = load_config(FinetuneConfig, None, [f"train.output_dir={tmp_path / 'runs' / 'demo'}",
+                                               "data.world_options={num_train_ids: 64}"])
+    assert default_world_dir(other).parent == tmp_path / "runs" and default_world_dir(other).name.startswith("world-")
+    explicit = load_config(FinetuneConfig, None, [f"data.world_dir={tmp_path / 'w'}"])
+    assert default_world_dir(explicit) == tmp_path / "w"
