@@ -112,6 +112,7 @@ def run_worker(args: argparse.Namespace) -> dict:
         "torch_threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
         "torch_version": torch.__version__,
+        "load_average_1min": round(os.getloadavg()[0], 2),  # taken after the timed call
         "chunk_size": result.chunk_size,
         "memory_budget_mb": args.memory_budget_mb,
         "generation_seconds": round(generation_seconds, 3),
