@@ -1,7 +1,6 @@
 """tools/cluster_features.py: labels file, printed summary, clear errors for bad input."""
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -9,16 +8,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from _tool_loading import load_tool_module
+
 from passreid.cluster import dbscan_pseudo_labels
 
 TOOL = Path(__file__).resolve().parents[1] / "tools" / "cluster_features.py"
 
 
 def load_tool():
-    spec = importlib.util.spec_from_file_location("cluster_features_tool", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool_module(TOOL, "cluster_features_tool")
 
 
 @pytest.fixture(scope="module")

@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
 from pathlib import Path
 
 import pytest
+
+from _tool_loading import load_tool_module
 import torch
 
 from passreid.models import build_vit, load_pretrained
@@ -18,10 +19,7 @@ META_KWARGS = dict(out_dim=64, hidden_dim=64, bottleneck_dim=16)
 
 
 def load_tool():
-    spec = importlib.util.spec_from_file_location("convert_checkpoint_tool", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool_module(TOOL, "convert_checkpoint_tool")
 
 
 @pytest.fixture(scope="module")

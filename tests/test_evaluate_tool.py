@@ -1,7 +1,6 @@
 """tools/evaluate.py: metrics JSON against the reference evaluator, re-ranking plumbing, bad input."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 import subprocess
@@ -14,6 +13,7 @@ import pytest
 import torch
 
 from passreid.eval import pairwise_distance
+from _tool_loading import load_tool_module
 from test_rank_metrics import make_case, reference_rank_metrics
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -21,10 +21,7 @@ TOOL = REPO_ROOT / "tools" / "evaluate.py"
 
 
 def load_tool():
-    spec = importlib.util.spec_from_file_location("evaluate_tool", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool_module(TOOL, "evaluate_tool")
 
 
 @pytest.fixture(scope="module")
