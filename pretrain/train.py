@@ -1,0 +1,37 @@
+#!/usr/bin/env python
+"""PASS / DINO self-supervised pre-training of a ViT on unlabeled person crops.
+
+    python pretrain/train.py --config-file configs/pretrain/pass_vit_s_lup.yaml \
+        --output-dir runs/pass_vit_s --data-root /data/LUPerson/images [--no-resume] [key=value ...]
+
+Multi-process: the same command under ``torchrun --nproc_per_node=8`` or one ``srun`` task per GPU;
+see pretrain/README.md. Auto-resumes from ``<output-dir>/checkpoint.pth`` unless ``--no-resume``.
+"""
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+from passreid import dist
+from passreid.config import default_argument_parser, parse_and_load
+from passreid.pretrain.config import PretrainConfig
+from passreid.pretrain.trainer import run_pretraining
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse the command line, run (or resume) pre-training; exit status 0 when it finished or stopped as asked."""
+    parser = default_argument_parser(__doc__.splitlines()[0])
+    args, cfg = parse_and_load(PretrainConfig, argv, parser)
+    try:
+        result = run_pretraining(cfg, resume=not args.no_resume)
+        is_main = dist.is_main_process()
+    finally:
+        dist.destroy()
+    if is_main:
+        state = "finished" if result.finished else "stopped (train.stop_after_iters)"
+        print(f"pre-training {state} at iteration {result.iteration}; outputs in {result.output_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,184 @@
+"""Typed configuration of the PASS / DINO pre-training stage.
+
+Defaults are the published PASS recipe (pretrain-pass.md §1-§3, §5.1): ViT-S/16 on 256x128
+globals and 128x64 locals, 2 + 9 views, four 65,536-way heads, AdamW with lr 5e-4 per 256
+images (linear warm-up over 10 epochs, cosine to 1e-6), weight decay 0.04 -> 0.4, teacher EMA
+0.996 -> 1, per-tensor clipping at 3.0, last layer frozen in epoch 0, 100 epochs, 128 images
+per GPU. Recipes in ``configs/pretrain/`` only state what differs.
+
+The sections reuse the shared pieces where their meaning is the same (:class:`TrainConfig`
+gives ``epochs/seed/precision/log_period/checkpoint_period/output_dir``); the rest are
+pre-training specific.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from passreid.config import ConfigError, TrainConfig
+
+# Unlabeled sources: the two dataset-registry readers, plus the generated world's pool/ (demo, tests).
+PRETRAIN_DATASETS = ("image_folder", "luperson_lmdb", "synthetic_pool")
+
+
+@dataclass
+class PretrainDataConfig:
+    """Where the unlabeled person crops come from and how they are batched."""
+
+    # image_folder: every image under root (recursively) or the paths in file_list;
+    # luperson_lmdb: the LUPerson LMDB release (keys_file optional);
+    # synthetic_pool: the generated world's pool/ (root = world folder, rendered there when missing;
+    # empty root = <output_dir>/world).
+    dataset: Literal["image_folder", "luperson_lmdb", "synthetic_pool"] = "image_folder"
+    root: str = ""  # --data-root on the command line fills it
+    file_list: str = ""  # image_folder only: text file of image paths relative to root
+    keys_file: str = ""  # luperson_lmdb only: pickled key list (default: keys.pkl next to the LMDB)
+    num_workers: int = 10
+    batch_size_per_gpu: int = 128  # PASS ViT-S: 128 x 8 GPUs; ViT-B: 64 x 8
+    skip_corrupt: bool = False  # replace unreadable images by the next readable one (logged, counted)
+    pin_memory: bool = True  # only used on CUDA
+
+
+@dataclass
+class CropsConfig:
+    """Multi-crop augmentation (``passreid.data.multicrop.MultiCropAugmentation``)."""
+
+    global_size: tuple[int, int] = (256, 128)  # (height, width)
+    local_size: tuple[int, int] = (128, 64)
+    global_scale: tuple[float, float] = (0.4, 1.0)
+    local_scale: tuple[float, float] = (0.1, 0.8)  # PASS: relative to the band; DINO: to the image
+    local_crops_number: int = 9  # PASS needs 9: three per horizontal band
+    mode: Literal["pass", "dino"] = "pass"  # dino: whole-image locals, no part tokens
+
+
+@dataclass
+class PretrainModelConfig:
+    """Student/teacher ViT and the DINO heads (one per token type in PASS mode)."""
+
+    arch: Literal["vit_tiny", "vit_small", "vit_base"] = "vit_small"
+    img_size: tuple[int, int] = (256, 128)  # the grid pos_embed is laid out for (= global crops)
+    drop_path_rate: float = 0.1  # student only; the teacher uses 0
+    out_dim: int = 65536
+    hidden_dim: int = 2048
+    bottleneck_dim: int = 256
+    norm_last_layer: bool = True  # freeze weight_g of the weight-normed last layers (PASS default)
+
+
+@dataclass
+class PretrainOptimConfig:
+    """AdamW with per-iteration cosine schedules (dinov2 / DINO style)."""
+
+    lr: float = 5e-4  # per 256 images: peak lr = lr * global_batch / 256
+    min_lr: float = 1e-6
+    warmup_epochs: int = 10  # linear warm-up from 0 to the peak
+    weight_decay: float = 0.04
+    weight_decay_end: float = 0.4
+    momentum_teacher: float = 0.996
+    momentum_teacher_end: float = 1.0
+    clip_grad: float = 3.0  # per-tensor gradient-norm cap; 0 disables
+    freeze_last_layer: int = 1  # epochs during which the heads' last layers get no update
+
+
+@dataclass
+class PretrainLossConfig:
+    """Temperatures and centring of the DINO / PASS cross-entropy."""
+
+    student_temp: float = 0.1
+    teacher_temp: float = 0.04
+    warmup_teacher_temp: float = 0.04
+    warmup_teacher_temp_epochs: int = 0
+    center_momentum: float = 0.9
+
+
+@dataclass
+class PretrainTrainConfig(TrainConfig):
+    """Loop length, precision, logging and checkpoint cadence."""
+
+    epochs: int = 100
+    seed: int = 0
+    log_period: int = 200  # iterations between log lines / metrics.jsonl records
+    checkpoint_period: int = 1  # epochs between end-of-epoch writes of checkpoint.pth
+    checkpoint_every_iters: int = 0  # also write checkpoint.pth every N iterations (0: epoch ends only)
+    saveckp_freq: int = 0  # keep a named copy checkpoint_<epoch:07d>.pth every N epochs (0: none)
+    stop_after_iters: int = 0  # stop after N iterations with checkpoint.pth written, as a pre-emption would (0: off)
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA when available
+
+
+@dataclass
+class KnnMonitorConfig:
+    """kNN retrieval of the teacher's features on a labeled set, to watch learning happen."""
+
+    period: int = 10  # epochs between evaluations (also at the start and the end); 0 disables
+    # A labeled name of passreid.data.list_datasets() (e.g. market1501), or "generated_pool": the
+    # persons of a generated pool, each seen in several shots (see passreid.pretrain.knn_monitor).
+    dataset: str = "market1501"
+    # market1501: the dataset folder; empty = the generated world's market/ (the training world for
+    # synthetic_pool data, else <output_dir>/world). generated_pool: a generated world folder (its pool/
+    # is read as it is); empty = a world rendered with world_seed into <output_dir>/monitor_world.
+    root: str = ""
+    world_seed: int = 1  # generated_pool with empty root: a seed other than the training world's (0)
+    img_size: tuple[int, int] = (256, 128)
+    batch_size: int = 128
+    metric: Literal["euclidean", "cosine"] = "cosine"
+    feature: Literal["pass_fusion", "cls"] = "pass_fusion"  # cat(CLS, mean(parts)) or [CLS] only
+
+
+@dataclass
+class PretrainConfig:
+    """Everything the pre-training stage reads."""
+
+    data: PretrainDataConfig = field(default_factory=PretrainDataConfig)
+    crops: CropsConfig = field(default_factory=CropsConfig)
+    model: PretrainModelConfig = field(default_factory=PretrainModelConfig)
+    optim: PretrainOptimConfig = field(default_factory=PretrainOptimConfig)
+    loss: PretrainLossConfig = field(default_factory=PretrainLossConfig)
+    train: PretrainTrainConfig = field(default_factory=PretrainTrainConfig)
+    monitor: KnnMonitorConfig = field(default_factory=KnnMonitorConfig)
+
+
+def validate_pretrain_config(cfg: PretrainConfig) -> None:
+    """Reject settings the stage cannot run with, naming the key and what is expected."""
+    problems: list[str] = []
+
+    def need(condition: bool, message: str) -> None:
+        if not condition:
+            problems.append(message)
+
+    need(cfg.data.dataset in PRETRAIN_DATASETS, f"data.dataset must be one of {PRETRAIN_DATASETS}")
+    need(cfg.data.dataset == "synthetic_pool" or bool(cfg.data.root),
+         f"data.root is empty: pass --data-root DIR (the {cfg.data.dataset} folder)")
+    need(not cfg.data.file_list or cfg.data.dataset == "image_folder",
+         "data.file_list applies to data.dataset=image_folder only")
+    need(not cfg.data.keys_file or cfg.data.dataset == "luperson_lmdb",
+         "data.keys_file applies to data.dataset=luperson_lmdb only")
+    need(cfg.data.batch_size_per_gpu >= 1, "data.batch_size_per_gpu must be >= 1")
+    need(cfg.data.num_workers >= 0, "data.num_workers must be >= 0")
+    need(cfg.crops.local_crops_number >= 0, "crops.local_crops_number must be >= 0")
+    need(cfg.crops.mode != "pass" or cfg.crops.local_crops_number == 9,
+         "crops.local_crops_number must be 9 in PASS mode (three crops per horizontal band, "
+         "pretrain-pass.md §7.1)")
+    for name in ("global_scale", "local_scale"):
+        low, high = getattr(cfg.crops, name)
+        need(0 < low <= high <= 1, f"crops.{name} must satisfy 0 < low <= high <= 1, got {(low, high)}")
+    need(cfg.model.out_dim >= 1 and cfg.model.hidden_dim >= 1 and cfg.model.bottleneck_dim >= 1,
+         "model.out_dim, model.hidden_dim and model.bottleneck_dim must be >= 1")
+    need(0 <= cfg.model.drop_path_rate < 1, "model.drop_path_rate must be in [0, 1)")
+    need(cfg.optim.lr > 0 and cfg.optim.min_lr >= 0, "optim.lr must be > 0 and optim.min_lr >= 0")
+    need(0 <= cfg.optim.warmup_epochs <= cfg.train.epochs,
+         f"optim.warmup_epochs must be in [0, train.epochs={cfg.train.epochs}]")
+    need(cfg.optim.clip_grad >= 0, "optim.clip_grad must be >= 0 (0 disables clipping)")
+    need(cfg.optim.freeze_last_layer >= 0, "optim.freeze_last_layer must be >= 0")
+    need(0 <= cfg.optim.momentum_teacher <= cfg.optim.momentum_teacher_end <= 1,
+         "need 0 <= optim.momentum_teacher <= optim.momentum_teacher_end <= 1")
+    need(cfg.loss.warmup_teacher_temp_epochs <= cfg.train.epochs,
+         "loss.warmup_teacher_temp_epochs must not exceed train.epochs")
+    need(cfg.train.epochs >= 1, "train.epochs must be >= 1")
+    need(cfg.train.log_period >= 1, "train.log_period must be >= 1")
+    for name in ("checkpoint_every_iters", "saveckp_freq", "stop_after_iters"):
+        need(getattr(cfg.train, name) >= 0, f"train.{name} must be >= 0")
+    need(cfg.train.checkpoint_period >= 1, "train.checkpoint_period must be >= 1 (epochs)")
+    need(cfg.monitor.period >= 0, "monitor.period must be >= 0 (0 disables the kNN monitor)")
+    need(cfg.monitor.world_seed >= 0, "monitor.world_seed must be >= 0")
+    need(cfg.monitor.batch_size >= 1, "monitor.batch_size must be >= 1")
+    if problems:
+        raise ConfigError("invalid pre-training config:\n  " + "\n  ".join(problems))
