@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import datetime
-import socket
 import time
 import warnings
 from pathlib import Path
 
 import pytest
+
+from _ports import free_port
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -248,16 +249,10 @@ def _gloo_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
         destroy()
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def two_process_results(tmp_path_factory) -> list[dict]:
     out_dir = tmp_path_factory.mktemp("gloo")
-    context = mp.start_processes(_gloo_worker, args=(2, _free_port(), str(out_dir)), nprocs=2,
+    context = mp.start_processes(_gloo_worker, args=(2, free_port(), str(out_dir)), nprocs=2,
                                  join=False, start_method="spawn")
     deadline = time.monotonic() + 180
     try:

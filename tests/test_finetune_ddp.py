@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import time
 from pathlib import Path
 
 import pytest
+
+from _ports import free_port
 import torch
 import torch.multiprocessing as mp
 
@@ -40,16 +41,10 @@ def _ddp_worker(rank: int, world_size: int, port: int, out_dir: str, world_dir: 
         dist.destroy()
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.multiprocess
 @pytest.mark.slow
 def test_two_process_fine_tuning(tmp_path: Path, synthetic_world: Path):
-    context = mp.start_processes(_ddp_worker, args=(2, _free_port(), str(tmp_path), str(synthetic_world)),
+    context = mp.start_processes(_ddp_worker, args=(2, free_port(), str(tmp_path), str(synthetic_world)),
                                  nprocs=2, join=False, start_method="spawn")
     deadline = time.monotonic() + 300
     try:

@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import copy
 import math
-import socket
 
 import pytest
+
+from _ports import free_port
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -353,14 +354,8 @@ def test_wrapper_is_used_and_kept_out_of_the_state_dict(meta):
     assert keys[0].startswith("student.backbone.") and "loss.center_pt3" in keys
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_ddp_wrapped_student_single_process_gloo(meta):
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     try:
         meta.wrap_student(lambda network: nn.parallel.DistributedDataParallel(network))
         loss, stats = meta.forward_backward(make_views(), epoch=0)

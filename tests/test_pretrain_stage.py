@@ -6,12 +6,13 @@ import importlib.util
 import json
 import math
 import os
-import socket
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+from _ports import free_port
 import torch
 import torch.multiprocessing as mp
 
@@ -300,17 +301,11 @@ def _ddp_worker(rank: int, world_size: int, port: int, output_dir: str) -> None:
         dist.destroy()
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.slow
 @pytest.mark.multiprocess
 def test_two_process_ddp_matches_one_process_on_the_same_global_batch(tmp_path):
     single_dir, ddp_dir = tmp_path / "single", tmp_path / "ddp"
-    context = mp.start_processes(_ddp_worker, args=(2, _free_port(), str(ddp_dir)), nprocs=2, join=False,
+    context = mp.start_processes(_ddp_worker, args=(2, free_port(), str(ddp_dir)), nprocs=2, join=False,
                                  start_method="spawn")
     run_pretraining(_ddp_config(single_dir, DDP_GLOBAL_BATCH), fixed_batches=_fixed_global_batches())
     deadline = time.monotonic() + 300
