@@ -22,6 +22,7 @@ from passreid.eval import RankResult, rank_metrics, rank_metrics_from_distance
 from passreid.eval.features import ExtractedFeatures, extract_features
 from passreid.finetune.config import FinetuneConfig
 from passreid.finetune.data import build_test_loader
+from passreid.finetune.methods import TestDistanceBuilder, get_method
 
 __all__ = ["EvalResult", "evaluate_features", "evaluate_model", "extract_split", "format_result", "summarize"]
 
@@ -107,9 +108,20 @@ def extract_split(model: nn.Module, items: list[ImageItem], img_size: tuple[int,
 
 
 def evaluate_features(query: ExtractedFeatures, gallery: ExtractedFeatures, eval_cfg: EvalConfig,
-                      device: torch.device | None = None) -> EvalResult:
-    """Rank metrics of saved/extracted features (plus re-ranking when ``eval_cfg.rerank``)."""
+                      device: torch.device | None = None,
+                      distance: Callable[[int, int], Tensor] | None = None) -> EvalResult:
+    """Rank metrics of saved/extracted features (plus re-ranking when ``eval_cfg.rerank``).
+
+    ``distance`` is a method's own query-chunked test distance over these features (see
+    :class:`~passreid.finetune.methods.FinetuneMethod`); ``None`` uses ``eval_cfg.metric``.
+    """
     labels = (query.pids, gallery.pids, query.camids, gallery.camids)
+    if distance is not None:
+        if eval_cfg.rerank:
+            raise ValueError("eval.rerank re-ranks single feature vectors; this method evaluates with its own "
+                             "test distance, so set eval.rerank=false")
+        plain = rank_metrics_from_distance(distance, *labels, max_rank=eval_cfg.max_rank, device=device)
+        return EvalResult(query, gallery, plain, None, None)
     plain = rank_metrics(query.feats, gallery.feats, *labels, metric=eval_cfg.metric, max_rank=eval_cfg.max_rank,
                          device=device)
     reranked, params = None, None
@@ -127,12 +139,15 @@ def evaluate_model(model: nn.Module, dataset: ReIDDataset, img_size: tuple[int, 
                    device: torch.device, autocast: Callable | None = None, rank: int = 0,
                    world_size: int = 1) -> EvalResult | None:
     """Extract query and gallery features of ``dataset`` (a collective under DDP) and compute the rank
-    metrics on rank 0; other ranks return ``None``."""
+    metrics on rank 0 (with ``cfg.method``'s own test distance when it has one); other ranks return
+    ``None``."""
     query = extract_split(model, dataset.query, img_size, cfg, device, autocast, rank, world_size)
     gallery = extract_split(model, dataset.gallery, img_size, cfg, device, autocast, rank, world_size)
     if rank != 0:
         return None
-    return evaluate_features(query, gallery, cfg.eval, device=device)
+    builder: TestDistanceBuilder | None = get_method(cfg.method).build_test_distance
+    distance = builder(cfg, query, gallery, device) if builder is not None else None
+    return evaluate_features(query, gallery, cfg.eval, device=device, distance=distance)
 
 
 def format_result(result: EvalResult) -> str:

@@ -9,7 +9,15 @@ SIE and JPM). An occluded method (e.g. DPM) registers itself the same way::
 ``build_model(cfg, num_classes, num_cameras, load_weights)`` returns a module whose training forward
 gives a :class:`~passreid.finetune.losses.ReIDTrainOutput` (extra loss terms go in ``extra_losses``)
 and whose eval forward gives the test feature; ``load_weights=False`` is used when the weights come
-from a fine-tuned checkpoint instead of ``model.pretrained``.
+from a fine-tuned checkpoint instead of ``model.pretrained``. The training forward receives the
+images, ``camids=`` and every extra field of the training batch as keyword arguments (e.g. ``masks=``
+when the method's data pipeline loads part masks).
+
+``build_test_distance(cfg, query, gallery, device)`` is optional: methods whose test distance is not
+the normalised Euclidean distance of one feature vector (DPM's query-masked distance, part distances
+over mutually visible parts) pack what they need into the eval-forward output (one row per image) and
+return a query-chunked distance function over the two
+:class:`~passreid.eval.features.ExtractedFeatures` (see :mod:`passreid.eval.distance`).
 """
 from __future__ import annotations
 
@@ -17,8 +25,11 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
+from passreid.eval.distance import DistanceChunkFn
+from passreid.eval.features import ExtractedFeatures
 from passreid.finetune.config import FinetuneConfig
 from passreid.finetune.losses import ReIDCriterion
 from passreid.finetune.model import ReIDModel
@@ -38,6 +49,8 @@ logger = logging.getLogger(__name__)
 
 ModelBuilder = Callable[[FinetuneConfig, int, int, bool], nn.Module]
 CriterionBuilder = Callable[[FinetuneConfig], nn.Module]
+TestDistanceBuilder = Callable[[FinetuneConfig, ExtractedFeatures, ExtractedFeatures, torch.device | None],
+                               DistanceChunkFn]
 
 
 @dataclass(frozen=True)
@@ -48,6 +61,7 @@ class FinetuneMethod:
     description: str
     build_model: ModelBuilder
     build_criterion: CriterionBuilder
+    build_test_distance: TestDistanceBuilder | None = None  # None: feature distance of eval.metric
 
 
 _METHODS: dict[str, FinetuneMethod] = {}

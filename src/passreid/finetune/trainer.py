@@ -38,6 +38,9 @@ __all__ = ["FinetuneTrainer", "TrainResult", "resolve_device", "run_training"]
 
 logger = logging.getLogger("passreid.finetune")
 
+# Every other field of a training batch (e.g. ``masks``) is passed to the model's forward by name.
+_STANDARD_BATCH_KEYS = frozenset({"img", "pid", "camid", "index"})
+
 
 @dataclass
 class TrainResult:
@@ -205,8 +208,10 @@ class FinetuneTrainer:
         images = batch["img"].to(self.device, non_blocking=True)
         pids = torch.as_tensor(batch["pid"]).to(self.device, non_blocking=True)
         camids = torch.as_tensor(batch["camid"]).to(self.device, non_blocking=True)
+        extras = {key: value.to(self.device, non_blocking=True) for key, value in batch.items()
+                  if key not in _STANDARD_BATCH_KEYS}
         with self.amp.autocast():
-            output = self.model(images, camids=camids)
+            output = self.model(images, camids=camids, **extras)
             terms = self.criterion(output, pids)
         loss = terms["loss"]
         check_finite(loss, self.iteration, extra={k: v for k, v in terms.items() if k != "loss"})
