@@ -5,21 +5,27 @@
         --output-dir runs/market_pass_s --data-root /data model.pretrained=/ckpt/pass_vit_s.pth
     torchrun --nproc_per_node=4 finetune/train.py --config-file ... --output-dir ...
 
-Auto-resumes from <output-dir>/checkpoint.pth unless --no-resume.
+Auto-resumes from <output-dir>/checkpoint.pth unless --no-resume. On SIGUSR1/SIGTERM it writes the
+checkpoint after the current iteration, requeues the SLURM job (when there is one) and exits 0.
 """
 from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
 
+from passreid import dist
 from passreid.config import default_argument_parser, parse_and_load
+from passreid.engine import requeue_current_job
 from passreid.finetune import FinetuneConfig, run_training
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Train (or resume); on a pre-emption signal write the checkpoint and requeue the SLURM job."""
     parser = default_argument_parser(__doc__)
     args, cfg = parse_and_load(FinetuneConfig, argv, parser)
-    run_training(cfg, resume=not args.no_resume)
+    result = run_training(cfg, resume=not args.no_resume)
+    if result.preempted and dist.is_main_process():
+        requeue_current_job()
     return 0
 
 

@@ -6,6 +6,8 @@
 
 Multi-process: the same command under ``torchrun --nproc_per_node=8`` or one ``srun`` task per GPU;
 see pretrain/README.md. Auto-resumes from ``<output-dir>/checkpoint.pth`` unless ``--no-resume``.
+On SIGUSR1/SIGTERM it writes the checkpoint after the current iteration, requeues the SLURM job (when
+there is one) and exits 0.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from collections.abc import Sequence
 
 from passreid import dist
 from passreid.config import default_argument_parser, parse_and_load
+from passreid.engine import requeue_current_job
 from passreid.pretrain.config import PretrainConfig
 from passreid.pretrain.trainer import run_pretraining
 
@@ -28,7 +31,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         dist.destroy()
     if is_main:
-        state = "finished" if result.finished else "stopped (train.stop_after_iters)"
+        if result.preempted:
+            requeue_current_job()
+        state = ("finished" if result.finished else
+                 "stopped by a pre-emption signal" if result.preempted else "stopped (train.stop_after_iters)")
         print(f"pre-training {state} at iteration {result.iteration}; outputs in {result.output_dir}")
     return 0
 

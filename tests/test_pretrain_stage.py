@@ -6,6 +6,7 @@ import importlib.util
 import json
 import math
 import os
+import signal
 import time
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from passreid.pretrain.config import PretrainConfig
 from passreid.pretrain.meta_arch import PASSMetaArch
 from passreid.pretrain.trainer import (
     MultiCropDataset,
+    PretrainStage,
     build_schedules,
     collate_views,
     peak_learning_rate,
@@ -222,7 +224,8 @@ def test_demo_outputs_and_backbone_export(demo_run):
 
 
 @pytest.mark.slow
-def test_resume_after_preemption_continues_exactly(synthetic_world, tmp_path):
+@pytest.mark.parametrize("stop_by", ["stop_after_iters", "signal"])
+def test_resume_after_preemption_continues_exactly(synthetic_world, tmp_path, monkeypatch, stop_by):
     listing = _pool_file_list(synthetic_world, tmp_path, count=24)
     common = [*TINY, "data.dataset=image_folder", f"data.root={synthetic_world / 'pool'}", f"data.file_list={listing}",
               "data.batch_size_per_gpu=8", "data.num_workers=0", "train.epochs=2", "optim.warmup_epochs=1",
@@ -230,7 +233,21 @@ def test_resume_after_preemption_continues_exactly(synthetic_world, tmp_path):
     straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
     run_pretraining(_load(None, *common, f"train.output_dir={straight}"))
 
-    stopped = run_pretraining(_load(None, *common, f"train.output_dir={interrupted}", "train.stop_after_iters=4"))
+    if stop_by == "signal":  # SLURM's SIGUSR1 arrives during iteration 4
+        original_step = PretrainStage.train_step
+
+        def step_then_signal(self, views):
+            result = original_step(self, views)
+            if self.iteration == 4:
+                os.kill(os.getpid(), signal.SIGUSR1)
+            return result
+
+        monkeypatch.setattr(PretrainStage, "train_step", step_then_signal)
+        stopped = run_pretraining(_load(None, *common, f"train.output_dir={interrupted}"))
+        assert stopped.preempted
+        monkeypatch.setattr(PretrainStage, "train_step", original_step)
+    else:
+        stopped = run_pretraining(_load(None, *common, f"train.output_dir={interrupted}", "train.stop_after_iters=4"))
     assert (stopped.iteration, stopped.finished) == (4, False)  # mid-epoch 2: only checkpoint.pth is on disk
     assert not (interrupted / "backbone_final.pth").exists()
     resumed = run_pretraining(_load(None, *common, f"train.output_dir={interrupted}"))

@@ -62,6 +62,7 @@ from passreid.engine.output import (
     make_output_dir,
     output_layout,
 )
+from passreid.engine.preemption import PREEMPTION_SIGNALS, PreemptionGuard, requeue_current_job
 from passreid.engine.schedules import WarmupCosineLR, apply_schedule, cosine_schedule, warmup_cosine_lr
 from passreid.engine.seeding import (
     capture_rng_state,
@@ -86,6 +87,8 @@ __all__ = [
     "NonFiniteLossError",
     "OutputLayout",
     "PRECISIONS",
+    "PREEMPTION_SIGNALS",
+    "PreemptionGuard",
     "ProgressLogger",
     "ResumeInfo",
     "SmoothedValue",
@@ -103,6 +106,7 @@ __all__ = [
     "make_output_dir",
     "output_layout",
     "remove_stale_temp_files",
+    "requeue_current_job",
     "resolve_precision",
     "restore_checkpoint",
     "restore_rng_state",

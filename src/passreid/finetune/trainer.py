@@ -24,7 +24,7 @@ from torch import nn
 from passreid import dist
 from passreid.config import config_to_dict, save_config
 from passreid.data.samplers import RandomIdentitySampler
-from passreid.engine import (Checkpointer, MetricsWriter, ProgressLogger, atomic_save, autocast_for,
+from passreid.engine import (Checkpointer, MetricsWriter, PreemptionGuard, ProgressLogger, atomic_save, autocast_for,
                              build_checkpoint, check_finite, gather_rng_states, make_output_dir, output_layout,
                              restore_checkpoint, seed_everything, setup_logging, unwrap_model)
 from passreid.finetune.checkpoints import build_final_checkpoint
@@ -51,6 +51,7 @@ class TrainResult:
     epochs_completed: int
     final_metrics: dict[str, float] | None
     final_model: Path | None
+    preempted: bool = False  # stopped by SIGUSR1/SIGTERM with checkpoint.pth written: requeue and resume
 
 
 def resolve_device(spec: str, local_rank: int = 0) -> torch.device:
@@ -97,6 +98,8 @@ class FinetuneTrainer:
         self.epoch, self.iteration, self.pending_sampler_state = 0, 0, None
         self.last_eval_iteration: int | None = None
         self.last_metrics: dict[str, float] | None = None
+        self.preempted = False
+        self.guard = PreemptionGuard()  # inert until run() installs the signal handlers
         if resuming:
             self._resume()
         if self.world_size > 1:
@@ -151,7 +154,18 @@ class FinetuneTrainer:
 
     # ------------------------------------------------------------------ loop
     def run(self) -> TrainResult:
-        """Train until ``train.epochs`` (or ``train.max_iters``), evaluate, write ``model_final.pth``."""
+        """Train until ``train.epochs`` (or ``train.max_iters``), evaluate, write ``model_final.pth``.
+
+        On a pre-emption signal (SIGUSR1/SIGTERM) it writes ``checkpoint.pth`` after the current
+        iteration and returns with ``preempted=True`` instead (no evaluation, no final model).
+        """
+        self.guard = PreemptionGuard.install()
+        try:
+            return self._run()
+        finally:
+            self.guard.uninstall()
+
+    def _run(self) -> TrainResult:
         cfg = self.cfg
         progress = ProgressLogger(self.total_iterations(), cfg.train.log_period, logger)
         for epoch in range(self.epoch, cfg.train.epochs):
@@ -162,10 +176,17 @@ class FinetuneTrainer:
                 break
             self.epoch = epoch + 1
             last = self.epoch == cfg.train.epochs or self._reached_max_iters()
-            if self.epoch % cfg.train.checkpoint_period == 0 or last:
+            if self.epoch % cfg.train.checkpoint_period == 0 or last or self.preempted:
                 self._save_checkpoint({"epoch": self.epoch, "position": 0})
+            if self.preempted:
+                break
             if self.epoch % cfg.eval.period == 0 or last:
                 self._evaluate()
+        if self.preempted:
+            logger.info("stopped by a pre-emption signal at iteration %d; checkpoint written, resume to continue",
+                        self.iteration)
+            self.metrics.close()
+            return TrainResult(self.output_dir, self.iteration, self.epoch, self.last_metrics, None, preempted=True)
         if self.last_eval_iteration != self.iteration:
             self._evaluate()
         final_path = self._save_final_model()
@@ -194,13 +215,17 @@ class FinetuneTrainer:
             progress.update(self.iteration - 1, **terms)
             if self.iteration % self.cfg.train.log_period == 0:
                 self.metrics.write(self.iteration, split="train", epoch=epoch + 1, **terms)
+            if self.guard.requested():
+                self.preempted = True
+                break
             if self._reached_max_iters():
                 break
         position = self.sampler.state_dict(consumed=batches * self.sampler.per_rank_batch_size)
         if position["position"] < len(self.sampler):
             self._save_checkpoint(position)
-            logger.info("stopped at iteration %d (train.max_iters) in epoch %d; checkpoint saved",
-                        self.iteration, epoch + 1)
+            reason = "a pre-emption signal" if self.preempted else "train.max_iters"
+            logger.info("stopped at iteration %d (%s) in epoch %d; checkpoint saved", self.iteration, reason,
+                        epoch + 1)
             return False
         return True
 

@@ -48,6 +48,7 @@ from passreid.engine import (
     CheckpointStateError,
     Checkpointer,
     MetricsWriter,
+    PreemptionGuard,
     ProgressLogger,
     apply_schedule,
     atomic_save,
@@ -289,9 +290,10 @@ class PretrainResult:
 
     output_dir: Path
     iteration: int  # optimizer steps completed
-    finished: bool  # all epochs done (False when stopped by train.stop_after_iters)
+    finished: bool  # all epochs done (False when stopped by train.stop_after_iters or pre-emption)
     knn: list[dict[str, float]]  # every kNN evaluation of the run, in order (kept across resumes)
     backbone: Path | None  # latest backbone export (None before the first epoch end)
+    preempted: bool = False  # stopped by SIGUSR1/SIGTERM with checkpoint.pth written: requeue and resume
 
 
 class PretrainStage:
@@ -540,7 +542,15 @@ class PretrainStage:
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> PretrainResult:
-        """Train from the current state to the end (or to ``train.stop_after_iters``)."""
+        """Train from the current state to the end (or to ``train.stop_after_iters``, or until a
+        pre-emption signal: then ``checkpoint.pth`` is written and the result says ``preempted``)."""
+        guard = PreemptionGuard.install()
+        try:
+            return self._run(guard)
+        finally:
+            guard.uninstall()
+
+    def _run(self, guard: PreemptionGuard) -> PretrainResult:
         cfg = self.cfg
         if self._already_complete:
             self.log.info("training already complete (%d iterations); nothing to do", self.iteration)
@@ -562,14 +572,17 @@ class PretrainStage:
                     self._log_iteration(loss, stats, window_images / max(elapsed, 1e-9))
                     window_start, window_images = time.perf_counter(), 0
                 every = cfg.train.checkpoint_every_iters
-                if every and self.iteration % every == 0:
+                saved = bool(every) and self.iteration % every == 0
+                if saved:
                     self.save_checkpoint()
-                if cfg.train.stop_after_iters and self.iteration >= cfg.train.stop_after_iters:
-                    if not (every and self.iteration % every == 0):
+                preempted = guard.requested()
+                if preempted or (cfg.train.stop_after_iters and self.iteration >= cfg.train.stop_after_iters):
+                    if not saved:
                         self.save_checkpoint()
-                    self.log.info("stopping after iteration %d (train.stop_after_iters)", self.iteration)
+                    reason = "pre-emption signal" if preempted else "train.stop_after_iters"
+                    self.log.info("stopping after iteration %d (%s); checkpoint written", self.iteration, reason)
                     self.metrics.close()
-                    return self._result(finished=False)
+                    return self._result(finished=False, preempted=preempted)
             self._end_epoch()
             window_start, window_images = time.perf_counter(), 0  # throughput counts training only
         self._finish()
@@ -596,10 +609,11 @@ class PretrainStage:
         dist.barrier()
         self.metrics.close()
 
-    def _result(self, finished: bool) -> PretrainResult:
+    def _result(self, finished: bool, preempted: bool = False) -> PretrainResult:
         backbone = self.out / BACKBONE_FILE
         return PretrainResult(output_dir=self.out, iteration=self.iteration, finished=finished,
-                              knn=list(self.knn_history), backbone=backbone if backbone.is_file() else None)
+                              knn=list(self.knn_history), backbone=backbone if backbone.is_file() else None,
+                              preempted=preempted)
 
 
 def run_pretraining(cfg: PretrainConfig, *, resume: bool = True,
