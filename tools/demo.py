@@ -1,105 +1,140 @@
 #!/usr/bin/env python
-"""Run the passreid pipeline end to end on the built-in generated dataset (``make demo``).
+"""Run the whole passreid pipeline on the built-in generated dataset (``make demo``).
 
-Stages so far: render the generated world in the Market-1501 layout, read it with the real readers,
-build a tiny ViT with PASS part tokens, extract query / gallery / train features, evaluate them with
-the chunked rank metrics (plain and k-reciprocal re-ranked), and cluster the training features with
-Jaccard + DBSCAN. Each later stage of the pipeline adds itself here.
+Each stage runs through its own entry point, exactly as a user would run it, into
+``<output-dir>/<stage>``; every stage starts from the previous stage's export:
+
+1. ``pretrain``  PASS pre-training of a tiny ViT on the generated world's unlabeled ``pool/``
+   (``configs/pretrain/demo.yaml``) -> ``pretrain/backbone_final.pth``;
+2. ``finetune``  supervised fine-tuning on the generated ``market/`` split from that export
+   (``configs/finetune/demo.yaml``) -> ``finetune/model_final.pth``;
+3. ``finetune_random``  the same fine-tuning from random initialisation, for comparison;
+4. ``test``  ``finetune/test.py`` on the fine-tuned model: metrics and query / gallery features;
+5. every later stage present in the repository (USL, UDA) adds itself to ``STAGES``.
+
+The generated world is rendered once into ``<output-dir>/world`` and shared by all stages. The summary
+(``demo_metrics.json``) collects each stage's final numbers. ``--quick`` cuts every budget to a few
+iterations (what the test suite runs); the numbers it prints are not meaningful.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import subprocess
+import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-import torch
-from sklearn.metrics import adjusted_rand_score
-from torch.utils.data import DataLoader
-
-from passreid.cluster import dbscan_pseudo_labels
-from passreid.data import build_dataset
-from passreid.data.samplers import ImageDataset
-from passreid.data.synthetic import generate_world
-from passreid.data.transforms import build_test_transform
-from passreid.engine import MetricsWriter, make_output_dir, seed_everything, setup_logging
-from passreid.eval import rank_metrics, rank_metrics_from_distance, re_ranking
-from passreid.eval.features import ExtractedFeatures, extract_features
-from passreid.models import build_vit
-
-DEMO_IMG_SIZE = (128, 64)  # the generated world's crop size; the real recipes use 256x128
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--output-dir", default="runs/demo", help="where the world, features and metrics go")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the generated world and the model")
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    return parser.parse_args()
+@dataclass
+class Stage:
+    """One pipeline step: an entry point with its arguments, and how to read its result."""
+
+    name: str
+    script: str
+    args: Callable[[Path], list[str]]  # output root -> command-line arguments
+    quick: list[str] = field(default_factory=list)  # overrides for --quick
+    summarize: Callable[[Path], dict] = lambda out: {}
 
 
-def extract_split(model, items, device, batch_size: int = 64) -> ExtractedFeatures:
-    dataset = ImageDataset(items, build_test_transform(DEMO_IMG_SIZE))
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0)
-    return extract_features(model, loader, device=device)
+def last_record(metrics_file: Path, split: str) -> dict:
+    """The last ``metrics.jsonl`` record of ``split`` (a stage's final evaluation)."""
+    records = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
+    matching = [record for record in records if record.get("split") == split]
+    if not matching:
+        raise RuntimeError(f"{metrics_file} has no '{split}' record")
+    return matching[-1]
 
 
-def format_metrics(title: str, result) -> str:
-    cmc = result.cmc
-    return (
-        f"{title:<28} Rank-1 {100 * cmc[0]:5.1f}  Rank-5 {100 * cmc[min(4, len(cmc) - 1)]:5.1f}  "
-        f"Rank-10 {100 * cmc[min(9, len(cmc) - 1)]:5.1f}  mAP {100 * result.mAP:5.1f}  mINP {100 * result.mINP:5.1f}"
+def _rank_scalars(record: dict) -> dict:
+    return {key: record[key] for key in ("mAP", "rank1", "rank5", "mINP") if key in record}
+
+
+def _pretrain_summary(stage_dir: Path) -> dict:
+    records = [json.loads(line) for line in (stage_dir / "metrics.jsonl").read_text().splitlines()]
+    knn = [record for record in records if record.get("split") == "knn"]
+    return {"knn_mAP_first": knn[0]["mAP"], "knn_mAP_last": knn[-1]["mAP"], "knn_evaluations": len(knn)}
+
+
+def build_stages() -> list[Stage]:
+    """The pipeline, in order."""
+    pretrain = Stage(
+        "pretrain", "pretrain/train.py",
+        lambda root: ["--config-file", "configs/pretrain/demo.yaml", "--output-dir", str(root / "pretrain"),
+                      f"data.root={root / 'world'}"],
+        quick=["train.epochs=1", "optim.warmup_epochs=1", "data.num_workers=0"],
+        summarize=_pretrain_summary,
     )
+    finetune_common = ["--config-file", "configs/finetune/demo.yaml"]
+    finetune_quick = ["train.max_iters=8", "eval.period=100"]
+    finetune = Stage(
+        "finetune", "finetune/train.py",
+        lambda root: [*finetune_common, "--output-dir", str(root / "finetune"), f"data.world_dir={root / 'world'}",
+                      f"model.pretrained={root / 'pretrain' / 'backbone_final.pth'}"],
+        quick=finetune_quick,
+        summarize=lambda out: _rank_scalars(last_record(out / "metrics.jsonl", "eval")),
+    )
+    finetune_random = Stage(
+        "finetune_random", "finetune/train.py",
+        lambda root: [*finetune_common, "--output-dir", str(root / "finetune_random"),
+                      f"data.world_dir={root / 'world'}"],
+        quick=finetune_quick,
+        summarize=lambda out: _rank_scalars(last_record(out / "metrics.jsonl", "eval")),
+    )
+    test = Stage(
+        "test", "finetune/test.py",
+        lambda root: ["--weights", str(root / "finetune" / "model_final.pth"), "--output-dir", str(root / "test"),
+                      f"data.world_dir={root / 'world'}"],
+        summarize=lambda out: {key: value for key, value in json.loads((out / "metrics.json").read_text()).items()
+                               if key in ("mAP", "rank1", "rank5", "mINP")},
+    )
+    return [pretrain, finetune, finetune_random, test]
 
 
-def main() -> None:
-    args = parse_args()
-    out = make_output_dir(args.output_dir)
-    logger = setup_logging(out)
-    metrics = MetricsWriter(out)
-    seed_everything(args.seed)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-
+def run_stage(stage: Stage, root: Path, quick: bool) -> dict:
+    """Run one stage as a subprocess (its output streams to this terminal); fail loudly."""
+    command = [sys.executable, str(REPO_ROOT / stage.script), *stage.args(root), *(stage.quick if quick else [])]
+    print(f"\n=== demo stage '{stage.name}': {' '.join(command)}", flush=True)
     start = time.time()
-    world = generate_world(out / "data", seed=args.seed)
-    logger.info("generated world at %s in %.1f s", world, time.time() - start)
-    market = build_dataset("market1501", root=str(world / "market"))  # readers log their split tables
-    build_dataset("image_folder", root=str(world / "pool"))
+    completed = subprocess.run(command, cwd=REPO_ROOT, check=False)
+    if completed.returncode != 0:
+        raise SystemExit(f"demo stage '{stage.name}' failed with exit code {completed.returncode}; "
+                         f"its log is in {root / stage.name / 'log.txt'}")
+    result = {"seconds": round(time.time() - start, 1), **stage.summarize(root / stage.name)}
+    print(f"=== stage '{stage.name}' done: {result}", flush=True)
+    return result
 
-    model = build_vit("vit_tiny", img_size=DEMO_IMG_SIZE).to(device)
-    logger.info("model: vit_tiny with PASS part tokens, randomly initialised (no stage trained it yet)")
-    query = extract_split(model, market.query, device)
-    gallery = extract_split(model, market.gallery, device)
-    train = extract_split(model, market.train, device)
-    for name, feats in (("query", query), ("gallery", gallery), ("train", train)):
-        feats.save_npz(str(out / f"features_{name}.npz"))
 
-    labels = (query.pids, gallery.pids, query.camids, gallery.camids)
-    plain = rank_metrics(query.feats, gallery.feats, *labels)
-    reranked = rank_metrics_from_distance(re_ranking(query.feats, gallery.feats), *labels)
-    logger.info(format_metrics("random-init ViT", plain))
-    logger.info(format_metrics("random-init ViT + re-ranking", reranked))
+def format_summary(summary: dict) -> str:
+    """A short table of what each stage reached."""
+    lines = ["stage               seconds  result"]
+    for name, result in summary["stages"].items():
+        details = ", ".join(f"{key} {value:.3f}" if isinstance(value, float) else f"{key} {value}"
+                            for key, value in result.items() if key != "seconds")
+        lines.append(f"{name:<18} {result['seconds']:>8.1f}  {details}")
+    return "\n".join(lines)
 
-    pseudo = dbscan_pseudo_labels(torch.nn.functional.normalize(torch.from_numpy(train.feats), dim=1).numpy())
-    num_clusters = len(set(pseudo.tolist()) - {-1})
-    ari = adjusted_rand_score(train.pids, pseudo)
-    logger.info(
-        "Jaccard + DBSCAN on %d train features: %d clusters, %d outliers, ARI vs true ids %.3f",
-        len(pseudo), num_clusters, int((pseudo == -1).sum()), ari,
-    )
 
-    summary = {
-        "random_init": plain.to_dict(),
-        "random_init_rerank": reranked.to_dict(),
-        "clustering": {"clusters": num_clusters, "outliers": int((pseudo == -1).sum()), "ari": float(ari)},
-    }
-    metrics.write(0, split="demo", mAP=plain.mAP, rank1=float(plain.cmc[0]), mAP_rerank=reranked.mAP)
-    metrics.close()
-    (out / "demo_metrics.json").write_text(json.dumps(summary, indent=2))
-    np.save(out / "pseudo_labels.npy", pseudo)
-    logger.info("demo finished in %.1f s; results in %s", time.time() - start, out / "demo_metrics.json")
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output-dir", default="runs/demo", help="root of every stage's output folder")
+    parser.add_argument("--quick", action="store_true", help="a few iterations per stage (tests)")
+    args = parser.parse_args(argv)
+    root = Path(args.output_dir).absolute()
+    root.mkdir(parents=True, exist_ok=True)
+
+    summary: dict = {"output_dir": str(root), "quick": args.quick, "stages": {}}
+    for stage in build_stages():
+        summary["stages"][stage.name] = run_stage(stage, root, args.quick)
+        (root / "demo_metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print("\n" + format_summary(summary))
+    print(f"\nsummary written to {root / 'demo_metrics.json'}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
