@@ -1,0 +1,203 @@
+"""tools/extract_features.py, visualize_ranks.py, plot_training.py: outputs on the generated world (and
+real Market-1501 when present), and clear errors on missing files / checkpoints of the wrong kind."""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from _inference_models import REPO, save_backbone_export, tiny_pass_vit, train_demo_model
+from _tool_loading import load_tool_module
+from passreid.data import build_dataset
+from passreid.finetune.testing import run_test
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def _tool(name):
+    return load_tool_module(REPO / "tools" / f"{name}.py", f"{name}_tool")
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory, synthetic_world):
+    """A briefly trained demo model and its test.py outputs (metrics.json, query/gallery features)."""
+    root = tmp_path_factory.mktemp("misc")
+    weights, _ = train_demo_model(root / "demo", synthetic_world)
+    outputs = run_test(weights, None, root / "test")
+    return weights, outputs
+
+
+@pytest.fixture(scope="module")
+def market(synthetic_world):
+    return build_dataset("market1501", synthetic_world / "market")
+
+
+def test_extract_features_writes_the_evaluate_npz(demo, market, synthetic_world, tmp_path):
+    weights, outputs = demo
+    out = tmp_path / "gallery.npz"
+    code = _tool("extract_features").main(["--weights", str(weights), "--images",
+                                           str(synthetic_world / "market" / "bounding_box_test"), "--out", str(out),
+                                           "--device", "cpu"])
+    assert code == 0
+    with np.load(out, allow_pickle=False) as archive:
+        data = {key: archive[key] for key in archive.files}
+    assert sorted(data) == ["camids", "feats", "paths", "pids"]
+    # The folder holds the reader's gallery plus pid -1 junk (which the reader drops): same rows otherwise.
+    kept = data["pids"] != -1
+    assert (~kept).sum() > 0
+    assert [str(p) for p in data["paths"][kept]] == [item.path for item in market.gallery]
+    with np.load(outputs.gallery_features) as reference:
+        np.testing.assert_array_equal(data["pids"][kept], reference["pids"])
+        np.testing.assert_array_equal(data["camids"][kept], reference["camids"])
+        np.testing.assert_allclose(data["feats"][kept], reference["feats"], atol=1e-5, rtol=0)
+    evaluate = _tool("evaluate")
+    assert evaluate.load_split(out)["feats"].shape == data["feats"].shape  # the format tools/evaluate.py reads
+
+
+def test_extract_features_without_dataset_naming_has_no_labels(demo, market, tmp_path):
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    for index, item in enumerate(market.query[:3]):
+        shutil.copy(item.path, folder / f"person_{index}.jpg")
+    out = tmp_path / "mine.npz"
+    assert _tool("extract_features").main(["--weights", str(demo[0]), "--images", str(folder / "*.jpg"),
+                                           "--out", str(out), "--device", "cpu"]) == 0
+    with np.load(out) as archive:
+        assert sorted(archive.files) == ["feats", "paths"]
+        assert archive["feats"].shape[0] == 3
+
+
+def test_visualize_ranks_from_saved_features_and_a_split(demo, synthetic_world, tmp_path):
+    weights, outputs = demo
+    out = tmp_path / "ranks"
+    code = _tool("visualize_ranks").main([
+        "--query-features", str(outputs.query_features), "--gallery-features", str(outputs.gallery_features),
+        "--dataset", "market1501", "--data-root", str(synthetic_world / "market"), "--weights", str(weights),
+        "--out", str(out), "--num-queries", "3", "--topk", "4", "--device", "cpu"])
+    assert code == 0
+    page = (out / "index.html").read_text()
+    assert len(re.findall(r'<tr class="query-row"', page)) == 3
+    assert len(re.findall(r'<td class="(?:match|mismatch)"', page)) == 3 * 4
+    # Per-part distances of the PASS [CLS] and 3 part tokens under every hit.
+    assert len(re.findall(r"part 3:\d+\.\d{3}", page)) == 3 * 4
+    assert len(list((out / "strips").glob("*.png"))) == 3
+    maps = sorted((out / "maps").glob("*.png"))
+    assert len(maps) == 3
+    with Image.open(maps[0]) as grid:  # rows: query + 4 hits; columns: label, image, [CLS], 3 parts
+        assert grid.height > 5 * 128 and grid.width >= 6 * 64
+    # The top hits are the nearest gallery rows of the saved features, same identity + camera skipped.
+    with np.load(outputs.query_features) as q, np.load(outputs.gallery_features) as g:
+        qf = q["feats"][0] / np.linalg.norm(q["feats"][0])
+        gf = g["feats"] / np.linalg.norm(g["feats"], axis=1, keepdims=True)
+        dist = ((qf - gf) ** 2).sum(1)
+        dist[(g["pids"] == q["pids"][0]) & (g["camids"] == q["camids"][0])] = np.inf
+        best = f"d={np.sort(dist)[0]:.4f}"
+    assert best in page
+
+
+def test_visualize_ranks_without_weights_and_mismatched_features(demo, synthetic_world, tmp_path, capsys):
+    weights, outputs = demo
+    tool = _tool("visualize_ranks")
+    common = ["--dataset", "market1501", "--data-root", str(synthetic_world / "market"), "--num-queries", "2",
+              "--topk", "3"]
+    assert tool.main(["--query-features", str(outputs.query_features), "--gallery-features",
+                      str(outputs.gallery_features), "--out", str(tmp_path / "plain"), *common]) == 0
+    assert not list((tmp_path / "plain" / "maps").glob("*.png"))
+    # Gallery features passed as the query: the split check refuses them.
+    assert tool.main(["--query-features", str(outputs.gallery_features), "--gallery-features",
+                      str(outputs.gallery_features), "--out", str(tmp_path / "bad"), *common]) == 2
+    assert "do not match the query split" in capsys.readouterr().err
+    assert tool.main(["--query-features", str(tmp_path / "none.npz"), "--gallery-features",
+                      str(outputs.gallery_features), "--out", str(tmp_path / "bad"), *common]) == 2
+    assert "not found" in capsys.readouterr().err
+
+
+def test_plot_training_draws_the_curves(demo, tmp_path, capsys):
+    weights, _ = demo
+    tool = _tool("plot_training")
+    out = tmp_path / "curves.png"
+    assert tool.main([str(weights.parent), "--out", str(out)]) == 0
+    assert "loss, lr, mAP" in capsys.readouterr().out
+    with Image.open(out) as image:
+        assert image.format == "PNG" and image.width >= 900 and image.height >= 300
+        assert len(set(np.asarray(image.convert("L")).ravel().tolist())) > 10  # not a blank canvas
+    series = tool.read_metrics(weights.parent / "metrics.jsonl")
+    assert [step for step, _ in series[("train", "loss")]] == list(range(1, 7))
+    assert len(series[("eval", "mAP")]) == 1
+
+
+def test_plot_training_fails_clearly(tmp_path, capsys):
+    tool = _tool("plot_training")
+    assert tool.main([str(tmp_path / "run"), "--out", str(tmp_path / "c.png")]) == 2
+    assert "metrics.jsonl" in capsys.readouterr().err
+    bad = tmp_path / "metrics.jsonl"
+    bad.write_text(json.dumps({"step": 1, "split": "train", "loss": 1.0}) + "\nnot json\n")
+    assert tool.main([str(bad), "--out", str(tmp_path / "c.png")]) == 2
+    assert "metrics.jsonl:2" in capsys.readouterr().err
+    bad.write_text(json.dumps({"step": 1, "split": "train", "loss": 1.0}) + "\n")
+    assert tool.main([str(bad), "--out", str(tmp_path / "c.png"), "--keys", "mAP"]) == 2
+    assert "available: ['loss']" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["extract_features", "search", "visualize_ranks", "export_onnx"])
+def test_every_tool_rejects_missing_and_wrong_kind_weights(name, demo, market, tmp_path, capsys):
+    weights, outputs = demo
+    query = market.query[0].path
+    args = {
+        "extract_features": ["--images", query, "--out", str(tmp_path / "f.npz")],
+        "search": ["--query", query, "--gallery", query, "--out", str(tmp_path / "r.html")],
+        "visualize_ranks": ["--query-features", str(outputs.query_features), "--gallery-features",
+                            str(outputs.gallery_features), "--out", str(tmp_path / "v")],
+        "export_onnx": ["--out", str(tmp_path / "m.onnx")],
+    }[name]
+    tool = _tool(name)
+    assert tool.main(["--weights", str(tmp_path / "missing.pth"), *args]) == 2
+    assert "not found" in capsys.readouterr().err
+    torch.save({"optimizer": {"state": {}}, "epoch": 2}, tmp_path / "optimizer_only.pth")
+    assert tool.main(["--weights", str(tmp_path / "optimizer_only.pth"), *args]) == 2
+    err = capsys.readouterr().err
+    assert "not a model file" in err and "model_final.pth" in err and "backbone" in err
+    np.save(tmp_path / "array.npy", np.zeros(3))
+    assert tool.main(["--weights", str(tmp_path / "array.npy"), *args]) == 2
+    assert "not a torch checkpoint" in capsys.readouterr().err
+
+
+@pytest.mark.realdata
+@pytest.mark.slow
+def test_extract_features_on_real_market1501_images(demo, market1501_root, tmp_path):
+    weights, _ = demo
+    out = tmp_path / "real.npz"
+    pattern = str(market1501_root / "query" / "0001_c*.jpg")
+    assert _tool("extract_features").main(["--weights", str(weights), "--images", pattern, "--out", str(out),
+                                           "--device", "cpu"]) == 0
+    with np.load(out) as archive:
+        assert archive["feats"].shape[0] == len(archive["paths"]) >= 2
+        assert set(archive["pids"].tolist()) == {1}
+        assert archive["camids"].min() >= 0 and archive["camids"].max() <= 5
+        assert np.isfinite(archive["feats"]).all()
+    backbone = save_backbone_export(tmp_path / "backbone.pth", tiny_pass_vit())
+    gallery = tmp_path / "gallery.npz"
+    assert _tool("extract_features").main(["--weights", str(backbone), "--images",
+                                           str(market1501_root / "bounding_box_test" / "000[0-2]_c*.jpg"), "--out",
+                                           str(gallery), "--device", "cpu"]) == 0
+    assert _tool("extract_features").main(["--weights", str(backbone), "--images", pattern, "--out",
+                                           str(tmp_path / "query.npz"), "--device", "cpu"]) == 0
+    # Feature files with paths need no dataset reader; the backbone shows [CLS] + 3 part-token maps.
+    ranks = tmp_path / "ranks"
+    assert _tool("visualize_ranks").main(["--query-features", str(tmp_path / "query.npz"), "--gallery-features",
+                                          str(gallery), "--weights", str(backbone), "--out", str(ranks),
+                                          "--num-queries", "2", "--topk", "5", "--device", "cpu"]) == 0
+    page = (ranks / "index.html").read_text()
+    assert len(re.findall(r'<tr class="query-row"', page)) == 2
+    assert "part 3:" in page and len(list((ranks / "maps").glob("*.png"))) == 2

@@ -1,0 +1,104 @@
+"""Rank a gallery of images for query images with a trained model; write an HTML page and PNG strips.
+
+    python tools/search.py --weights runs/market/model_final.pth --query q.jpg --gallery gallery/ --out report.html
+    python tools/search.py --weights model_final.pth --query queries/ --gallery gallery/ --topk 10 --out r.html
+
+``--query`` / ``--gallery``: an image, a folder (sorted, not recursive) or a quoted glob. Writes
+
+* ``report.html``: one row per query with its top-k gallery images and their distances (self-contained:
+  thumbnails are embedded); frames are green / red when both names follow Market-1501 naming
+  (``<pid>_c<camera>...``), so identities are known, grey otherwise;
+* ``report_strips/<n>_<query name>.png``: the same row as one image;
+* ``report.json``: the ranked file names and distances per query.
+
+The distance is the model's test distance (a fine-tuning method's own one when it has one, else the
+L2-normalised squared Euclidean distance). ``--exclude-same-camera`` drops gallery images of the query's
+identity seen by the query's camera (the Market-1501 evaluation protocol). Exit status 2 on bad input.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+from passreid.inference import (CLI_ERRORS, add_model_arguments, extracted, list_images, load_model_from_args,
+                                parse_market_names)
+from passreid.visualization import RankHit, RankRow, rank_gallery, rank_strip, write_rank_html
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_model_arguments(parser)
+    parser.add_argument("--query", required=True, help="query image, folder or quoted glob")
+    parser.add_argument("--gallery", required=True, help="gallery image, folder or quoted glob")
+    parser.add_argument("--topk", type=int, default=10)
+    parser.add_argument("--out", type=Path, required=True, help="HTML page to write (PNG strips and JSON next to it)")
+    parser.add_argument("--exclude-same-camera", action="store_true",
+                        help="skip gallery images with the query's identity and camera (needs Market-1501 names)")
+    return parser
+
+
+def _stem(path: str) -> str:
+    return Path(path).stem
+
+
+def search(args: argparse.Namespace) -> dict:
+    """Rank, write the page, strips and JSON; returns the JSON record."""
+    if args.topk < 1:
+        raise ValueError(f"--topk must be >= 1, got {args.topk}")
+    if not args.out.parent.is_dir():
+        raise FileNotFoundError(f"output folder {args.out.parent} does not exist")
+    query_paths, gallery_paths = list_images(args.query), list_images(args.gallery)
+    query_labels, gallery_labels = parse_market_names(query_paths), parse_market_names(gallery_paths)
+    known = query_labels is not None and gallery_labels is not None
+    if args.exclude_same_camera and not known:
+        raise ValueError("--exclude-same-camera needs identities and cameras from Market-1501 file names "
+                         "(<pid>_c<camera>...) for both the query and the gallery images")
+    extractor = load_model_from_args(args)
+    model = extractor.model
+    print(model.describe())
+    if model.uses_cameras and not known:
+        raise ValueError("this model uses SIE camera embeddings, but the file names carry no camera ids")
+    query = extracted(extractor(query_paths, camids=query_labels[1] if model.uses_cameras else None),
+                      *(query_labels or (None, None)))
+    gallery = extracted(extractor(gallery_paths, camids=gallery_labels[1] if model.uses_cameras else None),
+                        *(gallery_labels or (None, None)))
+    exclude = None
+    if args.exclude_same_camera:
+        exclude = [(gallery.pids == pid) & (gallery.camids == cam) for pid, cam in zip(query.pids, query.camids)]
+    ranked = rank_gallery(model.test_distance(query, gallery, extractor.device), len(query_paths), args.topk,
+                          exclude=exclude)
+    strips = args.out.parent / f"{args.out.stem}_strips"
+    strips.mkdir(exist_ok=True)
+    rows, record = [], {"weights": str(args.weights), "model": model.describe(), "queries": []}
+    for q, result in enumerate(ranked):
+        matches = [bool(query.pids[q] == gallery.pids[g]) if known else None for g in result.indices]
+        hits = [RankHit(gallery_paths[g], _stem(gallery_paths[g]), float(d), m)
+                for g, d, m in zip(result.indices, result.distances, matches)]
+        rows.append(RankRow(query_paths[q], _stem(query_paths[q]), hits))
+        strip = rank_strip(query_paths[q], [(h.image, f"{h.distance:.4f}", h.match) for h in hits])
+        strip.save(strips / f"{q:04d}_{_stem(query_paths[q])}.png")
+        record["queries"].append({"query": query_paths[q], "ranked": [
+            {"path": h.image, "distance": h.distance, "same_identity": h.match} for h in hits]})
+    notes = [model.describe(), f"{len(query_paths)} queries, {len(gallery_paths)} gallery images, top {args.topk}"]
+    write_rank_html(rows, args.out, title="passreid search", notes=notes)
+    args.out.with_suffix(".json").write_text(json.dumps(record, indent=1) + "\n")
+    return record
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        record = search(args)
+    except CLI_ERRORS as error:
+        print(f"search.py: error: {error}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.out} ({len(record['queries'])} query rows), {args.out.parent / (args.out.stem + '_strips')}/, "
+          f"{args.out.with_suffix('.json')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
