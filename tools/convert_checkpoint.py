@@ -23,7 +23,6 @@ weights, otherwise inferred from them. Exit status 2 on bad input, with the reas
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -34,20 +33,18 @@ import torch
 from passreid.engine import atomic_save
 from passreid.models import (
     VIT_ARCHS,
+    ArchitectureError,
     CheckpointFormatError,
     CheckpointMismatchError,
     build_vit,
     export_backbone,
+    architecture_hints,
     extract_backbone_state_dict,
-    infer_pretrain_grid,
+    infer_vit_arguments,
     load_pretrained,
     read_checkpoint,
 )
 from passreid.pretrain.meta_arch import to_published_layout
-
-_PART_TOKEN = re.compile(r"^part_token(\d+)$")
-_BLOCK = re.compile(r"^blocks\.(\d+)\.")
-
 
 class ConversionError(ValueError):
     """The input cannot be converted; the message says why and what was expected."""
@@ -90,64 +87,6 @@ def normalize_layout(obj: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]
     return {**obj, **published}, notes
 
 
-def _config_hints(obj: Mapping[str, Any]) -> dict[str, Any]:
-    """arch / img_size / patch_size recorded in a published ``args`` Namespace or a passreid ``config``."""
-    hints: dict[str, Any] = {}
-    args = obj.get("args")
-    if isinstance(args, argparse.Namespace):
-        values = vars(args)
-        if values.get("arch") in VIT_ARCHS:
-            hints["arch"] = values["arch"]
-        if isinstance(values.get("height"), int) and isinstance(values.get("width"), int):
-            hints["img_size"] = (values["height"], values["width"])
-        if isinstance(values.get("patch_size"), int):
-            hints["patch_size"] = values["patch_size"]
-    config = obj.get("config")
-    model_cfg = config.get("model") if isinstance(config, Mapping) else None
-    if isinstance(model_cfg, Mapping):
-        if model_cfg.get("arch") in VIT_ARCHS:
-            hints["arch"] = model_cfg["arch"]
-        if isinstance(model_cfg.get("img_size"), (list, tuple)) and len(model_cfg["img_size"]) == 2:
-            hints["img_size"] = tuple(int(v) for v in model_cfg["img_size"])
-    return hints
-
-
-def infer_architecture(state: Mapping[str, torch.Tensor], arch: str | None, hints: Mapping[str, Any],
-                       hw_ratio: int) -> dict[str, Any]:
-    """``build_vit`` arguments that reproduce the backbone of ``state``; raises ConversionError on conflicts."""
-    if "cls_token" not in state or "patch_embed.proj.weight" not in state or "pos_embed" not in state:
-        raise ConversionError(
-            f"the extracted backbone has no cls_token / patch_embed.proj.weight / pos_embed; keys start with "
-            f"{sorted(state)[:6]}: is this a ViT pre-training checkpoint?"
-        )
-    embed_dim = state["cls_token"].shape[-1]
-    depth = 1 + max((int(m.group(1)) for k in state if (m := _BLOCK.match(k))), default=-1)
-    matching = [name for name, spec in VIT_ARCHS.items() if (spec.embed_dim, spec.depth) == (embed_dim, depth)]
-    chosen = arch or hints.get("arch")
-    if chosen is None:
-        if not matching:
-            raise ConversionError(f"no known ViT has embed_dim {embed_dim} and depth {depth}; known: "
-                                  f"{ {n: (s.embed_dim, s.depth) for n, s in VIT_ARCHS.items()} }")
-        chosen = matching[0]
-    spec = VIT_ARCHS[chosen]
-    if (spec.embed_dim, spec.depth) != (embed_dim, depth):
-        raise ConversionError(
-            f"arch {chosen!r} has embed_dim {spec.embed_dim} and depth {spec.depth}, but the checkpoint's "
-            f"backbone has embed_dim {embed_dim} and depth {depth}" + (f" (matches {matching})" if matching else "")
-        )
-    patch_size = state["patch_embed.proj.weight"].shape[-1]
-    if hints.get("patch_size", patch_size) != patch_size:
-        raise ConversionError(f"args say patch_size {hints['patch_size']}, the weights have {patch_size}")
-    num_patches = state["pos_embed"].shape[1]
-    img_size = hints.get("img_size")
-    if img_size is None:
-        grid = infer_pretrain_grid(num_patches, hw_ratio)
-        img_size = (grid[0] * patch_size, grid[1] * patch_size)
-    num_parts = sum(1 for k in state if _PART_TOKEN.match(k))
-    return dict(arch=chosen, img_size=tuple(img_size), patch_size=patch_size, stride_size=patch_size,
-                num_part_tokens=num_parts)
-
-
 def _expand_dropped(obj: Mapping[str, Any], dropped: list[str]) -> list[str]:
     """Every dropped entry by name: ``X/*`` of a tensor dict becomes ``X/<key>`` per key."""
     expanded: list[str] = []
@@ -181,7 +120,10 @@ def convert(input_path: Path, output_path: Path, which: str = "teacher", arch: s
         state, dropped = extract_backbone_state_dict(obj, which=which)
     except CheckpointFormatError as error:
         raise ConversionError(f"{input_path}: {error}") from error
-    settings = infer_architecture(state, arch, _config_hints(obj), hw_ratio)
+    try:  # an explicit --arch wins over the arch recorded in args/config
+        settings = infer_vit_arguments(state, architecture_hints(obj), hw_ratio, arch=arch)
+    except ArchitectureError as error:
+        raise ConversionError(f"{input_path}: {error}") from error
     arch_name = settings.pop("arch")
     model = build_vit(arch_name, **settings)
     try:

@@ -34,7 +34,6 @@ import argparse
 import glob
 import logging
 import os
-import re
 import zipfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -47,15 +46,15 @@ from PIL import Image
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from passreid.data.datasets import is_image_file, list_image_files
+from passreid.data.datasets import is_image_file, list_image_files, parse_market_name
 from passreid.data.images import read_image
 from passreid.data.multicrop import IMAGENET_MEAN, IMAGENET_STD
 from passreid.data.transforms import build_test_transform
 from passreid.eval.distance import DistanceChunkFn, FeatureDistance
 from passreid.eval.features import ExtractedFeatures
-from passreid.models import (VIT_ARCHS, CheckpointFormatError, CheckpointMismatchError, LoadReport,
-                             VisionTransformer, build_vit, extract_backbone_state_dict, infer_pretrain_grid,
-                             load_pretrained, read_checkpoint)
+from passreid.models import (VIT_ARCHS, ArchitectureError, CheckpointFormatError, CheckpointMismatchError,
+                             LoadReport, VisionTransformer, architecture_hints, build_vit,
+                             extract_backbone_state_dict, infer_vit_arguments, load_pretrained, read_checkpoint)
 
 __all__ = [
     "BACKBONE_FEATURES",
@@ -86,10 +85,6 @@ WEIGHT_KINDS = {
 }
 BACKBONE_FEATURES = ("pass_fusion", "cls")
 _EXPECTED = "; ".join(f"{kind}: {text}" for kind, text in WEIGHT_KINDS.items())
-_PART_TOKEN = re.compile(r"^part_token(\d+)$")
-_BLOCK = re.compile(r"^blocks\.(\d+)\.")
-# Market-1501 naming "<pid>_c<camera>..." (the same rule as the dataset readers).
-_MARKET_NAME = re.compile(r"^(-?\d+)_c(\d+)")
 
 
 class WeightsKindError(CheckpointFormatError):
@@ -272,47 +267,6 @@ def _finetuned(obj: Mapping[str, Any], kind: str, label: str, config: Any, allow
                        config=cfg, report=report)
 
 
-def _architecture_hints(obj: Mapping[str, Any]) -> dict[str, Any]:
-    """arch / img_size / patch_size recorded with a pre-training checkpoint (published ``args`` or passreid
-    ``config``)."""
-    hints: dict[str, Any] = {}
-    args = obj.get("args")
-    if isinstance(args, argparse.Namespace):
-        values = vars(args)
-        if values.get("arch") in VIT_ARCHS:
-            hints["arch"] = values["arch"]
-        if isinstance(values.get("height"), int) and isinstance(values.get("width"), int):
-            hints["img_size"] = (values["height"], values["width"])
-    model_cfg = obj["config"].get("model") if isinstance(obj.get("config"), Mapping) else None
-    if isinstance(model_cfg, Mapping):
-        if model_cfg.get("arch") in VIT_ARCHS:
-            hints["arch"] = model_cfg["arch"]
-        if isinstance(model_cfg.get("img_size"), (list, tuple)) and len(model_cfg["img_size"]) == 2:
-            hints["img_size"] = tuple(int(v) for v in model_cfg["img_size"])
-    return hints
-
-
-def _vit_settings(state: Mapping[str, Tensor], hints: Mapping[str, Any], hw_ratio: int, label: str) -> dict:
-    """``build_vit`` arguments for a backbone state dict in passreid names (non-overlapping patches, as
-    pre-trained)."""
-    embed_dim = int(state["cls_token"].shape[-1])
-    depth = 1 + max((int(m.group(1)) for k in state if (m := _BLOCK.match(k))), default=-1)
-    matching = [name for name, spec in VIT_ARCHS.items() if (spec.embed_dim, spec.depth) == (embed_dim, depth)]
-    arch = hints.get("arch") or (matching[0] if matching else None)
-    if arch is None or arch not in matching:
-        raise WeightsKindError(f"{label}: the backbone has embed_dim {embed_dim} and depth {depth}, which is "
-                               f"{'not ' + repr(arch) if arch else 'no known ViT'} (known: "
-                               f"{ {n: (s.embed_dim, s.depth) for n, s in VIT_ARCHS.items()} })")
-    patch_size = int(state["patch_embed.proj.weight"].shape[-1])
-    img_size = hints.get("img_size")
-    if img_size is None:
-        grid = infer_pretrain_grid(int(state["pos_embed"].shape[1]), hw_ratio)
-        img_size = (grid[0] * patch_size, grid[1] * patch_size)
-    num_parts = sum(1 for k in state if _PART_TOKEN.match(k))
-    return dict(arch=arch, img_size=tuple(img_size), patch_size=patch_size, stride_size=patch_size,
-                num_part_tokens=num_parts)
-
-
 def _backbone(obj: Mapping[str, Any], kind: str, label: str, which: str, feature: str,
               hw_ratio: int) -> LoadedModel:
     if feature not in BACKBONE_FEATURES:
@@ -332,7 +286,10 @@ def _backbone(obj: Mapping[str, Any], kind: str, label: str, which: str, feature
             obj = {**obj, **to_published_layout(_model_state(obj))}
             obj.pop("model", None)
         state, _ = extract_backbone_state_dict(obj, which=which)
-        settings = _vit_settings(state, _architecture_hints(obj), hw_ratio, label)
+        try:
+            settings = infer_vit_arguments(state, architecture_hints(obj), hw_ratio)
+        except ArchitectureError as error:
+            raise WeightsKindError(f"{label}: {error}") from error
         source = state
     arch = settings.pop("arch")
     if arch not in VIT_ARCHS:
@@ -443,11 +400,11 @@ def parse_market_names(paths: Sequence[str]) -> tuple[np.ndarray, np.ndarray] | 
     ``<pid>_c<camera>...``, else ``None`` (pid -1 = junk is kept: the file is there)."""
     pids, camids = [], []
     for path in paths:
-        match = _MARKET_NAME.match(os.path.basename(path))
-        if match is None or int(match.group(2)) < 1:
+        parsed = parse_market_name(os.path.basename(path))
+        if parsed is None or parsed[1] < 1:
             return None
-        pids.append(int(match.group(1)))
-        camids.append(int(match.group(2)) - 1)
+        pids.append(parsed[0])
+        camids.append(parsed[1] - 1)
     if not pids:
         return None
     return np.asarray(pids, dtype=np.int64), np.asarray(camids, dtype=np.int64)

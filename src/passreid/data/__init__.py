@@ -10,6 +10,7 @@ from .datasets import (
     ReIDDataset,
     build_dataset,
     list_datasets,
+    parse_market_name,
     register_dataset,
 )
 from .images import CorruptImageError, SafeImageReader, read_image
@@ -23,6 +24,7 @@ __all__ = [
     "SafeImageReader",
     "build_dataset",
     "list_datasets",
+    "parse_market_name",
     "read_image",
     "register_dataset",
 ]

@@ -290,6 +290,18 @@ def _market_tree(folder_name: str | None, example: str) -> str:
             f"  file name: <pid>_c<camera>...  (pid -1 = junk, dropped; pid 0 = distractor, kept)")
 
 
+def parse_market_name(file_name: str) -> tuple[int, int] | None:
+    """``(pid, camera)`` of a Market-1501 / DukeMTMC-reID file name ``<pid>_c<camera>...``, else ``None``.
+
+    The camera is 1-based as written (``c1`` -> 1); pid -1 marks junk. Only the name is parsed
+    (pass a base name, not a path); callers check the ranges they expect.
+    """
+    match = _MARKET_NAME.match(file_name)
+    if match is None:
+        return None
+    return int(match.group(1)), int(match.group(2))
+
+
 def parse_market_folder(folder: Path, max_camera: int | None, notes: list[str]) -> list[ImageItem]:
     """Items of one split folder in Market-1501 naming; junk (pid -1) dropped and noted."""
     paths, others = list_image_files(folder)
@@ -297,11 +309,11 @@ def parse_market_folder(folder: Path, max_camera: int | None, notes: list[str]) 
     items, junk = [], 0
     for path in paths:
         name = os.path.basename(path)
-        match = _MARKET_NAME.match(name)
-        if match is None:
+        parsed = parse_market_name(name)
+        if parsed is None:
             raise DatasetFormatError(f"{path}: file name does not follow Market-1501 naming "
                                      f"'<pid>_c<camera>...' (e.g. 0002_c1s1_000451_03.jpg)")
-        pid, camera = int(match.group(1)), int(match.group(2))
+        pid, camera = parsed
         if pid < -1:
             raise DatasetFormatError(f"{path}: pid {pid} is invalid (expected -1 for junk or >= 0)")
         if camera < 1 or (max_camera is not None and camera > max_camera):

@@ -13,6 +13,8 @@ Accepted inputs (``extract_backbone_state_dict``):
 (e) any of these wrapped as ``{"model": ...}`` or ``{"state_dict": ...}``.
 
 ``head.*``, ``pre_logits.*`` and distillation-token weights are dropped and reported.
+:func:`architecture_hints` + :func:`infer_vit_arguments` give the ``build_vit`` arguments of a backbone
+state dict (what ``tools/convert_checkpoint.py`` and ``passreid.inference`` build).
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ import logging
 import math
 import os
 import pickle
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -31,9 +34,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from passreid.models.vit import patch_grid_size
+from passreid.models.vit import VIT_ARCHS, patch_grid_size
 
 __all__ = [
+    "ArchitectureError",
     "CheckpointMismatchError",
     "CheckpointFormatError",
     "LoadReport",
@@ -43,6 +47,8 @@ __all__ = [
     "infer_pretrain_grid",
     "resize_pos_embed",
     "load_pretrained",
+    "architecture_hints",
+    "infer_vit_arguments",
 ]
 
 logger = logging.getLogger(__name__)
@@ -52,6 +58,9 @@ _NON_BACKBONE_PREFIXES = ("head.", "head_dist.", "pre_logits.")
 _NON_BACKBONE_KEYS = ("dist_token",)
 _TRAINING_CHECKPOINT_KEYS = ("teacher", "student")
 _WRAPPER_KEYS = ("model", "state_dict")
+_PART_TOKEN = re.compile(r"^part_token(\d+)$")
+_BLOCK = re.compile(r"^blocks\.(\d+)\.")
+_VIT_KEYS = ("cls_token", "patch_embed.proj.weight", "pos_embed")
 
 
 class CheckpointMismatchError(RuntimeError):
@@ -60,6 +69,10 @@ class CheckpointMismatchError(RuntimeError):
 
 class CheckpointFormatError(ValueError):
     """The object is not one of the checkpoint layouts passreid understands."""
+
+
+class ArchitectureError(ValueError):
+    """The ViT that a backbone state dict belongs to cannot be determined, or conflicts with the request."""
 
 
 @dataclass
@@ -289,6 +302,99 @@ def resize_pos_embed(pos_embed: Tensor, old_grid: tuple[int, int], new_grid: tup
     compute_dtype = torch.promote_types(pos_embed.dtype, torch.float32)
     grid = F.interpolate(grid.to(compute_dtype), size=tuple(new_grid), mode="bilinear", align_corners=False)
     return grid.permute(0, 2, 3, 1).reshape(1, new_grid[0] * new_grid[1], dim).to(pos_embed.dtype)
+
+
+# ------------------------------------------------------------------ architecture inference
+def architecture_hints(obj: Mapping[str, Any]) -> dict[str, Any]:
+    """``arch`` / ``img_size`` / ``patch_size`` recorded with a pre-training checkpoint, where present.
+
+    Read from a published PASS/DINO ``args`` Namespace (``arch``, ``height``/``width``, ``patch_size``)
+    and a passreid ``config`` dict (``model.arch``, ``model.img_size``; these win over ``args``). Values
+    that are not a known arch / a pair of sizes / an int are ignored; :func:`infer_vit_arguments`
+    checks what is kept against the weights.
+    """
+    hints: dict[str, Any] = {}
+    args = obj.get("args")
+    if isinstance(args, argparse.Namespace):
+        values = vars(args)
+        if values.get("arch") in VIT_ARCHS:
+            hints["arch"] = values["arch"]
+        if isinstance(values.get("height"), int) and isinstance(values.get("width"), int):
+            hints["img_size"] = (values["height"], values["width"])
+        if isinstance(values.get("patch_size"), int):
+            hints["patch_size"] = values["patch_size"]
+    config = obj.get("config")
+    model_cfg = config.get("model") if isinstance(config, Mapping) else None
+    if isinstance(model_cfg, Mapping):
+        if model_cfg.get("arch") in VIT_ARCHS:
+            hints["arch"] = model_cfg["arch"]
+        if isinstance(model_cfg.get("img_size"), (list, tuple)) and len(model_cfg["img_size"]) == 2:
+            hints["img_size"] = tuple(int(v) for v in model_cfg["img_size"])
+    return hints
+
+
+def _known_archs() -> dict[str, tuple[int, int]]:
+    return {name: (spec.embed_dim, spec.depth) for name, spec in VIT_ARCHS.items()}
+
+
+def _choose_arch(embed_dim: int, depth: int, arch: str | None, hints: Mapping[str, Any]) -> str:
+    """The requested arch, else the recorded one, else the first known ViT of that width and depth."""
+    matching = [name for name, shape in _known_archs().items() if shape == (embed_dim, depth)]
+    chosen = arch or hints.get("arch")
+    if chosen is None:
+        if not matching:
+            raise ArchitectureError(f"the backbone has embed_dim {embed_dim} and depth {depth}, which no known ViT "
+                                    f"has (known: {_known_archs()})")
+        return matching[0]
+    where = "requested" if arch else "recorded in the checkpoint's args/config"
+    if chosen not in VIT_ARCHS:
+        raise ArchitectureError(f"arch {chosen!r} ({where}) is not a known ViT; expected one of {sorted(VIT_ARCHS)}")
+    if chosen not in matching:
+        spec = VIT_ARCHS[chosen]
+        raise ArchitectureError(
+            f"arch {chosen!r} has embed_dim {spec.embed_dim} and depth {spec.depth}, but the checkpoint's backbone "
+            f"has embed_dim {embed_dim} and depth {depth} (arch {where}; "
+            + (f"the weights match {matching})" if matching else f"known: {_known_archs()})")
+        )
+    return chosen
+
+
+def infer_vit_arguments(
+    state: Mapping[str, Tensor], hints: Mapping[str, Any], hw_ratio: int = 2, arch: str | None = None
+) -> dict[str, Any]:
+    """``build_vit`` keyword arguments (``arch`` included) that rebuild the backbone of ``state``.
+
+    ``state`` is a backbone state dict in passreid names (:func:`extract_backbone_state_dict`);
+    ``hints`` come from :func:`architecture_hints`. The arch is ``arch`` when given, else the recorded
+    one, else inferred from the width and depth of the weights; it must agree with the weights. Patches
+    are non-overlapping (``stride_size = patch_size``), as in pre-training. The input size is the
+    recorded one, else the pos_embed grid for ``hw_ratio`` (:func:`infer_pretrain_grid`) times the
+    patch size. Raises :class:`ArchitectureError` saying what does not fit.
+    """
+    absent = [key for key in _VIT_KEYS if key not in state]
+    if absent:
+        raise ArchitectureError(
+            f"the extracted backbone has no {' / '.join(absent)}; keys start with {sorted(state)[:6]}: "
+            "is this a ViT checkpoint?"
+        )
+    embed_dim = int(state["cls_token"].shape[-1])
+    depth = 1 + max((int(m.group(1)) for k in state if (m := _BLOCK.match(k))), default=-1)
+    chosen = _choose_arch(embed_dim, depth, arch, hints)
+    patch_size = int(state["patch_embed.proj.weight"].shape[-1])
+    if hints.get("patch_size", patch_size) != patch_size:
+        raise ArchitectureError(f"the checkpoint's args say patch_size {hints['patch_size']}, but the weights "
+                                f"have {patch_size}")
+    img_size = hints.get("img_size")
+    if img_size is None:
+        try:
+            grid = infer_pretrain_grid(int(state["pos_embed"].shape[1]), hw_ratio)
+        except CheckpointMismatchError as error:
+            raise ArchitectureError(f"the checkpoint records no input size and inferring it from pos_embed "
+                                    f"failed: {error}") from error
+        img_size = (grid[0] * patch_size, grid[1] * patch_size)
+    num_parts = sum(1 for k in state if _PART_TOKEN.match(k))
+    return dict(arch=chosen, img_size=tuple(img_size), patch_size=patch_size, stride_size=patch_size,
+                num_part_tokens=num_parts)
 
 
 # ---------------------------------------------------------------------------- loading
