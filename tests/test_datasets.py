@@ -107,8 +107,8 @@ def make_msmt17_tree(folder: Path, version: str, train_pids=(0, 1, 2)) -> Path:
 # ------------------------------------------------------------------------------------------------
 
 def test_registry_lists_all_readers():
-    assert list_datasets() == sorted(["market1501", "dukemtmcreid", "occluded_duke", "occluded_reid", "msmt17",
-                                      "market_naming", "image_folder", "luperson_lmdb"])
+    assert list_datasets() == sorted(["market1501", "dukemtmcreid", "occluded_duke", "occluded_duke_tsd",
+                                      "occluded_reid", "msmt17", "market_naming", "image_folder", "luperson_lmdb"])
 
 
 def test_unknown_dataset_lists_valid_names(tmp_path):

@@ -347,6 +347,7 @@ OFFICIAL_SPLIT_SIZES: dict[str, dict[str, tuple[int, int, int | None]]] = {
     "dukemtmcreid": {"train": (702, 16522, 8), "query": (702, 2228, 8), "gallery": (1110, 17661, 8)},
     "occluded_duke": {"train": (702, 15618, None), "query": (519, 2210, None), "gallery": (1110, 17661, None)},
     "occluded_reid": {"train": (0, 0, 0), "query": (200, 1000, 1), "gallery": (200, 1000, 1)},
+    "occluded_duke_tsd": {"train": (702, 15618, None), "query": (517, 2538, None), "gallery": (1110, 18001, None)},
     "msmt17/trainval": {"train": (1041, 32621, None), "query": (3060, 11659, None),
                         "gallery": (3060, 82161, None)},
     "msmt17/train": {"train": (1041, 30248, None), "query": (3060, 11659, None),
@@ -410,6 +411,81 @@ def read_occluded_duke(root: Path) -> ReIDDataset:
     """Occluded-Duke (re-split of Duke): train 702 / 15,618, query 519 / 2,210, gallery 1,110 / 17,661."""
     return read_market_style("occluded_duke", root, _market_layout("occluded_duke", "0001_c2_f0046182.jpg"),
                              max_camera=8, official=OFFICIAL_SPLIT_SIZES["occluded_duke"])
+
+
+# TSD's holistic-query split of Occluded-Duke (finetune-occluded.md §1.3): list files in the dataset folder.
+TSD_QUERY_LIST, TSD_GALLERY_LIST = "new_query.txt", "new_gallery.txt"
+TSD_SPLIT_TREE = """<root>/Occluded_Duke/
+  bounding_box_train/0001_c2_f0046182.jpg   training images (as occluded_duke)
+  query/ , bounding_box_test/               the images the lists point to
+  new_query.txt     one '<split folder>/<image>' per line (holistic queries)
+  new_gallery.txt   one '<split folder>/<image>,<occlusion label 0-3>' per line
+  (the two list files are published at the root of the TSD repository, hh23333/TSD; copy them here)"""
+
+
+def _tsd_list_lines(list_file: Path) -> list[tuple[int, str]]:
+    lines = list_file.read_text().splitlines()
+    return [(number, line.strip()) for number, line in enumerate(lines, 1) if line.strip()]
+
+
+def _tsd_item(folder: Path, list_file: Path, number: int, relative: str) -> ImageItem:
+    path = folder / relative
+    match = _MARKET_NAME.match(os.path.basename(relative))
+    if match is None or int(match.group(1)) < 0:
+        raise DatasetFormatError(f"{list_file}:{number}: '{relative}' is not '<split folder>/<pid>_c<camera>...'")
+    if not path.is_file():
+        raise DatasetFormatError(f"{list_file}:{number}: image {path} does not exist")
+    camera = int(match.group(2))
+    if not 1 <= camera <= 8:
+        raise DatasetFormatError(f"{list_file}:{number}: camera c{camera} is outside 1..8")
+    return ImageItem(str(path), int(match.group(1)), camera - 1)
+
+
+def read_tsd_gallery_labels(folder: str | os.PathLike) -> dict[str, int]:
+    """``{absolute image path: occlusion label}`` from ``<folder>/new_gallery.txt`` (labels 0-3, §2.5)."""
+    folder = Path(folder)
+    list_file = folder / TSD_GALLERY_LIST
+    if not list_file.is_file():
+        raise DatasetLayoutError(f"TSD gallery list {list_file} not found; expected layout:\n{TSD_SPLIT_TREE}")
+    labels: dict[str, int] = {}
+    for number, line in _tsd_list_lines(list_file):
+        relative, _, label = line.partition(",")
+        if not label.strip().isdigit() or int(label) not in (0, 1, 2, 3):
+            raise DatasetFormatError(f"{list_file}:{number}: expected '<path>,<label 0-3>', got {line!r}")
+        labels[str(folder / relative.strip())] = int(label)
+    return labels
+
+
+def occlusion_labels_for(items: list[ImageItem], labels: dict[str, int]) -> list[int]:
+    """The occlusion label of every item (e.g. a possibly sub-sampled gallery); a missing one is an error."""
+    missing = [item.path for item in items if item.path not in labels]
+    if missing:
+        raise DatasetFormatError(f"{len(missing)} gallery image(s) have no occlusion label in {TSD_GALLERY_LIST}, "
+                                 f"e.g. {missing[0]}")
+    return [labels[item.path] for item in items]
+
+
+@register_dataset("occluded_duke_tsd")
+def read_occluded_duke_tsd(root: Path) -> ReIDDataset:
+    """TSD's holistic-query Occluded-Duke: train = Occluded-Duke train, query = ``new_query.txt`` (2,538 holistic
+    images / 517 ids), gallery = ``new_gallery.txt`` (18,001 images / 1,110 ids, each with an occlusion label read
+    by :func:`read_tsd_gallery_labels`). Evaluate with :mod:`passreid.eval.occlusion_variants` (ALL/NPO/NTP)."""
+    layout = FolderLayout("occluded_duke_tsd", DATASET_FOLDER_NAMES["occluded_duke"],
+                          (*MARKET_SPLIT_FOLDERS.values(), TSD_QUERY_LIST, TSD_GALLERY_LIST), TSD_SPLIT_TREE)
+    folder = resolve_dataset_dir(root, layout)
+    notes = ["TSD holistic-query split (new_query.txt / new_gallery.txt); evaluate with the ALL / NPO / NTP "
+             "variants (passreid.eval.occlusion_variants), not the standard protocol"]
+    train = relabel_train(parse_market_folder(folder / MARKET_SPLIT_FOLDERS["train"], 8, notes))
+    query_file, gallery_file = folder / TSD_QUERY_LIST, folder / TSD_GALLERY_LIST
+    query = [_tsd_item(folder, query_file, number, line) for number, line in _tsd_list_lines(query_file)]
+    labels = read_tsd_gallery_labels(folder)
+    gallery = [_tsd_item(folder, gallery_file, number, line.partition(",")[0].strip())
+               for number, line in _tsd_list_lines(gallery_file)]
+    dataset = ReIDDataset("occluded_duke_tsd", str(folder), train, query, gallery, notes=notes)
+    counts = {label: sum(value == label for value in labels.values()) for label in range(4)}
+    notes.append("gallery occlusion labels 0/1/2/3: " + "/".join(str(counts[label]) for label in range(4)))
+    _note_official_sizes(dataset, OFFICIAL_SPLIT_SIZES["occluded_duke_tsd"])
+    return dataset
 
 
 @register_dataset("market_naming")

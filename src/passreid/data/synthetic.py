@@ -7,6 +7,10 @@
                        including pid ``0000`` distractors and pid ``-1`` junk in the gallery folder;
 * ``market_occluded/`` the same images, but every query and ~10% of the gallery/train images carry an
                        occluder covering 20-50% of the body (Occluded-Duke design);
+* ``<subset>/masks/pifpaf_maskrcnn_filtering/<split folder>/<stem>.npy``: a human-parsing mask for every image
+                       of both subsets in BPBReID's published format (36 PifPaf confidence fields at 1/4 resolution,
+                       :mod:`passreid.data.masks`), drawn from the known body layout; occluded cells have zero
+                       confidence. Masks draw no random numbers, so the images are the same with or without them;
 * ``occluders/``       the RGBA occluder cut-outs that were pasted (boxes, poles, cars, people, bushes);
 * ``pool/``            an unlabeled pool of crops in per-video sub-folders (LUPerson-style pre-training);
 * ``world.json``       the spec, the generator version and per-split counts.
@@ -40,7 +44,9 @@ from typing import NamedTuple, Sequence
 import numpy as np
 from PIL import Image, ImageFilter
 
-GENERATOR_VERSION = 1
+from passreid.data import masks
+
+GENERATOR_VERSION = 2   # 2: parsing masks next to the images (images unchanged from 1)
 STYLES = ("a", "b")
 OCCLUDER_KINDS = ("box", "pole", "car", "person", "bush")
 SPLIT_FOLDERS = {"train": "bounding_box_train", "query": "query", "gallery": "bounding_box_test"}
@@ -48,6 +54,8 @@ OWN_OUTPUTS = ("market", "market_occluded", "occluders", "pool", "world.json")
 QUERY_OCCLUSION_RANGE = (0.2, 0.5)   # fraction of the body's pixels an occluder hides
 OTHER_OCCLUSION_RATE = 0.1           # share of gallery/train images occluded in market_occluded
 JPEG_QUALITY = 92
+WORLD_MASKS_DIR = "pifpaf_maskrcnn_filtering"   # BPBReID's mask folder name; Market's suffix ".npy"
+MASK_STRIDE = 4                                # fields at 1/4 of the image size (32x16 for 128x64 crops)
 
 Colour = tuple[float, float, float]
 Box = tuple[int, int, int, int]      # x0, y0, x1, y1 in pixels, x1/y1 exclusive
@@ -147,12 +155,17 @@ class PartBoxes(NamedTuple):
 
 
 class RenderedImage(NamedTuple):
-    """One rendered crop: uint8 pixels (H, W, 3), its part boxes, the visible-body mask, occluded share."""
+    """One rendered crop: uint8 pixels (H, W, 3), its part boxes, the visible-body mask, occluded share,
+    and what the parsing masks need: the body layout (``None`` for an empty scene), whether the image was
+    mirrored, and the occluder's cover (bool (H, W) in image pixels, ``None`` without an occluder)."""
 
     pixels: np.ndarray
     parts: PartBoxes
     body_mask: np.ndarray        # bool (H, W): body pixels not hidden by an occluder
     occluded_fraction: float     # share of the body's pixels hidden by the occluder (0 if none)
+    layout: "BodyLayout | None" = None
+    mirrored: bool = False
+    occluder_cover: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -536,11 +549,12 @@ def render_image(identity: Identity | None, camera: Camera, rng: np.random.Gener
         np.zeros((height, width), bool)
     occluded = 0.0
     visible = body
+    cover = None
     if occluder is not None:
         if occlusion_rng is None:
             raise ValueError("render_image: an occluder needs occlusion_rng")
-        cover = _place_occluder(canvas, body, occluder, occlusion_rng)
-        hidden = body & (cover > 0.5)
+        cover = _place_occluder(canvas, body, occluder, occlusion_rng) > 0.5
+        hidden = body & cover
         occluded = float(hidden.sum() / max(body.sum(), 1))
         visible = body & ~hidden
     pixels = _apply_lighting(canvas, camera, rng)
@@ -551,7 +565,10 @@ def render_image(identity: Identity | None, camera: Camera, rng: np.random.Gener
         parts = person_part_boxes(layout, height, width, camera.mirrored)
     if camera.mirrored:
         visible = visible[:, ::-1]
-    return RenderedImage(np.ascontiguousarray(pixels), parts, np.ascontiguousarray(visible), occluded)
+        cover = cover[:, ::-1] if cover is not None else None
+    cover = np.ascontiguousarray(cover) if cover is not None else None
+    return RenderedImage(np.ascontiguousarray(pixels), parts, np.ascontiguousarray(visible), occluded, layout,
+                         camera.mirrored, cover)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -666,6 +683,132 @@ def _alpha_on_canvas(rgba: np.ndarray, left: int, top: int, canvas_hw: tuple[int
     if y1 > y0 and x1 > x0:
         cover[y0:y1, x0:x1] = rgba[y0 - top:y1 - top, x0 - left:x1 - left, 3] / 255.0
     return cover
+
+
+# ----------------------------------------------------------------------------------------------
+# Parsing masks (BPBReID format): PifPaf-like confidence fields drawn from the known body layout
+
+# Which side of the (un-mirrored) canvas a person's left limbs are on: seen from the front, their left
+# is on the image's right.
+_LEFT_SIDE = {"front": 1.0, "back": -1.0}
+_FACE_FIELDS = frozenset({"nose", "left_eye", "right_eye", "left_eye_to_right_eye", "nose_to_left_eye",
+                          "nose_to_right_eye"})
+
+
+def _skeleton(layout: BodyLayout) -> tuple[dict[str, tuple[float, float]], dict[str, float]]:
+    """Keypoints as (x offset from the sheared centre line, y) and each field's flat-top radius in pixels."""
+    left = _LEFT_SIDE[layout.facing]
+    head_cy = layout.top + layout.head_r
+    arm_x = layout.shoulder_half + 0.6 * layout.arm_half
+    knee_y = layout.hip_y + 0.5 * (layout.bottom - layout.hip_y)
+    points: dict[str, tuple[float, float]] = {
+        "nose": (0.0, head_cy + 0.15 * layout.head_r),
+    }
+    radius = {"nose": 0.3 * layout.head_r}
+    for name, side in (("left", left), ("right", -left)):
+        stride = layout.stride * (1.0 if side > 0 else 0.6)
+        points.update({
+            f"{name}_eye": (side * 0.29 * layout.head_r, head_cy - 0.1 * layout.head_r),
+            f"{name}_ear": (side * 0.82 * layout.head_r, head_cy),
+            f"{name}_shoulder": (side * layout.shoulder_half, layout.shoulder_y),
+            f"{name}_elbow": (side * (arm_x + 0.5 * layout.swing), layout.shoulder_y + 0.5 * layout.arm_len),
+            f"{name}_wrist": (side * (arm_x + layout.swing), layout.shoulder_y + layout.arm_len),
+            f"{name}_hip": (side * 0.5 * layout.waist_half, layout.hip_y),
+            f"{name}_knee": (side * (0.5 * layout.waist_half + 0.5 * stride), knee_y),
+            f"{name}_ankle": (side * (0.5 * layout.waist_half + stride), layout.bottom - 0.03 * layout.body),
+        })
+        radius.update({f"{name}_eye": 0.25 * layout.head_r, f"{name}_ear": 0.3 * layout.head_r,
+                       f"{name}_shoulder": layout.arm_half, f"{name}_elbow": layout.arm_half,
+                       f"{name}_wrist": layout.arm_half, f"{name}_hip": layout.leg_half,
+                       f"{name}_knee": layout.leg_half, f"{name}_ankle": 1.15 * layout.leg_half})
+    torso_len = layout.hip_y - layout.shoulder_y
+    for joint in masks.PIFPAF_JOINTS:
+        start, end = joint.split("_to_")
+        if "shoulder" in start and "hip" in end:
+            radius[joint] = 0.6 * layout.shoulder_half       # the torso sides cover its inside
+        elif start.endswith("shoulder") and end.endswith("shoulder"):
+            radius[joint] = 0.12 * torso_len
+        elif start.endswith("hip") and end.endswith("hip"):
+            radius[joint] = 0.15 * torso_len
+        elif "ear" in start or "eye" in start or "nose" in start:
+            radius[joint] = 0.3 * layout.head_r
+        elif "knee" in joint or "ankle" in joint:
+            radius[joint] = layout.leg_half
+        else:
+            radius[joint] = layout.arm_half
+    return points, radius
+
+
+def _segment_distance(px: np.ndarray, py: np.ndarray, a: tuple[float, float], b: tuple[float, float]) -> np.ndarray:
+    ax, ay = a
+    dx, dy = b[0] - ax, b[1] - ay
+    length = dx * dx + dy * dy
+    t = np.clip(((px - ax) * dx + (py - ay) * dy) / length, 0.0, 1.0) if length > 0 else 0.0
+    return np.hypot(px - (ax + t * dx), py - (ay + t * dy))
+
+
+def pifpaf_fields(layout: BodyLayout | None, height: int, width: int, mirrored: bool,
+                  cover: np.ndarray | None = None, stride: int = MASK_STRIDE) -> np.ndarray:
+    """The ``(36, height // stride, width // stride)`` float32 confidence fields of one rendered person.
+
+    Each keypoint field is 1 within the body piece's radius of the keypoint and falls off as a Gaussian
+    beyond it; each joint field does the same around the segment between its two keypoints. Face fields
+    are 0 for a person seen from the back. With an occluder ``cover`` (bool (H, W), image pixels), every
+    field is scaled by the uncovered share of each cell, and a keypoint whose own pixel is covered gets
+    no field at all (the detector would not see it). ``layout=None`` (empty scene) gives all zeros.
+    """
+    rows, cols = height // stride, width // stride
+    fields = np.zeros((masks.NUM_PIFPAF_FIELDS, rows, cols), np.float32)
+    if layout is None:
+        return fields
+    cell_h, cell_w = height / rows, width / cols
+    y = (np.arange(rows, dtype=np.float64)[:, None] + 0.5) * cell_h
+    x = (np.arange(cols, dtype=np.float64)[None, :] + 0.5) * cell_w
+    u = x - layout.centre_x - layout.shear * (layout.bottom - y)       # body-relative columns, as painted
+    points, radius = _skeleton(layout)
+    sigma = 0.015 * layout.body + 0.5
+    for index, name in enumerate(masks.PIFPAF_FIELDS):
+        if layout.facing == "back" and name in _FACE_FIELDS:
+            continue
+        if "_to_" in name:
+            start, end = name.split("_to_")
+            distance = _segment_distance(u, y, points[start], points[end])
+        else:
+            distance = np.hypot(u - points[name][0], y - points[name][1])
+        fields[index] = np.exp(-0.5 * (np.maximum(distance - radius[name], 0.0) / sigma) ** 2)
+    if mirrored:
+        fields = fields[:, :, ::-1]
+    if cover is not None:
+        fields = fields * _uncovered_share(cover, rows, cols)
+        for index, name in enumerate(masks.PIFPAF_KEYPOINTS):
+            px, py = _image_point(layout, points[name], width, mirrored)
+            if 0 <= py < height and 0 <= px < width and cover[int(py), int(px)]:
+                fields[index] = 0.0
+    return np.ascontiguousarray(fields, dtype=np.float32)
+
+
+def _image_point(layout: BodyLayout, point: tuple[float, float], width: int, mirrored: bool) -> tuple[float, float]:
+    offset, y = point
+    x = layout.centre_x + layout.shear * (layout.bottom - y) + offset
+    return (width - x if mirrored else x), y
+
+
+def _uncovered_share(cover: np.ndarray, rows: int, cols: int) -> np.ndarray:
+    height, width = cover.shape
+    cropped = cover[: rows * (height // rows), : cols * (width // cols)]
+    blocks = cropped.reshape(rows, height // rows, cols, width // cols)
+    return (1.0 - blocks.mean(axis=(1, 3))).astype(np.float32)
+
+
+def image_fields(image: RenderedImage, stride: int = MASK_STRIDE) -> np.ndarray:
+    """:func:`pifpaf_fields` of a :func:`render_image` result."""
+    height, width = image.body_mask.shape
+    return pifpaf_fields(image.layout, height, width, image.mirrored, image.occluder_cover, stride)
+
+
+def world_mask_path(subset_root: Path, split_folder: str, image_name: str) -> Path:
+    """Where the world writes the mask of ``subset_root/split_folder/image_name`` (BPBReID layout)."""
+    return masks.mask_path(subset_root / split_folder / image_name, WORLD_MASKS_DIR, ".npy")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -809,13 +952,22 @@ def _write_market(world: _World, items: Sequence[_Item], root: Path, occluded_ro
     occluded_counts = {split: 0 for split in SPLIT_FOLDERS}
     for item, occlude in zip(items, plan):
         name = _market_name(item.pid, item.camera, item.frame, item.bbox)
-        holistic = _jpeg_bytes(world.render(item, occlude=False).pixels)
-        (root / SPLIT_FOLDERS[item.split] / name).write_bytes(holistic)
+        folder = SPLIT_FOLDERS[item.split]
+        rendered = world.render(item, occlude=False)
+        holistic = _jpeg_bytes(rendered.pixels)
+        (root / folder / name).write_bytes(holistic)
+        holistic_fields = image_fields(rendered)
+        masks.write_pifpaf_fields(world_mask_path(root, folder, name), holistic_fields)
         if occluded_root is None:
             continue
-        data = _jpeg_bytes(world.render(item, occlude=True).pixels) if occlude else holistic
+        occluded_fields = holistic_fields
+        data = holistic
+        if occlude:
+            hidden = world.render(item, occlude=True)
+            data, occluded_fields = _jpeg_bytes(hidden.pixels), image_fields(hidden)
         occluded_counts[item.split] += int(occlude)
-        (occluded_root / SPLIT_FOLDERS[item.split] / name).write_bytes(data)
+        (occluded_root / folder / name).write_bytes(data)
+        masks.write_pifpaf_fields(world_mask_path(occluded_root, folder, name), occluded_fields)
     counts = {"market": _split_counts(items)}
     if occluded_root is not None:
         counts["market_occluded"] = {**_split_counts(items), "occluded_images": occluded_counts}
@@ -913,6 +1065,69 @@ def generate_world(out_dir: str | os.PathLike, spec: SyntheticWorldSpec | None =
         temporary.write_text(json.dumps({**wanted, "counts": counts}, indent=2, sort_keys=True) + "\n")
         os.replace(temporary, manifest_path)   # written last: a half-written world is regenerated next time
     return out
+
+
+# ----------------------------------------------------------------------------------------------
+# TSD-style occlusion labels (finetune-occluded.md §1.3, §2.5): derived from the plan, nothing rendered
+
+
+TSD_SPLIT_FILES = ("new_query.txt", "new_gallery.txt")
+NTP_OCCLUDER_KINDS = ("person",)   # a pasted person = non-target pedestrian (label 1); other kinds = objects (2)
+
+
+def occlusion_records(spec: SyntheticWorldSpec) -> list[tuple[str, str, int, int, int]]:
+    """``(split folder, file name, pid, camera, label)`` of every labelled image of ``market_occluded/``, label
+    0 = holistic, 1 = occluded by a person cut-out (NTP), 2 = occluded by an object cut-out (NPO).
+
+    Replays the plan and the occluder draw of :meth:`_World.render` (the first draw of the image's occlusion
+    stream), so the labels are those of the images the world wrote, without rendering anything."""
+    items, _ = _plan_items(spec)
+    records = []
+    for item, occlude in zip(items, _occlusion_plan(spec, items)):
+        if item.pid == -1:
+            continue
+        label = 0
+        if occlude:
+            index = int(_stream(spec, _STREAM_OCCLUSION, *item.image_key).integers(spec.num_occluders))
+            label = 1 if OCCLUDER_KINDS[index % len(OCCLUDER_KINDS)] in NTP_OCCLUDER_KINDS else 2
+        records.append((SPLIT_FOLDERS[item.split], _market_name(item.pid, item.camera, item.frame, item.bbox),
+                        item.pid, item.camera, label))
+    return records
+
+
+def write_occlusion_split(world_dir: str | os.PathLike) -> Path:
+    """Write TSD's holistic-query split into ``<world>/market_occluded/`` (``new_query.txt``, ``new_gallery.txt``)
+    and return that folder. Queries: the first holistic gallery image of each test identity in each camera;
+    gallery: every gallery image (those queries labelled 3) plus the original, all occluded, queries. Idempotent
+    (files are rewritten only when their content differs); the images are not touched."""
+    world = Path(world_dir)
+    manifest = _read_manifest(world / "world.json")
+    if manifest is None or not (world / "market_occluded").is_dir():
+        raise FileNotFoundError(f"{world} holds no generated world with market_occluded/ (run generate_world first)")
+    spec = SyntheticWorldSpec(**manifest["spec"])
+    records = occlusion_records(spec)
+    chosen: set[tuple[int, int]] = set()
+    queries, gallery = [], []
+    for folder, name, pid, camera, label in records:
+        if folder != SPLIT_FOLDERS["gallery"]:
+            continue
+        relative = f"{folder}/{name}"
+        if pid > 0 and label == 0 and (pid, camera) not in chosen:
+            chosen.add((pid, camera))
+            queries.append(relative)
+            label = 3
+        gallery.append(f"{relative},{label}")
+    gallery += [f"{folder}/{name},{label}" for folder, name, _, _, label in records
+                if folder == SPLIT_FOLDERS["query"]]
+    target = world / "market_occluded"
+    for file_name, lines in zip(TSD_SPLIT_FILES, (queries, gallery)):
+        text = "\n".join(lines) + "\n"
+        path = target / file_name
+        if not path.is_file() or path.read_text() != text:
+            temporary = path.with_suffix(".tmp")
+            temporary.write_text(text)
+            os.replace(temporary, path)
+    return target
 
 
 def main(argv: Sequence[str] | None = None) -> int:

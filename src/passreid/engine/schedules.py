@@ -143,3 +143,50 @@ def apply_schedule(
             group["lr"] = float(lr) * group.get("lr_multiplier", 1.0)
         if weight_decay is not None:
             group["weight_decay"] = float(weight_decay) * group.get("wd_multiplier", 1.0)
+
+
+def warmup_multistep_lr(
+    epoch: int,
+    base_lr: float,
+    milestones: list[int] | tuple[int, ...],
+    gamma: float = 0.1,
+    warmup_epochs: int = 0,
+    warmup_factor: float = 0.01,
+) -> float:
+    """Learning rate at ``epoch`` of torchreid's ``WarmupMultiStepLR`` (linear warm-up; BPBReID, §5.1).
+
+    ``base_lr * f(epoch) * gamma ** (number of milestones <= epoch)`` with
+    ``f = warmup_factor + (1 - warmup_factor) * epoch / warmup_epochs`` during the warm-up, else 1.
+    BPBReID: warm-up 10 epochs from 0.01x, x0.1 at epochs 40 and 70.
+    """
+    if epoch < 0 or warmup_epochs < 0:
+        raise ValueError(f"warmup_multistep_lr: epoch and warmup_epochs must be >= 0, got {epoch}, {warmup_epochs}")
+    if list(milestones) != sorted(milestones):
+        raise ValueError(f"warmup_multistep_lr: milestones must be increasing, got {list(milestones)}")
+    factor = 1.0
+    if epoch < warmup_epochs:
+        factor = warmup_factor + (1.0 - warmup_factor) * epoch / warmup_epochs
+    decays = sum(1 for milestone in milestones if milestone <= epoch)
+    return base_lr * factor * gamma**decays
+
+
+class WarmupMultiStepLR(WarmupCosineLR):
+    """Per-epoch :func:`warmup_multistep_lr` for every param group; same interface as :class:`WarmupCosineLR`
+    (``step(epoch)`` sets the rate of ``epoch``, state dicts, ``lrs_at``)."""
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        milestones: list[int] | tuple[int, ...],
+        gamma: float = 0.1,
+        warmup_epochs: int = 0,
+        warmup_factor: float = 0.01,
+    ) -> None:
+        self.milestones = list(milestones)
+        self.gamma = gamma
+        self.warmup_factor = warmup_factor
+        super().__init__(optimizer, total_epochs=max(self.milestones + [1]), warmup_epochs=warmup_epochs)
+
+    def lrs_at(self, epoch: int) -> list[float]:
+        return [warmup_multistep_lr(epoch, base, self.milestones, self.gamma, self.warmup_epochs, self.warmup_factor)
+                for base in self.base_lrs]

@@ -24,6 +24,11 @@ __all__ = [
     "FinetuneTrainConfig",
     "GENERATED_ROOT_PREFIX",
     "GENERATED_SUBSETS",
+    "DPMConfig",
+    "BPBReIDConfig",
+    "PassPartsConfig",
+    "TSDConfig",
+    "DPEFormerConfig",
     "LossConfig",
     "validate_config",
 ]
@@ -41,6 +46,9 @@ class FinetuneModelConfig(ModelConfig):
     head: Literal["pass", "cls"] = "pass"  # pass: BN necks on [CLS] + part tokens; cls: one BN on [CLS]
     feat_fusion: Literal["cat", "mean"] = "cat"  # PASS: cat(CLS, mean(P)) (2D) or (CLS + mean(P)) / 2 (D)
     multi_neck: bool = True  # PASS: one BN per token (MULTI_NECK); false: one BN over the fused vector
+    # L2-normalise every BN-neck output before fusing them (the post-BN feature of PASS Cluster Contrast,
+    # cluster-contrast.md §5); false: fuse the raw BN outputs (supervised PASS/TransReID).
+    normalize_necks: bool = False
     neck_feat: Literal["before", "after"] = "before"  # test feature: pre-BN (all ViT recipes) or post-BN
     sie_camera: bool = False  # TransReID side information embedding of the camera id
     sie_coe: float = 3.0  # lambda of the SIE (TransReID YAMLs)
@@ -75,6 +83,26 @@ class FinetuneDataConfig(DataConfig):
     erasing_p: float = 0.5
     pixel_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     pixel_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    # ColorJitter(brightness, contrast, saturation, hue) right after the resize; [] = off. DPM's Occluded-REID
+    # recipe uses [0.3, 0.3, 0.2, 0.2] (finetune-occluded.md §4.4).
+    color_jitter: list[float] = field(default_factory=list)
+    # Occluder paste (passreid.data.occluders): a folder of RGBA cut-outs (*.png), or "generated" for the
+    # occluders/ folder of the generated world (data.world_dir); "" = off. Pasted with probability occluder_p,
+    # covering occluder_area (min, max) of the image (its bounding box), before every other augmentation.
+    occluder_dir: str = ""
+    occluder_p: float = 0.5
+    occluder_area: tuple[float, float] = (0.1, 0.4)
+    # Human-parsing masks (BPBReID format, passreid.data.masks), loaded for training only when the method needs
+    # them (bpbreid; pass_parts with visibility_target: masks): <dataset>/masks/<masks_dir>/<split>/<stem><suffix>.
+    masks_dir: str = "pifpaf_maskrcnn_filtering"
+    masks_suffix: str = ""  # "" = the dataset's published suffix (passreid.data.masks.PUBLISHED_MASK_SUFFIXES)
+    mask_preprocess: str = "five_v"  # grouping of the 36 PifPaf fields into K parts: five_v | eight | full
+    mask_background: Literal["threshold", "sum", "diff_from_max"] = "threshold"
+    mask_background_threshold: float = 0.5  # threshold strategy: background where max_k part_k < this
+    mask_softmax_weight: float = 15.0  # softmax(w * [bg, parts]) over channels; 0 = divide by the channel sum
+    mask_scale: int = 4  # training masks at (H / mask_scale, W / mask_scale)
+    # Random erasing of the mask-aware pipeline: BPBReID's CoarseDropout or the TransReID 'pixel' erasing.
+    mask_erasing: Literal["coarse_dropout", "pixel"] = "coarse_dropout"
 
 
 @dataclass
@@ -89,12 +117,103 @@ class LossConfig:
 
 
 @dataclass
+class DPMConfig:
+    """Dynamic Prototype Mask (``method: dpm``; finetune-occluded.md §5.2). Unused by other methods."""
+
+    mask_blocks: list[int] = field(default_factory=lambda: [2, 4, 10, 12])  # 1-based blocks feeding the mask generator
+    orth_weight: float = 0.1  # weight of the orthogonality loss (0.01 for the Occluded-REID recipe)
+    arc_scale: float = 30.0  # masked ArcFace s
+    arc_margin: float = 0.5  # masked ArcFace m (0.3 in DPM's Market-1501 config, i.e. for Occluded-REID)
+    mask_lr: float = 0.0  # SGD lr of the mask generator's own optimizer (biases x optim.bias_lr_factor); 0 = optim.lr
+
+
+@dataclass
+class BPBReIDConfig:
+    """BPBReID (``method: bpbreid``; finetune-occluded.md §5.1). Defaults are the published GiLt recipe."""
+
+    dim_reduce: int = 512  # Linear(C, 512) + BN + ReLU after pooling, one per embedding type
+    id_weight_global: float = 1.0  # GiLt: identity (CE, label smoothing) on global, foreground, concat-parts
+    id_weight_foreground: float = 1.0
+    id_weight_concat: float = 1.0
+    triplet_weight_parts: float = 1.0  # part-averaged batch-hard triplet on the K part embeddings
+    triplet_weight_foreground: float = 0.0  # 1 in the Market-1501 / Occluded-REID configs
+    triplet_margin: float = 0.3
+    label_smoothing: float = 0.1
+    pixel_ce_weight: float = 0.35  # body-part attention loss (0.7 for Occluded-REID)
+    pixel_label_smoothing: float = 0.1
+    visibility: Literal["binary", "continuous"] = "binary"  # test visibility scores (distance weights)
+
+
+@dataclass
+class PassPartsConfig:
+    """PASS part tokens as parts (``method: pass_parts``): learned visibility + visibility-aware distance."""
+
+    # Target of each part token's visibility head: "masks" = body pixels in its third of the image (parsing
+    # masks, training only); "erasing" = the share of its third left by padding/random erasing (no masks).
+    visibility_target: Literal["masks", "erasing"] = "masks"
+    visibility_threshold: float = 0.1  # target 1 iff that share >= this (use ~0.5 with "erasing")
+    visibility_weight: float = 1.0  # weight of the binary cross-entropy of the visibility heads
+    part_id_weight: float = 1.0  # identity CE on each part token (own BN + classifier), visible parts only
+
+
+@dataclass
+class TSDConfig:
+    """Teacher-Student Decoder (``method: tsd``; finetune-occluded.md §5.3). Defaults are the published recipe."""
+
+    decoder_heads: int = 8  # heads of the decoder's self- and cross-attention
+    ffn_ratio: int = 4  # decoder FFN width = ffn_ratio x D
+    with_fore_head: bool = True  # MODEL.WITH_FORE_HEAD: foreground head (pooling with sum_k pi_k) + its CE
+    # Teacher cross-attention mask: "sampled" = 1[u < pi] from the predicted parsing (published); "target" = the
+    # one-hot of the training masks' argmax (the variant left commented out in the released code).
+    teacher_mask: Literal["sampled", "target"] = "sampled"
+    id_weight: float = 1.0  # CE (no label smoothing) on each of global, cat, cat_m, aux, fg
+    triplet_weight: float = 1.0  # soft triplet on g + part-averaged soft triplet on student / pooled / teacher parts
+    visibility_weight: float = 1.0  # sigmoid focal loss of the visibility predictor
+    focal_alpha: float = 0.25
+    focal_gamma: float = 2.0
+    mimic_weight: float = 1.0  # 1 - cos(student parts, teacher parts.detach())
+    parsing_weight: float = 1.0  # MODEL.MASK_LOSS_WEIGHT: pixel CE of the parsing classifier
+    parsing_label_smoothing: float = 0.1
+    diversity_weight: float = 1.0  # MODEL.WITH_DIVERSE_LOSS (0 = off): teacher parts + detached-pi pooled parts
+    visibility_threshold: float = 0.5  # test: part visible iff sigmoid(visibility logit) > this
+
+
+@dataclass
+class DPEFormerConfig:
+    """DPEFormer (``method: dpeformer``; finetune-occluded.md §5.4). Defaults are the paper's method."""
+
+    # Global token g of DPSM/FBM and of the global classifier: "cls" = [CLS] (paper); "first_patch" = the first
+    # patch token x[:, 1] after the final LN (what the released code takes).
+    global_token: Literal["cls", "first_patch"] = "cls"
+    # View 2 of each sample: "occluder" = view 1 with an occluder cut-out pasted (the paper's realistic occlusion
+    # augmentation; cut-outs from data.occluder_dir, area data.occluder_area, always applied); "erasing" = random
+    # erasing of view 1 (p 1, area erasing_area, pixel noise), what the released code does.
+    view2: Literal["occluder", "erasing"] = "occluder"
+    erasing_area: tuple[float, float] = (0.05, 0.4)
+    num_parts: int = 4  # stripes and DPSM parts
+    min_selected: int = 24  # DPSM: the first-difference cut k_b is clipped to >= this (24 of 128 tokens at 256x128)
+    fbm_token_dim: int = 16  # FBM: a D-dim part / global vector is read as D / 16 tokens of 16 dims
+    fbm_heads: int = 2
+    fbm_mlp_ratio: float = 1.0
+    global_id_weight: float = 2.0  # weight of the mean CE of the two global classifiers
+    memory_temperature: float = 0.05
+    memory_momentum: float = 0.2  # bank row <- m * row + (1 - m) * feature, renormalised (view 1 only)
+    memory_weight: float = 1.0  # memory loss of view 1 (updates the bank)
+    memory_weight_view2: float = 0.3  # memory loss of view 2 (no update)
+
+
+@dataclass
 class FinetuneOptimConfig(OptimConfig):
     """Shared optimiser fields plus the scheduler stepping convention (finetune-occluded.md §4.3)."""
 
     # "pass": epoch e (0-based) runs at the schedule value of e (step at epoch end; epoch 1 at warmup_lr_init).
     # "transreid": epoch e runs at the value of e + 1 (step(epoch) at the start of epochs 1..E).
     lr_stepping: Literal["pass", "transreid"] = "pass"
+    # "cosine": warm-up + cosine (above fields); "warmup_multistep": linear warm-up from lr x warmup_lr_factor over
+    # warmup_epochs, then x gamma at each epoch in milestones (torchreid / BPBReID: 10 epochs, [40, 70], 0.1).
+    scheduler: Literal["cosine", "warmup_multistep"] = "cosine"
+    milestones: list[int] = field(default_factory=lambda: [40, 70])
+    gamma: float = 0.1
 
 
 @dataclass
@@ -119,6 +238,11 @@ class FinetuneConfig:
     optim: FinetuneOptimConfig = field(default_factory=FinetuneOptimConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     train: FinetuneTrainConfig = field(default_factory=FinetuneTrainConfig)
+    dpm: DPMConfig = field(default_factory=DPMConfig)
+    bpbreid: BPBReIDConfig = field(default_factory=BPBReIDConfig)
+    pass_parts: PassPartsConfig = field(default_factory=PassPartsConfig)
+    tsd: TSDConfig = field(default_factory=TSDConfig)
+    dpeformer: DPEFormerConfig = field(default_factory=DPEFormerConfig)
 
 
 def _require(condition: bool, key: str, message: str) -> None:
@@ -149,6 +273,26 @@ def validate_config(cfg: FinetuneConfig) -> FinetuneConfig:
         _require(subset in GENERATED_SUBSETS, "data.root",
                  f"'{data.root}': the generated world has the subsets {list(GENERATED_SUBSETS)} "
                  f"(write e.g. 'generated:market')")
+    _require(len(data.color_jitter) in (0, 4) and all(v >= 0 for v in data.color_jitter), "data.color_jitter",
+             f"must be [] or [brightness, contrast, saturation, hue] (>= 0), got {data.color_jitter}")
+    _require(0.0 <= data.occluder_p <= 1.0, "data.occluder_p", f"must be a probability, got {data.occluder_p}")
+    _require(0.0 < data.occluder_area[0] <= data.occluder_area[1] <= 1.0, "data.occluder_area",
+             f"must be (min, max) with 0 < min <= max <= 1, got {data.occluder_area}")
+    _require(data.mask_scale >= 1, "data.mask_scale", f"must be >= 1, got {data.mask_scale}")
+    _require(0.0 <= cfg.pass_parts.visibility_threshold <= 1.0, "pass_parts.visibility_threshold",
+             f"must be in [0, 1], got {cfg.pass_parts.visibility_threshold}")
+    _require(all(w >= 0 for w in (cfg.tsd.id_weight, cfg.tsd.triplet_weight, cfg.tsd.visibility_weight,
+                                  cfg.tsd.mimic_weight, cfg.tsd.parsing_weight, cfg.tsd.diversity_weight)),
+             "tsd.id_weight", "TSD loss weights must be >= 0")
+    dpe = cfg.dpeformer
+    _require(dpe.num_parts >= 1 and dpe.min_selected >= dpe.num_parts, "dpeformer.min_selected",
+             f"must be >= dpeformer.num_parts ({dpe.num_parts}), got {dpe.min_selected}")
+    _require(0.0 < dpe.erasing_area[0] <= dpe.erasing_area[1] <= 1.0, "dpeformer.erasing_area",
+             f"must be (min, max) with 0 < min <= max <= 1, got {dpe.erasing_area}")
+    _require(dpe.memory_temperature > 0 and 0.0 <= dpe.memory_momentum <= 1.0, "dpeformer.memory_momentum",
+             "memory temperature must be > 0 and momentum in [0, 1]")
+    _require(list(optim.milestones) == sorted(optim.milestones), "optim.milestones",
+             f"must be increasing epochs, got {optim.milestones}")
     _require(0.0 <= loss.label_smoothing < 1.0, "loss.label_smoothing",
              f"must be in [0, 1), got {loss.label_smoothing}")
     _require(loss.id_weight >= 0 and loss.triplet_weight >= 0, "loss.id_weight", "loss weights must be >= 0")

@@ -7,10 +7,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Sampler
+from torchvision import transforms as T
 
 from passreid.data import ImageItem, ReIDDataset, SafeImageReader, build_dataset
+from passreid.data.mask_transforms import MaskedTrainTransform
+from passreid.data.masks import DEFAULT_MASK_SUFFIX, PUBLISHED_MASK_SUFFIXES, MaskedImageDataset
+from passreid.data.occluders import OccluderPaste
 from passreid.data.samplers import ImageDataset, RandomIdentitySampler
-from passreid.data.synthetic import generate_world
+from passreid.data.synthetic import generate_world, write_occlusion_split
 from passreid.data.transforms import build_test_transform, build_train_transform
 from passreid.engine import worker_init_fn
 from passreid.finetune.config import GENERATED_ROOT_PREFIX, FinetuneConfig, default_world_dir
@@ -48,6 +52,8 @@ def resolve_data_root(root: str, cfg: FinetuneConfig) -> str:
     subset = root[len(GENERATED_ROOT_PREFIX):]
     world = generate_world(default_world_dir(cfg), seed=cfg.data.world_seed, **cfg.data.world_options)
     logger.info("generated world (seed %d) at %s; reading %s/", cfg.data.world_seed, world, subset)
+    if subset == "market_occluded" and "occluded_duke_tsd" in (cfg.data.dataset, cfg.data.test_dataset):
+        write_occlusion_split(world)  # TSD's holistic-query lists new_query.txt / new_gallery.txt
     return str(world / subset)
 
 
@@ -158,9 +164,70 @@ def build_train_loader(dataset: ImageDataset, sampler: RandomIdentitySampler, cf
 def build_train_set(items: list[ImageItem], cfg: FinetuneConfig) -> ImageDataset:
     """Training images with the TransReID-family augmentation (finetune-occluded.md §4.4)."""
     data = cfg.data
+    from passreid.finetune.methods import get_method  # the registry imports the method modules
+
+    own_train_set = get_method(cfg.method).build_train_set
+    if own_train_set is not None:  # the method builds its own samples (e.g. DPEFormer's two views)
+        return own_train_set(items, cfg)
+    masks_source = _train_masks_source(cfg)
+    if masks_source is not None:  # the method trains on (image, part masks) pairs
+        return build_masked_train_set(items, cfg, masks_source)
     transform = build_train_transform(tuple(cfg.model.img_size), flip_p=data.flip_p, padding=data.padding,
                                       erasing_p=data.erasing_p, mean=data.pixel_mean, std=data.pixel_std)
-    return ImageDataset(items, transform)
+    return ImageDataset(items, _with_optional_augmentation(transform, cfg))
+
+
+def _train_masks_source(cfg: FinetuneConfig) -> str | None:
+    from passreid.finetune.methods import get_method  # the registry imports the method modules
+
+    needs = get_method(cfg.method).train_masks
+    return needs(cfg) if needs is not None else None
+
+
+def build_masked_train_set(items: list[ImageItem], cfg: FinetuneConfig, masks_source: str) -> MaskedImageDataset:
+    """Images with their parsing masks (``"parsing"``) or an all-foreground mask (``"constant"``), both through
+    the mask-aware augmentation (passreid.data.mask_transforms). Missing mask files are an error."""
+    data = cfg.data
+    if data.color_jitter or data.occluder_dir:
+        raise ValueError("data.color_jitter / data.occluder_dir are not supported by the mask-aware pipeline "
+                         f"of method {cfg.method!r}")
+    transform = MaskedTrainTransform(tuple(cfg.model.img_size), grouping=data.mask_preprocess, flip_p=data.flip_p,
+                                     padding=data.padding, erasing_p=data.erasing_p, erasing=data.mask_erasing,
+                                     mean=data.pixel_mean, std=data.pixel_std, background=data.mask_background,
+                                     background_threshold=data.mask_background_threshold,
+                                     softmax_weight=data.mask_softmax_weight, mask_scale=data.mask_scale)
+    suffix = data.masks_suffix or PUBLISHED_MASK_SUFFIXES.get(data.dataset, DEFAULT_MASK_SUFFIX)
+    logger.info("training with %s masks (%s, %s/%s*%s)", masks_source, data.mask_preprocess, data.masks_dir,
+                "<split>", suffix)
+    return MaskedImageDataset(items, transform, masks_dir=data.masks_dir, suffix=suffix, masks_source=masks_source)
+
+
+#: ``data.occluder_dir`` value naming the ``occluders/`` folder of the generated world.
+GENERATED_OCCLUDERS = "generated"
+
+
+def resolve_occluder_dir(cfg: FinetuneConfig) -> str:
+    """``data.occluder_dir``, or for ``"generated"`` the generated world's ``occluders/`` (rendered on demand)."""
+    if cfg.data.occluder_dir != GENERATED_OCCLUDERS:
+        return cfg.data.occluder_dir
+    world = generate_world(default_world_dir(cfg), seed=cfg.data.world_seed, **cfg.data.world_options)
+    return str(world / "occluders")
+
+
+def _with_optional_augmentation(transform: T.Compose, cfg: FinetuneConfig) -> T.Compose:
+    """Add ``data.color_jitter`` (right after the resize, as DPM) and ``data.occluder_dir`` (first) when set."""
+    data = cfg.data
+    steps = list(transform.transforms)
+    if data.color_jitter:
+        if not isinstance(steps[0], T.Resize):
+            raise RuntimeError(f"expected the training pipeline to start with a Resize, got {steps[0]!r}")
+        steps.insert(1, T.ColorJitter(*data.color_jitter))
+    if data.occluder_dir:
+        folder = resolve_occluder_dir(cfg)
+        paste = OccluderPaste(folder, p=data.occluder_p, area=tuple(data.occluder_area))
+        logger.info("occluder paste: %r from %s", paste, folder)
+        steps.insert(0, paste)
+    return T.Compose(steps) if len(steps) != len(transform.transforms) else transform
 
 
 class ShardSampler(Sampler[int]):

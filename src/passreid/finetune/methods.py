@@ -18,6 +18,10 @@ the normalised Euclidean distance of one feature vector (DPM's query-masked dist
 over mutually visible parts) pack what they need into the eval-forward output (one row per image) and
 return a query-chunked distance function over the two
 :class:`~passreid.eval.features.ExtractedFeatures` (see :mod:`passreid.eval.distance`).
+
+``build_second_pass(model, cfg)`` is optional too: a :class:`SecondPass` names parameters that the main
+optimizer leaves out and that the trainer steps with their own optimizer in a second forward/backward
+pass of every iteration (DPM's mask generator, :mod:`passreid.finetune.dpm`).
 """
 from __future__ import annotations
 
@@ -37,6 +41,7 @@ from passreid.models import LoadReport, VisionTransformer, build_vit, load_pretr
 
 __all__ = [
     "FinetuneMethod",
+    "SecondPass",
     "build_backbone",
     "build_criterion",
     "build_model",
@@ -54,6 +59,21 @@ TestDistanceBuilder = Callable[[FinetuneConfig, ExtractedFeatures, ExtractedFeat
 
 
 @dataclass(frozen=True)
+class SecondPass:
+    """Parameters the main optimizer leaves alone, stepped by ``optimizer`` in a second pass of each iteration.
+
+    After the main step the trainer recomputes the forward and the loss and steps only these parameters
+    (gradients of the same loss, no learning-rate schedule); DPM's mask generator (finetune-occluded.md §5.2).
+    """
+
+    names: frozenset[str]  # parameter names of the (unwrapped) model
+    optimizer: torch.optim.Optimizer
+
+
+SecondPassBuilder = Callable[[nn.Module, FinetuneConfig], SecondPass]
+
+
+@dataclass(frozen=True)
 class FinetuneMethod:
     """A named way to build the fine-tuning model and its loss."""
 
@@ -62,6 +82,13 @@ class FinetuneMethod:
     build_model: ModelBuilder
     build_criterion: CriterionBuilder
     build_test_distance: TestDistanceBuilder | None = None  # None: feature distance of eval.metric
+    build_second_pass: SecondPassBuilder | None = None  # None: one forward/backward/step per iteration
+    # What the training batches carry as ``masks`` (None: nothing): "parsing" = the dataset's parsing masks
+    # (passreid.data.masks), "constant" = an all-foreground mask shaped only by the augmentation.
+    train_masks: Callable[[FinetuneConfig], str | None] | None = None
+    # Optional own training set ``(items, cfg) -> Dataset`` (e.g. DPEFormer's two views per sample, returned as
+    # ``img`` and ``view2``); None: the shared pipeline of passreid.finetune.data.build_train_set.
+    build_train_set: Callable[[list, FinetuneConfig], object] | None = None
 
 
 _METHODS: dict[str, FinetuneMethod] = {}
@@ -155,6 +182,7 @@ def build_bnneck_model(cfg: FinetuneConfig, num_classes: int, num_cameras: int, 
         head=model.head,
         feat_fusion=model.feat_fusion,
         multi_neck=model.multi_neck,
+        normalize_necks=model.normalize_necks,
         neck_feat=model.neck_feat,
         num_cameras=num_cameras if model.sie_camera else 0,
         sie_coe=model.sie_coe,
@@ -185,3 +213,10 @@ register_method(
         build_criterion=build_reid_criterion,
     )
 )
+
+# Methods in their own modules register on import (they use the names defined above).
+from passreid.finetune import dpm as _dpm  # noqa: E402,F401
+from passreid.finetune import bpbreid as _bpbreid  # noqa: E402,F401
+from passreid.finetune import pass_parts as _pass_parts  # noqa: E402,F401
+from passreid.finetune import tsd as _tsd  # noqa: E402,F401
+from passreid.finetune import dpeformer as _dpeformer  # noqa: E402,F401

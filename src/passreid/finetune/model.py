@@ -66,11 +66,13 @@ class TokenHead(nn.Module):
     ``num_parts=K > 0`` (PASS): with ``P = mean_k(part_k)``,
     ``fusion="cat"``: ``before = cat(CLS, P)`` (2D); ``fusion="mean"``: ``before = (CLS + P) / 2`` (D).
     Multi-neck (default) normalises every token with its own BN and fuses the BN outputs the same way;
-    single-neck applies one BN to ``before``. The classifier sees ``after``.
+    single-neck applies one BN to ``before``. The classifier sees ``after``. ``normalize_necks``
+    L2-normalises each BN output before the fusion (PASS Cluster Contrast's feature, whose single-neck
+    form is ``normalize(BN(before))`` and multi-neck form a fusion of unit vectors).
     """
 
     def __init__(self, dim: int, num_classes: int, num_parts: int = 0, fusion: str = "cat",
-                 multi_neck: bool = True) -> None:
+                 multi_neck: bool = True, normalize_necks: bool = False) -> None:
         super().__init__()
         if fusion not in ("cat", "mean"):
             raise ValueError(f"feature fusion must be 'cat' or 'mean', got {fusion!r}")
@@ -80,12 +82,17 @@ class TokenHead(nn.Module):
         self.num_parts = num_parts
         self.fusion = fusion
         self.multi_neck = multi_neck or num_parts == 0
+        self.normalize_necks = normalize_necks
         self.feature_dim = 2 * dim if (num_parts > 0 and fusion == "cat") else dim
         if self.multi_neck:
             self.necks = nn.ModuleList(make_bnneck(dim) for _ in range(1 + num_parts))
         else:
             self.necks = nn.ModuleList([make_bnneck(self.feature_dim)])
         self.classifier = make_classifier(self.feature_dim, num_classes)
+
+    def _neck(self, index: int, x: Tensor) -> Tensor:
+        out = self.necks[index](x)
+        return nn.functional.normalize(out, dim=1) if self.normalize_necks else out
 
     def _fuse(self, cls: Tensor, parts: Tensor) -> Tensor:
         if self.fusion == "cat":
@@ -100,13 +107,13 @@ class TokenHead(nn.Module):
             )
         cls = tokens[:, 0]
         if self.num_parts == 0:
-            return HeadOutput(cls, self.necks[0](cls))
+            return HeadOutput(cls, self._neck(0, cls))
         parts = tokens[:, 1 : 1 + self.num_parts]
         before = self._fuse(cls, parts.mean(dim=1))
         if not self.multi_neck:
-            return HeadOutput(before, self.necks[0](before))
-        part_bn = torch.stack([neck(parts[:, k]) for k, neck in enumerate(self.necks[1:])], dim=1)
-        after = self._fuse(self.necks[0](cls), part_bn.mean(dim=1))
+            return HeadOutput(before, self._neck(0, before))
+        part_bn = torch.stack([self._neck(k + 1, parts[:, k]) for k in range(self.num_parts)], dim=1)
+        after = self._fuse(self._neck(0, cls), part_bn.mean(dim=1))
         return HeadOutput(before, after)
 
 
@@ -190,6 +197,7 @@ class ReIDModel(nn.Module):
         head: str = "pass",
         feat_fusion: str = "cat",
         multi_neck: bool = True,
+        normalize_necks: bool = False,
         neck_feat: str = "before",
         num_cameras: int = 0,
         sie_coe: float = 3.0,
@@ -212,7 +220,7 @@ class ReIDModel(nn.Module):
         self.head_type = head
         dim = backbone.embed_dim
         num_parts = backbone.num_part_tokens if head == "pass" else 0
-        self.head = TokenHead(dim, num_classes, num_parts, feat_fusion, multi_neck)
+        self.head = TokenHead(dim, num_classes, num_parts, feat_fusion, multi_neck, normalize_necks)
         self.num_cameras = num_cameras
         self.sie_coe = sie_coe
         if num_cameras > 0:

@@ -7,10 +7,13 @@ makes one group per parameter; two groups with the same hyper-parameters are equ
 """
 from __future__ import annotations
 
+from collections.abc import Collection
+
 import torch
 from torch import nn
 
 from passreid.engine import WarmupCosineLR
+from passreid.engine.schedules import WarmupMultiStepLR
 from passreid.finetune.config import FinetuneOptimConfig
 
 __all__ = ["build_lr_scheduler", "build_optimizer", "build_param_groups", "schedule_epoch"]
@@ -22,11 +25,18 @@ def build_param_groups(
     weight_decay: float,
     weight_decay_bias: float,
     bias_lr_factor: float = 2.0,
+    exclude: Collection[str] = (),
 ) -> list[dict]:
-    """``[{"name": "default", ...}, {"name": "bias", ...}]`` over the trainable parameters (empty groups dropped)."""
+    """``[{"name": "default", ...}, {"name": "bias", ...}]`` over the trainable parameters (empty groups dropped).
+
+    ``exclude`` names parameters left to another optimizer (e.g. DPM's mask generator, stepped in a second pass).
+    """
+    unknown = set(exclude) - {name for name, _ in model.named_parameters()}
+    if unknown:
+        raise ValueError(f"cannot exclude unknown parameters from the optimizer: {sorted(unknown)}")
     default, bias = [], []
     for name, param in model.named_parameters():
-        if not param.requires_grad:
+        if not param.requires_grad or name in exclude:
             continue
         (bias if "bias" in name else default).append(param)
     groups = [
@@ -39,9 +49,9 @@ def build_param_groups(
     return groups
 
 
-def build_optimizer(model: nn.Module, cfg: FinetuneOptimConfig) -> torch.optim.Optimizer:
-    """SGD (momentum ``cfg.momentum``), Adam or AdamW over :func:`build_param_groups`."""
-    groups = build_param_groups(model, cfg.lr, cfg.weight_decay, cfg.weight_decay_bias, cfg.bias_lr_factor)
+def build_optimizer(model: nn.Module, cfg: FinetuneOptimConfig, exclude: Collection[str] = ()) -> torch.optim.Optimizer:
+    """SGD (momentum ``cfg.momentum``), Adam or AdamW over :func:`build_param_groups` (minus ``exclude``)."""
+    groups = build_param_groups(model, cfg.lr, cfg.weight_decay, cfg.weight_decay_bias, cfg.bias_lr_factor, exclude)
     if cfg.name == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
     if cfg.name == "adam":
@@ -56,7 +66,14 @@ def build_lr_scheduler(optimizer: torch.optim.Optimizer, cfg: FinetuneOptimConfi
 
     ``warmup_lr_init`` and ``lr_min`` derive from the base lr for every group (timm semantics, so the
     bias group warms up from the same value and ends at the same minimum).
+    ``cfg.scheduler: warmup_multistep`` gives torchreid's warm-up multi-step schedule instead (BPBReID):
+    warm-up from ``lr x warmup_lr_factor`` over ``warmup_epochs``, ``x gamma`` at each of ``milestones``.
     """
+    if cfg.scheduler == "warmup_multistep":
+        return WarmupMultiStepLR(optimizer, milestones=cfg.milestones, gamma=cfg.gamma,
+                                 warmup_epochs=cfg.warmup_epochs, warmup_factor=cfg.warmup_lr_factor)
+    if cfg.scheduler != "cosine":
+        raise ValueError(f"optim.scheduler must be cosine or warmup_multistep, got {cfg.scheduler!r}")
     return WarmupCosineLR(
         optimizer,
         total_epochs=epochs,

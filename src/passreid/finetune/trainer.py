@@ -31,7 +31,7 @@ from passreid.finetune.checkpoints import build_final_checkpoint
 from passreid.finetune.config import FinetuneConfig, validate_config
 from passreid.finetune.data import FinetuneData, build_train_loader, build_train_set, load_finetune_data
 from passreid.finetune.evaluator import EvalResult, evaluate_model, format_result
-from passreid.finetune.methods import build_criterion, build_model
+from passreid.finetune.methods import SecondPass, build_criterion, build_model, get_method
 from passreid.finetune.optim import build_lr_scheduler, build_optimizer, schedule_epoch
 
 __all__ = ["FinetuneTrainer", "TrainResult", "resolve_device", "run_training"]
@@ -88,7 +88,9 @@ class FinetuneTrainer:
         self.model = build_model(cfg, self.data.num_classes, self.data.num_cameras,
                                  load_weights=not resuming).to(self.device)
         self.criterion = build_criterion(cfg).to(self.device)
-        self.optimizer = build_optimizer(self.model, cfg.optim)
+        self.second_pass = self._build_second_pass()
+        self.optimizer = build_optimizer(self.model, cfg.optim,
+                                         exclude=self.second_pass.names if self.second_pass is not None else ())
         self.scheduler = build_lr_scheduler(self.optimizer, cfg.optim, cfg.train.epochs)
         self.amp = autocast_for(self.device, cfg.train.precision)
         self.train_set = build_train_set(self.data.train.train, cfg)
@@ -110,6 +112,19 @@ class FinetuneTrainer:
         self._log_setup()
 
     # ------------------------------------------------------------------ set-up
+    def _build_second_pass(self) -> SecondPass | None:
+        """The method's second-pass parameters and optimizer (e.g. DPM's mask generator), if it has one."""
+        builder = get_method(self.cfg.method).build_second_pass
+        if builder is None:
+            return None
+        second = builder(self.model, self.cfg)
+        named = dict(self.model.named_parameters())
+        self.second_pass_params = [named[name] for name in sorted(second.names)]
+        logger.info("second pass: %d parameter tensors (%.2fM) stepped by their own %s after each main step",
+                    len(self.second_pass_params), sum(p.numel() for p in self.second_pass_params) / 1e6,
+                    type(second.optimizer).__name__)
+        return second
+
     def _resume(self) -> None:
         state = self.checkpointer.load()
         if state is None:
@@ -117,6 +132,11 @@ class FinetuneTrainer:
         info = restore_checkpoint(state, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
                                   scaler=self.amp.scaler, rank=self.rank, world_size=self.world_size)
         self.epoch, self.iteration, self.pending_sampler_state = info.epoch, info.iteration, info.sampler
+        if self.second_pass is not None:
+            if "second_pass_optimizer" not in info.extra:
+                raise RuntimeError(f"{self.checkpointer.path()} has no second-pass optimizer state, but method "
+                                   f"{self.cfg.method!r} needs one: it was written by a run of another method")
+            self.second_pass.optimizer.load_state_dict(info.extra["second_pass_optimizer"])
         self._warn_config_changes(info.config or {})
         self.last_metrics = info.extra.get("last_metrics")
         self.last_eval_iteration = info.extra.get("last_eval_iteration")
@@ -250,12 +270,41 @@ class FinetuneTrainer:
             self.optimizer.step()
         values = {key: float(value.detach()) for key, value in terms.items()}
         values["lr"] = self.optimizer.param_groups[0]["lr"]
+        if self.second_pass is not None:
+            values["second_pass_loss"] = self._second_pass_step(images, pids, camids, extras)
         return values
+
+    def _second_pass_step(self, images: torch.Tensor, pids: torch.Tensor, camids: torch.Tensor,
+                          extras: dict[str, Any]) -> float:
+        """Recompute forward and loss with the updated weights and step only the second-pass parameters.
+
+        Gradients come from ``torch.autograd.grad`` w.r.t. those parameters only (nothing else is
+        back-propagated or touched), through the unwrapped model; under DDP they are averaged by hand.
+        """
+        model = unwrap_model(self.model)
+        optimizer = self.second_pass.optimizer
+        with self.amp.autocast():
+            terms = self.criterion(model(images, camids=camids, **extras), pids)
+        loss = terms["loss"]
+        check_finite(loss, self.iteration, extra={f"second_pass_{k}": v for k, v in terms.items() if k != "loss"})
+        scaled = self.amp.scaler.scale(loss) if self.amp.scaler is not None else loss
+        grads = torch.autograd.grad(scaled, self.second_pass_params, allow_unused=True)
+        for param, grad in zip(self.second_pass_params, grads):
+            param.grad = None if grad is None else (dist.all_reduce_mean(grad) if self.world_size > 1 else grad)
+        if self.amp.scaler is not None:
+            self.amp.scaler.step(optimizer)
+            self.amp.scaler.update()
+        else:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return float(loss.detach())
 
     # ------------------------------------------------------------------ outputs
     def _save_checkpoint(self, sampler_position: dict[str, int]) -> None:
         rng_states = gather_rng_states()  # collective: every rank calls it
         extra = {"last_metrics": self.last_metrics, "last_eval_iteration": self.last_eval_iteration}
+        if self.second_pass is not None:
+            extra["second_pass_optimizer"] = self.second_pass.optimizer.state_dict()
         state = build_checkpoint(model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
                                  scaler=self.amp.scaler, epoch=self.epoch, iteration=self.iteration,
                                  sampler=sampler_position, config=config_to_dict(self.cfg), extra=extra,

@@ -331,16 +331,27 @@ class VisionTransformer(nn.Module):
         ``(B, heads, L, L)``. The fused attention kernel used in forward never materialises these,
         so this recomputes them (e.g. for DPM's CLS-to-patch prototypes or visualisation).
         """
+        return self.attention_logits(block_index, tokens).softmax(dim=-1)
+
+    def attention_logits(self, block_index: int, tokens: Tensor, num_queries: int | None = None) -> Tensor:
+        """Attention logits ``QK^T / sqrt(d)`` (before the softmax) of block ``block_index``.
+
+        ``tokens`` is the block's input; returns ``(B, heads, num_queries, L)`` for the first
+        ``num_queries`` query tokens (default all ``L``), e.g. ``num_queries=1`` gives the [CLS] row that
+        DPM's orthogonality loss uses.
+        """
         if not 0 <= block_index < self.depth:
             raise ValueError(f"block_index must be in 0..{self.depth - 1}, got {block_index}")
         block = self.blocks[block_index]
         attn = block.attn
         batch, length, _ = tokens.shape
+        rows = length if num_queries is None else num_queries
+        if not 1 <= rows <= length:
+            raise ValueError(f"num_queries must be in 1..{length}, got {num_queries}")
         qkv = attn.qkv(block.norm1(tokens))
         qkv = qkv.reshape(batch, length, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
-        query, key = attn.q_norm(qkv[0]), attn.k_norm(qkv[1])
-        logits = query @ key.transpose(-2, -1) / math.sqrt(query.shape[-1])
-        return logits.softmax(dim=-1)
+        query, key = attn.q_norm(qkv[0][:, :, :rows]), attn.k_norm(qkv[1])
+        return query @ key.transpose(-2, -1) / math.sqrt(query.shape[-1])
 
 
 def build_vit(arch: str, **kwargs) -> VisionTransformer:

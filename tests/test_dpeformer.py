@@ -1,0 +1,188 @@
+"""DPEFormer: shapes, DPSM selection, FBM, memory, published loss terms and weights, two views, short training."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from passreid.config import ConfigError, load_config
+from passreid.finetune import FinetuneConfig, build_criterion, get_method, run_training
+from passreid.finetune.dpeformer import (ClassCentroidMemory, DPEFormerModel, FeatureBlendingModule, TwoViewDataset,
+                                         build_two_view_train_set, dynamic_patch_selection, selection_sizes)
+from passreid.finetune.methods import build_backbone
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "finetune"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def _cfg(*overrides: str) -> FinetuneConfig:
+    return load_config(FinetuneConfig, CONFIGS / "demo_dpeformer.yaml", list(overrides))
+
+
+def _model(cfg: FinetuneConfig, num_classes: int = 7) -> DPEFormerModel:
+    d = cfg.dpeformer
+    return DPEFormerModel(build_backbone(cfg), num_classes, d.global_token, d.num_parts, d.min_selected)
+
+
+def test_shapes_and_heads():
+    torch.manual_seed(0)
+    model = _model(_cfg()).train()
+    images = torch.randn(8, 3, 128, 64)
+    out = model(images, view2=images.flip(-1))
+    assert [t.shape for t in out.concat_logits] == [(8, 7)] * 4 and [t.shape for t in out.global_logits] == [(8, 7)] * 2
+    assert len(out.part_logits) == 8 and all(t.shape == (8, 7) for t in out.part_logits)
+    assert [t.shape for t in out.stripes] == [(8, 768)] * 2                  # 4 stripes x 192
+    assert model.memory.features.shape == (7, 768)
+    assert model.global_classifier.weight.shape == (7, 192) and model.global_classifier.bias is None
+    assert model.eval()(images).shape == (8, model.feature_dim) == (8, 768)  # test feature: enriched parts
+    with pytest.raises(ValueError, match="view2"):
+        model.train()(images)
+
+
+def test_global_token_switch():
+    images = torch.randn(2, 3, 128, 64)
+    for choice, pick in (("cls", lambda t, lead: t[:, 0]), ("first_patch", lambda t, lead: t[:, lead])):
+        model = _model(_cfg(f"dpeformer.global_token={choice}")).eval()
+        tokens = model.backbone.forward_tokens(images)
+        g, patches = model.tokens(images)
+        lead = model.backbone.num_leading_tokens()
+        torch.testing.assert_close(g, pick(tokens, lead))
+        torch.testing.assert_close(patches, tokens[:, lead:])
+
+
+def test_dpsm_selection_matches_a_hand_computed_example():
+    # 6 patch tokens in 2-D; g points along x: anchor = token 0 (largest <g, t>).
+    patches = torch.tensor([[[3.0, 0.0], [2.9, 0.1], [2.8, 0.0], [0.0, 1.0], [0.1, 1.0], [2.0, 0.0]]])
+    g = torch.tensor([[1.0, 0.0]])
+    # <t_0, t_n> = 9, 8.7, 8.4, 0, 0.3, 6 -> sorted 9, 8.7, 8.4, 6, 0.3, 0 -> differences .3 .3 2.4 5.7 .3 0
+    # -> k = argmax = 3 (0-based position of the largest drop): the top 3 tokens 0, 1, 2.
+    order, sizes = selection_sizes(g, patches, min_selected=2)
+    assert order[0].tolist() == [0, 1, 2, 5, 4, 3] and sizes.tolist() == [3]
+    assert selection_sizes(g, patches, min_selected=4)[1].tolist() == [4]  # the clip to >= min_selected
+    parts = dynamic_patch_selection(g, patches, min_selected=3, num_parts=3)
+    torch.testing.assert_close(parts[0], patches[0, [0, 1, 2]])           # 3 tokens -> 3 parts, in order
+    two = dynamic_patch_selection(g, patches, min_selected=4, num_parts=2)
+    torch.testing.assert_close(two[0], torch.stack([patches[0, [0, 1]].mean(0), patches[0, [2, 5]].mean(0)]))
+
+
+def test_dpsm_pools_every_image_to_the_batch_minimum():
+    torch.manual_seed(1)
+    patches, g = torch.randn(3, 32, 8), torch.randn(3, 8)
+    _, sizes = selection_sizes(g, patches, 6)
+    order, _ = selection_sizes(g, patches, 6)
+    common = int(sizes.min())
+    parts = dynamic_patch_selection(g, patches, 6, 4)
+    for b in range(3):
+        chosen = patches[b, order[b, : int(sizes[b])]].t().unsqueeze(0)
+        expected = F.adaptive_avg_pool1d(F.adaptive_avg_pool1d(chosen, common), 4)[0].t()
+        torch.testing.assert_close(parts[b], expected)
+    with pytest.raises(ValueError, match="min_selected"):
+        dynamic_patch_selection(g, patches, 40, 4)
+
+
+def test_fbm_reads_vectors_as_16_dim_tokens_and_is_residual():
+    torch.manual_seed(2)
+    fbm = FeatureBlendingModule(192, token_dim=16, num_heads=2, mlp_ratio=1.0)
+    assert fbm.num_tokens == 12 and fbm.pos_embed.shape == (1, 12, 16) and float(fbm.pos_embed.detach().abs().sum()) == 0
+    assert fbm.q.bias is None and fbm.kv.bias is None
+    part, g = torch.randn(4, 192), torch.randn(4, 192)
+    assert fbm(part, g).shape == (4, 192)
+    for module in (fbm.proj, fbm.mlp[2]):                                 # zero both residual branches
+        torch.nn.init.zeros_(module.weight)
+        torch.nn.init.zeros_(module.bias)
+    torch.testing.assert_close(fbm(part, g), part)
+
+
+def test_memory_initialisation_logits_and_update_equal_brute_force():
+    torch.manual_seed(3)
+    memory = ClassCentroidMemory(3, 4, temperature=0.05, momentum=0.2)
+    feats, labels = torch.randn(9, 4), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1, 2])
+    memory.initialise(feats, labels)
+    means = torch.stack([feats[labels == c].mean(0) for c in range(3)])
+    torch.testing.assert_close(memory.features, F.normalize(means, dim=1))
+    x = torch.randn(2, 4)
+    torch.testing.assert_close(memory.logits(x), F.normalize(x, dim=1) @ memory.features.t() / 0.05)
+    bank = memory.features.clone()
+    batch, batch_labels = torch.randn(3, 4), torch.tensor([1, 1, 0])
+    for feature, label in zip(batch, batch_labels.tolist()):             # one sample at a time, in order
+        row = 0.2 * bank[label] + 0.8 * F.normalize(feature, dim=0)
+        bank[label] = row / row.norm()
+    memory.update(batch, batch_labels)
+    torch.testing.assert_close(memory.features, bank)
+    with pytest.raises(ValueError, match="no feature"):
+        ClassCentroidMemory(4, 4).initialise(feats, labels)
+
+
+def test_loss_terms_and_published_weights_and_memory_update():
+    torch.manual_seed(4)
+    cfg = _cfg()
+    model, criterion = _model(cfg).train(), build_criterion(cfg)
+    images, labels = torch.randn(8, 3, 128, 64), torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    model.memory.initialise(torch.randn(7, 768), torch.arange(7))
+    bank = model.memory.features.clone()
+    out = model(images, view2=images.flip(-1))
+    terms = criterion(out, labels)
+    ce = lambda logits: F.cross_entropy(logits, labels)  # noqa: E731  (no label smoothing)
+    expected = {"id_concat": np.mean([float(ce(t)) for t in out.concat_logits]),
+                "id_global": np.mean([float(ce(t)) for t in out.global_logits]),
+                "id_parts": np.mean([float(ce(t)) for t in out.part_logits]),
+                "memory": float(ce(F.normalize(out.stripes[0], dim=1) @ bank.t() / 0.05)),
+                "memory_view2": float(ce(F.normalize(out.stripes[1], dim=1) @ bank.t() / 0.05))}
+    for name, value in expected.items():
+        assert float(terms[name]) == pytest.approx(value, rel=1e-5), name
+    total = (expected["id_concat"] + 2 * expected["id_global"] + expected["id_parts"] + expected["memory"]
+             + 0.3 * expected["memory_view2"])
+    assert float(terms["loss"]) == pytest.approx(total, rel=1e-5)
+    updated = ClassCentroidMemory(7, 768)
+    updated.features.copy_(bank)
+    updated.update(out.stripes[0].detach(), labels)                         # only view 1 updates the bank
+    torch.testing.assert_close(model.memory.features, updated.features)
+    terms["loss"].backward()                                                # the update does not break autograd
+    assert model.global_classifier.weight.grad is not None
+
+
+def test_two_view_training_set(synthetic_world):
+    items = [(str(p), 0, 0) for p in sorted((synthetic_world / "market" / "query").iterdir())[:2]]
+    occluders = str(synthetic_world / "occluders")
+    torch.manual_seed(5)
+    for view2 in ("occluder", "erasing"):
+        cfg = _cfg(f"dpeformer.view2={view2}", f"data.occluder_dir={occluders}", "data.flip_p=0.0",
+                   "data.padding=0", "data.color_jitter=[]")
+        dataset = build_two_view_train_set(items, cfg)
+        assert isinstance(dataset, TwoViewDataset)
+        sample = dataset[0]
+        assert sample["img"].shape == sample["view2"].shape == (3, 128, 64)
+        changed = (sample["img"] != sample["view2"]).any(0)
+        assert 0.02 < float(changed.float().mean()) < 0.9                   # view 2 = view 1, partly covered
+    with pytest.raises(ConfigError, match="data.occluder_dir"):
+        build_two_view_train_set(items, _cfg("data.occluder_dir="))
+
+
+def test_test_feature_uses_the_default_normalised_distance():
+    assert get_method("dpeformer").build_test_distance is None             # normalised Euclidean on x1_new
+
+
+@pytest.mark.slow
+def test_short_training_on_the_generated_occluded_world(tmp_path):
+    world = tmp_path / "world"
+    common = [f"data.world_dir={world}", "train.epochs=4", "eval.period=4", "optim.warmup_epochs=1"]
+    result = run_training(_cfg(f"train.output_dir={tmp_path / 'dpeformer'}", *common))
+    assert result.final_model is not None and 0.0 < result.final_metrics["mAP"] <= 1.0
+    from passreid.finetune import load_finetuned_model
+
+    model, _, _ = load_finetuned_model(result.final_model)
+    assert float(model.memory.features.norm(dim=1).min()) == pytest.approx(1.0, abs=1e-4)  # saved and restored
+    baseline = run_training(load_config(FinetuneConfig, CONFIGS / "demo_occluded.yaml",
+                                        [f"train.output_dir={tmp_path / 'baseline'}", *common]))
+    print(f"\ngenerated market_occluded, 4 epochs: dpeformer mAP {result.final_metrics['mAP']:.3f}, "
+          f"demo_occluded baseline mAP {baseline.final_metrics['mAP']:.3f}")
