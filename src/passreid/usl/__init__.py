@@ -1,0 +1,51 @@
+"""Cluster Contrast for unsupervised (USL) and domain-adaptive (UDA) re-ID from PASS checkpoints.
+
+As a library::
+
+    cfg = load_config(UslConfig, "configs/usl/demo.yaml", ["train.output_dir=runs/usl",
+                                                           "model.pretrained=runs/pretrain/backbone_final.pth"])
+    result = run_usl(cfg)          # clusters, trains, evaluates, writes model_final.pth (fine-tuning format)
+    model, ft_cfg, _ = passreid.finetune.load_finetuned_model(result.final_model)
+
+UDA is the same loop with ``model.init_from`` set to a source-trained ``finetune/`` model (see
+cluster-contrast.md §4 and uda/README.md).
+"""
+from passreid.usl.config import (ClusterConfig, MemoryConfig, UslConfig, UslDataConfig, UslModelConfig,
+                                 UslOptimConfig, UslTrainConfig, to_finetune_config, validate_usl_config)
+from passreid.usl.memory import ClusterMemory, hard_momentum_update, momentum_update
+from passreid.usl.model import ClusterContrastNet, SourceLoad, build_usl_model, load_source_backbone
+from passreid.usl.pseudo_labels import (ClusterStats, PseudoLabels, cluster_centroids, cluster_features,
+                                        cluster_statistics)
+from passreid.usl.sampler import PseudoLabelSampler
+from passreid.usl.trainer import ClusterContrastTrainer, TargetData, UslResult, epoch_lr, load_target_data, run_usl
+
+__all__ = [
+    "ClusterConfig",
+    "ClusterContrastNet",
+    "ClusterContrastTrainer",
+    "ClusterMemory",
+    "ClusterStats",
+    "MemoryConfig",
+    "PseudoLabelSampler",
+    "PseudoLabels",
+    "SourceLoad",
+    "TargetData",
+    "UslConfig",
+    "UslDataConfig",
+    "UslModelConfig",
+    "UslOptimConfig",
+    "UslResult",
+    "UslTrainConfig",
+    "build_usl_model",
+    "cluster_centroids",
+    "cluster_features",
+    "cluster_statistics",
+    "epoch_lr",
+    "hard_momentum_update",
+    "load_source_backbone",
+    "load_target_data",
+    "momentum_update",
+    "run_usl",
+    "to_finetune_config",
+    "validate_usl_config",
+]

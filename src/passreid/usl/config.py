@@ -1,0 +1,180 @@
+"""The Cluster-Contrast config (USL and UDA): the fine-tuning model/data sections plus clustering and memory.
+
+Defaults are the PASS ViT-S/16 Cluster-Contrast recipe for Market-1501 USL (cluster-contrast.md §3, §5):
+single-neck ``cat`` head with L2-normalised BN-neck output, drop-path 0.3, P x K = 32 x 8 = 256, 200
+iterations per epoch, 50 epochs, SGD (momentum 0.9) lr 3.5e-4, weight decay 5e-4 on every trainable
+parameter, StepLR(20, 0.1) per epoch, no warm-up; k-reciprocal Jaccard (k1 30, k2 6) + DBSCAN (eps 0.6,
+min_samples 4) every epoch; cluster memory with temperature 0.05, momentum 0.2 and the hard update; fp32.
+Recipes in ``configs/usl/`` and ``configs/uda/`` change only what differs (eps 0.7 and ``mean`` fusion
+for MSMT17, multi-neck and a source model for UDA).
+
+UDA is the same loop started from a supervised model trained on the source domain (``model.init_from``,
+a ``finetune/`` ``model_final.pth``): no source images are read during adaptation (§4).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Literal
+
+from passreid.config import ConfigError
+from passreid.config.schema import EvalConfig
+from passreid.finetune.config import (FinetuneConfig, FinetuneDataConfig, FinetuneModelConfig,
+                                      FinetuneOptimConfig, FinetuneTrainConfig, validate_config)
+
+__all__ = [
+    "ClusterConfig",
+    "MemoryConfig",
+    "UslConfig",
+    "UslDataConfig",
+    "UslModelConfig",
+    "UslOptimConfig",
+    "UslTrainConfig",
+    "to_finetune_config",
+    "validate_usl_config",
+]
+
+
+@dataclass
+class UslModelConfig(FinetuneModelConfig):
+    """The fine-tuning model section with the Cluster-Contrast defaults, plus the UDA source model."""
+
+    drop_path_rate: float = 0.3  # PASS cluster-contrast parser default
+    multi_neck: bool = False  # USL scripts: single neck; UDA scripts: --multi-neck
+    normalize_necks: bool = True  # the published feature is the L2-normalised BN-neck output
+    neck_feat: Literal["before", "after"] = "after"  # clustering, memory and test all use the BN-neck output
+    # UDA: a finetune/ model_final.pth (or a finetune checkpoint.pth, or a published PASS/TransReID
+    # supervised checkpoint) trained on the source domain. Its backbone is loaded; its BN necks and
+    # classifier are dropped (and reported), as the published loader skips every 'bottleneck'/'classifier'
+    # key. "" = start from model.pretrained (USL). Setting both is an error.
+    init_from: str = ""
+
+
+@dataclass
+class UslDataConfig(FinetuneDataConfig):
+    """The target domain (its train split is clustered; labels there are used for monitoring only)."""
+
+    batch_size: int = 256
+    num_instances: int = 8
+    num_workers: int = 4
+    test_batch_size: int = 256
+
+
+@dataclass
+class ClusterConfig:
+    """Pseudo labels: k-reciprocal Jaccard distance + DBSCAN on the eval-mode train features (§1)."""
+
+    eps: float = 0.6  # 0.6 Market-1501, 0.7 MSMT17 (PASS scripts)
+    min_samples: int = 4
+    k1: int = 30
+    k2: int = 6
+    knn_backend: Literal["auto", "torch", "faiss"] = "auto"  # passreid.cluster.knn backends (same neighbours)
+    # Cluster purity / adjusted Rand index against the target train split's own labels, logged each epoch
+    # (never used for training). Needs labels >= 0 on every train image (false for unlabeled sets).
+    monitor_true_labels: bool = True
+
+
+@dataclass
+class MemoryConfig:
+    """Cluster memory: cross-entropy over all normalised centroids, momentum update inside backward (§2)."""
+
+    temperature: float = 0.05
+    momentum: float = 0.2
+    use_hard: bool = True  # all PASS/SSL scripts pass --use-hard: one update per cluster with its hardest sample
+
+
+@dataclass
+class UslOptimConfig:
+    """SGD/Adam over every trainable parameter with a per-epoch step schedule (PASS cluster-contrast §3)."""
+
+    name: Literal["sgd", "adam", "adamw"] = "sgd"
+    lr: float = 3.5e-4
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    weight_decay_bias: float = 5e-4  # the published code has no separate bias group: same value
+    bias_lr_factor: float = 1.0
+    step_size: int = 20  # StepLR: lr x gamma every step_size epochs (stepped at the end of each epoch)
+    gamma: float = 0.1
+    warmup_epochs: int = 0  # linear warm-up epochs before the step schedule (none published)
+    warmup_lr_factor: float = 0.01  # warm-up starts at lr x this
+
+
+@dataclass
+class UslTrainConfig(FinetuneTrainConfig):
+    """Loop length (epochs x iters), precision, checkpointing, and the single-process BN emulation."""
+
+    epochs: int = 50
+    iters: int = 200  # optimizer steps per epoch (the published IterLoader length)
+    seed: int = 1
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "fp32"  # published: no AMP
+    # >0: the BN necks normalise chunks of this many consecutive samples of the per-process batch, and only
+    # the first chunk updates the running statistics: what nn.DataParallel did on the published 4-GPU
+    # (Market, 64 per GPU) / 2-GPU (MSMT17, 128) runs (cluster-contrast.md §8-4). 0 = the whole batch of
+    # this process (DDP: per rank, which is DataParallel's behaviour already).
+    ghost_bn_size: int = 0
+    log_period: int = 50
+    eval_at_start: bool = False  # also evaluate the starting model (the demos report start -> end)
+
+
+@dataclass
+class UslConfig:
+    """Everything a USL/UDA run reads; saved as ``config.yaml`` and inside every checkpoint."""
+
+    model: UslModelConfig = field(default_factory=UslModelConfig)
+    data: UslDataConfig = field(default_factory=UslDataConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+    optim: UslOptimConfig = field(default_factory=UslOptimConfig)
+    eval: EvalConfig = field(default_factory=lambda: EvalConfig(period=10))
+    train: UslTrainConfig = field(default_factory=UslTrainConfig)
+
+
+def _require(condition: bool, key: str, message: str) -> None:
+    if not condition:
+        raise ConfigError(f"config key '{key}': {message}")
+
+
+def _copy_fields(source: object, target_cls: type) -> object:
+    """An instance of ``target_cls`` holding the values of ``source`` for the fields they share."""
+    return target_cls(**{f.name: getattr(source, f.name) for f in fields(target_cls) if hasattr(source, f.name)})
+
+
+def to_finetune_config(cfg: UslConfig) -> FinetuneConfig:
+    """The fine-tuning view of ``cfg``: what the shared data/model/evaluation helpers and ``model_final.pth``
+    need (method ``bnneck``; the model reads its post-BN feature, ``model.neck_feat: after``)."""
+    optim = _copy_fields(cfg.optim, FinetuneOptimConfig)
+    optim.warmup_epochs = cfg.optim.warmup_epochs
+    return FinetuneConfig(
+        method="bnneck",
+        model=_copy_fields(cfg.model, FinetuneModelConfig),
+        data=_copy_fields(cfg.data, FinetuneDataConfig),
+        optim=optim,
+        eval=cfg.eval,
+        train=_copy_fields(cfg.train, FinetuneTrainConfig),
+    )
+
+
+def validate_usl_config(cfg: UslConfig) -> UslConfig:
+    """Check value ranges and combinations (raising ``ConfigError`` naming the key), including every
+    check of the fine-tuning config on the shared sections."""
+    model, cluster, memory, optim, train = cfg.model, cfg.cluster, cfg.memory, cfg.optim, cfg.train
+    _require(not (model.init_from and model.pretrained), "model.init_from",
+             "set either model.init_from (UDA: a source-trained fine-tuned model) or model.pretrained "
+             "(USL: a backbone export), not both")
+    _require(not model.jpm, "model.jpm", "Cluster Contrast uses the global branch only; set model.jpm=false")
+    _require(not model.sie_camera, "model.sie_camera",
+             "Cluster Contrast has no camera embedding; set model.sie_camera=false")
+    _require(model.neck_feat == "after", "model.neck_feat",
+             "Cluster Contrast trains, clusters and tests the BN-neck output: keep model.neck_feat=after")
+    _require(0.0 < cluster.eps, "cluster.eps", f"must be positive, got {cluster.eps}")
+    _require(cluster.min_samples >= 1, "cluster.min_samples", f"must be >= 1, got {cluster.min_samples}")
+    _require(cluster.k1 >= 1 and cluster.k2 >= 1, "cluster.k1", "k1 and k2 must be >= 1")
+    _require(memory.temperature > 0, "memory.temperature", f"must be positive, got {memory.temperature}")
+    _require(0.0 <= memory.momentum < 1.0, "memory.momentum", f"must be in [0, 1), got {memory.momentum}")
+    _require(optim.lr > 0, "optim.lr", f"must be positive, got {optim.lr}")
+    _require(optim.step_size >= 1, "optim.step_size", f"must be >= 1, got {optim.step_size}")
+    _require(0.0 < optim.gamma <= 1.0, "optim.gamma", f"must be in (0, 1], got {optim.gamma}")
+    _require(optim.warmup_epochs >= 0, "optim.warmup_epochs", f"must be >= 0, got {optim.warmup_epochs}")
+    _require(train.iters >= 1, "train.iters", f"must be >= 1, got {train.iters}")
+    _require(train.ghost_bn_size >= 0, "train.ghost_bn_size", "must be >= 0 (0 = the whole per-process batch)")
+    validate_config(to_finetune_config(cfg))
+    return cfg

@@ -1,0 +1,434 @@
+"""The Cluster-Contrast loop for USL and UDA (cluster-contrast.md §1, §4, §9).
+
+Per epoch: eval-mode features of the target train set (gathered in sample order under DDP) -> Jaccard +
+DBSCAN on rank 0 -> pseudo labels broadcast -> outliers dropped -> a fresh cluster memory from the
+normalised centroids -> ``train.iters`` P x K batches of the memory loss (the memory is updated inside
+backward) -> evaluation every ``eval.period`` epochs. UDA is the same loop started from a source-trained
+model (``model.init_from``); no source image is read.
+
+One run writes into ``train.output_dir``: ``config.yaml``, ``log.txt``, ``metrics.jsonl`` (``split``
+"cluster" once per epoch: clusters, outliers, purity / ARI against the true ids when known, the epoch's
+mean loss; "train" every ``train.log_period`` iterations; "eval" after each evaluation), TensorBoard events,
+``checkpoint.pth`` and ``model_final.pth`` (the fine-tuning format: ``finetune/test.py --weights`` and
+:func:`passreid.finetune.load_finetuned_model` read it; its classifier holds the final cluster memory).
+
+Exact resume: at an epoch boundary the checkpoint holds the model, optimizer and RNG states, and the
+resumed run re-clusters from the checkpointed model, which gives the same pseudo labels and memory as the
+uninterrupted run. A checkpoint written mid-epoch (pre-emption, ``train.max_iters``) also stores the
+epoch's pseudo labels and the current memory, so the epoch continues where it stopped. With
+``data.num_workers > 0`` the augmentations after a mid-epoch resume come from fresh worker seeds.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from passreid import dist
+from passreid.config import config_to_dict, save_config
+from passreid.data import ImageItem, ReIDDataset, build_dataset
+from passreid.engine import (Checkpointer, MetricsWriter, PreemptionGuard, ProgressLogger, apply_schedule,
+                             atomic_save, autocast_for, build_checkpoint, check_finite, gather_rng_states,
+                             make_output_dir, output_layout, restore_checkpoint, seed_everything, setup_logging)
+from passreid.finetune.checkpoints import build_final_checkpoint
+from passreid.finetune.data import _dataset_options, build_train_loader, build_train_set, load_test_dataset, \
+    resolve_data_root
+from passreid.finetune.evaluator import EvalResult, evaluate_model, extract_split, format_result
+from passreid.finetune.model import make_classifier
+from passreid.finetune.optim import build_param_groups
+from passreid.finetune.trainer import resolve_device
+from passreid.usl.config import UslConfig, UslOptimConfig, to_finetune_config, validate_usl_config
+from passreid.usl.memory import ClusterMemory
+from passreid.usl.model import ClusterContrastNet, SourceLoad, build_usl_model
+from passreid.usl.pseudo_labels import ClusterStats, PseudoLabels, cluster_centroids, cluster_features
+from passreid.usl.sampler import PseudoLabelSampler
+
+__all__ = ["ClusterContrastTrainer", "TargetData", "UslResult", "epoch_lr", "load_target_data", "run_usl"]
+
+logger = logging.getLogger("passreid.usl")
+
+
+@dataclass
+class UslResult:
+    """Where a run ended. Metrics are rank 0's (``None`` elsewhere)."""
+
+    output_dir: Path
+    iterations: int
+    epochs_completed: int
+    final_metrics: dict[str, float] | None
+    final_model: Path | None
+    history: list[dict[str, Any]] = field(default_factory=list)  # one record per clustering step
+    initial_metrics: dict[str, float] | None = None  # train.eval_at_start
+    source: SourceLoad | None = None  # UDA: how the source model was read
+    preempted: bool = False
+
+
+@dataclass
+class TargetData:
+    """The target domain: the (sorted) train images that are clustered, and the evaluation split."""
+
+    train: list[ImageItem]
+    test: ReIDDataset
+    true_ids: np.ndarray | None  # train labels for monitoring only; None when unknown
+    num_cameras: int
+
+
+def load_target_data(cfg: UslConfig) -> TargetData:
+    """Read the target set: its train split (or its unlabeled split) sorted by path, as published, and the
+    query/gallery it is evaluated on."""
+    ft_cfg = to_finetune_config(cfg)
+    name = cfg.data.dataset
+    dataset = build_dataset(name, resolve_data_root(cfg.data.root, ft_cfg), **_dataset_options(name, ft_cfg))
+    items = dataset.train or dataset.unlabeled
+    if not items:
+        raise ValueError(f"dataset {name!r} has neither a train nor an unlabeled split to cluster")
+    items = sorted(items, key=lambda item: item.path)
+    test = load_test_dataset(ft_cfg, dataset if not cfg.data.test_dataset else None)
+    true_ids = np.asarray([item.pid for item in items], dtype=np.int64)
+    if not cfg.cluster.monitor_true_labels or (true_ids < 0).any():
+        true_ids = None
+    num_cameras = max(item.camid for item in items) + 1
+    logger.info("target %s: %d train images to cluster (%s), %d cameras; evaluating on %s: %d query, %d gallery",
+                name, len(items), "true ids known, monitoring purity/ARI" if true_ids is not None
+                else "no true ids used", num_cameras, test.name, len(test.query), len(test.gallery))
+    return TargetData(items, test, true_ids, num_cameras)
+
+
+def epoch_lr(optim: UslOptimConfig, epoch: int) -> float:
+    """Learning rate of 0-based ``epoch``: optional linear warm-up, then StepLR (``lr x gamma^(e // step)``)
+    stepped at the end of every epoch, as published."""
+    if epoch < optim.warmup_epochs:
+        start = optim.lr * optim.warmup_lr_factor
+        return start + (optim.lr - start) * epoch / optim.warmup_epochs
+    return optim.lr * optim.gamma ** (epoch // optim.step_size)
+
+
+def _build_optimizer(model: nn.Module, optim: UslOptimConfig) -> torch.optim.Optimizer:
+    groups = build_param_groups(model, optim.lr, optim.weight_decay, optim.weight_decay_bias, optim.bias_lr_factor)
+    for group in groups:
+        group["lr_multiplier"] = group["lr"] / optim.lr  # apply_schedule scales every group from the base lr
+    if optim.name == "sgd":
+        return torch.optim.SGD(groups, lr=optim.lr, momentum=optim.momentum)
+    if optim.name == "adam":
+        return torch.optim.Adam(groups, lr=optim.lr)
+    return torch.optim.AdamW(groups, lr=optim.lr)
+
+
+class ClusterContrastTrainer:
+    """Builds everything from the config; :meth:`run` clusters, trains, evaluates and saves."""
+
+    def __init__(self, cfg: UslConfig, resume: bool = True) -> None:
+        self.cfg = validate_usl_config(cfg)
+        self.ft_cfg = to_finetune_config(cfg)
+        self.env = dist.init_distributed()
+        self.rank, self.world_size = self.env.rank, self.env.world_size
+        self.device = resolve_device(cfg.train.device, self.env.local_rank)
+        self.output_dir = make_output_dir(cfg.train.output_dir)
+        setup_logging(self.output_dir, rank=self.rank)
+        if self.rank == 0:
+            save_config(cfg, output_layout(self.output_dir).config)
+        seed_everything(cfg.train.seed + self.rank)
+
+        self.data = load_target_data(cfg)
+        self.checkpointer = Checkpointer(self.output_dir, is_main=self.rank == 0)
+        resuming = resume and self.checkpointer.has_checkpoint()
+        # A resumed run takes every weight from the checkpoint: model.pretrained / init_from are not read again.
+        self.model, self.source = build_usl_model(self.ft_cfg, cfg.model.init_from, load_weights=not resuming)
+        self.model.to(self.device)
+        self.memory = ClusterMemory(self.model.head.feature_dim, 0, cfg.memory.temperature, cfg.memory.momentum,
+                                    cfg.memory.use_hard).to(self.device)
+        self.optimizer = _build_optimizer(self.model, cfg.optim)
+        self.amp = autocast_for(self.device, cfg.train.precision)
+        self.net: nn.Module = ClusterContrastNet(self.model, cfg.train.ghost_bn_size)
+
+        self.epoch, self.iteration = 0, 0
+        self.pending_sampler_state: dict[str, int] | None = None
+        self.pending_epoch_state: dict[str, Any] | None = None
+        self.labels: np.ndarray | None = None
+        self.sampler: PseudoLabelSampler | None = None
+        self.train_set = None
+        self.history: list[dict[str, Any]] = []
+        self.loss_sum, self.loss_count = 0.0, 0
+        self.last_eval_iteration: int | None = None
+        self.last_metrics: dict[str, float] | None = None
+        self.initial_metrics: dict[str, float] | None = None
+        self.preempted = False
+        self.guard = PreemptionGuard()  # inert until run() installs the signal handlers
+        if resuming:
+            self._resume()
+        if self.world_size > 1:
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            # A [CLS]-only head leaves the part tokens without gradient.
+            unused = cfg.model.head == "cls" and cfg.model.num_part_tokens > 0
+            self.net = nn.parallel.DistributedDataParallel(self.net, device_ids=device_ids,
+                                                           find_unused_parameters=unused)
+        self.metrics = MetricsWriter(self.output_dir, enabled=self.rank == 0,
+                                     purge_step=self.iteration if self.iteration else None)
+        logger.info("Cluster Contrast (%s) %s %dx%d, head %s/%s%s, feature dim %d; eps %.2f, k1 %d, k2 %d, "
+                    "min_samples %d; memory tau %.3g momentum %.2f %s; %d process(es) on %s, precision %s",
+                    "UDA" if cfg.model.init_from else "USL", cfg.model.arch, *cfg.model.img_size, cfg.model.head,
+                    cfg.model.feat_fusion, " multi-neck" if cfg.model.multi_neck else " single-neck",
+                    self.model.feature_dim, cfg.cluster.eps, cfg.cluster.k1, cfg.cluster.k2, cfg.cluster.min_samples,
+                    cfg.memory.temperature, cfg.memory.momentum, "hard" if cfg.memory.use_hard else "all-sample",
+                    self.world_size, self.device, cfg.train.precision)
+
+    # ------------------------------------------------------------------ resume
+    def _resume(self) -> None:
+        state = self.checkpointer.load()
+        if state is None:
+            return
+        info = restore_checkpoint(state, model=self.model, optimizer=self.optimizer, scaler=self.amp.scaler,
+                                  rank=self.rank, world_size=self.world_size)
+        self.epoch, self.iteration, self.pending_sampler_state = info.epoch, info.iteration, info.sampler
+        extra = info.extra
+        self.history = list(extra.get("history", []))
+        self.last_metrics = extra.get("last_metrics")
+        self.last_eval_iteration = extra.get("last_eval_iteration")
+        self.initial_metrics = extra.get("initial_metrics")
+        self.pending_epoch_state = extra.get("epoch_state")
+        if extra.get("memory") is not None:  # the memory as it ended (a finished run's final classifier)
+            self.memory.features = extra["memory"].to(self.memory.features.device).clone()
+        logger.info("resumed from %s: epoch %d, iteration %d, sampler position %s%s", self.checkpointer.path(),
+                    self.epoch, self.iteration, self.pending_sampler_state,
+                    " (mid-epoch: pseudo labels and memory restored)" if self.pending_epoch_state else "")
+
+    # ------------------------------------------------------------------ loop
+    def total_iterations(self) -> int:
+        total = self.cfg.train.epochs * self.cfg.train.iters
+        return min(total, self.cfg.train.max_iters) if self.cfg.train.max_iters else total
+
+    def run(self) -> UslResult:
+        """Train until ``train.epochs`` (or ``train.max_iters``), evaluate, write ``model_final.pth``.
+
+        On a pre-emption signal it writes ``checkpoint.pth`` after the current iteration and returns
+        ``preempted=True`` (no evaluation, no final model)."""
+        self.guard = PreemptionGuard.install()
+        try:
+            return self._run()
+        finally:
+            self.guard.uninstall()
+
+    def _run(self) -> UslResult:
+        cfg = self.cfg
+        if cfg.train.eval_at_start and self.iteration == 0 and self.initial_metrics is None:
+            result = self._evaluate(label="starting model")
+            self.initial_metrics = result.metrics if result is not None else None
+        progress = ProgressLogger(self.total_iterations(), cfg.train.log_period, logger)
+        for epoch in range(self.epoch, cfg.train.epochs):
+            if self._reached_max_iters():
+                break
+            self._prepare_epoch(epoch)
+            if not self._train_epoch(epoch, progress):
+                break
+            self._finish_epoch_record(epoch)
+            self.epoch = epoch + 1
+            last = self.epoch == cfg.train.epochs or self._reached_max_iters()
+            if self.epoch % cfg.train.checkpoint_period == 0 or last or self.preempted:
+                self._save_checkpoint({"epoch": self.epoch, "position": 0})
+            if self.preempted:
+                break
+            if self.epoch % cfg.eval.period == 0 or last:
+                self._evaluate()
+        if self.preempted:
+            logger.info("stopped by a pre-emption signal at iteration %d; checkpoint written, resume to continue",
+                        self.iteration)
+            self.metrics.close()
+            return self._result(None, preempted=True)
+        if self.last_eval_iteration != self.iteration:
+            self._evaluate()
+        final_path = self._save_final_model()
+        self.metrics.close()
+        logger.info("Cluster Contrast finished at epoch %d, iteration %d", self.epoch, self.iteration)
+        return self._result(final_path)
+
+    def _result(self, final_path: Path | None, preempted: bool = False) -> UslResult:
+        return UslResult(self.output_dir, self.iteration, self.epoch, self.last_metrics, final_path,
+                         list(self.history), self.initial_metrics, self.source, preempted)
+
+    def _reached_max_iters(self) -> bool:
+        return bool(self.cfg.train.max_iters) and self.iteration >= self.cfg.train.max_iters
+
+    # ------------------------------------------------------------------ clustering
+    def _prepare_epoch(self, epoch: int) -> None:
+        """Pseudo labels and memory for ``epoch``: restored from a mid-epoch checkpoint, else clustered."""
+        state = self.pending_epoch_state
+        self.pending_epoch_state = None
+        if state is not None and state.get("epoch") == epoch:
+            labels = state["labels"].numpy().astype(np.int64)
+            self.memory.features = state["memory"].to(self.memory.features.device).clone()  # exactly as saved
+            self.loss_sum, self.loss_count = state["loss_sum"], state["loss_count"]
+        else:
+            labels = self._cluster(epoch)
+            self.loss_sum, self.loss_count = 0.0, 0
+        self._build_epoch_data(labels)
+
+    @torch.no_grad()
+    def _cluster(self, epoch: int) -> np.ndarray:
+        start = time.perf_counter()
+        feats = extract_split(self.model, self.data.train, tuple(self.cfg.model.img_size), self.ft_cfg, self.device,
+                              autocast=self.amp.autocast, rank=self.rank, world_size=self.world_size)
+        extract_seconds = time.perf_counter() - start
+        outcome: tuple[np.ndarray, ClusterStats] | None = None
+        if self.rank == 0:
+            pseudo: PseudoLabels = cluster_features(torch.from_numpy(feats.feats), self.cfg.cluster,
+                                                    self.data.true_ids, device=self.device)
+            outcome = (pseudo.labels, pseudo.stats)
+        labels, stats = dist.broadcast_object(outcome)
+        if stats.num_clusters == 0:
+            raise RuntimeError(
+                f"epoch {epoch + 1}: DBSCAN (eps {self.cfg.cluster.eps}, min_samples {self.cfg.cluster.min_samples}) "
+                f"found no cluster among {stats.num_samples} images: every image is an outlier. The features do "
+                "not separate the images (a weak or collapsed model?); check model.pretrained / init_from or "
+                "raise cluster.eps")
+        # Every rank holds the same gathered features: the centroids need no communication.
+        self.memory.reset(cluster_centroids(torch.from_numpy(feats.feats), labels))
+        seconds = time.perf_counter() - start
+        record = {"epoch": epoch + 1, **stats.scalars(), "extract_seconds": round(extract_seconds, 2),
+                  "cluster_seconds": round(seconds - extract_seconds, 2)}
+        self.history.append(record)
+        logger.info("epoch %d clustering: %s (features %.1f s, Jaccard + DBSCAN %.1f s)", epoch + 1, stats.format(),
+                    extract_seconds, seconds - extract_seconds)
+        return labels
+
+    def _build_epoch_data(self, labels: np.ndarray) -> None:
+        keep = np.flatnonzero(labels >= 0)
+        items = [ImageItem(self.data.train[i].path, int(labels[i]), self.data.train[i].camid) for i in keep]
+        self.labels = labels
+        self.train_set = build_train_set(items, self.ft_cfg)
+        self.sampler = PseudoLabelSampler([item.pid for item in items], [item.camid for item in items],
+                                          self.cfg.data.batch_size, self.cfg.data.num_instances, self.cfg.train.iters,
+                                          seed=self.cfg.train.seed, rank=self.rank, world_size=self.world_size)
+
+    # ------------------------------------------------------------------ training
+    def _train_epoch(self, epoch: int, progress: ProgressLogger) -> bool:
+        """One epoch (or its remainder after a resume); False when stopped mid-epoch."""
+        assert self.sampler is not None and self.train_set is not None
+        lr = epoch_lr(self.cfg.optim, epoch)
+        apply_schedule(self.optimizer, lr=lr)
+        self.sampler.set_epoch(epoch)
+        if self.pending_sampler_state is not None and self.pending_sampler_state["epoch"] == epoch:
+            self.sampler.load_state_dict(self.pending_sampler_state)
+        self.pending_sampler_state = None
+        loader = build_train_loader(self.train_set, self.sampler, self.ft_cfg, epoch, self.rank,
+                                    pin_memory=self.device.type == "cuda")
+        self.net.train()
+        batches = 0
+        for batch in loader:
+            loss = self._step(batch)
+            self.iteration += 1
+            batches += 1
+            self.loss_sum += loss
+            self.loss_count += 1
+            terms = {"loss": loss, "lr": self.optimizer.param_groups[0]["lr"]}
+            progress.update(self.iteration - 1, **terms)
+            if self.iteration % self.cfg.train.log_period == 0:
+                self.metrics.write(self.iteration, split="train", epoch=epoch + 1, **terms)
+            if self.guard.requested():
+                self.preempted = True
+                break
+            if self._reached_max_iters():
+                break
+        position = self.sampler.state_dict(consumed=batches * self.sampler.per_rank_batch_size)
+        if position["position"] < len(self.sampler):
+            epoch_state = {"epoch": epoch, "labels": torch.from_numpy(self.labels),
+                           "memory": self.memory.features.detach().cpu().clone(),
+                           "loss_sum": self.loss_sum, "loss_count": self.loss_count}
+            self._save_checkpoint(position, epoch_state)
+            reason = "a pre-emption signal" if self.preempted else "train.max_iters"
+            logger.info("stopped at iteration %d (%s) in epoch %d; checkpoint saved", self.iteration, reason, epoch + 1)
+            return False
+        return True
+
+    def _step(self, batch: dict[str, Any]) -> float:
+        images = batch["img"].to(self.device, non_blocking=True)
+        targets = torch.as_tensor(batch["pid"]).to(self.device, non_blocking=True)
+        with self.amp.autocast():
+            feats = self.net(images)
+        loss = self.memory(feats, targets)  # fp32 inside; a collective under DDP
+        check_finite(loss, self.iteration)
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.amp.scaler is not None:
+            self.amp.scaler.scale(loss).backward()
+            self.amp.scaler.step(self.optimizer)
+            self.amp.scaler.update()
+        else:
+            loss.backward()
+            self.optimizer.step()
+        if self.world_size > 1:  # log the loss of the global batch (the mean of the ranks' equal-size batches)
+            return float(dist.all_reduce_mean(loss.detach()))
+        return float(loss.detach())
+
+    def _finish_epoch_record(self, epoch: int) -> None:
+        mean_loss = self.loss_sum / max(self.loss_count, 1)
+        record = next((r for r in reversed(self.history) if r["epoch"] == epoch + 1), None)
+        if record is not None:
+            record["loss"] = mean_loss
+            scalars = {k: v for k, v in record.items() if isinstance(v, (int, float))}
+            self.metrics.write(self.iteration, split="cluster", **scalars)
+        logger.info("epoch %d done (iteration %d): mean loss %.4f, lr %.3g", epoch + 1, self.iteration, mean_loss,
+                    self.optimizer.param_groups[0]["lr"])
+
+    # ------------------------------------------------------------------ outputs
+    def _save_checkpoint(self, sampler_position: dict[str, int], epoch_state: dict[str, Any] | None = None) -> None:
+        rng_states = gather_rng_states()  # collective: every rank calls it
+        extra = {"last_metrics": self.last_metrics, "last_eval_iteration": self.last_eval_iteration,
+                 "history": self.history, "initial_metrics": self.initial_metrics, "epoch_state": epoch_state,
+                 "memory": self.memory.features.detach().cpu().clone()}
+        state = build_checkpoint(model=self.model, optimizer=self.optimizer, scaler=self.amp.scaler,
+                                 epoch=self.epoch, iteration=self.iteration, sampler=sampler_position,
+                                 config=config_to_dict(self.cfg), extra=extra, rng_states=rng_states)
+        self.checkpointer.save(state)
+
+    def _evaluate(self, label: str = "") -> EvalResult | None:
+        result = evaluate_model(self.model, self.data.test, tuple(self.cfg.model.img_size), self.ft_cfg, self.device,
+                                autocast=self.amp.autocast, rank=self.rank, world_size=self.world_size)
+        if not label:
+            self.last_eval_iteration = self.iteration
+        if result is not None:
+            if not label:
+                self.last_metrics = result.metrics
+            self.metrics.write(self.iteration, split="eval", epoch=self.epoch, **result.metrics)
+            logger.info("evaluation on %s (%s):\n%s", self.data.test.name,
+                        label or f"after epoch {self.epoch}, iteration {self.iteration}", format_result(result))
+        return result
+
+    def _save_final_model(self) -> Path | None:
+        path = None
+        if self.memory.num_clusters == 0:
+            raise RuntimeError("no cluster memory to save: the run has not clustered (resumed a checkpoint without "
+                               "its memory?)")
+        if self.rank == 0:
+            # The final cluster memory becomes the classifier of the final clusters (num_classes = K).
+            memory = self.memory.features.detach().cpu()
+            classifier = make_classifier(memory.shape[1], memory.shape[0])
+            with torch.no_grad():
+                classifier.weight.copy_(memory)
+            self.model.head.classifier = classifier.to(self.device)
+            try:
+                final = build_final_checkpoint(self.model, self.ft_cfg, memory.shape[0], self.data.num_cameras)
+            finally:
+                self.model.head.classifier = None
+            final["meta"].update(final_metrics=self.last_metrics, initial_metrics=self.initial_metrics,
+                                 cluster_history=self.history, usl_config=config_to_dict(self.cfg))
+            path = atomic_save(final, output_layout(self.output_dir).final_model)
+            logger.info("wrote %s (%d final clusters as the classifier)", path, memory.shape[0])
+        dist.barrier()
+        return path
+
+
+def run_usl(cfg: UslConfig, resume: bool = True) -> UslResult:
+    """Cluster-Contrast USL/UDA with ``cfg`` (auto-resuming from ``<output_dir>/checkpoint.pth`` unless
+    ``resume=False``)."""
+    previous_threads = torch.get_num_threads()
+    if cfg.train.num_threads:
+        torch.set_num_threads(cfg.train.num_threads)
+    try:
+        return ClusterContrastTrainer(cfg, resume=resume).run()
+    finally:
+        torch.set_num_threads(previous_threads)

@@ -1,0 +1,72 @@
+"""UDA start: a source fine-tuned model's backbone is loaded exactly, its heads are dropped and reported, the
+adaptation runs on another generated world, and uda/train.py insists on a source model."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from passreid.config import ConfigError, load_config
+from passreid.finetune import FinetuneConfig, run_training
+from passreid.usl import UslConfig, build_usl_model, run_usl, to_finetune_config
+
+REPO = Path(__file__).resolve().parents[1]
+SMALL = ["model.img_size=[64,32]", "model.drop_path_rate=0.0", "data.batch_size=16", "data.test_batch_size=64"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def source_model(tmp_path_factory, synthetic_world: Path) -> Path:
+    """A (barely) trained fine-tuning demo model on the default world: 2 iterations."""
+    out = tmp_path_factory.mktemp("source")
+    cfg = load_config(FinetuneConfig, REPO / "configs" / "finetune" / "demo.yaml",
+                      [f"train.output_dir={out}", f"data.world_dir={synthetic_world}", *SMALL, "train.max_iters=2",
+                       "eval.period=100"])
+    return run_training(cfg, resume=False).final_model
+
+
+def _uda_config(out: Path, source: Path, *extra: str) -> UslConfig:
+    return load_config(UslConfig, REPO / "configs" / "uda" / "demo.yaml",
+                       [f"train.output_dir={out}", f"model.init_from={source}", *SMALL, *extra])
+
+
+def test_source_backbone_loaded_exactly_and_heads_dropped(tmp_path: Path, source_model: Path):
+    cfg = _uda_config(tmp_path, source_model)
+    model, source = build_usl_model(to_finetune_config(cfg), cfg.model.init_from)
+    stored = torch.load(source_model, weights_only=False)["model"]
+    for key, value in model.backbone.state_dict().items():
+        assert torch.equal(value, stored[f"backbone.{key}"]), key
+    assert source.backbone.is_exact and source.source_classes == 24
+    assert source.dropped == sorted(k for k in stored if not k.startswith("backbone."))
+    assert "head.classifier.weight" in source.dropped and "head.necks.0.running_mean" in source.dropped
+    for neck in model.head.necks:  # fresh necks: weight 1, bias 0, fresh statistics
+        assert torch.equal(neck.weight, torch.ones_like(neck.weight))
+        assert torch.equal(neck.running_var, torch.ones_like(neck.running_var))
+    assert model.head.classifier is None
+    assert "source heads dropped (24 source classes)" in source.summary()
+
+
+@pytest.mark.slow
+def test_adaptation_runs_on_the_target_world(tmp_path: Path, source_model: Path):
+    result = run_usl(_uda_config(tmp_path / "uda", source_model, "train.epochs=1", "train.iters=2",
+                                 "train.eval_at_start=false", "cluster.eps=0.7"), resume=False)
+    assert result.source is not None and result.source.source_classes == 24
+    world = tmp_path / [p.name for p in tmp_path.iterdir() if p.name.startswith("world-")][0]
+    assert '"style": "b"' in (world / "world.json").read_text()  # the target is the style-b world
+    assert result.history[0]["samples"] > 125 and result.final_model.is_file()
+
+
+def test_uda_entry_point_requires_a_source_model(tmp_path: Path):
+    from _tool_loading import load_tool_module
+
+    uda_train = load_tool_module(REPO / "uda" / "train.py", "uda_train_entry")
+    with pytest.raises(ConfigError, match="model.init_from"):
+        uda_train.main(["--config-file", str(REPO / "configs" / "uda" / "demo.yaml"), "--output-dir", str(tmp_path)])

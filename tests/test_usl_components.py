@@ -1,0 +1,254 @@
+"""Cluster-Contrast building blocks: sampler, clustering step, features, schedule, configs."""
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from passreid.config import ConfigError, load_config
+from passreid.finetune.model import TokenHead
+from passreid.models import build_vit
+from passreid.finetune.model import ReIDModel
+from passreid.usl import (ClusterConfig, ClusterContrastNet, PseudoLabelSampler, UslConfig, cluster_centroids,
+                          cluster_features, cluster_statistics, epoch_lr, to_finetune_config, validate_usl_config)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+# ----------------------------------------------------------------------------------------------- sampler
+
+
+def _toy_labels(seed: int = 0, num_ids: int = 12):
+    rng = np.random.default_rng(seed)
+    labels, camids = [], []
+    for pid in range(num_ids):
+        size = int(rng.integers(1, 14))
+        labels += [pid] * size
+        camids += rng.integers(0, 1 if pid == 3 else 4, size).tolist()  # id 3 is seen by one camera only
+    order = rng.permutation(len(labels))
+    return np.asarray(labels)[order], np.asarray(camids)[order]
+
+
+def _split_pass(stream, labels):
+    """Cut a pass into per-identity blocks (an identity's block is its anchor plus its draws)."""
+    blocks, current = [], [stream[0]]
+    for index in stream[1:]:
+        if labels[index] == labels[current[0]] and len(current) < 8:
+            current.append(index)
+        else:
+            blocks.append(current)
+            current = [index]
+    return blocks + [current]
+
+
+def test_one_pass_follows_the_published_rules():
+    labels, camids = _toy_labels()
+    sampler = PseudoLabelSampler(labels, camids, batch_size=16, num_instances=4, iters=5, seed=3)
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        stream = sampler.one_pass(rng)
+        blocks = _split_pass(stream, labels)
+        visited = [labels[block[0]] for block in blocks]
+        assert sorted(visited) == sorted(set(labels.tolist()))  # every identity exactly once
+        for block in blocks:
+            anchor, draws = block[0], block[1:]
+            members = np.flatnonzero(labels == labels[anchor])
+            if len(members) == 1:
+                assert draws == []
+                continue
+            assert len(draws) == 3
+            other_cams = [m for m in members if camids[m] != camids[anchor]]
+            candidates = other_cams or [m for m in members if m != anchor]
+            assert set(draws) <= set(candidates)
+            if len(candidates) >= 4:
+                assert len(set(draws)) == 3  # without replacement
+
+
+def test_epoch_batches_are_deterministic_and_ranks_split_each_global_batch():
+    labels, camids = _toy_labels(1)
+    single = PseudoLabelSampler(labels, camids, batch_size=16, num_instances=4, iters=7, seed=5)
+    batches = single.global_batches(2)
+    assert len(batches) == 7 and all(len(b) == 16 for b in batches)
+    assert batches == PseudoLabelSampler(labels, camids, 16, 4, 7, seed=5).global_batches(2)
+    assert batches != single.global_batches(3)
+    ranks = [PseudoLabelSampler(labels, camids, 16, 4, 7, seed=5, rank=r, world_size=2) for r in range(2)]
+    for r in ranks:
+        r.set_epoch(2)
+    per_rank = [list(r) for r in ranks]
+    rebuilt = [per_rank[0][i * 8:(i + 1) * 8] + per_rank[1][i * 8:(i + 1) * 8] for i in range(7)]
+    assert rebuilt == batches
+
+
+def test_sampler_resumes_mid_epoch():
+    labels, camids = _toy_labels(2)
+    sampler = PseudoLabelSampler(labels, camids, 16, 4, 6, seed=1)
+    sampler.set_epoch(4)
+    full = list(sampler)
+    fresh = PseudoLabelSampler(labels, camids, 16, 4, 6, seed=1)
+    fresh.load_state_dict({"epoch": 4, "position": 40})
+    fresh.set_epoch(4)
+    assert list(fresh) == full[40:]
+
+
+def test_short_passes_are_chained_into_full_batches():
+    labels = np.repeat(np.arange(3), 5)
+    camids = np.tile(np.arange(5), 3)
+    sampler = PseudoLabelSampler(labels, camids, batch_size=32, num_instances=4, iters=4, seed=0)
+    assert sampler.chain_passes  # a pass has 12 images < 32
+    batches = sampler.global_batches(0)
+    assert len(batches) == 4 and all(len(b) == 32 for b in batches)
+
+
+def test_sampler_rejects_outliers():
+    with pytest.raises(ValueError, match="drop the outliers"):
+        PseudoLabelSampler([0, -1, 0], [0, 1, 2], 4, 2, 1)
+
+
+# ------------------------------------------------------------------------------------------- clustering
+
+
+def _blobs(num_ids=30, per_id=10, dim=64, noise=1.0, seed=0):
+    """Reference §9 sanity test A: unit centres plus isotropic noise of norm ~noise, normalised."""
+    gen = torch.Generator().manual_seed(seed)
+    centres = F.normalize(torch.randn(num_ids, dim, generator=gen), dim=1)
+    ids = torch.arange(num_ids).repeat_interleave(per_id)
+    feats = centres[ids] + noise * torch.randn(len(ids), dim, generator=gen) / dim ** 0.5
+    return F.normalize(feats, dim=1), ids.numpy()
+
+
+def test_clustering_step_recovers_blobs():
+    feats, ids = _blobs()
+    pseudo = cluster_features(feats * 3.0, ClusterConfig(eps=0.6), true_ids=ids)  # raw norm does not matter
+    stats = pseudo.stats
+    assert stats.num_clusters == 30 and stats.num_outliers == 0
+    assert stats.ari == pytest.approx(1.0) and stats.purity == pytest.approx(1.0)
+    assert pseudo.centroids.shape == (30, 64)
+    for cluster in range(30):
+        members = feats[pseudo.labels == cluster] * 3.0
+        torch.testing.assert_close(pseudo.centroids[cluster], F.normalize(members.mean(0), dim=0), atol=1e-6,
+                                   rtol=0)
+
+
+def test_cluster_statistics_against_a_direct_count():
+    labels = np.array([0, 0, 0, 1, 1, -1, 2, 2, -1, 1])
+    truth = np.array([5, 5, 6, 7, 7, 7, 8, 9, 8, 6])
+    stats = cluster_statistics(labels, truth)
+    assert (stats.num_clusters, stats.num_outliers, stats.num_samples) == (3, 2, 10)
+    majority = sum(Counter(truth[labels == c].tolist()).most_common(1)[0][1] for c in range(3))
+    assert stats.purity == pytest.approx(majority / 8)
+    from sklearn.metrics import adjusted_rand_score
+    assert stats.ari == pytest.approx(adjusted_rand_score(truth, labels))
+    assert stats.ari_clustered == pytest.approx(adjusted_rand_score(truth[labels >= 0], labels[labels >= 0]))
+    assert cluster_statistics(labels, None).purity is None
+
+
+def test_centroids_ignore_outliers():
+    feats = torch.tensor([[1.0, 0.0], [0.0, 1.0], [5.0, 5.0], [0.0, 2.0]])
+    centroids = cluster_centroids(feats, np.array([0, 0, -1, 1]))
+    torch.testing.assert_close(centroids, torch.tensor([[0.5 ** 0.5, 0.5 ** 0.5], [0.0, 1.0]]))
+
+
+# ---------------------------------------------------------------------------------------------- features
+
+
+def _published_feature(tokens, head, fusion, multi_neck):
+    """cluster-contrast.md §5 table, written out."""
+    cls, parts = tokens[:, 0], tokens[:, 1:4]
+    p_mean = parts.mean(1)
+    if not multi_neck:
+        fused = torch.cat([cls, p_mean], 1) if fusion == "cat" else (cls + p_mean) / 2
+        return F.normalize(head.necks[0](fused), dim=1)
+    c = F.normalize(head.necks[0](cls), dim=1)
+    p = sum(F.normalize(head.necks[k + 1](parts[:, k]), dim=1) for k in range(3)) / 3
+    return torch.cat([c, p], 1) if fusion == "cat" else (c + p) / 2
+
+
+@pytest.mark.parametrize("fusion", ["cat", "mean"])
+@pytest.mark.parametrize("multi_neck", [False, True])
+def test_normalized_neck_feature_is_the_published_one(fusion, multi_neck):
+    torch.manual_seed(0)
+    head = TokenHead(8, 3, num_parts=3, fusion=fusion, multi_neck=multi_neck, normalize_necks=True).eval()
+    for neck in head.necks:  # non-trivial statistics
+        neck.running_mean.normal_()
+        neck.running_var.uniform_(0.5, 2.0)
+        neck.weight.data.uniform_(0.5, 1.5)
+    tokens = torch.randn(5, 4, 8)
+    torch.testing.assert_close(head(tokens).after, _published_feature(tokens, head, fusion, multi_neck))
+
+
+def test_ghost_batch_norm_matches_per_chunk_heads_and_keeps_first_chunk_statistics():
+    torch.manual_seed(0)
+    backbone = build_vit("vit_tiny", img_size=(32, 16), patch_size=16, stride_size=16, num_part_tokens=3)
+    model = ReIDModel(backbone, 1, head="pass", multi_neck=True, normalize_necks=True, neck_feat="after")
+    reference = ReIDModel(build_vit("vit_tiny", img_size=(32, 16), patch_size=16, stride_size=16, num_part_tokens=3),
+                          1, head="pass", multi_neck=True, normalize_necks=True, neck_feat="after")
+    reference.load_state_dict(model.state_dict())
+    model.train(), reference.train()
+    images = torch.randn(12, 3, 32, 16)
+    out = ClusterContrastNet(model, ghost_bn_size=4)(images)
+    tokens = reference.backbone(images)
+    first = reference.head(tokens[:4]).after
+    stats_after_first = [n.running_mean.clone() for n in reference.head.necks]
+    rest = [reference.head(chunk).after for chunk in tokens[4:].split(4)]
+    torch.testing.assert_close(out, torch.cat([first] + rest), rtol=1e-5, atol=1e-6)
+    for neck, expected in zip(model.head.necks, stats_after_first):
+        torch.testing.assert_close(neck.running_mean, expected)
+        assert neck.momentum == 0.1  # restored
+
+
+# ------------------------------------------------------------------------------------- schedule / configs
+
+
+def test_step_schedule_of_the_pass_scripts():
+    optim = UslConfig().optim
+    assert [epoch_lr(optim, e) for e in (0, 19, 20, 39, 40, 49)] == pytest.approx(
+        [3.5e-4, 3.5e-4, 3.5e-5, 3.5e-5, 3.5e-6, 3.5e-6])
+
+
+RECIPES = {
+    "usl/market_pass_vit_s.yaml": dict(eps=0.6, fusion="cat", multi_neck=False, ghost=64),
+    "usl/msmt17_pass_vit_s.yaml": dict(eps=0.7, fusion="mean", multi_neck=False, ghost=128),
+    "uda/msmt2market_pass_vit_s.yaml": dict(eps=0.6, fusion="cat", multi_neck=True, ghost=64),
+    "uda/market2msmt_pass_vit_s.yaml": dict(eps=0.7, fusion="mean", multi_neck=True, ghost=128),
+}
+
+
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_recipes_hold_the_published_settings(name):
+    expected = RECIPES[name]
+    cfg = validate_usl_config(load_config(UslConfig, REPO / "configs" / name, []))
+    assert cfg.cluster.eps == expected["eps"] and cfg.cluster.k1 == 30 and cfg.cluster.k2 == 6
+    assert cfg.cluster.min_samples == 4
+    assert cfg.model.feat_fusion == expected["fusion"] and cfg.model.multi_neck == expected["multi_neck"]
+    assert cfg.model.arch == "vit_small" and list(cfg.model.img_size) == [256, 128]
+    assert cfg.model.drop_path_rate == 0.3 and cfg.model.normalize_necks
+    assert (cfg.data.batch_size, cfg.data.num_instances, cfg.train.iters, cfg.train.epochs) == (256, 8, 200, 50)
+    assert (cfg.optim.name, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.step_size) == ("sgd", 3.5e-4, 5e-4, 20)
+    assert (cfg.memory.temperature, cfg.memory.momentum, cfg.memory.use_hard) == (0.05, 0.2, True)
+    assert cfg.train.ghost_bn_size == expected["ghost"]
+    assert tuple(cfg.data.pixel_mean) == (0.5, 0.5, 0.5)
+
+
+def test_finetune_view_and_config_checks():
+    cfg = load_config(UslConfig, None, ["model.init_from=x.pth", "model.multi_neck=true"])
+    ft = to_finetune_config(cfg)
+    assert ft.method == "bnneck" and ft.model.neck_feat == "after" and ft.model.normalize_necks
+    assert ft.model.multi_neck and not hasattr(ft.model, "init_from")
+    with pytest.raises(ConfigError, match="model.init_from"):
+        validate_usl_config(load_config(UslConfig, None, ["model.init_from=a.pth", "model.pretrained=b.pth"]))
+    with pytest.raises(ConfigError, match="model.jpm"):
+        validate_usl_config(load_config(UslConfig, None, ["model.jpm=true"]))
+    with pytest.raises(ConfigError, match="memory.momentum"):
+        validate_usl_config(load_config(UslConfig, None, ["memory.momentum=1.0"]))

@@ -1,0 +1,153 @@
+"""The Cluster-Contrast loop end to end on the generated world: outputs, exact resume, finetune/test.py
+compatibility of model_final.pth, and a 2-process gloo run against one process."""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from _ports import free_port
+from passreid.config import load_config
+from passreid.usl import UslConfig, run_usl
+
+REPO = Path(__file__).resolve().parents[1]
+
+# A tiny, fast run: vit_tiny at 64x32, random init, 2 epochs of 3 iterations, batches of 16.
+FAST = ["model.img_size=[64,32]", "model.drop_path_rate=0.0", "data.batch_size=16", "data.num_instances=4",
+        "data.test_batch_size=64", "train.epochs=2", "train.iters=3", "train.log_period=1", "eval.period=1",
+        "train.eval_at_start=false", "cluster.k1=10", "cluster.k2=3", "cluster.eps=0.7"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def _config(out: Path, world: Path, *extra: str) -> UslConfig:
+    return load_config(UslConfig, REPO / "configs" / "usl" / "demo.yaml",
+                       [f"train.output_dir={out}", f"data.world_dir={world}", *FAST, *extra])
+
+
+def _model_state(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, map_location="cpu", weights_only=False)["model"]
+
+
+def _untimed(history: list[dict]) -> list[dict]:
+    return [{k: v for k, v in record.items() if not k.endswith("_seconds")} for record in history]
+
+
+def _assert_same_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+@pytest.mark.slow
+def test_outputs_resume_and_finetune_test_compatibility(tmp_path: Path, synthetic_world: Path):
+    full = run_usl(_config(tmp_path / "full", synthetic_world), resume=False)
+    assert full.final_model is not None and full.iterations == 6 and full.epochs_completed == 2
+    assert [record["epoch"] for record in full.history] == [1, 2]
+    for record in full.history:
+        assert record["clusters"] >= 1 and 0.0 <= record["purity"] <= 1.0 and "ari" in record and "loss" in record
+    records = [json.loads(line) for line in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records if r["split"] == "cluster"] == [1, 2]
+    assert len([r for r in records if r["split"] == "eval"]) == 2
+
+    # Mid-epoch stop (iteration 4 of 6: the checkpoint carries the epoch's pseudo labels and memory), resume.
+    run_usl(_config(tmp_path / "mid", synthetic_world, "train.max_iters=4"), resume=False)
+    state = torch.load(tmp_path / "mid" / "checkpoint.pth", weights_only=False)
+    assert state["iteration"] == 4 and state["extra"]["epoch_state"]["epoch"] == 1
+    resumed = run_usl(_config(tmp_path / "mid", synthetic_world), resume=True)
+    assert resumed.iterations == 6
+    _assert_same_state(_model_state(full.final_model), _model_state(resumed.final_model))
+    assert _untimed(resumed.history) == _untimed(full.history) and resumed.final_metrics == full.final_metrics
+
+    # Stop at the epoch boundary: the resumed run re-clusters from the checkpointed model.
+    run_usl(_config(tmp_path / "edge", synthetic_world, "train.max_iters=3"), resume=False)
+    state = torch.load(tmp_path / "edge" / "checkpoint.pth", weights_only=False)
+    assert state["sampler"] == {"epoch": 1, "position": 0} and state["extra"]["epoch_state"] is None
+    resumed = run_usl(_config(tmp_path / "edge", synthetic_world), resume=True)
+    _assert_same_state(_model_state(full.final_model), _model_state(resumed.final_model))
+    assert _untimed(resumed.history) == _untimed(full.history) and resumed.final_metrics == full.final_metrics
+
+    # model_final.pth is a fine-tuning model file: finetune/test.py gives the run's final numbers.
+    from passreid.finetune import load_finetuned_model
+    from passreid.finetune.testing import run_test
+
+    model, ft_cfg, _ = load_finetuned_model(full.final_model)
+    assert model.head.classifier.weight.shape[0] == full.history[-1]["clusters"]  # the final memory
+    assert ft_cfg.model.neck_feat == "after" and ft_cfg.model.normalize_necks
+    outputs = run_test(full.final_model, None, tmp_path / "test")
+    assert outputs.result.metrics["mAP"] == pytest.approx(full.final_metrics["mAP"], abs=1e-6)
+
+
+def _ddp_worker(rank: int, world_size: int, port: int, out_dir: str, world_dir: str) -> None:
+    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank),
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    torch.set_num_threads(1)
+    from passreid import dist
+    from passreid.usl import ClusterContrastTrainer
+
+    cfg = load_config(UslConfig, REPO / "configs" / "usl" / "demo.yaml",
+                      [f"train.output_dir={out_dir}/ddp", f"data.world_dir={world_dir}", *FAST, *_DETERMINISTIC,
+                       "train.epochs=1"])
+    try:
+        trainer = ClusterContrastTrainer(cfg, resume=False)
+        result = trainer.run()
+        torch.save({"labels": trainer.labels, "memory": trainer.memory.features.clone(), "history": result.history,
+                    "metrics": result.final_metrics,
+                    "params": {k: v.clone() for k, v in trainer.model.state_dict().items()}},
+                   Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        dist.destroy()
+
+
+# No random augmentation or stochastic depth: the two runs then see the same inputs. SGD: the update is
+# linear in the gradient (Adam's first steps turn float-rounding differences of near-zero gradients into +-lr).
+_DETERMINISTIC = ["data.flip_p=0.0", "data.padding=0", "data.erasing_p=0.0", "data.color_jitter=[]",
+                  "optim.name=sgd", "optim.lr=0.01"]
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_two_process_run_equals_one_process(tmp_path: Path, synthetic_world: Path):
+    context = mp.start_processes(_ddp_worker, args=(2, free_port(), str(tmp_path), str(synthetic_world)),
+                                 nprocs=2, join=False, start_method="spawn")
+    deadline = time.monotonic() + 300
+    try:
+        while not context.join(timeout=5):
+            if time.monotonic() > deadline:
+                pytest.fail("2-process Cluster Contrast did not finish within 300 s")
+    finally:
+        for process in context.processes:
+            if process.is_alive():
+                process.terminate()
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    assert (ranks[0]["labels"] == ranks[1]["labels"]).all()  # pseudo labels broadcast
+    assert torch.equal(ranks[0]["memory"], ranks[1]["memory"])  # same memory updates on both ranks
+    assert ranks[0]["metrics"] is not None and ranks[1]["metrics"] is None
+
+    # One process over the same global batches; its BN sees each rank's half separately (ghost BN of 8).
+    # One epoch: the same starting model gives the same pseudo labels (gathered in sample order), then the
+    # three steps must agree. (Later epochs re-cluster features that differ by float rounding, which can move
+    # a border point of DBSCAN.)
+    single = run_usl(_config(tmp_path / "single", synthetic_world, *_DETERMINISTIC, "train.ghost_bn_size=8",
+                             "train.epochs=1"), resume=False)
+    (one,), (two,) = _untimed(single.history), _untimed(ranks[0]["history"])
+    assert one.pop("loss") == pytest.approx(two.pop("loss"), rel=1e-5) and one == two
+    final_file = torch.load(single.final_model, weights_only=False)
+    torch.testing.assert_close(final_file["model"]["head.classifier.weight"], ranks[0]["memory"], rtol=1e-4,
+                               atol=1e-5)  # the memory after the last update
+    final = final_file["model"]
+    for key, value in ranks[0]["params"].items():
+        if not key.endswith("num_batches_tracked"):  # ghost BN counts its chunks
+            torch.testing.assert_close(value, final[key], rtol=1e-4, atol=1e-5, msg=key)
+    assert single.final_metrics["mAP"] == pytest.approx(ranks[0]["metrics"]["mAP"], abs=1e-3)
