@@ -1,0 +1,109 @@
+#!/usr/bin/env bash
+# Submit the passreid pipeline as chained SLURM jobs: pre-training, then fine-tuning / USL from its backbone
+# export, then UDA from the fine-tuned model. Each job starts only when the one it needs ended well
+# (--dependency=afterok, and is cancelled if that one failed); requeued jobs keep their place in the chain.
+#
+#   launch/pipeline.sh [--profile FILE] [--run-dir DIR] [--stages pretrain,finetune,usl[,uda]] [--dry-run]
+#                      [--data-root DIR] [--<stage>-config FILE] [--<stage>-opts "key=value ..."]
+#                      [-- extra sbatch options for every job]
+#
+# Defaults: profile launch/profiles/default.yaml (edit it, or copy it and pass --profile), run directory
+# runs/pipeline-<date-time>, stages pretrain,finetune,usl, the demo config of each stage. Stage <s> writes
+# <run-dir>/<s>; SLURM logs go to <run-dir>/logs. Prints one line per job: "<stage> <job id> <output dir>".
+# Environment: PROFILE, RUN_DIR, STAGES, DATA_ROOT, PYTHON; <STAGE>_CONFIG and <STAGE>_OPTS (e.g. FINETUNE_OPTS).
+set -euo pipefail
+
+root="$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")/.." && pwd)"
+profile="${PROFILE:-$root/launch/profiles/default.yaml}"
+run_dir="${RUN_DIR:-runs/pipeline-$(date +%Y%m%d-%H%M%S)}"
+stages="${STAGES:-pretrain,finetune,usl}"
+data_root="${DATA_ROOT:-}"
+dry_run=0
+extra_sbatch=()
+declare -A config=(
+    [pretrain]="${PRETRAIN_CONFIG:-$root/configs/pretrain/demo.yaml}"
+    [finetune]="${FINETUNE_CONFIG:-$root/configs/finetune/demo.yaml}"
+    [usl]="${USL_CONFIG:-$root/configs/usl/demo.yaml}"
+    [uda]="${UDA_CONFIG:-$root/configs/uda/demo.yaml}"
+)
+declare -A opts=(
+    [pretrain]="${PRETRAIN_OPTS:-}" [finetune]="${FINETUNE_OPTS:-}" [usl]="${USL_OPTS:-}" [uda]="${UDA_OPTS:-}"
+)
+# What each stage starts from: "<upstream stage> <override key> <upstream file>".
+declare -A starts_from=(
+    [finetune]="pretrain model.pretrained backbone_final.pth"
+    [usl]="pretrain model.pretrained backbone_final.pth"
+    [uda]="finetune model.init_from model_final.pth"
+)
+
+die() {
+    echo "pipeline: $*" >&2
+    exit 2
+}
+
+need_value() {
+    [ "$2" -ge 2 ] || die "$1 needs a value"
+}
+
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --profile) need_value "$1" $#; profile="$2"; shift ;;
+        --run-dir) need_value "$1" $#; run_dir="$2"; shift ;;
+        --stages) need_value "$1" $#; stages="$2"; shift ;;
+        --data-root) need_value "$1" $#; data_root="$2"; shift ;;
+        --dry-run) dry_run=1 ;;
+        --pretrain-config|--finetune-config|--usl-config|--uda-config)
+            need_value "$1" $#; name="${1#--}"; config["${name%-config}"]="$2"; shift ;;
+        --pretrain-opts|--finetune-opts|--usl-opts|--uda-opts)
+            need_value "$1" $#; name="${1#--}"; opts["${name%-opts}"]="$2"; shift ;;
+        -h|--help) sed -n '2,14p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        --) shift; extra_sbatch=("$@"); break ;;
+        *) die "unknown argument '$1' (see --help)" ;;
+    esac
+    shift
+done
+
+python="${PYTHON:-}"
+if [ -z "$python" ]; then
+    if [ -x "$root/.venv/bin/python" ]; then python="$root/.venv/bin/python"; else python=python3; fi
+fi
+export PASSREID_ROOT="$root"   # the jobs find the checkout through it (sbatch exports the environment)
+[ -f "$profile" ] || die "profile '$profile' not found (see launch/profiles/)"
+IFS=',' read -r -a stage_list <<< "$stages"
+[ "${#stage_list[@]}" -gt 0 ] || die "no stages given"
+
+submitted=()   # stages submitted so far, for the dependency lookup
+declare -A job_id=()
+[ "$dry_run" = 1 ] || mkdir -p "$run_dir/logs"
+
+for stage in "${stage_list[@]}"; do
+    [ -n "${config[$stage]+set}" ] || die "unknown stage '$stage' (expected pretrain, finetune, usl, uda)"
+    [ -f "${config[$stage]}" ] || die "config '${config[$stage]}' of stage $stage not found (working directory $(pwd))"
+    mapfile -t profile_options < <("$python" "$root/launch/submit.py" sbatch-args --profile "$profile" --stage "$stage")
+    [ "${#profile_options[@]}" -gt 0 ] || die "could not read the sbatch options of profile $profile"
+    command=(sbatch --parsable --job-name="passreid-$stage" --output="$run_dir/logs/%x-%j.out"
+             "${profile_options[@]}")
+    stage_args=("${config[$stage]}" --output-dir "$run_dir/$stage")
+    [ -z "$data_root" ] || stage_args+=(--data-root "$data_root")
+    if [ -n "${starts_from[$stage]+set}" ]; then
+        read -r upstream key file <<< "${starts_from[$stage]}"
+        stage_args+=("$key=$run_dir/$upstream/$file")
+        if [[ " ${submitted[*]} " == *" $upstream "* ]]; then
+            command+=(--dependency="afterok:${job_id[$upstream]}" --kill-on-invalid-dep=yes)
+        elif [ ! -f "$run_dir/$upstream/$file" ] && [ "$dry_run" = 0 ]; then
+            die "$stage starts from $run_dir/$upstream/$file: list $upstream before $stage, or run it first"
+        fi
+    fi
+    read -r -a stage_opts <<< "${opts[$stage]}"
+    command+=("${extra_sbatch[@]}" "$root/launch/$stage.sh" "${stage_args[@]}" "${stage_opts[@]}")
+    if [ "$dry_run" = 1 ]; then
+        job_id[$stage]="<$stage-job-id>"
+        printf '%q ' "${command[@]}"
+        printf '\n'
+    else
+        job_id[$stage]="$("${command[@]}")"
+        job_id[$stage]="${job_id[$stage]%%;*}"   # --parsable prints "id[;cluster]"
+        echo "$stage ${job_id[$stage]} $run_dir/$stage"
+    fi
+    submitted+=("$stage")
+done

@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Unsupervised re-ID (USL, pseudo-labels from clustering) as a SLURM batch job or job array.
+#
+#   sbatch [sbatch options] launch/usl.sh [CONFIG.yaml | LIST.txt] [--output-dir DIR] [--data-root DIR]
+#          [--no-resume] [key=value ...]
+#
+#   sbatch launch/usl.sh configs/usl/demo.yaml model.pretrained=runs/pretrain/123/backbone_final.pth
+# Every #SBATCH value below is a default for one 8-GPU A100 node: override it on the sbatch command line
+# (sbatch --nodes=2 --time=2:00:00 launch/usl.sh ...) or with a profile (launch/pipeline.sh --profile).
+# The same settings come from the environment too: CONFIG, OUTPUT_DIR (default runs/usl/<job id>),
+# DATA_ROOT, OVERRIDES, PYTHON, RESUME=0. A job array over LIST.txt runs one line per task. See launch/README.md.
+#SBATCH --job-name=passreid-usl
+#SBATCH --nodes=1
+#SBATCH --ntasks-per-node=8
+#SBATCH --gpus-per-node=8
+#SBATCH --cpus-per-task=10
+#SBATCH --mem=0
+#SBATCH --time=1-00:00:00
+#SBATCH --signal=USR1@300
+#SBATCH --requeue
+#SBATCH --open-mode=append
+#SBATCH --output=%x-%j.out
+set -euo pipefail
+
+# sbatch runs a copy of this file from the spool directory: look for the checkout in PASSREID_ROOT, next to
+# this file (bash launch/usl.sh, no SLURM), in the submission directory, and where the submitted file is.
+submitted_from="$(scontrol show job "${SLURM_JOB_ID:-none}" 2> /dev/null \
+    | sed -n 's|^ *Command=\([^ ]*\)/launch/[^/ ]*\.sh.*|\1|p' | head -n 1 || true)"
+for PASSREID_ROOT in "${PASSREID_ROOT:-}" "$(dirname -- "$0")/.." "${SLURM_SUBMIT_DIR:-.}" "$submitted_from"; do
+    [ -f "$PASSREID_ROOT/launch/common.sh" ] && break
+done
+if [ ! -f "$PASSREID_ROOT/launch/common.sh" ]; then
+    echo "passreid launch: cannot find the checkout; set PASSREID_ROOT" >&2
+    exit 2
+fi
+PASSREID_ROOT="$(cd -- "$PASSREID_ROOT" && pwd)"
+export PASSREID_ROOT
+# shellcheck source=launch/common.sh
+source "$PASSREID_ROOT/launch/common.sh"
+
+passreid_run_stage usl configs/usl/demo.yaml "$@"
