@@ -8,7 +8,7 @@
 #                      [-- extra sbatch options for every job]
 #
 # Defaults: profile launch/profiles/default.yaml (edit it, or copy it and pass --profile), run directory
-# runs/pipeline-<date-time>, stages pretrain,finetune,usl, the demo config of each stage. Stage <s> writes
+# runs/pipeline-<date-time>, stages pretrain,finetune,usl,uda, the demo config of each stage. Stage <s> writes
 # <run-dir>/<s>; SLURM logs go to <run-dir>/logs. Prints one line per job: "<stage> <job id> <output dir>".
 # Environment: PROFILE, RUN_DIR, STAGES, DATA_ROOT, PYTHON; <STAGE>_CONFIG and <STAGE>_OPTS (e.g. FINETUNE_OPTS).
 set -euo pipefail
@@ -16,7 +16,7 @@ set -euo pipefail
 root="$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")/.." && pwd)"
 profile="${PROFILE:-$root/launch/profiles/default.yaml}"
 run_dir="${RUN_DIR:-runs/pipeline-$(date +%Y%m%d-%H%M%S)}"
-stages="${STAGES:-pretrain,finetune,usl}"
+stages="${STAGES:-pretrain,finetune,usl,uda}"
 data_root="${DATA_ROOT:-}"
 dry_run=0
 extra_sbatch=()

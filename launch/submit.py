@@ -5,7 +5,7 @@
         --config-file configs/finetune/market1501/pass_vit_s_256.yaml --output-dir runs/ft --data-root /data \
         model.pretrained=runs/pt/backbone_final.pth
     python launch/submit.py pipeline --profile launch/profiles/mycluster.yaml --run-dir runs/pipeline \
-        [--stages pretrain,finetune,usl] [--pretrain-config F] [--finetune-opts "k=v ..."] [--wait]
+        [--stages pretrain,finetune,usl,uda] [--pretrain-config F] [--finetune-opts "k=v ..."] [--wait]
     python launch/submit.py sbatch-args --profile launch/profiles/mycluster.yaml --stage pretrain
 
 A profile with ``cluster: local`` runs the job on this machine (submitit's local executor); ``slurm``
@@ -370,7 +370,7 @@ def _parser() -> argparse.ArgumentParser:
     pipe = commands.add_parser("pipeline", help="submit chained stages")
     pipe.add_argument("--profile", default=str(DEFAULT_PROFILE))
     pipe.add_argument("--run-dir", required=True, help="each stage writes <run-dir>/<stage>")
-    pipe.add_argument("--stages", default="pretrain,finetune,usl")
+    pipe.add_argument("--stages", default="pretrain,finetune,usl,uda")
     pipe.add_argument("--data-root", default=None)
     pipe.add_argument("--wait", action="store_true", help="wait for the last job and print the results")
     for stage in STAGES:

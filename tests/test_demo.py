@@ -20,7 +20,7 @@ def test_demo_pipeline_runs_every_stage_from_the_previous_export(tmp_path):
                             capture_output=True, text=True, timeout=1800, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     summary = json.loads((out / "demo_metrics.json").read_text())
-    assert list(summary["stages"])[:4] == ["pretrain", "finetune", "finetune_random", "test"]
+    assert list(summary["stages"]) == ["pretrain", "finetune", "finetune_random", "test", "usl", "uda"]
     assert (out / "pretrain" / "backbone_final.pth").is_file()
     assert (out / "finetune" / "model_final.pth").is_file()
     # The fine-tuning stage really started from the pre-training export (the weight-loading report says so).
@@ -29,4 +29,9 @@ def test_demo_pipeline_runs_every_stage_from_the_previous_export(tmp_path):
         assert 0.0 <= summary["stages"][stage]["mAP"] <= 1.0
     assert summary["stages"]["test"]["mAP"] == pytest.approx(summary["stages"]["finetune"]["mAP"], abs=1e-6)
     assert (out / "test" / "query_features.npz").is_file()
+    for stage in ("usl", "uda"):  # started from the pre-training export / the fine-tuned model
+        assert (out / stage / "model_final.pth").is_file()
+        assert 0.0 <= summary["stages"][stage]["mAP_start"] <= 1.0 and 0.0 <= summary["stages"][stage]["mAP"] <= 1.0
+    assert "backbone_final.pth" in (out / "usl" / "log.txt").read_text()
+    assert "model_final.pth" in (out / "uda" / "log.txt").read_text()
     assert "stage" in result.stdout and "finetune_random" in result.stdout

@@ -10,9 +10,12 @@ Each stage runs through its own entry point, exactly as a user would run it, int
    (``configs/finetune/demo.yaml``) -> ``finetune/model_final.pth``;
 3. ``finetune_random``  the same fine-tuning from random initialisation, for comparison;
 4. ``test``  ``finetune/test.py`` on the fine-tuned model: metrics and query / gallery features;
-5. every later stage present in the repository (USL, UDA) adds itself to ``STAGES``.
+5. ``usl``  Cluster-Contrast unsupervised training from the pre-training export (``configs/usl/demo.yaml``);
+6. ``uda``  Cluster-Contrast domain adaptation of the fine-tuned model to a second generated world whose
+   cameras and style differ (``configs/uda/demo.yaml``).
 
-The generated world is rendered once into ``<output-dir>/world`` and shared by all stages. The summary
+The generated world is rendered once into ``<output-dir>/world`` and shared by the stages that use the
+default world (the UDA target world, and demo worlds with other sizes, go to ``world-<hash>``). The summary
 (``demo_metrics.json``) collects each stage's final numbers. ``--quick`` cuts every budget to a few
 iterations (what the test suite runs); the numbers it prints are not meaningful.
 """
@@ -60,6 +63,17 @@ def _pretrain_summary(stage_dir: Path) -> dict:
     return {"knn_mAP_first": knn[0]["mAP"], "knn_mAP_last": knn[-1]["mAP"], "knn_evaluations": len(knn)}
 
 
+def _cluster_summary(stage_dir: Path) -> dict:
+    """Start and end mAP of a USL / UDA run, and the pseudo labels' ARI in the first and last epoch."""
+    records = [json.loads(line) for line in (stage_dir / "metrics.jsonl").read_text().splitlines()]
+    evals = [record for record in records if record.get("split") == "eval"]
+    clusters = [record for record in records if record.get("split") == "cluster"]
+    summary = {"mAP_start": evals[0]["mAP"], "mAP": evals[-1]["mAP"], "rank1": evals[-1]["rank1"]}
+    if clusters and "ari" in clusters[0]:
+        summary.update(ari_first_epoch=clusters[0]["ari"], ari_last_epoch=clusters[-1]["ari"])
+    return summary
+
+
 def build_stages() -> list[Stage]:
     """The pipeline, in order."""
     pretrain = Stage(
@@ -92,7 +106,21 @@ def build_stages() -> list[Stage]:
         summarize=lambda out: {key: value for key, value in json.loads((out / "metrics.json").read_text()).items()
                                if key in ("mAP", "rank1", "rank5", "mINP")},
     )
-    return [pretrain, finetune, finetune_random, test]
+    usl = Stage(
+        "usl", "usl/train.py",
+        lambda root: ["--config-file", "configs/usl/demo.yaml", "--output-dir", str(root / "usl"),
+                      f"model.pretrained={root / 'pretrain' / 'backbone_final.pth'}"],
+        quick=["train.epochs=1", "train.iters=3"],
+        summarize=_cluster_summary,
+    )
+    uda = Stage(
+        "uda", "uda/train.py",
+        lambda root: ["--config-file", "configs/uda/demo.yaml", "--output-dir", str(root / "uda"),
+                      f"model.init_from={root / 'finetune' / 'model_final.pth'}"],
+        quick=["train.epochs=1", "train.iters=3"],
+        summarize=_cluster_summary,
+    )
+    return [pretrain, finetune, finetune_random, test, usl, uda]
 
 
 def run_stage(stage: Stage, root: Path, quick: bool) -> dict:
