@@ -1,8 +1,10 @@
 """Learning across generated worlds: the UDA demo recipe against the source model's direct transfer.
 
-Strict xfail: the issue asks UDA to beat the source model's direct transfer on the target world, which the
-demo recipe does not do reliably on the generated worlds (uda/README.md, "Demo"); the test turns into a
-failure as soon as it passes, so that the marker is removed then."""
+Issue #7: UDA from a source-trained model must beat that model's direct transfer (its own test feature, its
+trained BN necks) on the target world. The source here is the fine-tuning demo recipe on the default world
+(style "a"), from random init (no pre-training export, to keep the test short); the target is the UDA demo's
+world (style "b", 6 cameras, rendered next to the output folder).
+"""
 from __future__ import annotations
 
 from pathlib import Path
@@ -16,6 +18,11 @@ from passreid.usl import UslConfig, load_target_data, run_usl, to_finetune_confi
 
 REPO = Path(__file__).resolve().parents[1]
 
+# Adapted minus direct-transfer mAP that the test requires. Measured gains of the demo recipe (uda/README.md):
+# this random-init source +1.33 points (seed 1) / +1.03 (train.seed=2); a source from a one-epoch pre-training
+# export +0.76 / +2.19; the demo's source +1.85. Half a point stays below all of them.
+MARGIN = 0.005
+
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
@@ -26,10 +33,6 @@ def _one_thread():
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason=(
-    "open problem: on the generated world pair the demo recipe does not reliably beat direct transfer "
-    "(measured: this random-init source 0.112 -> 0.067 mAP; the demo's PASS-initialised source 0.138 -> "
-    "0.148, after a dip to 0.087); see uda/README.md"))
 def test_uda_beats_direct_transfer(tmp_path: Path, synthetic_world: Path):
     source_cfg = load_config(FinetuneConfig, REPO / "configs" / "finetune" / "demo.yaml",
                              [f"train.output_dir={tmp_path / 'source'}", f"data.world_dir={synthetic_world}",
@@ -40,8 +43,10 @@ def test_uda_beats_direct_transfer(tmp_path: Path, synthetic_world: Path):
                       [f"train.output_dir={tmp_path / 'uda'}", f"model.init_from={source}", "eval.period=100"])
     target = load_target_data(cfg)
     model, _, _ = load_finetuned_model(source)  # the source model with its own test feature
-    direct = evaluate_model(model, target.test, (128, 64), to_finetune_config(cfg), torch.device("cpu")).metrics
+    direct = evaluate_model(model, target.test, tuple(cfg.model.img_size), to_finetune_config(cfg),
+                            torch.device("cpu")).metrics["mAP"]
     result = run_usl(cfg, resume=False)
-    print(f"UDA demo: direct transfer mAP {direct['mAP']:.4f}; adapted from {result.initial_metrics['mAP']:.4f} "
-          f"to {result.final_metrics['mAP']:.4f}; ARI per epoch {[round(r['ari'], 3) for r in result.history]}")
-    assert result.final_metrics["mAP"] > direct["mAP"]
+    adapted = result.final_metrics["mAP"]
+    print(f"UDA demo recipe: direct transfer mAP {direct:.4f}; adapted from {result.initial_metrics['mAP']:.4f} "
+          f"(fresh necks) to {adapted:.4f}; ARI per epoch {[round(r['ari'], 3) for r in result.history]}")
+    assert adapted > direct + MARGIN, f"adapted {adapted:.4f} vs direct transfer {direct:.4f}"

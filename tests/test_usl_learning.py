@@ -1,10 +1,9 @@
 """Learning on the generated world: USL from a (short) pre-training demo export with the USL demo recipe.
 
-Measured with the full demo export (usl/README.md): mAP 2.9% -> 6.0% in 100 iterations. The generated
-cameras differ far more than the people, so the starting features cluster by camera and cross-camera
-retrieval starts at chance. The test asserts a 1.5x rise of mAP and purer clusters (ARI over the clustered
-samples) in the last epochs than in the first, and prints the ARI per epoch (over all samples, outliers as
-one class, it rises for 5-6 epochs and falls back as more images become outliers).
+Issue #7: mAP must rise clearly above its start within the demo budget, and the pseudo labels' adjusted
+Rand index against the true ids (over all train images, outliers as one class) must rise across epochs.
+The demo recipe renders its own, larger world (configs/usl/demo.yaml, ``data.world_options``) next to the
+output folder, so the session's default world is neither used nor touched here.
 """
 from __future__ import annotations
 
@@ -28,14 +27,20 @@ def _one_thread():
 
 
 @pytest.fixture(scope="module")
-def pretrain_export(tmp_path_factory, synthetic_world: Path) -> Path:
-    """The pre-training demo cut to one epoch (12 iterations) on the world's pool: a backbone export."""
+def pretrain_export(tmp_path_factory) -> Path:
+    """The pre-training demo cut to one epoch (12 iterations) on the default world's pool: a backbone export.
+
+    The pool is rendered into a folder of this module (the same 400 images as the default world's: pool
+    images depend on the seed and style only), so other tests' worlds are irrelevant here."""
+    from passreid.data.synthetic import generate_world
     from passreid.pretrain.config import PretrainConfig
     from passreid.pretrain.trainer import run_pretraining
 
+    world = generate_world(tmp_path_factory.mktemp("pool_world"), num_train_ids=1, num_test_ids=1,
+                           images_per_id_per_camera=1, occluded=False, num_distractors=0, num_junk=0)
     out = tmp_path_factory.mktemp("pretrain")
     cfg = load_config(PretrainConfig, REPO / "configs" / "pretrain" / "demo.yaml",
-                      [f"train.output_dir={out}", f"data.root={synthetic_world}", "train.epochs=1",
+                      [f"train.output_dir={out}", f"data.root={world}", "train.epochs=1",
                        "optim.warmup_epochs=1", "monitor.period=0", "data.num_workers=0", "train.device=cpu",
                        "train.precision=fp32"])
     result = run_pretraining(cfg, resume=False)
@@ -43,16 +48,20 @@ def pretrain_export(tmp_path_factory, synthetic_world: Path) -> Path:
 
 
 @pytest.mark.slow
-def test_usl_from_the_pretrain_export_raises_map(tmp_path: Path, synthetic_world: Path, pretrain_export: Path):
+def test_usl_from_the_pretrain_export_raises_map_and_ari(tmp_path: Path, pretrain_export: Path):
     cfg = load_config(UslConfig, REPO / "configs" / "usl" / "demo.yaml",
-                      [f"train.output_dir={tmp_path}", f"data.world_dir={synthetic_world}",
-                       f"model.pretrained={pretrain_export}", "eval.period=10"])
+                      [f"train.output_dir={tmp_path / 'usl'}", f"model.pretrained={pretrain_export}",
+                       "eval.period=100"])
     result = run_usl(cfg, resume=False)
     start, end = result.initial_metrics["mAP"], result.final_metrics["mAP"]
-    ari = [round(record["ari"], 3) for record in result.history]
-    ari_clustered = [round(record["ari_clustered"], 3) for record in result.history]
-    print(f"USL demo: mAP {start:.4f} -> {end:.4f}; ARI per epoch {ari}; ARI of clustered samples {ari_clustered}")
-    assert len(result.history) == 10 and all(record["clusters"] >= 1 for record in result.history)
-    assert end >= 1.5 * start, f"mAP {start:.4f} -> {end:.4f}"
-    # The clusters that form get purer: ARI over the clustered samples, last three epochs vs the first.
-    assert sum(ari_clustered[-3:]) / 3 > ari_clustered[0], ari_clustered
+    ari = [record["ari"] for record in result.history]
+    print(f"USL demo recipe: mAP {start:.4f} -> {end:.4f}; ARI per epoch {[round(a, 3) for a in ari]}; "
+          f"ARI of clustered samples {[round(r['ari_clustered'], 3) for r in result.history]}")
+    assert len(result.history) == cfg.train.epochs and all(record["clusters"] >= 1 for record in result.history)
+    # Clearly above the start: x1.5 and +1 point. Measured from this one-epoch export: 1.46% -> 3.41% (seed 1),
+    # 1.46% -> 2.51% (train.seed=2); from a 3-epoch export 1.45% -> 2.57%; from the full demo export
+    # 1.44% -> 6.79% / 6.23%. The start is chance level (cross-camera retrieval, see usl/README.md).
+    assert end >= 1.5 * start and end - start >= 0.01, f"mAP {start:.4f} -> {end:.4f}"
+    # The pseudo labels move towards the true ids: the last three epochs' mean ARI is at least 0.05 above the
+    # first epoch's (measured: 0.030 -> 0.134 / 0.137 / 0.129 in the three runs above).
+    assert sum(ari[-3:]) / 3 > ari[0] + 0.05, ari
