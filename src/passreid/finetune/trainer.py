@@ -19,18 +19,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from passreid import dist
-from passreid.config import config_to_dict, save_config
 from passreid.data.samplers import RandomIdentitySampler
-from passreid.engine import (Checkpointer, MetricsWriter, PreemptionGuard, ProgressLogger, atomic_save, autocast_for,
-                             build_checkpoint, check_finite, gather_rng_states, make_output_dir, output_layout,
-                             restore_checkpoint, seed_everything, setup_logging, unwrap_model)
+from passreid.engine import atomic_save, autocast_for, check_finite, output_layout, unwrap_model
 from passreid.finetune.checkpoints import build_final_checkpoint
 from passreid.finetune.config import FinetuneConfig, validate_config
-from passreid.finetune.data import FinetuneData, build_train_loader, build_train_set, load_finetune_data
+from passreid.finetune.data import FinetuneData, build_train_set, load_finetune_data
 from passreid.finetune.evaluator import EvalResult, evaluate_model, format_result
+from passreid.finetune.loop import EpochTrainer, resolve_device, torch_threads
 from passreid.finetune.methods import SecondPass, build_criterion, build_model, get_method
 from passreid.finetune.optim import build_lr_scheduler, build_optimizer, schedule_epoch
 
@@ -54,36 +51,19 @@ class TrainResult:
     preempted: bool = False  # stopped by SIGUSR1/SIGTERM with checkpoint.pth written: requeue and resume
 
 
-def resolve_device(spec: str, local_rank: int = 0) -> torch.device:
-    """``"auto"`` -> ``cuda:<local_rank>`` when CUDA is available, else CPU; otherwise the given device."""
-    if spec == "auto":
-        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    device = torch.device(spec)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise RuntimeError(f"train.device={spec!r} but CUDA is not available")
-        if device.index is None:
-            device = torch.device(f"cuda:{local_rank}")
-    return device
-
-
-class FinetuneTrainer:
+class FinetuneTrainer(EpochTrainer):
     """Builds everything a run needs from the config, then :meth:`run` trains, evaluates and saves."""
 
-    def __init__(self, cfg: FinetuneConfig, resume: bool = True) -> None:
-        self.cfg = validate_config(cfg)
-        self.env = dist.init_distributed()
-        self.rank, self.world_size = self.env.rank, self.env.world_size
-        self.device = resolve_device(cfg.train.device, self.env.local_rank)
-        self.output_dir = make_output_dir(cfg.train.output_dir)
-        setup_logging(self.output_dir, rank=self.rank)
-        if self.rank == 0:
-            save_config(cfg, output_layout(self.output_dir).config)
-        seed_everything(cfg.train.seed + self.rank)
+    log = logger
+    stage_name = "fine-tuning"
 
+    def __init__(self, cfg: FinetuneConfig, resume: bool = True) -> None:
+        super().__init__(validate_config(cfg), resume)
+
+    # ------------------------------------------------------------------ set-up
+    def _build(self, resuming: bool) -> None:
+        cfg = self.cfg
         self.data: FinetuneData = load_finetune_data(cfg)
-        self.checkpointer = Checkpointer(self.output_dir, is_main=self.rank == 0)
-        resuming = resume and self.checkpointer.has_checkpoint()
         # A resumed run takes every weight from the checkpoint: model.pretrained is not read again.
         self.model = build_model(cfg, self.data.num_classes, self.data.num_cameras,
                                  load_weights=not resuming).to(self.device)
@@ -97,21 +77,7 @@ class FinetuneTrainer:
         self.sampler = RandomIdentitySampler([item.pid for item in self.data.train.train], cfg.data.batch_size,
                                              cfg.data.num_instances, seed=cfg.train.seed, rank=self.rank,
                                              world_size=self.world_size)
-        self.epoch, self.iteration, self.pending_sampler_state = 0, 0, None
-        self.last_eval_iteration: int | None = None
-        self.last_metrics: dict[str, float] | None = None
-        self.preempted = False
-        self.guard = PreemptionGuard()  # inert until run() installs the signal handlers
-        if resuming:
-            self._resume()
-        if self.world_size > 1:
-            device_ids = [self.device.index] if self.device.type == "cuda" else None
-            self.model = nn.parallel.DistributedDataParallel(self.model, device_ids=device_ids)
-        self.metrics = MetricsWriter(self.output_dir, enabled=self.rank == 0,
-                                     purge_step=self.iteration if self.iteration else None)
-        self._log_setup()
 
-    # ------------------------------------------------------------------ set-up
     def _build_second_pass(self) -> SecondPass | None:
         """The method's second-pass parameters and optimizer (e.g. DPM's mask generator), if it has one."""
         builder = get_method(self.cfg.method).build_second_pass
@@ -125,33 +91,21 @@ class FinetuneTrainer:
                     type(second.optimizer).__name__)
         return second
 
-    def _resume(self) -> None:
-        state = self.checkpointer.load()
-        if state is None:
-            return
-        info = restore_checkpoint(state, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
-                                  scaler=self.amp.scaler, rank=self.rank, world_size=self.world_size)
-        self.epoch, self.iteration, self.pending_sampler_state = info.epoch, info.iteration, info.sampler
-        if self.second_pass is not None:
-            if "second_pass_optimizer" not in info.extra:
-                raise RuntimeError(f"{self.checkpointer.path()} has no second-pass optimizer state, but method "
-                                   f"{self.cfg.method!r} needs one: it was written by a run of another method")
-            self.second_pass.optimizer.load_state_dict(info.extra["second_pass_optimizer"])
-        self._warn_config_changes(info.config or {})
-        self.last_metrics = info.extra.get("last_metrics")
-        self.last_eval_iteration = info.extra.get("last_eval_iteration")
-        logger.info("resumed from %s: epoch %d, iteration %d, sampler position %s",
-                    self.checkpointer.path(), self.epoch, self.iteration, self.pending_sampler_state)
+    def _wrap_distributed(self) -> None:
+        self.model = self._ddp(self.model)
 
-    def _warn_config_changes(self, saved: dict[str, Any]) -> None:
-        """Resuming with a changed config is allowed (e.g. more epochs) but never silent."""
-        current = config_to_dict(self.cfg)
-        changed = [f"{section}.{key}: {saved[section][key]!r} -> {value!r}"
-                   for section, values in current.items() if isinstance(values, dict) and section in saved
-                   for key, value in values.items()
-                   if key != "output_dir" and saved[section].get(key) != value]
-        if changed:
-            logger.warning("resuming with a config that differs from the checkpoint's: %s", "; ".join(changed))
+    def _checkpoint_extra(self, stopped_in_epoch: int | None) -> dict[str, Any]:
+        if self.second_pass is None:
+            return {}
+        return {"second_pass_optimizer": self.second_pass.optimizer.state_dict()}
+
+    def _restore_extra(self, extra: dict[str, Any]) -> None:
+        if self.second_pass is None:
+            return
+        if "second_pass_optimizer" not in extra:
+            raise RuntimeError(f"{self.checkpointer.path()} has no second-pass optimizer state, but method "
+                               f"{self.cfg.method!r} needs one: it was written by a run of another method")
+        self.second_pass.optimizer.load_state_dict(extra["second_pass_optimizer"])
 
     def _log_setup(self) -> None:
         model = unwrap_model(self.model)
@@ -165,89 +119,15 @@ class FinetuneTrainer:
     def total_iterations(self) -> int:
         """Optimizer steps of the whole run (the P x K epoch length varies slightly between epochs)."""
         total = sum(len(self.sampler.global_batches(epoch)) for epoch in range(self.cfg.train.epochs))
-        if self.cfg.train.max_iters:
-            total = min(total, self.cfg.train.max_iters)
+        total = self._clamp_to_max_iters(total)
         if total == 0:
             raise ValueError("the training set yields no P x K batch: fewer identities than batch_size / "
                              "num_instances; lower data.batch_size")
         return total
 
-    # ------------------------------------------------------------------ loop
-    def run(self) -> TrainResult:
-        """Train until ``train.epochs`` (or ``train.max_iters``), evaluate, write ``model_final.pth``.
-
-        On a pre-emption signal (SIGUSR1/SIGTERM) it writes ``checkpoint.pth`` after the current
-        iteration and returns with ``preempted=True`` instead (no evaluation, no final model).
-        """
-        self.guard = PreemptionGuard.install()
-        try:
-            return self._run()
-        finally:
-            self.guard.uninstall()
-
-    def _run(self) -> TrainResult:
-        cfg = self.cfg
-        progress = ProgressLogger(self.total_iterations(), cfg.train.log_period, logger)
-        for epoch in range(self.epoch, cfg.train.epochs):
-            if self._reached_max_iters():
-                break
-            finished = self._train_epoch(epoch, progress)
-            if not finished:
-                break
-            self.epoch = epoch + 1
-            last = self.epoch == cfg.train.epochs or self._reached_max_iters()
-            if self.epoch % cfg.train.checkpoint_period == 0 or last or self.preempted:
-                self._save_checkpoint({"epoch": self.epoch, "position": 0})
-            if self.preempted:
-                break
-            if self.epoch % cfg.eval.period == 0 or last:
-                self._evaluate()
-        if self.preempted:
-            logger.info("stopped by a pre-emption signal at iteration %d; checkpoint written, resume to continue",
-                        self.iteration)
-            self.metrics.close()
-            return TrainResult(self.output_dir, self.iteration, self.epoch, self.last_metrics, None, preempted=True)
-        if self.last_eval_iteration != self.iteration:
-            self._evaluate()
-        final_path = self._save_final_model()
-        self.metrics.close()
-        logger.info("fine-tuning finished at epoch %d, iteration %d", self.epoch, self.iteration)
-        return TrainResult(self.output_dir, self.iteration, self.epoch, self.last_metrics, final_path)
-
-    def _reached_max_iters(self) -> bool:
-        return bool(self.cfg.train.max_iters) and self.iteration >= self.cfg.train.max_iters
-
-    def _train_epoch(self, epoch: int, progress: ProgressLogger) -> bool:
-        """One epoch (or its remainder after a resume); False when stopped mid-epoch by ``max_iters``."""
+    # ------------------------------------------------------------------ training
+    def _set_epoch_lr(self, epoch: int) -> None:
         self.scheduler.step(schedule_epoch(epoch, self.cfg.optim.lr_stepping))
-        self.sampler.set_epoch(epoch)
-        if self.pending_sampler_state is not None and self.pending_sampler_state["epoch"] == epoch:
-            self.sampler.load_state_dict(self.pending_sampler_state)
-        self.pending_sampler_state = None
-        loader = build_train_loader(self.train_set, self.sampler, self.cfg, epoch, self.rank,
-                                    pin_memory=self.device.type == "cuda")
-        self.model.train()
-        batches = 0
-        for batch in loader:
-            terms = self._step(batch)
-            self.iteration += 1
-            batches += 1
-            progress.update(self.iteration - 1, **terms)
-            if self.iteration % self.cfg.train.log_period == 0:
-                self.metrics.write(self.iteration, split="train", epoch=epoch + 1, **terms)
-            if self.guard.requested():
-                self.preempted = True
-                break
-            if self._reached_max_iters():
-                break
-        position = self.sampler.state_dict(consumed=batches * self.sampler.per_rank_batch_size)
-        if position["position"] < len(self.sampler):
-            self._save_checkpoint(position)
-            reason = "a pre-emption signal" if self.preempted else "train.max_iters"
-            logger.info("stopped at iteration %d (%s) in epoch %d; checkpoint saved", self.iteration, reason,
-                        epoch + 1)
-            return False
-        return True
 
     def _step(self, batch: dict[str, Any]) -> dict[str, float]:
         images = batch["img"].to(self.device, non_blocking=True)
@@ -260,14 +140,7 @@ class FinetuneTrainer:
             terms = self.criterion(output, pids)
         loss = terms["loss"]
         check_finite(loss, self.iteration, extra={k: v for k, v in terms.items() if k != "loss"})
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.amp.scaler is not None:
-            self.amp.scaler.scale(loss).backward()
-            self.amp.scaler.step(self.optimizer)
-            self.amp.scaler.update()
-        else:
-            loss.backward()
-            self.optimizer.step()
+        self._backward_and_step(loss)
         values = {key: float(value.detach()) for key, value in terms.items()}
         values["lr"] = self.optimizer.param_groups[0]["lr"]
         if self.second_pass is not None:
@@ -300,17 +173,6 @@ class FinetuneTrainer:
         return float(loss.detach())
 
     # ------------------------------------------------------------------ outputs
-    def _save_checkpoint(self, sampler_position: dict[str, int]) -> None:
-        rng_states = gather_rng_states()  # collective: every rank calls it
-        extra = {"last_metrics": self.last_metrics, "last_eval_iteration": self.last_eval_iteration}
-        if self.second_pass is not None:
-            extra["second_pass_optimizer"] = self.second_pass.optimizer.state_dict()
-        state = build_checkpoint(model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
-                                 scaler=self.amp.scaler, epoch=self.epoch, iteration=self.iteration,
-                                 sampler=sampler_position, config=config_to_dict(self.cfg), extra=extra,
-                                 rng_states=rng_states)
-        self.checkpointer.save(state)
-
     def _evaluate(self) -> EvalResult | None:
         model = unwrap_model(self.model)
         result = evaluate_model(model, self.data.test, tuple(self.cfg.model.img_size), self.cfg, self.device,
@@ -322,6 +184,9 @@ class FinetuneTrainer:
             logger.info("evaluation on %s after epoch %d (iteration %d):\n%s", self.data.test.name, self.epoch,
                         self.iteration, format_result(result))
         return result
+
+    def _result(self, final_path: Path | None, preempted: bool) -> TrainResult:
+        return TrainResult(self.output_dir, self.iteration, self.epoch, self.last_metrics, final_path, preempted)
 
     def _save_final_model(self) -> Path | None:
         path = None
@@ -336,10 +201,5 @@ class FinetuneTrainer:
 
 def run_training(cfg: FinetuneConfig, resume: bool = True) -> TrainResult:
     """Fine-tune with ``cfg`` (auto-resuming from ``<output_dir>/checkpoint.pth`` unless ``resume=False``)."""
-    previous_threads = torch.get_num_threads()
-    if cfg.train.num_threads:
-        torch.set_num_threads(cfg.train.num_threads)
-    try:
+    with torch_threads(cfg.train.num_threads):
         return FinetuneTrainer(cfg, resume=resume).run()
-    finally:
-        torch.set_num_threads(previous_threads)

@@ -31,18 +31,16 @@ import torch
 from torch import nn
 
 from passreid import dist
-from passreid.config import config_to_dict, save_config
+from passreid.config import config_to_dict
 from passreid.data import ImageItem, ReIDDataset, build_dataset
-from passreid.engine import (Checkpointer, MetricsWriter, PreemptionGuard, ProgressLogger, apply_schedule,
-                             atomic_save, autocast_for, build_checkpoint, check_finite, gather_rng_states,
-                             make_output_dir, output_layout, restore_checkpoint, seed_everything, setup_logging)
+from passreid.engine import apply_schedule, atomic_save, autocast_for, check_finite, output_layout
 from passreid.finetune.checkpoints import build_final_checkpoint
-from passreid.finetune.data import _dataset_options, build_train_loader, build_train_set, load_test_dataset, \
-    resolve_data_root
+from passreid.finetune.config import FinetuneConfig
+from passreid.finetune.data import _dataset_options, build_train_set, load_test_dataset, resolve_data_root
 from passreid.finetune.evaluator import EvalResult, evaluate_model, extract_split, format_result
+from passreid.finetune.loop import EpochTrainer, torch_threads
 from passreid.finetune.model import make_classifier
 from passreid.finetune.optim import build_param_groups
-from passreid.finetune.trainer import resolve_device
 from passreid.usl.config import UslConfig, UslOptimConfig, to_finetune_config, validate_usl_config
 from passreid.usl.memory import ClusterMemory
 from passreid.usl.model import ClusterContrastNet, SourceLoad, build_usl_model
@@ -120,24 +118,29 @@ def _build_optimizer(model: nn.Module, optim: UslOptimConfig) -> torch.optim.Opt
     return torch.optim.AdamW(groups, lr=optim.lr)
 
 
-class ClusterContrastTrainer:
+class ClusterContrastTrainer(EpochTrainer):
     """Builds everything from the config; :meth:`run` clusters, trains, evaluates and saves."""
 
-    def __init__(self, cfg: UslConfig, resume: bool = True) -> None:
-        self.cfg = validate_usl_config(cfg)
-        self.ft_cfg = to_finetune_config(cfg)
-        self.env = dist.init_distributed()
-        self.rank, self.world_size = self.env.rank, self.env.world_size
-        self.device = resolve_device(cfg.train.device, self.env.local_rank)
-        self.output_dir = make_output_dir(cfg.train.output_dir)
-        setup_logging(self.output_dir, rank=self.rank)
-        if self.rank == 0:
-            save_config(cfg, output_layout(self.output_dir).config)
-        seed_everything(cfg.train.seed + self.rank)
+    log = logger
+    stage_name = "Cluster Contrast"
 
+    def __init__(self, cfg: UslConfig, resume: bool = True) -> None:
+        cfg = validate_usl_config(cfg)
+        self.ft_cfg = to_finetune_config(cfg)
+        super().__init__(cfg, resume)
+
+    @property
+    def loader_config(self) -> FinetuneConfig:
+        return self.ft_cfg
+
+    @property
+    def train_module(self) -> nn.Module:
+        return self.net
+
+    # ------------------------------------------------------------------ set-up
+    def _build(self, resuming: bool) -> None:
+        cfg = self.cfg
         self.data = load_target_data(cfg)
-        self.checkpointer = Checkpointer(self.output_dir, is_main=self.rank == 0)
-        resuming = resume and self.checkpointer.has_checkpoint()
         # A resumed run takes every weight from the checkpoint: model.pretrained / init_from are not read again.
         self.model, self.source = build_usl_model(self.ft_cfg, cfg.model.init_from, load_weights=not resuming)
         self.model.to(self.device)
@@ -146,30 +149,21 @@ class ClusterContrastTrainer:
         self.optimizer = _build_optimizer(self.model, cfg.optim)
         self.amp = autocast_for(self.device, cfg.train.precision)
         self.net: nn.Module = ClusterContrastNet(self.model, cfg.train.ghost_bn_size)
-
-        self.epoch, self.iteration = 0, 0
-        self.pending_sampler_state: dict[str, int] | None = None
         self.pending_epoch_state: dict[str, Any] | None = None
         self.labels: np.ndarray | None = None
-        self.sampler: PseudoLabelSampler | None = None
+        self.sampler: PseudoLabelSampler | None = None  # built by _prepare_epoch from the epoch's pseudo labels
         self.train_set = None
         self.history: list[dict[str, Any]] = []
         self.loss_sum, self.loss_count = 0.0, 0
-        self.last_eval_iteration: int | None = None
-        self.last_metrics: dict[str, float] | None = None
         self.initial_metrics: dict[str, float] | None = None
-        self.preempted = False
-        self.guard = PreemptionGuard()  # inert until run() installs the signal handlers
-        if resuming:
-            self._resume()
-        if self.world_size > 1:
-            device_ids = [self.device.index] if self.device.type == "cuda" else None
-            # A [CLS]-only head leaves the part tokens without gradient.
-            unused = cfg.model.head == "cls" and cfg.model.num_part_tokens > 0
-            self.net = nn.parallel.DistributedDataParallel(self.net, device_ids=device_ids,
-                                                           find_unused_parameters=unused)
-        self.metrics = MetricsWriter(self.output_dir, enabled=self.rank == 0,
-                                     purge_step=self.iteration if self.iteration else None)
+
+    def _wrap_distributed(self) -> None:
+        # A [CLS]-only head leaves the part tokens without gradient.
+        unused = self.cfg.model.head == "cls" and self.cfg.model.num_part_tokens > 0
+        self.net = self._ddp(self.net, find_unused_parameters=unused)
+
+    def _log_setup(self) -> None:
+        cfg = self.cfg
         logger.info("Cluster Contrast (%s) %s %dx%d, head %s/%s%s, feature dim %d; eps %.2f, k1 %d, k2 %d, "
                     "min_samples %d; memory tau %.3g momentum %.2f %s; %d process(es) on %s, precision %s",
                     "UDA" if cfg.model.init_from else "USL", cfg.model.arch, *cfg.model.img_size, cfg.model.head,
@@ -178,81 +172,38 @@ class ClusterContrastTrainer:
                     cfg.memory.temperature, cfg.memory.momentum, "hard" if cfg.memory.use_hard else "all-sample",
                     self.world_size, self.device, cfg.train.precision)
 
-    # ------------------------------------------------------------------ resume
-    def _resume(self) -> None:
-        state = self.checkpointer.load()
-        if state is None:
-            return
-        info = restore_checkpoint(state, model=self.model, optimizer=self.optimizer, scaler=self.amp.scaler,
-                                  rank=self.rank, world_size=self.world_size)
-        self.epoch, self.iteration, self.pending_sampler_state = info.epoch, info.iteration, info.sampler
-        extra = info.extra
+    # ------------------------------------------------------------------ checkpoint state
+    def _checkpoint_extra(self, stopped_in_epoch: int | None) -> dict[str, Any]:
+        epoch_state = None
+        if stopped_in_epoch is not None:  # the epoch's pseudo labels and memory, to continue it exactly
+            epoch_state = {"epoch": stopped_in_epoch, "labels": torch.from_numpy(self.labels),
+                           "memory": self.memory.features.detach().cpu().clone(),
+                           "loss_sum": self.loss_sum, "loss_count": self.loss_count}
+        return {"history": self.history, "initial_metrics": self.initial_metrics, "epoch_state": epoch_state,
+                "memory": self.memory.features.detach().cpu().clone()}
+
+    def _restore_extra(self, extra: dict[str, Any]) -> None:
         self.history = list(extra.get("history", []))
-        self.last_metrics = extra.get("last_metrics")
-        self.last_eval_iteration = extra.get("last_eval_iteration")
         self.initial_metrics = extra.get("initial_metrics")
         self.pending_epoch_state = extra.get("epoch_state")
         if extra.get("memory") is not None:  # the memory as it ended (a finished run's final classifier)
             self.memory.features = extra["memory"].to(self.memory.features.device).clone()
-        logger.info("resumed from %s: epoch %d, iteration %d, sampler position %s%s", self.checkpointer.path(),
-                    self.epoch, self.iteration, self.pending_sampler_state,
-                    " (mid-epoch: pseudo labels and memory restored)" if self.pending_epoch_state else "")
+
+    def _resume_note(self) -> str:
+        return " (mid-epoch: pseudo labels and memory restored)" if self.pending_epoch_state else ""
 
     # ------------------------------------------------------------------ loop
     def total_iterations(self) -> int:
-        total = self.cfg.train.epochs * self.cfg.train.iters
-        return min(total, self.cfg.train.max_iters) if self.cfg.train.max_iters else total
+        return self._clamp_to_max_iters(self.cfg.train.epochs * self.cfg.train.iters)
 
-    def run(self) -> UslResult:
-        """Train until ``train.epochs`` (or ``train.max_iters``), evaluate, write ``model_final.pth``.
-
-        On a pre-emption signal it writes ``checkpoint.pth`` after the current iteration and returns
-        ``preempted=True`` (no evaluation, no final model)."""
-        self.guard = PreemptionGuard.install()
-        try:
-            return self._run()
-        finally:
-            self.guard.uninstall()
-
-    def _run(self) -> UslResult:
-        cfg = self.cfg
-        if cfg.train.eval_at_start and self.iteration == 0 and self.initial_metrics is None:
+    def _before_epochs(self) -> None:
+        if self.cfg.train.eval_at_start and self.iteration == 0 and self.initial_metrics is None:
             result = self._evaluate(label="starting model")
             self.initial_metrics = result.metrics if result is not None else None
-        progress = ProgressLogger(self.total_iterations(), cfg.train.log_period, logger)
-        for epoch in range(self.epoch, cfg.train.epochs):
-            if self._reached_max_iters():
-                break
-            self._prepare_epoch(epoch)
-            if not self._train_epoch(epoch, progress):
-                break
-            self._finish_epoch_record(epoch)
-            self.epoch = epoch + 1
-            last = self.epoch == cfg.train.epochs or self._reached_max_iters()
-            if self.epoch % cfg.train.checkpoint_period == 0 or last or self.preempted:
-                self._save_checkpoint({"epoch": self.epoch, "position": 0})
-            if self.preempted:
-                break
-            if self.epoch % cfg.eval.period == 0 or last:
-                self._evaluate()
-        if self.preempted:
-            logger.info("stopped by a pre-emption signal at iteration %d; checkpoint written, resume to continue",
-                        self.iteration)
-            self.metrics.close()
-            return self._result(None, preempted=True)
-        if self.last_eval_iteration != self.iteration:
-            self._evaluate()
-        final_path = self._save_final_model()
-        self.metrics.close()
-        logger.info("Cluster Contrast finished at epoch %d, iteration %d", self.epoch, self.iteration)
-        return self._result(final_path)
 
-    def _result(self, final_path: Path | None, preempted: bool = False) -> UslResult:
+    def _result(self, final_path: Path | None, preempted: bool) -> UslResult:
         return UslResult(self.output_dir, self.iteration, self.epoch, self.last_metrics, final_path,
                          list(self.history), self.initial_metrics, self.source, preempted)
-
-    def _reached_max_iters(self) -> bool:
-        return bool(self.cfg.train.max_iters) and self.iteration >= self.cfg.train.max_iters
 
     # ------------------------------------------------------------------ clustering
     def _prepare_epoch(self, epoch: int) -> None:
@@ -306,65 +257,29 @@ class ClusterContrastTrainer:
                                           seed=self.cfg.train.seed, rank=self.rank, world_size=self.world_size)
 
     # ------------------------------------------------------------------ training
-    def _train_epoch(self, epoch: int, progress: ProgressLogger) -> bool:
-        """One epoch (or its remainder after a resume); False when stopped mid-epoch."""
-        assert self.sampler is not None and self.train_set is not None
-        lr = epoch_lr(self.cfg.optim, epoch)
-        apply_schedule(self.optimizer, lr=lr)
-        self.sampler.set_epoch(epoch)
-        if self.pending_sampler_state is not None and self.pending_sampler_state["epoch"] == epoch:
-            self.sampler.load_state_dict(self.pending_sampler_state)
-        self.pending_sampler_state = None
-        loader = build_train_loader(self.train_set, self.sampler, self.ft_cfg, epoch, self.rank,
-                                    pin_memory=self.device.type == "cuda")
-        self.net.train()
-        batches = 0
-        for batch in loader:
-            loss = self._step(batch)
-            self.iteration += 1
-            batches += 1
-            self.loss_sum += loss
-            self.loss_count += 1
-            terms = {"loss": loss, "lr": self.optimizer.param_groups[0]["lr"]}
-            progress.update(self.iteration - 1, **terms)
-            if self.iteration % self.cfg.train.log_period == 0:
-                self.metrics.write(self.iteration, split="train", epoch=epoch + 1, **terms)
-            if self.guard.requested():
-                self.preempted = True
-                break
-            if self._reached_max_iters():
-                break
-        position = self.sampler.state_dict(consumed=batches * self.sampler.per_rank_batch_size)
-        if position["position"] < len(self.sampler):
-            epoch_state = {"epoch": epoch, "labels": torch.from_numpy(self.labels),
-                           "memory": self.memory.features.detach().cpu().clone(),
-                           "loss_sum": self.loss_sum, "loss_count": self.loss_count}
-            self._save_checkpoint(position, epoch_state)
-            reason = "a pre-emption signal" if self.preempted else "train.max_iters"
-            logger.info("stopped at iteration %d (%s) in epoch %d; checkpoint saved", self.iteration, reason, epoch + 1)
-            return False
-        return True
+    def _set_epoch_lr(self, epoch: int) -> None:
+        apply_schedule(self.optimizer, lr=epoch_lr(self.cfg.optim, epoch))
 
-    def _step(self, batch: dict[str, Any]) -> float:
+    def _step(self, batch: dict[str, Any]) -> dict[str, float]:
+        loss = self._memory_loss_step(batch)
+        self.loss_sum += loss
+        self.loss_count += 1
+        return {"loss": loss, "lr": self.optimizer.param_groups[0]["lr"]}
+
+    def _memory_loss_step(self, batch: dict[str, Any]) -> float:
         images = batch["img"].to(self.device, non_blocking=True)
         targets = torch.as_tensor(batch["pid"]).to(self.device, non_blocking=True)
         with self.amp.autocast():
             feats = self.net(images)
         loss = self.memory(feats, targets)  # fp32 inside; a collective under DDP
         check_finite(loss, self.iteration)
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.amp.scaler is not None:
-            self.amp.scaler.scale(loss).backward()
-            self.amp.scaler.step(self.optimizer)
-            self.amp.scaler.update()
-        else:
-            loss.backward()
-            self.optimizer.step()
+        self._backward_and_step(loss)
         if self.world_size > 1:  # log the loss of the global batch (the mean of the ranks' equal-size batches)
             return float(dist.all_reduce_mean(loss.detach()))
         return float(loss.detach())
 
-    def _finish_epoch_record(self, epoch: int) -> None:
+    def _finish_epoch(self, epoch: int) -> None:
+        """The epoch's "cluster" record, completed with its mean loss."""
         mean_loss = self.loss_sum / max(self.loss_count, 1)
         record = next((r for r in reversed(self.history) if r["epoch"] == epoch + 1), None)
         if record is not None:
@@ -375,16 +290,6 @@ class ClusterContrastTrainer:
                     self.optimizer.param_groups[0]["lr"])
 
     # ------------------------------------------------------------------ outputs
-    def _save_checkpoint(self, sampler_position: dict[str, int], epoch_state: dict[str, Any] | None = None) -> None:
-        rng_states = gather_rng_states()  # collective: every rank calls it
-        extra = {"last_metrics": self.last_metrics, "last_eval_iteration": self.last_eval_iteration,
-                 "history": self.history, "initial_metrics": self.initial_metrics, "epoch_state": epoch_state,
-                 "memory": self.memory.features.detach().cpu().clone()}
-        state = build_checkpoint(model=self.model, optimizer=self.optimizer, scaler=self.amp.scaler,
-                                 epoch=self.epoch, iteration=self.iteration, sampler=sampler_position,
-                                 config=config_to_dict(self.cfg), extra=extra, rng_states=rng_states)
-        self.checkpointer.save(state)
-
     def _evaluate(self, label: str = "") -> EvalResult | None:
         result = evaluate_model(self.model, self.data.test, tuple(self.cfg.model.img_size), self.ft_cfg, self.device,
                                 autocast=self.amp.autocast, rank=self.rank, world_size=self.world_size)
@@ -425,10 +330,5 @@ class ClusterContrastTrainer:
 def run_usl(cfg: UslConfig, resume: bool = True) -> UslResult:
     """Cluster-Contrast USL/UDA with ``cfg`` (auto-resuming from ``<output_dir>/checkpoint.pth`` unless
     ``resume=False``)."""
-    previous_threads = torch.get_num_threads()
-    if cfg.train.num_threads:
-        torch.set_num_threads(cfg.train.num_threads)
-    try:
+    with torch_threads(cfg.train.num_threads):
         return ClusterContrastTrainer(cfg, resume=resume).run()
-    finally:
-        torch.set_num_threads(previous_threads)

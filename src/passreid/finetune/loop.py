@@ -1,0 +1,314 @@
+"""The epoch loop shared by the supervised fine-tuning and the Cluster-Contrast (USL/UDA) trainers.
+
+:class:`EpochTrainer` owns what both runs do the same way: process set-up (distributed env, device,
+output folder, logging, saved config, seeds), the epoch loop with its checkpoint and evaluation periods,
+``train.max_iters`` and the pre-emption stop, the P x K training epoch resumable mid-epoch, the
+checkpoint with its resume, and the final evaluation. A trainer supplies the model, data and outputs
+through the hooks listed in the class docstring.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from passreid import dist
+from passreid.config import config_to_dict, save_config
+from passreid.engine import (Checkpointer, MetricsWriter, PreemptionGuard, ProgressLogger, build_checkpoint,
+                             gather_rng_states, make_output_dir, output_layout, restore_checkpoint, seed_everything,
+                             setup_logging)
+from passreid.finetune.data import build_train_loader
+
+__all__ = ["EpochTrainer", "resolve_device", "torch_threads"]
+
+
+def resolve_device(spec: str, local_rank: int = 0) -> torch.device:
+    """``"auto"`` -> ``cuda:<local_rank>`` when CUDA is available, else CPU; otherwise the given device."""
+    if spec == "auto":
+        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    device = torch.device(spec)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"train.device={spec!r} but CUDA is not available")
+        if device.index is None:
+            device = torch.device(f"cuda:{local_rank}")
+    return device
+
+
+@contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    """Run the block with ``count`` intra-op threads (0: leave the setting alone), then restore the setting."""
+    previous = torch.get_num_threads()
+    if count:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+class EpochTrainer:
+    """Trains epoch by epoch with periodic checkpoints and evaluations, exact resume and pre-emption stop.
+
+    The config needs ``train.{device, output_dir, seed, epochs, max_iters, checkpoint_period, log_period}``
+    and ``eval.period``. A subclass sets ``log`` (its logger) and ``stage_name`` (for the finished line)
+    and implements these hooks:
+
+    - ``_build(resuming)``: data, ``model``, ``optimizer``, ``amp``, ``train_set`` and ``sampler`` (``None``
+      until ``_prepare_epoch``), optionally ``scheduler``; when ``resuming`` no pretrained weight is read.
+    - ``_wrap_distributed()``: wrap the trained module in DDP (``world_size > 1``); ``_log_setup()``.
+    - ``total_iterations()``: optimizer steps of the whole run, for the progress ETA.
+    - ``_set_epoch_lr(epoch)`` and ``_step(batch)`` (one optimizer step -> scalars with ``loss``, ``lr``).
+    - ``_evaluate()`` (sets ``last_metrics`` / ``last_eval_iteration``), ``_save_final_model()`` and
+      ``_result(final_path, preempted)``, the object :meth:`run` returns.
+
+    Optional hooks: ``_before_epochs()`` (e.g. evaluate the starting model), ``_prepare_epoch(epoch)``
+    (e.g. re-cluster), ``_finish_epoch(epoch)`` (the per-epoch record), ``_checkpoint_extra(stopped_in)``
+    and ``_restore_extra(extra)`` (the trainer's own checkpoint state), ``_resume_note()``,
+    ``loader_config`` and ``train_module`` (what ``.train()`` is called on).
+    """
+
+    log = logging.getLogger("passreid")
+    stage_name = "training"
+
+    def __init__(self, cfg: Any, resume: bool = True) -> None:
+        self.cfg = cfg
+        self._set_up_process()
+        self._init_loop_state()
+        resuming = resume and self.checkpointer.has_checkpoint()
+        self._build(resuming)
+        if resuming:
+            self._resume()
+        if self.world_size > 1:
+            self._wrap_distributed()
+        self.metrics = MetricsWriter(self.output_dir, enabled=self.rank == 0,
+                                     purge_step=self.iteration if self.iteration else None)
+        self._log_setup()
+
+    def _set_up_process(self) -> None:
+        """Distributed env, device, output folder with its log and saved config, seeds, checkpointer."""
+        train = self.cfg.train
+        self.env = dist.init_distributed()
+        self.rank, self.world_size = self.env.rank, self.env.world_size
+        self.device = resolve_device(train.device, self.env.local_rank)
+        self.output_dir = make_output_dir(train.output_dir)
+        setup_logging(self.output_dir, rank=self.rank)
+        if self.rank == 0:
+            save_config(self.cfg, output_layout(self.output_dir).config)
+        seed_everything(train.seed + self.rank)
+        self.checkpointer = Checkpointer(self.output_dir, is_main=self.rank == 0)
+
+    def _init_loop_state(self) -> None:
+        """Where a fresh run starts; :meth:`_resume` overwrites it from the checkpoint."""
+        self.scheduler = None
+        self.epoch, self.iteration = 0, 0
+        self.pending_sampler_state: dict[str, int] | None = None
+        self.last_eval_iteration: int | None = None
+        self.last_metrics: dict[str, float] | None = None
+        self.preempted = False
+        self.guard = PreemptionGuard()  # inert until run() installs the signal handlers
+
+    # ------------------------------------------------------------------ hooks with defaults
+    @property
+    def loader_config(self) -> Any:
+        """The config :func:`build_train_loader` reads (``data.*``, ``train.seed``)."""
+        return self.cfg
+
+    @property
+    def train_module(self) -> nn.Module:
+        return self.model
+
+    def _before_epochs(self) -> None:
+        """Runs once before the epoch loop."""
+
+    def _prepare_epoch(self, epoch: int) -> None:
+        """Runs before each (possibly resumed) epoch."""
+
+    def _finish_epoch(self, epoch: int) -> None:
+        """Runs after each completed epoch, before its checkpoint and evaluation."""
+
+    def _checkpoint_extra(self, stopped_in_epoch: int | None) -> dict[str, Any]:
+        """The trainer's own checkpoint state; ``stopped_in_epoch`` is set for a mid-epoch checkpoint."""
+        return {}
+
+    def _restore_extra(self, extra: dict[str, Any]) -> None:
+        """Reads back what :meth:`_checkpoint_extra` saved."""
+
+    def _resume_note(self) -> str:
+        return ""
+
+    def _ddp(self, module: nn.Module, **options: Any) -> nn.Module:
+        device_ids = [self.device.index] if self.device.type == "cuda" else None
+        return nn.parallel.DistributedDataParallel(module, device_ids=device_ids, **options)
+
+    def _clamp_to_max_iters(self, total: int) -> int:
+        return min(total, self.cfg.train.max_iters) if self.cfg.train.max_iters else total
+
+    # ------------------------------------------------------------------ resume
+    def _resume(self) -> None:
+        state = self.checkpointer.load()
+        if state is None:
+            return
+        info = restore_checkpoint(state, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
+                                  scaler=self.amp.scaler, rank=self.rank, world_size=self.world_size)
+        self.epoch, self.iteration, self.pending_sampler_state = info.epoch, info.iteration, info.sampler
+        self.last_metrics = info.extra.get("last_metrics")
+        self.last_eval_iteration = info.extra.get("last_eval_iteration")
+        self._restore_extra(info.extra)
+        self._warn_config_changes(info.config or {})
+        self.log.info("resumed from %s: epoch %d, iteration %d, sampler position %s%s", self.checkpointer.path(),
+                      self.epoch, self.iteration, self.pending_sampler_state, self._resume_note())
+
+    def _warn_config_changes(self, saved: dict[str, Any]) -> None:
+        """Resuming with a changed config is allowed (e.g. more epochs) but never silent."""
+        current = config_to_dict(self.cfg)
+        changed = [f"{section}.{key}: {saved[section][key]!r} -> {value!r}"
+                   for section, values in current.items() if isinstance(values, dict) and section in saved
+                   for key, value in values.items()
+                   if key != "output_dir" and saved[section].get(key) != value]
+        if changed:
+            self.log.warning("resuming with a config that differs from the checkpoint's: %s", "; ".join(changed))
+
+    # ------------------------------------------------------------------ loop
+    def run(self) -> Any:
+        """Train until ``train.epochs`` (or ``train.max_iters``), evaluate, write ``model_final.pth``.
+
+        On a pre-emption signal (SIGUSR1/SIGTERM) it writes ``checkpoint.pth`` after the current
+        iteration and returns with ``preempted=True`` instead (no evaluation, no final model).
+        """
+        self.guard = PreemptionGuard.install()
+        try:
+            return self._run()
+        finally:
+            self.guard.uninstall()
+
+    def _run(self) -> Any:
+        self._before_epochs()
+        progress = ProgressLogger(self.total_iterations(), self.cfg.train.log_period, self.log)
+        self._run_epochs(progress)
+        if self.preempted:
+            self.log.info("stopped by a pre-emption signal at iteration %d; checkpoint written, resume to continue",
+                          self.iteration)
+            self.metrics.close()
+            return self._result(None, preempted=True)
+        if self.last_eval_iteration != self.iteration:
+            self._evaluate()
+        final_path = self._save_final_model()
+        self.metrics.close()
+        self.log.info("%s finished at epoch %d, iteration %d", self.stage_name, self.epoch, self.iteration)
+        return self._result(final_path, preempted=False)
+
+    def _run_epochs(self, progress: ProgressLogger) -> None:
+        """Epochs from ``self.epoch`` on, each checkpointed and evaluated at its period; stops early at
+        ``train.max_iters`` or a pre-emption signal."""
+        train = self.cfg.train
+        for epoch in range(self.epoch, train.epochs):
+            if self._reached_max_iters():
+                break
+            self._prepare_epoch(epoch)
+            if not self._train_epoch(epoch, progress):
+                break
+            self._finish_epoch(epoch)
+            self.epoch = epoch + 1
+            last = self.epoch == train.epochs or self._reached_max_iters()
+            if self.epoch % train.checkpoint_period == 0 or last or self.preempted:
+                self._save_checkpoint({"epoch": self.epoch, "position": 0})
+            if self.preempted:
+                break
+            if self.epoch % self.cfg.eval.period == 0 or last:
+                self._evaluate()
+
+    def _reached_max_iters(self) -> bool:
+        return bool(self.cfg.train.max_iters) and self.iteration >= self.cfg.train.max_iters
+
+    def _train_epoch(self, epoch: int, progress: ProgressLogger) -> bool:
+        """One epoch (or its remainder after a resume); False when stopped mid-epoch (``max_iters`` or a
+        pre-emption signal), after writing a checkpoint at the sampler's position."""
+        self._set_epoch_lr(epoch)
+        loader = self._epoch_loader(epoch)
+        self.train_module.train()
+        batches = 0
+        for batch in loader:
+            terms = self._step(batch)
+            self.iteration += 1
+            batches += 1
+            progress.update(self.iteration - 1, **terms)
+            if self.iteration % self.cfg.train.log_period == 0:
+                self.metrics.write(self.iteration, split="train", epoch=epoch + 1, **terms)
+            if self.guard.requested():
+                self.preempted = True
+                break
+            if self._reached_max_iters():
+                break
+        position = self.sampler.state_dict(consumed=batches * self.sampler.per_rank_batch_size)
+        if position["position"] < len(self.sampler):
+            self._save_checkpoint(position, stopped_in_epoch=epoch)
+            reason = "a pre-emption signal" if self.preempted else "train.max_iters"
+            self.log.info("stopped at iteration %d (%s) in epoch %d; checkpoint saved", self.iteration, reason,
+                          epoch + 1)
+            return False
+        return True
+
+    def _epoch_loader(self, epoch: int) -> torch.utils.data.DataLoader:
+        """The epoch's loader, starting at the resumed sampler position when the run resumes in it."""
+        self.sampler.set_epoch(epoch)
+        if self.pending_sampler_state is not None and self.pending_sampler_state["epoch"] == epoch:
+            self.sampler.load_state_dict(self.pending_sampler_state)
+        self.pending_sampler_state = None
+        return build_train_loader(self.train_set, self.sampler, self.loader_config, epoch, self.rank,
+                                  pin_memory=self.device.type == "cuda")
+
+    def _backward_and_step(self, loss: torch.Tensor) -> None:
+        """Zero the gradients, back-propagate ``loss`` and step the optimizer (through the AMP scaler)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.amp.scaler is not None:
+            self.amp.scaler.scale(loss).backward()
+            self.amp.scaler.step(self.optimizer)
+            self.amp.scaler.update()
+        else:
+            loss.backward()
+            self.optimizer.step()
+
+    # ------------------------------------------------------------------ outputs
+    def _save_checkpoint(self, sampler_position: dict[str, int], stopped_in_epoch: int | None = None) -> None:
+        rng_states = gather_rng_states()  # collective: every rank calls it
+        extra = {"last_metrics": self.last_metrics, "last_eval_iteration": self.last_eval_iteration,
+                 **self._checkpoint_extra(stopped_in_epoch)}
+        state = build_checkpoint(model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
+                                 scaler=self.amp.scaler, epoch=self.epoch, iteration=self.iteration,
+                                 sampler=sampler_position, config=config_to_dict(self.cfg), extra=extra,
+                                 rng_states=rng_states)
+        self.checkpointer.save(state)
+
+    # ------------------------------------------------------------------ required hooks
+    def _build(self, resuming: bool) -> None:
+        raise NotImplementedError
+
+    def _wrap_distributed(self) -> None:
+        raise NotImplementedError
+
+    def _log_setup(self) -> None:
+        raise NotImplementedError
+
+    def total_iterations(self) -> int:
+        raise NotImplementedError
+
+    def _set_epoch_lr(self, epoch: int) -> None:
+        raise NotImplementedError
+
+    def _step(self, batch: dict[str, Any]) -> dict[str, float]:
+        raise NotImplementedError
+
+    def _evaluate(self) -> Any:
+        raise NotImplementedError
+
+    def _save_final_model(self) -> Path | None:
+        raise NotImplementedError
+
+    def _result(self, final_path: Path | None, preempted: bool) -> Any:
+        raise NotImplementedError
