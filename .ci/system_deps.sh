@@ -16,5 +16,7 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 echo "system_deps: installing ${missing[*]}"
 export DEBIAN_FRONTEND=noninteractive
-apt-get update -qq
-apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+if ! { apt-get update -qq && apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null; }; then
+    # The suite still runs: the tests that need these packages skip and say why.
+    echo "system_deps: could not install ${missing[*]}; the tests that need them will be skipped" >&2
+fi
