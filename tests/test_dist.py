@@ -2,16 +2,15 @@
 from __future__ import annotations
 
 import datetime
-import time
 import warnings
 from pathlib import Path
 
 import pytest
 
 from _ports import free_port
+from _spawn import start_workers, wait_for_workers
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from passreid.dist import (DistEnv, all_gather_by_index, all_reduce_mean, barrier, broadcast_object,
                            destroy, expand_nodelist, get_local_rank, get_rank, get_world_size,
@@ -252,17 +251,8 @@ def _gloo_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
 @pytest.fixture(scope="module")
 def two_process_results(tmp_path_factory) -> list[dict]:
     out_dir = tmp_path_factory.mktemp("gloo")
-    context = mp.start_processes(_gloo_worker, args=(2, free_port(), str(out_dir)), nprocs=2,
-                                 join=False, start_method="spawn")
-    deadline = time.monotonic() + 180
-    try:
-        while not context.join(timeout=5):
-            if time.monotonic() > deadline:
-                pytest.fail("2-process gloo workers did not finish within 180 s")
-    finally:
-        for process in context.processes:
-            if process.is_alive():
-                process.terminate()
+    context = start_workers(_gloo_worker, (2, free_port(), str(out_dir)))
+    wait_for_workers(context, 180, "2-process gloo workers")
     return [torch.load(out_dir / f"rank{r}.pt") for r in range(2)]
 
 

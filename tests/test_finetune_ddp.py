@@ -3,14 +3,13 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from pathlib import Path
 
 import pytest
 
 from _ports import free_port
+from _spawn import start_workers, wait_for_workers
 import torch
-import torch.multiprocessing as mp
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -44,17 +43,8 @@ def _ddp_worker(rank: int, world_size: int, port: int, out_dir: str, world_dir: 
 @pytest.mark.multiprocess
 @pytest.mark.slow
 def test_two_process_fine_tuning(tmp_path: Path, synthetic_world: Path):
-    context = mp.start_processes(_ddp_worker, args=(2, free_port(), str(tmp_path), str(synthetic_world)),
-                                 nprocs=2, join=False, start_method="spawn")
-    deadline = time.monotonic() + 300
-    try:
-        while not context.join(timeout=5):
-            if time.monotonic() > deadline:
-                pytest.fail("2-process fine-tuning did not finish within 300 s")
-    finally:
-        for process in context.processes:
-            if process.is_alive():
-                process.terminate()
+    context = start_workers(_ddp_worker, (2, free_port(), str(tmp_path), str(synthetic_world)))
+    wait_for_workers(context, 300, "2-process fine-tuning")
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
     assert [r["iterations"] for r in ranks] == [2, 2]
     assert ranks[0]["checksum"] == pytest.approx(ranks[1]["checksum"], rel=1e-9)  # DDP kept replicas equal

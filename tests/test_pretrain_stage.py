@@ -7,15 +7,14 @@ import json
 import math
 import os
 import signal
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from _ports import free_port
+from _spawn import start_workers, wait_for_workers
 import torch
-import torch.multiprocessing as mp
 
 from passreid.config import ConfigError, load_config
 from passreid.data import CorruptImageError, ImageItem
@@ -322,18 +321,9 @@ def _ddp_worker(rank: int, world_size: int, port: int, output_dir: str) -> None:
 @pytest.mark.multiprocess
 def test_two_process_ddp_matches_one_process_on_the_same_global_batch(tmp_path):
     single_dir, ddp_dir = tmp_path / "single", tmp_path / "ddp"
-    context = mp.start_processes(_ddp_worker, args=(2, free_port(), str(ddp_dir)), nprocs=2, join=False,
-                                 start_method="spawn")
+    context = start_workers(_ddp_worker, (2, free_port(), str(ddp_dir)))
     run_pretraining(_ddp_config(single_dir, DDP_GLOBAL_BATCH), fixed_batches=_fixed_global_batches())
-    deadline = time.monotonic() + 300
-    try:
-        while not context.join(timeout=5):
-            if time.monotonic() > deadline:
-                pytest.fail("2-process pre-training did not finish within 300 s")
-    finally:
-        for process in context.processes:
-            if process.is_alive():
-                process.terminate()
+    wait_for_workers(context, 300, "2-process pre-training")
 
     single, ddp = _train_records(single_dir), _train_records(ddp_dir)
     for step in range(DDP_STEPS):  # the loss is averaged over ranks: the same global mean

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from _ports import free_port
+from _spawn import start_workers, wait_for_workers
 from passreid.config import load_config
 from passreid.data.synthetic import SyntheticWorldSpec
 from passreid.usl import UslConfig, run_usl
@@ -128,17 +127,8 @@ _DETERMINISTIC = ["data.flip_p=0.0", "data.padding=0", "data.erasing_p=0.0", "da
 @pytest.mark.multiprocess
 @pytest.mark.slow
 def test_two_process_run_equals_one_process(tmp_path: Path, synthetic_world: Path):
-    context = mp.start_processes(_ddp_worker, args=(2, free_port(), str(tmp_path), str(synthetic_world)),
-                                 nprocs=2, join=False, start_method="spawn")
-    deadline = time.monotonic() + 300
-    try:
-        while not context.join(timeout=5):
-            if time.monotonic() > deadline:
-                pytest.fail("2-process Cluster Contrast did not finish within 300 s")
-    finally:
-        for process in context.processes:
-            if process.is_alive():
-                process.terminate()
+    context = start_workers(_ddp_worker, (2, free_port(), str(tmp_path), str(synthetic_world)))
+    wait_for_workers(context, 300, "2-process Cluster Contrast")
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
     assert (ranks[0]["labels"] == ranks[1]["labels"]).all()  # pseudo labels broadcast
     assert torch.equal(ranks[0]["memory"], ranks[1]["memory"])  # same memory updates on both ranks

@@ -4,7 +4,7 @@ Defaults < YAML (bases first, the file last) < ``--output-dir``/``--data-root`` 
 Unknown keys and wrong types are :class:`ConfigError`s naming the dotted key.
 """
 from .cli import DATA_ROOT_KEYS, OUTPUT_DIR_KEYS, default_argument_parser, parse_and_load
-from .errors import ConfigError
+from .errors import ConfigError, require
 from .loader import (build_config, config_from_dict, config_to_dict, dump_config, field_type,
                      load_config, overrides_to_layers, save_config)
 from .schema import DataConfig, EvalConfig, ModelConfig, OptimConfig, TrainConfig
@@ -12,6 +12,7 @@ from .yaml_io import Layer, deep_merge, load_yaml_layers, load_yaml_with_bases
 
 __all__ = [
     "ConfigError",
+    "require",
     "DATA_ROOT_KEYS",
     "DataConfig",
     "EvalConfig",

@@ -34,7 +34,6 @@ them); they are reported as dropped. Every other difference is reported and refu
 """
 from __future__ import annotations
 
-import fnmatch
 import logging
 import os
 import re
@@ -49,6 +48,7 @@ from passreid.finetune.config import FinetuneConfig, validate_config
 from passreid.finetune.methods import build_model
 from passreid.models import (CheckpointFormatError, CheckpointMismatchError, LoadReport,
                              extract_backbone_state_dict, read_checkpoint)
+from passreid.models.checkpoint import matches_any
 
 __all__ = [
     "FINAL_FORMAT",
@@ -261,10 +261,6 @@ def map_published_state_dict(
     return mapped, dropped, unknown
 
 
-def _matches(key: str, patterns: Sequence[str]) -> bool:
-    return any(key == p or fnmatch.fnmatchcase(key, p) for p in patterns)
-
-
 def load_published_checkpoint(
     obj: Mapping[str, Any],
     cfg: FinetuneConfig,
@@ -302,9 +298,9 @@ def load_published_checkpoint(
         else:
             report.loaded.append(key)
     report.unexpected = [k for k in mapped if k not in expected] + [f"{k} (no mapping rule)" for k in unknown]
-    refused = [k for k in report.missing if not _matches(k, allow_missing)]
-    refused += [k for k, _, _ in report.shape_mismatched if not _matches(k, allow_missing)]
-    refused += [k for k in report.unexpected if not _matches(k.split(" ")[0], allow_unexpected)]
+    refused = [k for k in report.missing if not matches_any(k, allow_missing)]
+    refused += [k for k, _, _ in report.shape_mismatched if not matches_any(k, allow_missing)]
+    refused += [k for k in report.unexpected if not matches_any(k.split(" ")[0], allow_unexpected)]
     if refused:
         raise CheckpointMismatchError(f"{label} does not match the model of the config; not allowed: "
                                       f"{', '.join(refused)}\n{report.summary()}")

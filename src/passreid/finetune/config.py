@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from passreid.config import ConfigError
+from passreid.config import require
 from passreid.config.schema import DataConfig, EvalConfig, ModelConfig, OptimConfig, TrainConfig
 
 __all__ = [
@@ -245,65 +245,60 @@ class FinetuneConfig:
     dpeformer: DPEFormerConfig = field(default_factory=DPEFormerConfig)
 
 
-def _require(condition: bool, key: str, message: str) -> None:
-    if not condition:
-        raise ConfigError(f"config key '{key}': {message}")
-
-
 def validate_config(cfg: FinetuneConfig) -> FinetuneConfig:
     """Check the value ranges and combinations a type check cannot; raise ``ConfigError`` naming the key."""
     model, data, loss, optim = cfg.model, cfg.data, cfg.loss, cfg.optim
-    _require(model.num_part_tokens >= 0, "model.num_part_tokens", f"must be >= 0, got {model.num_part_tokens}")
-    _require(model.head != "pass" or model.num_part_tokens > 0, "model.head",
+    require(model.num_part_tokens >= 0, "model.num_part_tokens", f"must be >= 0, got {model.num_part_tokens}")
+    require(model.head != "pass" or model.num_part_tokens > 0, "model.head",
              "'pass' needs part tokens (model.num_part_tokens > 0); use head: cls for a plain [CLS] ViT")
-    _require(model.stride_size > 0 and model.patch_size > 0, "model.stride_size",
+    require(model.stride_size > 0 and model.patch_size > 0, "model.stride_size",
              f"patch and stride must be positive, got {model.patch_size}, {model.stride_size}")
-    _require(model.sie_coe > 0, "model.sie_coe", f"must be positive, got {model.sie_coe}")
+    require(model.sie_coe > 0, "model.sie_coe", f"must be positive, got {model.sie_coe}")
     if model.jpm:
-        _require(model.jpm_num_branches >= 1, "model.jpm_num_branches", "must be >= 1")
-        _require(model.jpm_shuffle_groups >= 1, "model.jpm_shuffle_groups", "must be >= 1")
-        _require(model.jpm_shift >= 1, "model.jpm_shift", "must be >= 1 (1 = no shift)")
-    _require(data.batch_size % data.num_instances == 0, "data.batch_size",
+        require(model.jpm_num_branches >= 1, "model.jpm_num_branches", "must be >= 1")
+        require(model.jpm_shuffle_groups >= 1, "model.jpm_shuffle_groups", "must be >= 1")
+        require(model.jpm_shift >= 1, "model.jpm_shift", "must be >= 1 (1 = no shift)")
+    require(data.batch_size % data.num_instances == 0, "data.batch_size",
              f"{data.batch_size} must be a multiple of data.num_instances ({data.num_instances})")
-    _require(data.max_train_ids >= 0 and data.max_test_ids >= 0, "data.max_train_ids",
+    require(data.max_train_ids >= 0 and data.max_test_ids >= 0, "data.max_train_ids",
              "max_train_ids / max_test_ids must be >= 0 (0 = all)")
-    _require(data.test_batch_size > 0, "data.test_batch_size", "must be positive")
+    require(data.test_batch_size > 0, "data.test_batch_size", "must be positive")
     if data.root.startswith(GENERATED_ROOT_PREFIX):
         subset = data.root[len(GENERATED_ROOT_PREFIX):]
-        _require(subset in GENERATED_SUBSETS, "data.root",
+        require(subset in GENERATED_SUBSETS, "data.root",
                  f"'{data.root}': the generated world has the subsets {list(GENERATED_SUBSETS)} "
                  f"(write e.g. 'generated:market')")
-    _require(len(data.color_jitter) in (0, 4) and all(v >= 0 for v in data.color_jitter), "data.color_jitter",
+    require(len(data.color_jitter) in (0, 4) and all(v >= 0 for v in data.color_jitter), "data.color_jitter",
              f"must be [] or [brightness, contrast, saturation, hue] (>= 0), got {data.color_jitter}")
-    _require(0.0 <= data.occluder_p <= 1.0, "data.occluder_p", f"must be a probability, got {data.occluder_p}")
-    _require(0.0 < data.occluder_area[0] <= data.occluder_area[1] <= 1.0, "data.occluder_area",
+    require(0.0 <= data.occluder_p <= 1.0, "data.occluder_p", f"must be a probability, got {data.occluder_p}")
+    require(0.0 < data.occluder_area[0] <= data.occluder_area[1] <= 1.0, "data.occluder_area",
              f"must be (min, max) with 0 < min <= max <= 1, got {data.occluder_area}")
-    _require(data.mask_scale >= 1, "data.mask_scale", f"must be >= 1, got {data.mask_scale}")
-    _require(0.0 <= cfg.pass_parts.visibility_threshold <= 1.0, "pass_parts.visibility_threshold",
+    require(data.mask_scale >= 1, "data.mask_scale", f"must be >= 1, got {data.mask_scale}")
+    require(0.0 <= cfg.pass_parts.visibility_threshold <= 1.0, "pass_parts.visibility_threshold",
              f"must be in [0, 1], got {cfg.pass_parts.visibility_threshold}")
-    _require(all(w >= 0 for w in (cfg.tsd.id_weight, cfg.tsd.triplet_weight, cfg.tsd.visibility_weight,
+    require(all(w >= 0 for w in (cfg.tsd.id_weight, cfg.tsd.triplet_weight, cfg.tsd.visibility_weight,
                                   cfg.tsd.mimic_weight, cfg.tsd.parsing_weight, cfg.tsd.diversity_weight)),
              "tsd.id_weight", "TSD loss weights must be >= 0")
     dpe = cfg.dpeformer
-    _require(dpe.num_parts >= 1 and dpe.min_selected >= dpe.num_parts, "dpeformer.min_selected",
+    require(dpe.num_parts >= 1 and dpe.min_selected >= dpe.num_parts, "dpeformer.min_selected",
              f"must be >= dpeformer.num_parts ({dpe.num_parts}), got {dpe.min_selected}")
-    _require(0.0 < dpe.erasing_area[0] <= dpe.erasing_area[1] <= 1.0, "dpeformer.erasing_area",
+    require(0.0 < dpe.erasing_area[0] <= dpe.erasing_area[1] <= 1.0, "dpeformer.erasing_area",
              f"must be (min, max) with 0 < min <= max <= 1, got {dpe.erasing_area}")
-    _require(dpe.memory_temperature > 0 and 0.0 <= dpe.memory_momentum <= 1.0, "dpeformer.memory_momentum",
+    require(dpe.memory_temperature > 0 and 0.0 <= dpe.memory_momentum <= 1.0, "dpeformer.memory_momentum",
              "memory temperature must be > 0 and momentum in [0, 1]")
-    _require(list(optim.milestones) == sorted(optim.milestones), "optim.milestones",
+    require(list(optim.milestones) == sorted(optim.milestones), "optim.milestones",
              f"must be increasing epochs, got {optim.milestones}")
-    _require(0.0 <= loss.label_smoothing < 1.0, "loss.label_smoothing",
+    require(0.0 <= loss.label_smoothing < 1.0, "loss.label_smoothing",
              f"must be in [0, 1), got {loss.label_smoothing}")
-    _require(loss.id_weight >= 0 and loss.triplet_weight >= 0, "loss.id_weight", "loss weights must be >= 0")
-    _require(optim.lr > 0, "optim.lr", f"must be positive, got {optim.lr}")
-    _require(optim.warmup_epochs >= 0, "optim.warmup_epochs", f"must be >= 0, got {optim.warmup_epochs}")
-    _require(cfg.train.epochs > 0, "train.epochs", f"must be positive, got {cfg.train.epochs}")
-    _require(cfg.train.max_iters >= 0, "train.max_iters", "must be >= 0 (0 = no cap)")
-    _require(cfg.train.num_threads >= 0, "train.num_threads", "must be >= 0 (0 = torch's default)")
-    _require(cfg.eval.period > 0, "eval.period", f"must be positive, got {cfg.eval.period}")
-    _require(cfg.train.checkpoint_period > 0, "train.checkpoint_period", "must be positive")
-    _require(cfg.train.device in ("auto", "cpu", "cuda") or cfg.train.device.startswith("cuda:"),
+    require(loss.id_weight >= 0 and loss.triplet_weight >= 0, "loss.id_weight", "loss weights must be >= 0")
+    require(optim.lr > 0, "optim.lr", f"must be positive, got {optim.lr}")
+    require(optim.warmup_epochs >= 0, "optim.warmup_epochs", f"must be >= 0, got {optim.warmup_epochs}")
+    require(cfg.train.epochs > 0, "train.epochs", f"must be positive, got {cfg.train.epochs}")
+    require(cfg.train.max_iters >= 0, "train.max_iters", "must be >= 0 (0 = no cap)")
+    require(cfg.train.num_threads >= 0, "train.num_threads", "must be >= 0 (0 = torch's default)")
+    require(cfg.eval.period > 0, "eval.period", f"must be positive, got {cfg.eval.period}")
+    require(cfg.train.checkpoint_period > 0, "train.checkpoint_period", "must be positive")
+    require(cfg.train.device in ("auto", "cpu", "cuda") or cfg.train.device.startswith("cuda:"),
              "train.device", f"must be auto, cpu, cuda or cuda:N, got {cfg.train.device!r}")
     return cfg
 

@@ -47,6 +47,7 @@ __all__ = [
     "infer_pretrain_grid",
     "resize_pos_embed",
     "load_pretrained",
+    "matches_any",
     "architecture_hints",
     "infer_vit_arguments",
 ]
@@ -398,7 +399,8 @@ def infer_vit_arguments(
 
 
 # ---------------------------------------------------------------------------- loading
-def _matches_any(key: str, patterns: Iterable[str]) -> bool:
+def matches_any(key: str, patterns: Iterable[str]) -> bool:
+    """Whether ``key`` equals one of ``patterns`` or matches it as an fnmatch pattern (case-sensitive)."""
     return any(key == p or fnmatch.fnmatchcase(key, p) for p in patterns)
 
 
@@ -481,9 +483,9 @@ def load_pretrained(
             report.loaded.append(key)
     report.unexpected = [k for k in state if k not in model_state]
 
-    refused = [k for k in report.missing if not _matches_any(k, allow_missing)]
-    refused += [k for k, _, _ in report.shape_mismatched if not _matches_any(k, allow_missing)]
-    refused += [f"{k} (unexpected)" for k in report.unexpected if not _matches_any(k, allow_unexpected)]
+    refused = [k for k in report.missing if not matches_any(k, allow_missing)]
+    refused += [k for k, _, _ in report.shape_mismatched if not matches_any(k, allow_missing)]
+    refused += [f"{k} (unexpected)" for k in report.unexpected if not matches_any(k, allow_unexpected)]
     if refused:
         logger.error(report.summary())
         raise CheckpointMismatchError(

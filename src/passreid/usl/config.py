@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Literal
 
-from passreid.config import ConfigError
+from passreid.config import require
 from passreid.config.schema import EvalConfig
 from passreid.finetune.config import (FinetuneConfig, FinetuneDataConfig, FinetuneModelConfig,
                                       FinetuneOptimConfig, FinetuneTrainConfig, validate_config)
@@ -128,11 +128,6 @@ class UslConfig:
     train: UslTrainConfig = field(default_factory=UslTrainConfig)
 
 
-def _require(condition: bool, key: str, message: str) -> None:
-    if not condition:
-        raise ConfigError(f"config key '{key}': {message}")
-
-
 def _copy_fields(source: object, target_cls: type) -> object:
     """An instance of ``target_cls`` holding the values of ``source`` for the fields they share."""
     return target_cls(**{f.name: getattr(source, f.name) for f in fields(target_cls) if hasattr(source, f.name)})
@@ -157,24 +152,24 @@ def validate_usl_config(cfg: UslConfig) -> UslConfig:
     """Check value ranges and combinations (raising ``ConfigError`` naming the key), including every
     check of the fine-tuning config on the shared sections."""
     model, cluster, memory, optim, train = cfg.model, cfg.cluster, cfg.memory, cfg.optim, cfg.train
-    _require(not (model.init_from and model.pretrained), "model.init_from",
+    require(not (model.init_from and model.pretrained), "model.init_from",
              "set either model.init_from (UDA: a source-trained fine-tuned model) or model.pretrained "
              "(USL: a backbone export), not both")
-    _require(not model.jpm, "model.jpm", "Cluster Contrast uses the global branch only; set model.jpm=false")
-    _require(not model.sie_camera, "model.sie_camera",
+    require(not model.jpm, "model.jpm", "Cluster Contrast uses the global branch only; set model.jpm=false")
+    require(not model.sie_camera, "model.sie_camera",
              "Cluster Contrast has no camera embedding; set model.sie_camera=false")
-    _require(model.neck_feat == "after", "model.neck_feat",
+    require(model.neck_feat == "after", "model.neck_feat",
              "Cluster Contrast trains, clusters and tests the BN-neck output: keep model.neck_feat=after")
-    _require(0.0 < cluster.eps, "cluster.eps", f"must be positive, got {cluster.eps}")
-    _require(cluster.min_samples >= 1, "cluster.min_samples", f"must be >= 1, got {cluster.min_samples}")
-    _require(cluster.k1 >= 1 and cluster.k2 >= 1, "cluster.k1", "k1 and k2 must be >= 1")
-    _require(memory.temperature > 0, "memory.temperature", f"must be positive, got {memory.temperature}")
-    _require(0.0 <= memory.momentum < 1.0, "memory.momentum", f"must be in [0, 1), got {memory.momentum}")
-    _require(optim.lr > 0, "optim.lr", f"must be positive, got {optim.lr}")
-    _require(optim.step_size >= 1, "optim.step_size", f"must be >= 1, got {optim.step_size}")
-    _require(0.0 < optim.gamma <= 1.0, "optim.gamma", f"must be in (0, 1], got {optim.gamma}")
-    _require(optim.warmup_epochs >= 0, "optim.warmup_epochs", f"must be >= 0, got {optim.warmup_epochs}")
-    _require(train.iters >= 1, "train.iters", f"must be >= 1, got {train.iters}")
-    _require(train.ghost_bn_size >= 0, "train.ghost_bn_size", "must be >= 0 (0 = the whole per-process batch)")
+    require(0.0 < cluster.eps, "cluster.eps", f"must be positive, got {cluster.eps}")
+    require(cluster.min_samples >= 1, "cluster.min_samples", f"must be >= 1, got {cluster.min_samples}")
+    require(cluster.k1 >= 1 and cluster.k2 >= 1, "cluster.k1", "k1 and k2 must be >= 1")
+    require(memory.temperature > 0, "memory.temperature", f"must be positive, got {memory.temperature}")
+    require(0.0 <= memory.momentum < 1.0, "memory.momentum", f"must be in [0, 1), got {memory.momentum}")
+    require(optim.lr > 0, "optim.lr", f"must be positive, got {optim.lr}")
+    require(optim.step_size >= 1, "optim.step_size", f"must be >= 1, got {optim.step_size}")
+    require(0.0 < optim.gamma <= 1.0, "optim.gamma", f"must be in (0, 1], got {optim.gamma}")
+    require(optim.warmup_epochs >= 0, "optim.warmup_epochs", f"must be >= 0, got {optim.warmup_epochs}")
+    require(train.iters >= 1, "train.iters", f"must be >= 1, got {train.iters}")
+    require(train.ghost_bn_size >= 0, "train.ghost_bn_size", "must be >= 0 (0 = the whole per-process batch)")
     validate_config(to_finetune_config(cfg))
     return cfg

@@ -1,0 +1,27 @@
+"""Start test worker processes (spawned, one per rank) and wait for them with a deadline."""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import pytest
+import torch.multiprocessing as mp
+
+
+def start_workers(worker: Callable, args: tuple, nprocs: int = 2) -> mp.ProcessContext:
+    """``worker(rank, *args)`` in ``nprocs`` spawned processes; returns at once."""
+    return mp.start_processes(worker, args=args, nprocs=nprocs, join=False, start_method="spawn")
+
+
+def wait_for_workers(context: mp.ProcessContext, timeout_s: float, what: str) -> None:
+    """Join the workers (a worker's exception is re-raised); fail the test after ``timeout_s``; never leave one
+    running."""
+    deadline = time.monotonic() + timeout_s
+    try:
+        while not context.join(timeout=5):
+            if time.monotonic() > deadline:
+                pytest.fail(f"{what} did not finish within {timeout_s:.0f} s")
+    finally:
+        for process in context.processes:
+            if process.is_alive():
+                process.terminate()
