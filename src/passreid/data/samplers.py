@@ -21,6 +21,13 @@ Which indices are "done" depends on how the DataLoader is used:
   iteration started from (after a resume), so the count is always relative to the current iterator.
 
 ``len(sampler)`` is the full per-rank length of the current epoch (not the remainder after a resume).
+
+Per-sample augmentation seeds
+-----------------------------
+:class:`SampleSeeds` wraps a sampler and yields ``(seed, index)``; :class:`SeededSamples` wraps the dataset
+and draws sample ``index``'s random augmentation from ``seed``. The seed is a pure function of (base seed,
+epoch, the sample's position in the epoch's *global* order), so a sample is augmented the same way by any
+worker, after a mid-epoch resume, with any ``num_workers`` and on any number of processes.
 """
 from __future__ import annotations
 
@@ -29,6 +36,11 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 from torch.utils.data import Dataset, Sampler
+
+from passreid.engine.seeding import derive_seed, seeded_global_rngs
+
+# Keeps the per-sample augmentation streams apart from other streams derived from the same base seed.
+_SAMPLE_SEED_PURPOSE = 2
 
 
 def _check_rank(rank: int, world_size: int) -> None:
@@ -119,8 +131,39 @@ class _ResumableSampler(Sampler[int]):
         self._pending_start = position
         self._iter_start = None
 
+    @property
+    def iteration_start(self) -> int:
+        """The epoch position the running (or last) iteration started from."""
+        if self._iter_start is None:
+            raise RuntimeError("iteration_start: no iteration of this epoch has started")
+        return self._iter_start
 
-class RandomIdentitySampler(_ResumableSampler):
+    def global_position(self, position: int) -> int:
+        """Where this rank's ``position``-th index of the epoch stands in the epoch's global order (the
+        order a single process would see)."""
+        raise NotImplementedError
+
+
+class BatchShardedSampler(_ResumableSampler):
+    """A sampler that builds the epoch's global batches (:meth:`global_batches`) and gives rank ``r`` slice
+    ``r`` of each (``per_rank_batch_size`` indices), so a rank's batch keeps whole identities."""
+
+    per_rank_batch_size: int
+
+    def global_batches(self, epoch: int) -> list[list[int]]:
+        raise NotImplementedError
+
+    def _build_rank_indices(self, epoch: int) -> list[int]:
+        start = self.rank * self.per_rank_batch_size
+        return [index for batch in self.global_batches(epoch)
+                for index in batch[start:start + self.per_rank_batch_size]]
+
+    def global_position(self, position: int) -> int:
+        batch, offset = divmod(position, self.per_rank_batch_size)
+        return (batch * self.world_size + self.rank) * self.per_rank_batch_size + offset
+
+
+class RandomIdentitySampler(BatchShardedSampler):
     """P x K identity sampler (PASS/TransReID behaviour), sharded across ranks and resumable.
 
     Per epoch, with ``rng = default_rng([seed, epoch])``: each identity's indices are up-sampled with
@@ -188,11 +231,6 @@ class RandomIdentitySampler(_ResumableSampler):
             available = [pid for pid in available if chunks[pid]]
         return batches
 
-    def _build_rank_indices(self, epoch: int) -> list[int]:
-        start = self.rank * self.per_rank_batch_size
-        return [index for batch in self.global_batches(epoch)
-                for index in batch[start:start + self.per_rank_batch_size]]
-
 
 class ResumableDistributedSampler(_ResumableSampler):
     """Shuffled (or ordered) sharded sampler for unlabeled data, resumable mid-epoch.
@@ -226,6 +264,46 @@ class ResumableDistributedSampler(_ResumableSampler):
             padded = -(-len(order) // self.world_size) * self.world_size
             order = np.resize(order, padded)   # np.resize repeats from the start
         return order[self.rank::self.world_size].tolist()
+
+    def global_position(self, position: int) -> int:
+        return position * self.world_size + self.rank
+
+
+class SampleSeeds(Sampler[tuple[int, int]]):
+    """Yields ``(augmentation seed, index)`` for the indices of ``sampler`` (see the module docstring).
+
+    The DataLoader takes this as its sampler and :class:`SeededSamples` as its dataset; resume and
+    ``state_dict`` stay on the wrapped sampler.
+    """
+
+    def __init__(self, sampler: _ResumableSampler, seed: int) -> None:
+        self.sampler = sampler
+        self.seed = int(seed)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        indices = iter(self.sampler)  # sets the epoch and start position eagerly
+        epoch, start = self.sampler.epoch, self.sampler.iteration_start
+        return ((derive_seed(_SAMPLE_SEED_PURPOSE, self.seed, epoch, self.sampler.global_position(start + offset)),
+                 index) for offset, index in enumerate(indices))
+
+
+class SeededSamples(Dataset):
+    """``dataset[index]`` drawn with the global random generators seeded from the key's seed: item
+    ``(seed, index)`` (keys come from :class:`SampleSeeds`)."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]) -> Any:
+        seed, index = key
+        with seeded_global_rngs(seed):
+            return self.dataset[index]
 
 
 def _default_reader(path: str):

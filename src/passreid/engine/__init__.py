@@ -62,13 +62,21 @@ from passreid.engine.output import (
     make_output_dir,
     output_layout,
 )
-from passreid.engine.preemption import PREEMPTION_SIGNALS, PreemptionGuard, requeue_current_job
+from passreid.engine.preemption import (
+    PREEMPTION_SIGNALS,
+    PreemptibleDataLoader,
+    PreemptionGuard,
+    batches_until_preempted,
+    requeue_current_job,
+)
 from passreid.engine.schedules import WarmupCosineLR, apply_schedule, cosine_schedule, warmup_cosine_lr
 from passreid.engine.seeding import (
     capture_rng_state,
+    derive_seed,
     gather_rng_states,
     restore_rng_state,
     seed_everything,
+    seeded_global_rngs,
     worker_init_fn,
 )
 
@@ -88,6 +96,7 @@ __all__ = [
     "OutputLayout",
     "PRECISIONS",
     "PREEMPTION_SIGNALS",
+    "PreemptibleDataLoader",
     "PreemptionGuard",
     "ProgressLogger",
     "ResumeInfo",
@@ -97,10 +106,12 @@ __all__ = [
     "apply_schedule",
     "atomic_save",
     "autocast_for",
+    "batches_until_preempted",
     "build_checkpoint",
     "capture_rng_state",
     "check_finite",
     "cosine_schedule",
+    "derive_seed",
     "format_eta",
     "gather_rng_states",
     "make_output_dir",
@@ -111,6 +122,8 @@ __all__ = [
     "restore_checkpoint",
     "restore_rng_state",
     "seed_everything",
+    "seeded_global_rngs",
+    "setup_logging",
     "unwrap_model",
     "warmup_cosine_lr",
     "worker_init_fn",

@@ -17,6 +17,15 @@ checkpoint::
 
 Under DDP every rank calls :meth:`~PreemptionGuard.requested` at the same iteration; the flag is
 all-reduced (max) so all ranks stop together even when only some of them received the signal.
+
+DataLoader workers. SLURM signals every process of the job step, workers included, and PyTorch's
+workers die on a SIGTERM that does not come from their parent; the main process then raises "DataLoader
+worker ... is killed by signal" from wherever it is, before it can write its checkpoint. The stages
+therefore build their loaders with :class:`PreemptibleDataLoader`: its workers ignore the pre-emption
+signals (the main process alone decides when to stop), the signals are blocked while the workers are
+forked (no window in which a new worker still has PyTorch's handler), and once a pre-emption signal has
+arrived a worker that dies anyway no longer interrupts the main process mid-step: the loader reports it
+at its next fetch, which the loops treat as "stop here".
 """
 from __future__ import annotations
 
@@ -26,19 +35,31 @@ import shutil
 import signal
 import subprocess
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from types import FrameType
+from typing import Any
 
 import torch
+from torch.utils.data import DataLoader
 
 from passreid import dist
 
-__all__ = ["PREEMPTION_SIGNALS", "PreemptionGuard", "requeue_current_job"]
+__all__ = ["PREEMPTION_SIGNALS", "PreemptibleDataLoader", "PreemptionGuard", "batches_until_preempted",
+           "preemption_signal_received", "requeue_current_job"]
 
 logger = logging.getLogger(__name__)
 
 #: The signals that mean "you are about to be stopped": SLURM's ``--signal`` default choice and SIGTERM.
 PREEMPTION_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+
+# Set by the installed guard's handler; read by the SIGCHLD wrapper below (a signal handler cannot be
+# handed the guard, and one process runs one training loop at a time).
+_signal_received = threading.Event()
+
+
+def preemption_signal_received() -> bool:
+    """Whether the installed :class:`PreemptionGuard` of this process has recorded a signal."""
+    return _signal_received.is_set()
 
 
 class PreemptionGuard:
@@ -53,6 +74,7 @@ class PreemptionGuard:
         """A guard with handlers for ``signals`` (only possible in the main thread; elsewhere the guard
         stays inert and says so in the log)."""
         guard = cls()
+        _signal_received.clear()
         if threading.current_thread() is not threading.main_thread():
             logger.warning("pre-emption signals are not handled: the training loop is not in the main thread")
             return guard
@@ -65,6 +87,7 @@ class PreemptionGuard:
             logger.warning("received %s: will write a checkpoint and stop after the current iteration",
                            signal.Signals(signum).name)
         self.signal_received = signum
+        _signal_received.set()
 
     def requested(self) -> bool:
         """Whether any rank received a pre-emption signal (a collective when ``world_size > 1``)."""
@@ -80,6 +103,86 @@ class PreemptionGuard:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
         self._previous.clear()
+        _signal_received.clear()
+
+
+class _WorkerInit:
+    """``worker_init_fn`` of :class:`PreemptibleDataLoader`: hand the pre-emption signals to the main
+    process, then run the caller's own init function (a class, not a closure: spawned workers pickle it)."""
+
+    def __init__(self, user_init_fn: Callable[[int], None] | None) -> None:
+        self.user_init_fn = user_init_fn
+
+    def __call__(self, worker_id: int) -> None:
+        for signum in PREEMPTION_SIGNALS:
+            signal.signal(signum, signal.SIG_IGN)  # replaces PyTorch's worker SIGTERM handler
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, PREEMPTION_SIGNALS)  # blocked by the parent at fork
+        if self.user_init_fn is not None:
+            self.user_init_fn(worker_id)
+
+
+class _DeferWorkerFailures:
+    """SIGCHLD handler wrapped around PyTorch's: after a pre-emption signal a dying worker must not raise
+    in the middle of an optimizer step or a checkpoint write; the loader still reports it at its next
+    fetch, where stopping is safe."""
+
+    def __init__(self, inner: Callable[[int, FrameType | None], Any]) -> None:
+        self.inner = inner
+
+    def __call__(self, signum: int, frame: FrameType | None) -> None:
+        if _signal_received.is_set():
+            logger.warning("a data-loading worker ended after the pre-emption signal; stopping as planned")
+            return
+        self.inner(signum, frame)
+
+
+class PreemptibleDataLoader(DataLoader):
+    """A :class:`torch.utils.data.DataLoader` whose workers leave SIGTERM / SIGUSR1 to the main process.
+
+    Takes the DataLoader's arguments; ``worker_init_fn`` still runs in every worker, after the signal
+    set-up. Every loader a training stage iterates (training and evaluation) is one of these.
+    """
+
+    def __init__(self, *args: Any, worker_init_fn: Callable[[int], None] | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, worker_init_fn=_WorkerInit(worker_init_fn), **kwargs)
+
+    def __iter__(self):
+        if self.num_workers == 0:
+            return super().__iter__()
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, PREEMPTION_SIGNALS)
+        try:
+            iterator = super().__iter__()  # forks the workers: they start with the signals blocked
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)  # a signal that arrived meanwhile is delivered now
+        _wrap_sigchld_handler()
+        return iterator
+
+
+def batches_until_preempted(loader: Iterable[Any]) -> Iterator[Any]:
+    """The batches of ``loader``; when fetching one fails after a pre-emption signal (a worker that died
+    during the shutdown), the iteration ends there instead of raising: nothing of that batch was used, so
+    the checkpoint the loop writes next is exact."""
+    iterator = iter(loader)
+    while True:
+        try:
+            batch = next(iterator)
+        except StopIteration:
+            return
+        except RuntimeError as error:
+            if not _signal_received.is_set():
+                raise
+            logger.warning("data loading failed after the pre-emption signal (%s); stopping here", error)
+            return
+        yield batch
+
+
+def _wrap_sigchld_handler() -> None:
+    """Wrap the SIGCHLD handler PyTorch installs with the first multi-process iterator (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    current = signal.getsignal(signal.SIGCHLD)
+    if callable(current) and not isinstance(current, _DeferWorkerFailures):
+        signal.signal(signal.SIGCHLD, _DeferWorkerFailures(current))
 
 
 def _collective_device() -> torch.device:

@@ -10,9 +10,10 @@ that needs them exact must store them itself, e.g. in the checkpoint's ``"extra"
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -54,6 +55,35 @@ def worker_init_fn(worker_id: int) -> None:
     worker_seed = torch.initial_seed()
     random.seed(worker_seed)
     np.random.seed(np.random.SeedSequence(worker_seed).generate_state(4))
+
+
+def derive_seed(*keys: int) -> int:
+    """A 63-bit seed that is a pure function of the non-negative ``keys`` (independent streams for
+    different key tuples, via numpy's ``SeedSequence``)."""
+    return int(np.random.SeedSequence([int(key) for key in keys]).generate_state(1, dtype=np.uint64)[0] % 2**63)
+
+
+@contextlib.contextmanager
+def seeded_global_rngs(seed: int) -> Iterator[None]:
+    """Seed torch's CPU generator, numpy's and ``random``'s global generators for one block, then put
+    the previous states back.
+
+    Per-sample augmentation uses it: torchvision / timm transforms draw from these generators, so the
+    block's draws are a pure function of ``seed`` wherever the sample is loaded (main process or any
+    worker), while the caller's own streams (e.g. drop-path in the main process with ``num_workers=0``)
+    continue where they were. Only the CPU generator is seeded: ``torch.manual_seed`` would also seed
+    every CUDA device, which in a worker without CUDA costs ~1 ms a call for nothing.
+    """
+    torch_state, numpy_state, python_state = torch.get_rng_state(), np.random.get_state(), random.getstate()
+    torch.default_generator.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+    try:
+        yield
+    finally:
+        torch.set_rng_state(torch_state)
+        np.random.set_state(numpy_state)
+        random.setstate(python_state)
 
 
 def capture_rng_state() -> dict[str, Any]:

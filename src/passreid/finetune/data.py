@@ -6,17 +6,17 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import transforms as T
 
 from passreid.data import ImageItem, ReIDDataset, SafeImageReader, build_dataset
 from passreid.data.mask_transforms import MaskedTrainTransform
 from passreid.data.masks import DEFAULT_MASK_SUFFIX, PUBLISHED_MASK_SUFFIXES, MaskedImageDataset
 from passreid.data.occluders import OccluderPaste
-from passreid.data.samplers import ImageDataset, RandomIdentitySampler
+from passreid.data.samplers import BatchShardedSampler, ImageDataset, SampleSeeds, SeededSamples
 from passreid.data.synthetic import generate_world, write_occlusion_split
 from passreid.data.transforms import build_test_transform, build_train_transform
-from passreid.engine import worker_init_fn
+from passreid.engine import PreemptibleDataLoader, worker_init_fn
 from passreid.finetune.config import GENERATED_ROOT_PREFIX, FinetuneConfig, default_world_dir
 
 __all__ = [
@@ -146,13 +146,17 @@ def loader_generator(seed: int, rank: int, epoch: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(state % (2**63)))
 
 
-def build_train_loader(dataset: ImageDataset, sampler: RandomIdentitySampler, cfg: FinetuneConfig, epoch: int,
+def build_train_loader(dataset: Dataset, sampler: BatchShardedSampler, cfg: FinetuneConfig, epoch: int,
                        rank: int, pin_memory: bool) -> DataLoader:
-    """One epoch's loader over ``sampler`` (set to ``epoch`` by the caller) with ``per_rank_batch_size`` batches."""
-    return DataLoader(
-        dataset,
+    """One epoch's loader over ``sampler`` (set to ``epoch`` by the caller) with ``per_rank_batch_size`` batches.
+
+    Each sample's augmentation is seeded from its position in the epoch (``SampleSeeds``), so batches are
+    the same with any ``num_workers``, after a mid-epoch resume and on any number of processes.
+    """
+    return PreemptibleDataLoader(
+        SeededSamples(dataset),
         batch_size=sampler.per_rank_batch_size,
-        sampler=sampler,
+        sampler=SampleSeeds(sampler, cfg.train.seed),
         num_workers=cfg.data.num_workers,
         pin_memory=pin_memory,
         drop_last=False,
@@ -251,7 +255,7 @@ def build_test_loader(items: list[ImageItem], img_size: tuple[int, int], cfg: Fi
     """Ordered (sharded under DDP) loader with the test transform (resize + normalise)."""
     data = cfg.data
     dataset = ImageDataset(items, build_test_transform(tuple(img_size), mean=data.pixel_mean, std=data.pixel_std))
-    return DataLoader(
+    return PreemptibleDataLoader(
         dataset,
         batch_size=data.test_batch_size,
         sampler=ShardSampler(len(dataset), rank, world_size),

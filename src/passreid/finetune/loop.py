@@ -19,9 +19,9 @@ from torch import nn
 
 from passreid import dist
 from passreid.config import config_to_dict, save_config
-from passreid.engine import (Checkpointer, MetricsWriter, PreemptionGuard, ProgressLogger, build_checkpoint,
-                             gather_rng_states, make_output_dir, output_layout, restore_checkpoint, seed_everything,
-                             setup_logging)
+from passreid.engine import (Checkpointer, MetricsWriter, PreemptionGuard, ProgressLogger, batches_until_preempted,
+                             build_checkpoint, gather_rng_states, make_output_dir, output_layout, restore_checkpoint,
+                             seed_everything, setup_logging)
 from passreid.finetune.data import build_train_loader
 
 __all__ = ["EpochTrainer", "resolve_device", "torch_threads"]
@@ -233,7 +233,7 @@ class EpochTrainer:
         loader = self._epoch_loader(epoch)
         self.train_module.train()
         batches = 0
-        for batch in loader:
+        for batch in batches_until_preempted(loader):
             terms = self._step(batch)
             self.iteration += 1
             batches += 1
@@ -247,6 +247,9 @@ class EpochTrainer:
                 break
         position = self.sampler.state_dict(consumed=batches * self.sampler.per_rank_batch_size)
         if position["position"] < len(self.sampler):
+            # Short of the epoch's end without max_iters or a pre-emption stop: batches_until_preempted ended
+            # the epoch after a signal this rank received.
+            self.preempted = self.preempted or not self._reached_max_iters()
             self._save_checkpoint(position, stopped_in_epoch=epoch)
             reason = "a pre-emption signal" if self.preempted else "train.max_iters"
             self.log.info("stopped at iteration %d (%s) in epoch %d; checkpoint saved", self.iteration, reason,

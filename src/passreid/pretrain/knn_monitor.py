@@ -37,6 +37,7 @@ from passreid.data.samplers import ImageDataset
 from passreid.data.synthetic import generate_world
 from passreid.data.transforms import build_test_transform
 from passreid.eval import rank_metrics
+from passreid.engine import PreemptibleDataLoader
 from passreid.eval.features import cls_feature, extract_features, pass_fusion_feature
 from passreid.pretrain.config import KnnMonitorConfig
 
@@ -156,8 +157,9 @@ class KnnMonitor:
         sampler = _ShardSampler(len(items), dist.get_rank(), dist.get_world_size())
         # A private generator: creating the iterator must not draw from the global torch RNG, or
         # evaluating would shift the training's random streams (and break exact resume).
-        return DataLoader(ImageDataset(items, transform), batch_size=self.cfg.batch_size, sampler=sampler,
-                          num_workers=num_workers, generator=torch.Generator().manual_seed(0))
+        return PreemptibleDataLoader(ImageDataset(items, transform), batch_size=self.cfg.batch_size,
+                                     sampler=sampler, num_workers=num_workers,
+                                     generator=torch.Generator().manual_seed(0))
 
     @torch.no_grad()
     def evaluate(self, backbone: nn.Module, autocast=None) -> dict[str, float]:

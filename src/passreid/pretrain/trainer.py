@@ -24,10 +24,8 @@ written once training has finished: the hand-over to fine-tuning / USL / UDA).
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
-import random
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -37,7 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from passreid import dist
 from passreid.config import config_to_dict, save_config
@@ -48,18 +46,22 @@ from passreid.engine import (
     CheckpointStateError,
     Checkpointer,
     MetricsWriter,
+    PreemptibleDataLoader,
     PreemptionGuard,
     ProgressLogger,
     apply_schedule,
     atomic_save,
     autocast_for,
+    batches_until_preempted,
     build_checkpoint,
     check_finite,
     cosine_schedule,
+    derive_seed,
     gather_rng_states,
     make_output_dir,
     restore_checkpoint,
     seed_everything,
+    seeded_global_rngs,
     setup_logging,
     worker_init_fn,
 )
@@ -125,37 +127,12 @@ def build_schedules(cfg: PretrainConfig, iters_per_epoch: int, world_size: int) 
 # ============================================================================ data
 
 
-@contextlib.contextmanager
-def _seeded_global_rngs(seed: int) -> Iterator[None]:
-    """Seed torch / numpy / ``random`` for one block and put the previous states back afterwards.
-
-    torchvision transforms draw from these global generators; the block gets a stream that is a
-    pure function of ``seed`` while the caller's streams (e.g. drop-path in the main process when
-    ``num_workers=0``) are left exactly where they were.
-    """
-    torch_state, numpy_state, python_state = torch.get_rng_state(), np.random.get_state(), random.getstate()
-    torch.manual_seed(seed)
-    np.random.seed(seed % 2**32)
-    random.seed(seed)
-    try:
-        yield
-    finally:
-        torch.set_rng_state(torch_state)
-        np.random.set_state(numpy_state)
-        random.setstate(python_state)
-
-
 _PURPOSE_SAMPLE, _PURPOSE_LOADER = 0, 1  # keep the derived streams of different uses apart
-
-
-def _derive_seed(*keys: int) -> int:
-    """A 63-bit seed that is a pure function of non-negative ``keys`` (independent streams via SeedSequence)."""
-    return int(np.random.SeedSequence(list(keys)).generate_state(1, dtype=np.uint64)[0] % 2**63)
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
     """The augmentation seed of sample ``index`` in ``epoch``."""
-    return _derive_seed(_PURPOSE_SAMPLE, seed, epoch, index)
+    return derive_seed(_PURPOSE_SAMPLE, seed, epoch, index)
 
 
 class MultiCropDataset(Dataset):
@@ -193,7 +170,7 @@ class MultiCropDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         image, skipped = self._read(index)
-        with _seeded_global_rngs(sample_seed(self.seed, self.epoch, index)):
+        with seeded_global_rngs(sample_seed(self.seed, self.epoch, index)):
             views = self.transform(image)
         return {"views": views, "index": index, "skipped": skipped}
 
@@ -256,11 +233,11 @@ class _EpochLoader:
         self.sampler.load_state_dict({"epoch": epoch, "position": start * self.batch_size})
         self.dataset.set_epoch(epoch)
         workers = self.cfg.data.num_workers
-        loader = DataLoader(
+        loader = PreemptibleDataLoader(
             self.dataset, batch_size=self.batch_size, sampler=self.sampler, num_workers=workers,
             collate_fn=collate_views, pin_memory=self.pin_memory, drop_last=True,
             worker_init_fn=worker_init_fn if workers else None,
-            generator=torch.Generator().manual_seed(_derive_seed(_PURPOSE_LOADER, self.cfg.train.seed, epoch)),
+            generator=torch.Generator().manual_seed(derive_seed(_PURPOSE_LOADER, self.cfg.train.seed, epoch)),
             prefetch_factor=2 if workers else None, persistent_workers=False,
         )
         return iter(loader)
@@ -562,7 +539,7 @@ class PretrainStage:
         window_start, window_images = time.perf_counter(), 0
         while self.epoch < cfg.train.epochs:
             done_in_epoch = self.iteration - self.epoch * self.iters_per_epoch
-            for batch in self.source.batches(self.epoch, done_in_epoch):
+            for batch in batches_until_preempted(self.source.batches(self.epoch, done_in_epoch)):
                 loss, stats = self.train_step(batch["views"])
                 self.corrupt_skipped += int(batch["skipped"])
                 window_images += self.global_batch
@@ -577,16 +554,22 @@ class PretrainStage:
                     self.save_checkpoint()
                 preempted = guard.requested()
                 if preempted or (cfg.train.stop_after_iters and self.iteration >= cfg.train.stop_after_iters):
-                    if not saved:
-                        self.save_checkpoint()
-                    reason = "pre-emption signal" if preempted else "train.stop_after_iters"
-                    self.log.info("stopping after iteration %d (%s); checkpoint written", self.iteration, reason)
-                    self.metrics.close()
-                    return self._result(finished=False, preempted=preempted)
+                    return self._stop("pre-emption signal" if preempted else "train.stop_after_iters",
+                                      preempted=preempted, saved=saved)
+            if self.iteration < (self.epoch + 1) * self.iters_per_epoch:  # the loader ended early: see
+                return self._stop("pre-emption signal", preempted=True, saved=False)  # batches_until_preempted
             self._end_epoch()
             window_start, window_images = time.perf_counter(), 0  # throughput counts training only
         self._finish()
         return self._result(finished=True)
+
+    def _stop(self, reason: str, preempted: bool, saved: bool) -> PretrainResult:
+        """Stop mid-run with ``checkpoint.pth`` written (``saved``: the periodic one of this iteration)."""
+        if not saved:
+            self.save_checkpoint()
+        self.log.info("stopping after iteration %d (%s); checkpoint written", self.iteration, reason)
+        self.metrics.close()
+        return self._result(finished=False, preempted=preempted)
 
     def _end_epoch(self) -> None:
         finished_epoch = self.epoch

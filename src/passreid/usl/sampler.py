@@ -26,14 +26,14 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from passreid.data.samplers import _ResumableSampler
+from passreid.data.samplers import BatchShardedSampler
 
 __all__ = ["PseudoLabelSampler"]
 
 logger = logging.getLogger(__name__)
 
 
-class PseudoLabelSampler(_ResumableSampler):
+class PseudoLabelSampler(BatchShardedSampler):
     """Indices of this rank for ``iters`` global batches of ``batch_size`` per epoch (module docstring)."""
 
     def __init__(self, labels: Sequence[int], camids: Sequence[int], batch_size: int, num_instances: int,
@@ -93,8 +93,3 @@ class PseudoLabelSampler(_ResumableSampler):
             batches.extend(stream[start:start + self.batch_size] for start in range(0, usable, self.batch_size))
             carry = stream[usable:] if self.chain_passes else []  # published: drop_last within each pass
         return batches[:self.iters]
-
-    def _build_rank_indices(self, epoch: int) -> list[int]:
-        start = self.rank * self.per_rank_batch_size
-        return [index for batch in self.global_batches(epoch)
-                for index in batch[start:start + self.per_rank_batch_size]]
