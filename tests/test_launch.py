@@ -267,7 +267,8 @@ def test_two_task_srun_job_trains_with_ddp_over_gloo(slurm, synthetic_world, tmp
 @pytest.mark.slurm
 @pytest.mark.slow
 def test_preempted_job_is_requeued_and_its_loss_curve_continues_exactly(slurm, synthetic_world, tmp_path):
-    common = [*FINETUNE_FAST, "train.max_iters=14", f"data.world_dir={synthetic_world}"]
+    # Two loader workers: SIGTERM reaches every process of the job step, the workers included.
+    common = [*FINETUNE_FAST, "train.max_iters=14", "data.num_workers=2", f"data.world_dir={synthetic_world}"]
     script, config = str(LAUNCH / "finetune.sh"), str(REPO / "configs" / "finetune" / "demo.yaml")
     reference = _sbatch(slurm, tmp_path, *SMALL_JOB, f"--output={tmp_path}/reference-%j.out", script, config,
                         "--output-dir", "reference", *common)
@@ -278,13 +279,14 @@ def test_preempted_job_is_requeued_and_its_loss_curve_continues_exactly(slurm, s
     while not (metrics.is_file() and len(_records(tmp_path / "preempted", "train")) >= 3):
         assert time.monotonic() < deadline, slurm.describe_failure(slurm.job(preempted))
         time.sleep(0.3)
-    slurm.run("scancel", "--signal=USR1", preempted)  # what --signal=USR1@N does before the time limit
+    slurm.run("scancel", "--signal=TERM", preempted)  # what pre-emption sends every process of the step
 
     info = _finished_ok(slurm, preempted)
     _finished_ok(slurm, reference)
     assert int(info["Restarts"]) == 1
     log = Path(info["StdOut"]).read_text()
     assert "requeued SLURM job" in log and "(restart 1)" in log
+    assert "Traceback" not in log and "killed by signal" not in log
     stopped_at = int(re.search(r"stopped by a pre-emption signal at iteration (\d+)", log).group(1))
     assert 3 <= stopped_at < 14  # it did stop mid-run, and the requeued job did the rest
     expected = {r["step"]: r["loss"] for r in _records(tmp_path / "reference", "train")}
@@ -292,6 +294,35 @@ def test_preempted_job_is_requeued_and_its_loss_curve_continues_exactly(slurm, s
     assert sorted(continued) == list(range(1, 15))
     for step in range(1, 15):
         assert continued[step] == pytest.approx(expected[step], rel=1e-6), step
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_time_limit_warning_signal_checkpoints_requeues_and_the_job_continues(slurm, synthetic_world, tmp_path):
+    # --time=1 --signal=TERM@60: SLURM signals the step (workers included) at its first time-limit check,
+    # long before this run could end; the requeued job resumes. Once it has trained past the checkpoint the
+    # test cancels it (loss exactness after a SIGTERM is the test above).
+    overrides = [*FINETUNE_FAST, "train.epochs=1000", "data.num_workers=2", f"data.world_dir={synthetic_world}"]
+    small_job = [option for option in SMALL_JOB if not option.startswith("--time=")]
+    job = _sbatch(slurm, tmp_path, *small_job, "--time=1", "--signal=TERM@60", f"--output={tmp_path}/job-%j.out",
+                  str(LAUNCH / "finetune.sh"), str(REPO / "configs" / "finetune" / "demo.yaml"),
+                  "--output-dir", "limited", *overrides)
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    log = Path()
+    while True:
+        info = slurm.job(job)
+        assert info.get("JobState") not in ("FAILED", "CANCELLED", "TIMEOUT"), slurm.describe_failure(info)
+        assert time.monotonic() < deadline, slurm.describe_failure(info)
+        log = Path(info.get("StdOut", tmp_path / "missing"))
+        text = log.read_text() if log.is_file() else ""
+        stopped = re.search(r"stopped by a pre-emption signal at iteration (\d+)", text)
+        steps = [r["step"] for r in _records(tmp_path / "limited", "train")] if stopped else []
+        if stopped and int(info["Restarts"]) >= 1 and steps and steps[-1] > int(stopped.group(1)) + 1:
+            break
+        time.sleep(0.5)
+    slurm.run("scancel", job)
+    assert "requeued SLURM job" in text and "Traceback" not in text and "killed by signal" not in text
+    assert steps == list(range(1, len(steps) + 1))  # resumed after the checkpoint: no step lost or repeated
 
 
 @pytest.mark.slurm

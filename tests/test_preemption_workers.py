@@ -8,6 +8,7 @@ resumed run's losses must equal those of an uninterrupted run step by step.
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import signal
 import subprocess
@@ -180,3 +181,35 @@ def test_per_sample_seeds_make_batches_independent_of_workers_resume_and_process
                      else sharded(48, seed=3, rank=rank, world_size=2))
             shard.set_epoch(0)
             assert all(expected[index] == value for index, value in _epoch(shard, workers, 8).items())
+
+
+def test_a_worker_that_dies_after_the_signal_does_not_interrupt_the_step(synthetic_world, tmp_path, monkeypatch):
+    from passreid.finetune import FinetuneConfig, run_training
+    from passreid.finetune.trainer import FinetuneTrainer
+
+    def config(output_dir: Path) -> FinetuneConfig:
+        return load_config(FinetuneConfig, REPO / "configs" / "finetune" / "demo.yaml",
+                           [f"train.output_dir={output_dir}", *_stage_overrides("finetune", synthetic_world)])
+
+    reference = run_training(config(tmp_path / "reference"), resume=False)
+    original_step = FinetuneTrainer._step
+
+    def step_then_signal_and_lose_a_worker(self, batch):
+        values = original_step(self, batch)
+        if self.iteration == 1:  # during iteration 2: the signal, then a worker dies (e.g. SLURM's SIGKILL)
+            os.kill(os.getpid(), signal.SIGUSR1)
+            os.kill(multiprocessing.active_children()[0].pid, signal.SIGKILL)  # not reaped here: PyTorch does
+            time.sleep(0.5)  # SIGCHLD reaches this process here, in the middle of the step
+        return values
+
+    monkeypatch.setattr(FinetuneTrainer, "_step", step_then_signal_and_lose_a_worker)
+    stopped = run_training(config(tmp_path / "preempted"), resume=False)
+    assert stopped.preempted and stopped.iterations == 2
+
+    monkeypatch.setattr(FinetuneTrainer, "_step", original_step)
+    resumed = run_training(config(tmp_path / "preempted"), resume=True)
+    assert resumed.iterations == reference.iterations
+    expected, continued = _train_losses(tmp_path / "reference"), _train_losses(tmp_path / "preempted")
+    assert sorted(continued) == sorted(expected)
+    for step in sorted(expected):  # same process, same computations: float32 round-off at most
+        assert continued[step] == pytest.approx(expected[step], rel=1e-6), step
