@@ -61,6 +61,16 @@ def test_missing_dataset_prints_layout_and_fails(tmp_path):
     assert str(tmp_path) in result.stderr
 
 
+def test_empty_split_folders_fail_naming_the_folder(tmp_path):
+    for split in ("bounding_box_train", "query", "bounding_box_test"):
+        (tmp_path / "market1501" / split).mkdir(parents=True)
+    result = run_tool("--dataset", "market1501", "--root", str(tmp_path))
+    assert result.returncode == 2 and result.stdout == ""
+    assert str(tmp_path / "market1501" / "bounding_box_train") in result.stderr
+    assert "no images" in result.stderr and "<pid>_c<camera>" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_msmt17_options_are_passed_through(tmp_path):
     folder = tmp_path / "MSMT17"
     lines = {"list_train.txt": [], "list_val.txt": [], "list_query.txt": [], "list_gallery.txt": []}

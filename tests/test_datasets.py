@@ -6,6 +6,7 @@ import logging
 import multiprocessing
 import os
 import pickle
+import shutil
 from pathlib import Path
 
 import lmdb
@@ -202,6 +203,30 @@ def test_market1501_incomplete_folder_names_missing_split(tmp_path):
         build_dataset("market1501", tmp_path)
 
 
+@pytest.mark.parametrize("split", ["bounding_box_train", "query", "bounding_box_test"])
+def test_market_empty_split_folder_is_an_error_naming_it(tmp_path, split):
+    folder = make_market_tree(tmp_path / "market1501")
+    for file in (folder / split).iterdir():
+        file.unlink()
+    with pytest.raises(DatasetLayoutError) as info:
+        build_dataset("market1501", tmp_path)
+    message = str(info.value)
+    assert f"{folder / split}: no images in this split folder (it is empty)" in message
+    assert "'<pid>_c<camera>...' (e.g. 0002_c1s1_000451_03.jpg)" in message and ".jpg" in message
+
+
+def test_market_split_of_other_files_or_junk_only_is_an_error(tmp_path):
+    folder = make_market_tree(tmp_path / "market1501")
+    for file in (folder / "query").iterdir():
+        file.unlink()
+    (folder / "query" / "readme.txt").write_text("images go here")
+    with pytest.raises(DatasetLayoutError, match=r"query: no images .*only 1 other entry \(readme\.txt\)"):
+        build_dataset("market1501", tmp_path)
+    write_image(folder / "query" / market_name(-1, 1, 0))
+    with pytest.raises(DatasetLayoutError, match=r"query: all 1 images are junk \(pid -1\)"):
+        build_dataset("market1501", tmp_path)
+
+
 def test_market_file_with_wrong_name_is_an_error_naming_it(tmp_path):
     folder = make_market_tree(tmp_path / "market1501")
     write_image(folder / "query" / "person_001.jpg")
@@ -281,6 +306,14 @@ def test_occluded_reid_pid_folder_mismatch_and_bad_name(tmp_path):
     (folder / "whole_body_images" / "002" / "005_01.tif").unlink()
     write_image(folder / "occluded_body_images" / "001" / "img1.tif", fmt="TIFF")
     with pytest.raises(DatasetFormatError, match=r"img1\.tif: file name does not follow Occluded-REID"):
+        build_dataset("occluded_reid", tmp_path)
+
+
+def test_occluded_reid_empty_folder_is_an_error_naming_it(tmp_path):
+    folder = make_occluded_reid_tree(tmp_path / "Occluded_REID")
+    shutil.rmtree(folder / "whole_body_images")
+    (folder / "whole_body_images").mkdir()
+    with pytest.raises(DatasetLayoutError, match=r"whole_body_images: no images .*'<pid>/<pid>_<index>\.tif'"):
         build_dataset("occluded_reid", tmp_path)
 
 

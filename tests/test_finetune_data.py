@@ -28,6 +28,12 @@ def test_generated_root_reads_the_world_subset(tmp_path: Path, synthetic_world: 
         resolve_data_root("", cfg)
 
 
+def test_unlabelled_training_set_is_an_error_naming_its_folder(tmp_path: Path, synthetic_world: Path):
+    pool = synthetic_world / "pool"
+    with pytest.raises(ValueError, match=f"'image_folder' at {pool} has no labelled train split .*unlabelled"):
+        load_finetune_data(_cfg(tmp_path, "data.dataset=image_folder", f"data.root={pool}"))
+
+
 def test_separate_test_dataset_and_subsets(tmp_path: Path, synthetic_world: Path):
     cfg = _cfg(tmp_path, f"data.root={synthetic_world / 'market'}", "data.test_dataset=market_naming",
                f"data.test_root={synthetic_world / 'market_occluded'}", "data.max_train_ids=10",

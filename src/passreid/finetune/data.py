@@ -122,7 +122,10 @@ def load_finetune_data(cfg: FinetuneConfig) -> FinetuneData:
     data = cfg.data
     train_set = build_dataset(data.dataset, resolve_data_root(data.root, cfg), **_dataset_options(data.dataset, cfg))
     if not train_set.train or train_set.unlabeled:
-        raise ValueError(f"dataset {data.dataset!r} has no labelled train split to fine-tune on")
+        why = "its images are unlabelled" if train_set.unlabeled else "its train split is empty"
+        raise ValueError(f"dataset {data.dataset!r} at {train_set.root} has no labelled train split to fine-tune on "
+                         f"({why}); set data.dataset / data.root to a labelled re-ID set (train on it, and test on "
+                         f"this one with data.test_dataset / data.test_root)")
     if data.max_train_ids:
         train_set = _first_train_ids(train_set, data.max_train_ids)
     test_set = load_test_dataset(cfg, train_set if not data.test_dataset else None)

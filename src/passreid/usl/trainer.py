@@ -83,9 +83,10 @@ def load_target_data(cfg: UslConfig) -> TargetData:
     ft_cfg = to_finetune_config(cfg)
     name = cfg.data.dataset
     dataset = build_dataset(name, resolve_data_root(cfg.data.root, ft_cfg), **_dataset_options(name, ft_cfg))
-    items = dataset.train or dataset.unlabeled
+    items = dataset.train
     if not items:
-        raise ValueError(f"dataset {name!r} has neither a train nor an unlabeled split to cluster")
+        raise ValueError(f"dataset {name!r} at {dataset.root} has no train images to cluster (its train split is "
+                         f"empty); set data.dataset / data.root to a set with training images")
     items = sorted(items, key=lambda item: item.path)
     test = load_test_dataset(ft_cfg, dataset if not cfg.data.test_dataset else None)
     true_ids = np.asarray([item.pid for item in items], dtype=np.int64)
