@@ -21,10 +21,12 @@ import inspect
 import logging
 import os
 import re
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, NamedTuple
 
+from .images import drop_damaged_images
 from .lmdb_folder import KEY_FILE_NAME, lmdb_entry_count, load_key_file, make_lmdb_uri, scan_lmdb_keys
 
 logger = logging.getLogger(__name__)
@@ -139,10 +141,13 @@ def list_datasets() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def build_dataset(name: str, root: str | os.PathLike, **options) -> ReIDDataset:
-    """Read dataset ``name`` from ``root`` (the dataset folder or its parent) and log its split table.
+def build_dataset(name: str, root: str | os.PathLike, *, skip_corrupt: bool = False, **options) -> ReIDDataset:
+    """Read dataset ``name`` from ``root`` (the dataset folder or its parent), check every image file's first
+    and last bytes, and log its split table.
 
-    Options are reader-specific (e.g. ``msmt17``: ``version="v1"|"v2"`` (required),
+    A damaged file raises ``DamagedImagesError`` listing them (see ``passreid.data.images``: what is checked,
+    what it costs); with ``skip_corrupt`` they are left out of every split, logged by name and counted in the
+    notes. Options are reader-specific (e.g. ``msmt17``: ``version="v1"|"v2"`` (required),
     ``train_split="trainval"|"train"``; ``image_folder``: ``file_list=``; ``luperson_lmdb``:
     ``keys_file=``). Unknown names or options raise ``ValueError`` listing the valid ones.
     """
@@ -150,9 +155,22 @@ def build_dataset(name: str, root: str | os.PathLike, **options) -> ReIDDataset:
     if reader is None:
         raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(list_datasets())}")
     _check_options(name, reader, options)
-    dataset = reader(Path(os.path.abspath(os.path.expanduser(os.fspath(root)))), **options)
+    dataset = _without_damaged_images(reader(Path(os.path.abspath(os.path.expanduser(os.fspath(root)))), **options),
+                                      skip_corrupt)
     logger.info("\n%s", dataset.split_table())
     return dataset
+
+
+def _without_damaged_images(dataset: ReIDDataset, skip_corrupt: bool) -> ReIDDataset:
+    start = time.perf_counter()
+    paths = [item.path for split in SPLITS for item in getattr(dataset, split)]
+    damaged = drop_damaged_images(paths, f"{dataset.name} ({dataset.root})", skip_corrupt)
+    logger.info("%s: checked %d image files in %.1f s", dataset.name, len(paths), time.perf_counter() - start)
+    if not damaged:
+        return dataset
+    splits = {split: [item for item in getattr(dataset, split) if item.path not in damaged] for split in SPLITS}
+    note = f"left out {len(damaged)} damaged image file(s) (skip_corrupt; each is named in the log)"
+    return ReIDDataset(dataset.name, dataset.root, **splits, unlabeled=dataset.unlabeled, notes=[*dataset.notes, note])
 
 
 def _check_options(name: str, reader: DatasetReader, options: dict) -> None:

@@ -100,11 +100,12 @@ def load_test_dataset(cfg: FinetuneConfig, train_set: ReIDDataset | None = None)
     data = cfg.data
     if data.test_dataset:
         test_root = resolve_data_root(data.test_root or data.root, cfg)
-        test_set = build_dataset(data.test_dataset, test_root, **_dataset_options(data.test_dataset, cfg))
+        test_set = build_dataset(data.test_dataset, test_root, skip_corrupt=data.skip_corrupt,
+                                 **_dataset_options(data.test_dataset, cfg))
     elif train_set is not None:
         test_set = train_set
     else:
-        test_set = build_dataset(data.dataset, resolve_data_root(data.root, cfg),
+        test_set = build_dataset(data.dataset, resolve_data_root(data.root, cfg), skip_corrupt=data.skip_corrupt,
                                  **_dataset_options(data.dataset, cfg))
     if not test_set.query or not test_set.gallery:
         raise ValueError(f"test dataset {test_set.name!r} has an empty query or gallery split")
@@ -120,7 +121,8 @@ def load_test_dataset(cfg: FinetuneConfig, train_set: ReIDDataset | None = None)
 def load_finetune_data(cfg: FinetuneConfig) -> FinetuneData:
     """Read the training set and the test set (``data.test_dataset`` or the training set's own query/gallery)."""
     data = cfg.data
-    train_set = build_dataset(data.dataset, resolve_data_root(data.root, cfg), **_dataset_options(data.dataset, cfg))
+    train_set = build_dataset(data.dataset, resolve_data_root(data.root, cfg), skip_corrupt=data.skip_corrupt,
+                              **_dataset_options(data.dataset, cfg))
     if not train_set.train or train_set.unlabeled:
         why = "its images are unlabelled" if train_set.unlabeled else "its train split is empty"
         raise ValueError(f"dataset {data.dataset!r} at {train_set.root} has no labelled train split to fine-tune on "

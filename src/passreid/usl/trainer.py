@@ -82,7 +82,8 @@ def load_target_data(cfg: UslConfig) -> TargetData:
     query/gallery it is evaluated on."""
     ft_cfg = to_finetune_config(cfg)
     name = cfg.data.dataset
-    dataset = build_dataset(name, resolve_data_root(cfg.data.root, ft_cfg), **_dataset_options(name, ft_cfg))
+    dataset = build_dataset(name, resolve_data_root(cfg.data.root, ft_cfg), skip_corrupt=cfg.data.skip_corrupt,
+                            **_dataset_options(name, ft_cfg))
     items = dataset.train
     if not items:
         raise ValueError(f"dataset {name!r} at {dataset.root} has no train images to cluster (its train split is "
