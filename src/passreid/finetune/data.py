@@ -14,7 +14,7 @@ from passreid.data.mask_transforms import MaskedTrainTransform
 from passreid.data.masks import DEFAULT_MASK_SUFFIX, PUBLISHED_MASK_SUFFIXES, MaskedImageDataset
 from passreid.data.occluders import OccluderPaste
 from passreid.data.samplers import ImageDataset, RandomIdentitySampler
-from passreid.data.synthetic import generate_world, write_occlusion_split
+from passreid.data.synthetic import generate_world
 from passreid.data.transforms import build_test_transform, build_train_transform
 from passreid.engine import worker_init_fn
 from passreid.finetune.config import GENERATED_ROOT_PREFIX, FinetuneConfig, default_world_dir
@@ -52,8 +52,6 @@ def resolve_data_root(root: str, cfg: FinetuneConfig) -> str:
     subset = root[len(GENERATED_ROOT_PREFIX):]
     world = generate_world(default_world_dir(cfg), seed=cfg.data.world_seed, **cfg.data.world_options)
     logger.info("generated world (seed %d) at %s; reading %s/", cfg.data.world_seed, world, subset)
-    if subset == "market_occluded" and "occluded_duke_tsd" in (cfg.data.dataset, cfg.data.test_dataset):
-        write_occlusion_split(world)  # TSD's holistic-query lists new_query.txt / new_gallery.txt
     return str(world / subset)
 
 
