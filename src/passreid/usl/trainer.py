@@ -225,7 +225,8 @@ class ClusterContrastTrainer(EpochTrainer):
     def _cluster(self, epoch: int) -> np.ndarray:
         start = time.perf_counter()
         feats = extract_split(self.model, self.data.train, tuple(self.cfg.model.img_size), self.ft_cfg, self.device,
-                              autocast=self.amp.autocast, rank=self.rank, world_size=self.world_size)
+                              autocast=self.amp.autocast, rank=self.rank, world_size=self.world_size,
+                              split="train (for clustering)")
         extract_seconds = time.perf_counter() - start
         outcome: tuple[np.ndarray, ClusterStats] | None = None
         if self.rank == 0:
