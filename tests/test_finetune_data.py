@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from passreid.config import load_config
-from passreid.data import DamagedImagesError, build_dataset
+from passreid.data import DamagedImagesError, DatasetLayoutError, build_dataset
 from passreid.finetune import FinetuneConfig, load_finetune_data
 from passreid.finetune.data import ShardSampler, load_test_dataset, resolve_data_root
 
@@ -26,6 +26,13 @@ def test_generated_root_reads_the_world_subset(tmp_path: Path, synthetic_world: 
     assert data.num_classes == 24 and data.num_cameras == 4 and data.test is data.train
     with pytest.raises(ValueError, match="data.root is empty"):
         resolve_data_root("", cfg)
+
+
+def test_market_layout_with_empty_folders_is_an_error_naming_the_folder(tmp_path: Path):
+    for split in ("bounding_box_train", "query", "bounding_box_test"):
+        (tmp_path / "empty_market" / split).mkdir(parents=True)
+    with pytest.raises(DatasetLayoutError, match=f"{tmp_path / 'empty_market' / 'bounding_box_train'}: no images"):
+        load_finetune_data(_cfg(tmp_path, f"data.root={tmp_path / 'empty_market'}"))
 
 
 def test_unlabelled_training_set_is_an_error_naming_its_folder(tmp_path: Path, synthetic_world: Path):
