@@ -628,6 +628,7 @@ def _intact_and_damaged_files(folder: Path) -> list[Path]:
     return files + [padded, garbage]
 
 
+@pytest.mark.filterwarnings("ignore:Corrupt EXIF data")  # PIL, decoding the cut TIFFs
 def test_image_check_rejects_exactly_the_files_read_image_rejects(tmp_path):
     files = _intact_and_damaged_files(tmp_path / "files")
 
