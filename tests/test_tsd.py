@@ -311,6 +311,7 @@ def test_generated_world_holds_the_tsd_split(synthetic_world):
     assert [labels.count(label) for label in range(4)] == [77, 3, 50, 67]
 
 
+@pytest.mark.slow  # a fresh interpreter importing torch + timm: ~10 s of CPU, 30-50 s on a loaded 2-core machine
 def test_documented_benchmark_command_runs_on_the_generated_world(synthetic_world, tmp_path):
     """finetune/README.md: ``python -m passreid.finetune.tsd --weights ... --data-root <world>/market_occluded``
     on a world as the demo renders it (a random TSD model: the command, not the scores, is under test)."""
