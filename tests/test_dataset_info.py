@@ -61,6 +61,31 @@ def test_missing_dataset_prints_layout_and_fails(tmp_path):
     assert str(tmp_path) in result.stderr
 
 
+def test_empty_split_folders_fail_naming_the_folder(tmp_path):
+    for split in ("bounding_box_train", "query", "bounding_box_test"):
+        (tmp_path / "market1501" / split).mkdir(parents=True)
+    result = run_tool("--dataset", "market1501", "--root", str(tmp_path))
+    assert result.returncode == 2 and result.stdout == ""
+    assert str(tmp_path / "market1501" / "bounding_box_train") in result.stderr
+    assert "no images" in result.stderr and "<pid>_c<camera>" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_damaged_image_fails_naming_it_unless_skipped(fake_market):
+    query = fake_market / "market1501" / "query"
+    write_image(query / "0011_c2s1_000008_01.jpg")
+    victim = query / "0005_c1s1_000004_01.jpg"
+    victim.write_bytes(victim.read_bytes()[:40])
+    result = run_tool("--dataset", "market1501", "--root", str(fake_market), "--json")
+    assert result.returncode == 2 and result.stdout == ""
+    assert "1 damaged image file(s)" in result.stderr and str(victim) in result.stderr
+    assert "Traceback" not in result.stderr
+    skipped = run_tool("--dataset", "market1501", "--root", str(fake_market), "--json", "--skip-corrupt")
+    assert skipped.returncode == 0, skipped.stderr
+    assert json.loads(skipped.stdout)["query"] == {"ids": 1, "images": 1, "cameras": 1}
+    assert str(victim) in skipped.stderr
+
+
 def test_msmt17_options_are_passed_through(tmp_path):
     folder = tmp_path / "MSMT17"
     lines = {"list_train.txt": [], "list_val.txt": [], "list_query.txt": [], "list_gallery.txt": []}

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from passreid.config import load_config
-from passreid.data import CorruptImageError, read_image
+from passreid.data import DamagedImagesError, DatasetLayoutError, build_dataset
 from passreid.finetune import FinetuneConfig, load_finetune_data
 from passreid.finetune.data import ShardSampler, load_test_dataset, resolve_data_root
 
@@ -28,6 +28,19 @@ def test_generated_root_reads_the_world_subset(tmp_path: Path, synthetic_world: 
         resolve_data_root("", cfg)
 
 
+def test_market_layout_with_empty_folders_is_an_error_naming_the_folder(tmp_path: Path):
+    for split in ("bounding_box_train", "query", "bounding_box_test"):
+        (tmp_path / "empty_market" / split).mkdir(parents=True)
+    with pytest.raises(DatasetLayoutError, match=f"{tmp_path / 'empty_market' / 'bounding_box_train'}: no images"):
+        load_finetune_data(_cfg(tmp_path, f"data.root={tmp_path / 'empty_market'}"))
+
+
+def test_unlabelled_training_set_is_an_error_naming_its_folder(tmp_path: Path, synthetic_world: Path):
+    pool = synthetic_world / "pool"
+    with pytest.raises(ValueError, match=f"'image_folder' at {pool} has no labelled train split .*unlabelled"):
+        load_finetune_data(_cfg(tmp_path, "data.dataset=image_folder", f"data.root={pool}"))
+
+
 def test_separate_test_dataset_and_subsets(tmp_path: Path, synthetic_world: Path):
     cfg = _cfg(tmp_path, f"data.root={synthetic_world / 'market'}", "data.test_dataset=market_naming",
                f"data.test_root={synthetic_world / 'market_occluded'}", "data.max_train_ids=10",
@@ -39,29 +52,32 @@ def test_separate_test_dataset_and_subsets(tmp_path: Path, synthetic_world: Path
     assert len(query_ids) == 5 and {item.pid for item in data.test.gallery} <= query_ids
 
 
-def test_corrupt_images_are_skipped_only_when_asked_and_logged(tmp_path: Path, synthetic_world: Path):
+def test_corrupt_images_stop_the_run_at_start_up_or_are_skipped_when_asked(tmp_path: Path, synthetic_world: Path):
     root = tmp_path / "market"
     shutil.copytree(synthetic_world / "market", root)
     victim = sorted((root / "query").iterdir())[0]
     victim.write_bytes(b"not a jpeg")
-    strict = _cfg(tmp_path, f"data.root={root}")
-    dataset = load_test_dataset(strict)
-    assert any(item.path == str(victim) for item in dataset.query)  # listed; decoding it fails later, loudly
-    with pytest.raises(CorruptImageError, match=victim.name):
-        read_image(str(victim))
+    truncated = sorted((root / "bounding_box_train").iterdir())[0]
+    truncated.write_bytes(truncated.read_bytes()[:300])
+    # Found when the data set is read, before any image is sampled, naming both files.
+    with pytest.raises(DamagedImagesError) as info:
+        load_finetune_data(_cfg(tmp_path, f"data.root={root}"))
+    assert str(victim) in str(info.value) and str(truncated) in str(info.value)
     # Own handler: setup_logging() elsewhere in the session stops "passreid" records reaching the root logger.
     records: list[logging.LogRecord] = []
     handler = logging.Handler(logging.WARNING)
     handler.emit = records.append
-    data_logger = logging.getLogger("passreid.finetune.data")
+    data_logger = logging.getLogger("passreid")
     data_logger.addHandler(handler)
     try:
-        skipping = load_test_dataset(_cfg(tmp_path, f"data.root={root}", "data.skip_corrupt=true"))
+        skipping = load_finetune_data(_cfg(tmp_path, f"data.root={root}", "data.skip_corrupt=true"))
     finally:
         data_logger.removeHandler(handler)
-    assert len(skipping.query) == len(dataset.query) - 1
+    intact = build_dataset("market1501", synthetic_world / "market")
+    assert len(skipping.test.query) == len(intact.query) - 1 and len(skipping.train.train) == len(intact.train) - 1
+    assert str(victim) not in [item.path for item in skipping.test.query]
     text = "\n".join(record.getMessage() for record in records)
-    assert str(victim) in text and "dropped 1 unreadable query image" in text
+    assert str(victim) in text and str(truncated) in text and "left out 2 damaged image file(s)" in text
 
 
 def test_shard_sampler_covers_every_index_once_without_padding():

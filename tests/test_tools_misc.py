@@ -89,8 +89,8 @@ def test_visualize_ranks_from_saved_features_and_a_split(demo, synthetic_world, 
     page = (out / "index.html").read_text()
     assert len(re.findall(r'<tr class="query-row"', page)) == 3
     assert len(re.findall(r'<td class="(?:match|mismatch)"', page)) == 3 * 4
-    # Per-part distances of the PASS [CLS] and 3 part tokens under every hit.
-    assert len(re.findall(r"part 3:\d+\.\d{3}", page)) == 3 * 4
+    # Per-part distances of the PASS [CLS] and 3 part tokens under every hit (4 significant digits).
+    assert len(re.findall(r"part 3:[0-9.e+-]+<", page)) == 3 * 4
     assert len(list((out / "strips").glob("*.png"))) == 3
     maps = sorted((out / "maps").glob("*.png"))
     assert len(maps) == 3
@@ -102,8 +102,11 @@ def test_visualize_ranks_from_saved_features_and_a_split(demo, synthetic_world, 
         gf = g["feats"] / np.linalg.norm(g["feats"], axis=1, keepdims=True)
         dist = ((qf - gf) ** 2).sum(1)
         dist[(g["pids"] == q["pids"][0]) & (g["camids"] == q["camids"][0])] = np.inf
-        best = f"d={np.sort(dist)[0]:.4f}"
-    assert best in page
+        best = np.sort(dist)[0]
+    first_hit = float(re.search(r'<td class="(?:match|mismatch)">.*?<div>#1 d=([^<]+)</div>', page).group(1))
+    # Shown with 4 significant digits (relative rounding <= 5e-4); the model's and numpy's float32 sums may
+    # differ in the last bits, far inside that.
+    assert first_hit == pytest.approx(best, rel=1e-3)
 
 
 def test_visualize_ranks_without_weights_and_mismatched_features(demo, synthetic_world, tmp_path, capsys):

@@ -15,6 +15,7 @@ from PIL import Image
 from _inference_models import REPO, train_demo_model
 from _tool_loading import load_tool_module
 from passreid.inference import FeatureExtractor, list_images, parse_market_names
+from passreid.visualization import RankHit, RankRow, format_distance, format_part_distances, write_rank_html
 
 TOPK = 5
 NUM_QUERIES = 4
@@ -40,9 +41,10 @@ def weights(tmp_path_factory, synthetic_world):
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory, search_tool, weights, synthetic_world):
-    out = tmp_path_factory.mktemp("report") / "report.html"
+    root = tmp_path_factory.mktemp("report")
+    out = root / "reports" / "today" / "report.html"  # folders that do not exist yet: search.py creates them
     queries = list_images(synthetic_world / "market" / "query")[:NUM_QUERIES]
-    query_dir = out.parent / "queries"
+    query_dir = root / "queries"
     query_dir.mkdir()
     for path in queries:
         shutil.copy(path, query_dir)
@@ -75,6 +77,24 @@ def test_ranked_lists_equal_a_brute_force_ranking(report, weights, synthetic_wor
         for hit in entry["ranked"]:
             j = gallery.index(hit["path"])
             assert hit["same_identity"] == bool(g_pids[j] == q_pids[i])
+
+
+def test_page_shows_every_distance_with_four_significant_digits(report):
+    page = report.read_text()
+    distances = [hit["distance"] for entry in json.loads(report.with_suffix(".json").read_text())["queries"]
+                 for hit in entry["ranked"]]
+    assert all(f"d={format_distance(d)}<" in page for d in distances)
+
+
+def test_small_distances_are_not_rounded_to_zero(tmp_path):
+    assert [format_distance(d) for d in (2.3171e-5, 0.48213, 1.5, 0.0)] == ["2.317e-05", "0.4821", "1.5", "0"]
+    image = Image.new("RGB", (64, 128))
+    row = RankRow(image, "query", [RankHit(image, "near", 2.3171e-5, True), RankHit(image, "far", 0.48213, False)])
+    write_rank_html([row], tmp_path / "page.html", title="t")
+    page = (tmp_path / "page.html").read_text()
+    assert "d=2.317e-05" in page and "d=0.4821" in page and "d=0.0000" not in page
+    assert format_part_distances(["[CLS]", "part 1", "part 2"], [2.5e-5, 0.31234, None]) == \
+        "[CLS]:2.5e-05 part 1:0.3123 part 2:n/a"
 
 
 def test_png_strips_one_per_query(report):

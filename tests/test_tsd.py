@@ -3,6 +3,10 @@ the holistic-query split reader and its ALL / NPO / NTP variants, a short traini
 from __future__ import annotations
 
 import itertools
+import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,11 +16,11 @@ import torch.nn.functional as F
 from PIL import Image
 from torchvision.ops import sigmoid_focal_loss as torchvision_focal
 
+from _inference_models import untrained_final_model
 from passreid.config import load_config
 from passreid.data import build_dataset
 from passreid.data.datasets import DatasetLayoutError, occlusion_labels_for, read_tsd_gallery_labels
 from passreid.data.masks import PART_GROUPINGS, num_parts, part_masks_from_fields
-from passreid.data.synthetic import write_occlusion_split
 from passreid.eval import rank_metrics_from_distance
 from passreid.eval.distance import EvaluationInputError
 from passreid.eval.features import ExtractedFeatures
@@ -299,6 +303,28 @@ def test_tsd_split_reader_names_missing_list_files(tmp_path):
         build_dataset("occluded_duke_tsd", tmp_path)
 
 
+def test_generated_world_holds_the_tsd_split(synthetic_world):
+    """Every world with market_occluded/ reads as occluded_duke_tsd (the figures finetune/README.md quotes)."""
+    dataset = build_dataset("occluded_duke_tsd", synthetic_world / "market_occluded")
+    assert (len(dataset.query), len(dataset.gallery)) == (67, 197)
+    labels = occlusion_labels_for(dataset.gallery, read_tsd_gallery_labels(dataset.root))
+    assert [labels.count(label) for label in range(4)] == [77, 3, 50, 67]
+
+
+@pytest.mark.slow  # a fresh interpreter importing torch + timm: ~10 s of CPU, 30-50 s on a loaded 2-core machine
+def test_documented_benchmark_command_runs_on_the_generated_world(synthetic_world, tmp_path):
+    """finetune/README.md: ``python -m passreid.finetune.tsd --weights ... --data-root <world>/market_occluded``
+    on a world as the demo renders it (a random TSD model: the command, not the scores, is under test)."""
+    weights = untrained_final_model(tmp_path / "model_final.pth", _cfg(f"train.output_dir={tmp_path}"))
+    result = subprocess.run([sys.executable, "-m", "passreid.finetune.tsd", "--weights", str(weights), "--data-root",
+                             str(synthetic_world / "market_occluded"), "--device", "cpu"],
+                            capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr
+    for variant in ("ALL", "NPO", "NTP"):
+        assert re.search(rf"^{variant} \(\d+ valid queries\)$", result.stdout, re.MULTILINE), result.stdout
+    assert result.stdout.count("mAP") == 3
+
+
 # ------------------------------------------------------------------------------------------- training
 
 
@@ -313,7 +339,7 @@ def test_short_training_on_the_generated_occluded_world(tmp_path):
     from passreid.finetune.tsd import occlusion_benchmark
 
     model, stored, _ = load_finetuned_model(result.final_model)
-    dataset = build_dataset("occluded_duke_tsd", write_occlusion_split(world))
+    dataset = build_dataset("occluded_duke_tsd", world / "market_occluded")  # the world writes the lists
     variants = occlusion_benchmark(model, stored, dataset, torch.device("cpu"))
     q = extract_split(model, dataset.query, (128, 64), stored, torch.device("cpu"))
     g = extract_split(model, dataset.gallery, (128, 64), stored, torch.device("cpu"))

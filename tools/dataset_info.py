@@ -6,7 +6,9 @@ Examples (from the repository root):
     python tools/dataset_info.py --dataset image_folder --root /data/LUP --json
 
 JSON: {"train": {"ids", "images", "cameras"}, "query": {...}, "gallery": {...}}; unlabeled sets
-(image_folder, luperson_lmdb) report only "train". Images are listed, never decoded.
+(image_folder, luperson_lmdb) report only "train". Images are not decoded: each file's first and last
+bytes are checked (about 1 s for Market-1501's 36k files when cached), and damaged files are an error
+listing them (exit status 2) unless --skip-corrupt leaves them out of the counts.
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ import json
 import logging
 import sys
 
-from passreid.data import DatasetFormatError, DatasetLayoutError, build_dataset, list_datasets
+from passreid.data import CorruptImageError, DatasetFormatError, DatasetLayoutError, build_dataset, list_datasets
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -29,6 +31,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--file-list", help="image_folder: text file of image paths relative to --root")
     parser.add_argument("--keys-file", help="luperson_lmdb: key list (default: keys.pkl next to the LMDB)")
     parser.add_argument("--json", action="store_true", help="print the split figures as JSON only")
+    parser.add_argument("--skip-corrupt", action="store_true",
+                        help="leave damaged image files out of the counts (each is named on stderr) instead of failing")
     return parser.parse_args(argv)
 
 
@@ -45,8 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     # The table goes to stdout below; logging (warnings) goes to stderr so --json output stays clean.
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
     try:
-        dataset = build_dataset(args.dataset, args.root, **reader_options(args))
-    except (DatasetLayoutError, DatasetFormatError, ValueError) as exc:
+        dataset = build_dataset(args.dataset, args.root, skip_corrupt=args.skip_corrupt, **reader_options(args))
+    except (DatasetLayoutError, DatasetFormatError, CorruptImageError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if args.json:

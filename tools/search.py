@@ -25,7 +25,7 @@ from pathlib import Path
 
 from passreid.inference import (CLI_ERRORS, add_model_arguments, extracted, list_images, load_model_from_args,
                                 parse_market_names)
-from passreid.visualization import RankHit, RankRow, rank_gallery, rank_strip, write_rank_html
+from passreid.visualization import RankHit, RankRow, format_distance, rank_gallery, rank_strip, write_rank_html
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,8 +48,9 @@ def search(args: argparse.Namespace) -> dict:
     """Rank, write the page, strips and JSON; returns the JSON record."""
     if args.topk < 1:
         raise ValueError(f"--topk must be >= 1, got {args.topk}")
-    if not args.out.parent.is_dir():
-        raise FileNotFoundError(f"output folder {args.out.parent} does not exist")
+    if args.out.parent.exists() and not args.out.parent.is_dir():
+        raise NotADirectoryError(f"--out {args.out}: {args.out.parent} is not a folder")
+    args.out.parent.mkdir(parents=True, exist_ok=True)  # before the model runs: a read-only place fails at once
     query_paths, gallery_paths = list_images(args.query), list_images(args.gallery)
     query_labels, gallery_labels = parse_market_names(query_paths), parse_market_names(gallery_paths)
     known = query_labels is not None and gallery_labels is not None
@@ -78,7 +79,7 @@ def search(args: argparse.Namespace) -> dict:
         hits = [RankHit(gallery_paths[g], _stem(gallery_paths[g]), float(d), m)
                 for g, d, m in zip(result.indices, result.distances, matches)]
         rows.append(RankRow(query_paths[q], _stem(query_paths[q]), hits))
-        strip = rank_strip(query_paths[q], [(h.image, f"{h.distance:.4f}", h.match) for h in hits])
+        strip = rank_strip(query_paths[q], [(h.image, format_distance(h.distance), h.match) for h in hits])
         strip.save(strips / f"{q:04d}_{_stem(query_paths[q])}.png")
         record["queries"].append({"query": query_paths[q], "ranked": [
             {"path": h.image, "distance": h.distance, "same_identity": h.match} for h in hits]})

@@ -38,8 +38,9 @@ from passreid.data import build_dataset, read_image
 from passreid.eval.distance import FeatureDistance
 from passreid.eval.features import ExtractedFeatures
 from passreid.inference import CLI_ERRORS, BACKBONE_FEATURES, FeatureExtractor, LoadedModel
-from passreid.visualization import (PartView, RankHit, RankRow, heatmap_overlay, part_distances, part_view, rank_gallery,
-                                    rank_strip, write_rank_html)
+from passreid.visualization import (PartView, RankHit, RankRow, format_distance, format_part_distances,
+                                    heatmap_overlay, part_distances, part_view, rank_gallery, rank_strip,
+                                    write_rank_html)
 
 REQUIRED_KEYS = ("feats", "pids", "camids")
 
@@ -181,7 +182,7 @@ def visualize(args: argparse.Namespace) -> int:
         name = Path(query_paths[q]).stem
         hits = [RankHit(gallery_paths[g], Path(gallery_paths[g]).stem, float(d), bool(gallery.pids[g] == query.pids[q]))
                 for g, d in zip(result.indices, result.distances)]
-        rank_strip(query_paths[q], [(h.image, f"{h.distance:.4f}", h.match) for h in hits]).save(
+        rank_strip(query_paths[q], [(h.image, format_distance(h.distance), h.match) for h in hits]).save(
             args.out / "strips" / f"{n:03d}_{name}.png")
         row = RankRow(query_paths[q], name, hits, details=[f"pid {query.pids[q]} cam {query.camids[q] + 1}"])
         if model is not None:
@@ -194,8 +195,7 @@ def visualize(args: argparse.Namespace) -> int:
             if view is not None and view.features is not None:
                 for k, hit in enumerate(hits, start=1):
                     parts = part_distances(view, 0, view, k)
-                    hit.details.append(" ".join(f"{label}:{'n/a' if d is None else f'{d:.3f}'}"
-                                                for label, d in zip(view.names, parts)))
+                    hit.details.append(format_part_distances(view.names, parts))
         rows.append(row)
     protocol = "same-camera matches kept" if args.keep_same_camera else "same identity + camera skipped"
     notes = [f"{len(query_paths)} queries x {len(gallery_paths)} gallery images; showing {len(shown)} queries, top "

@@ -42,6 +42,8 @@ __all__ = [
     "RankHit",
     "RankedList",
     "RankRow",
+    "format_distance",
+    "format_part_distances",
     "heatmap_overlay",
     "part_distances",
     "part_view",
@@ -228,6 +230,17 @@ def part_distances(query: PartView, query_index: int, gallery: PartView, gallery
 # ------------------------------------------------------------------------------------------- HTML
 
 
+def format_distance(distance: float) -> str:
+    """A distance with 4 significant digits (``2.317e-05``, ``0.4821``, ``1.37``): the distances of a trained
+    model between similar images can be ~1e-5, which a fixed ``.4f`` would print as 0.0000."""
+    return f"{distance:.4g}"
+
+
+def format_part_distances(names: Sequence[str], distances: Sequence[float | None]) -> str:
+    """``[CLS]:0.1234 part 1:2.5e-05 part 2:n/a`` (``n/a``: the part is not visible in both images)."""
+    return " ".join(f"{name}:{'n/a' if d is None else format_distance(d)}" for name, d in zip(names, distances))
+
+
 @dataclass
 class RankHit:
     image: Image.Image | str
@@ -279,7 +292,7 @@ def write_rank_html(rows: Sequence[RankRow], path: str | os.PathLike, *, title: 
     for row in rows:
         cells = [_cell(row.query, thumb_size, [row.label, *row.details], "query")]
         for rank, hit in enumerate(row.hits, start=1):
-            lines = [f"#{rank} d={hit.distance:.4f}", hit.label, *hit.details]
+            lines = [f"#{rank} d={format_distance(hit.distance)}", hit.label, *hit.details]
             cells.append(_cell(hit.image, thumb_size, lines, _CSS_CLASS[hit.match]))
         body.append(f'<tr class="query-row" data-query="{html.escape(row.label, quote=True)}">{"".join(cells)}</tr>')
         if row.extra_images:

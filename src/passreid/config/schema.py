@@ -43,7 +43,7 @@ class DataConfig:
     num_workers: int = 8
     batch_size: int = 64  # global batch: P identities x num_instances images
     num_instances: int = 4  # K images per identity in a batch
-    skip_corrupt: bool = False  # drop unreadable images (listing them) instead of failing
+    skip_corrupt: bool = False  # drop damaged / unreadable images (each logged) instead of failing at start-up
 
 
 @dataclass

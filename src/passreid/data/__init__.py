@@ -13,16 +13,18 @@ from .datasets import (
     parse_market_name,
     register_dataset,
 )
-from .images import CorruptImageError, SafeImageReader, read_image
+from .images import CorruptImageError, DamagedImagesError, SafeImageReader, check_image_files, read_image
 
 __all__ = [
     "CorruptImageError",
+    "DamagedImagesError",
     "DatasetFormatError",
     "DatasetLayoutError",
     "ImageItem",
     "ReIDDataset",
     "SafeImageReader",
     "build_dataset",
+    "check_image_files",
     "list_datasets",
     "parse_market_name",
     "read_image",

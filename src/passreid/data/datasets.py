@@ -10,7 +10,8 @@ Every reader lists files (never decodes images) and returns a ``ReIDDataset`` of
 
 ``root`` may be the dataset folder itself or its parent; the accepted folder names are listed per
 reader (``DATASET_FOLDER_NAMES``). A missing folder raises ``DatasetLayoutError`` showing the expected
-tree and the paths searched; a file whose name or list line breaks the format raises
+tree and the paths searched, and so does a split folder without images (naming it and the expected file
+names); a file whose name or list line breaks the format raises
 ``DatasetFormatError`` naming it. Nothing is skipped silently: ignored non-image files are logged and
 noted in the split table.
 """
@@ -20,10 +21,12 @@ import inspect
 import logging
 import os
 import re
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, NamedTuple
 
+from .images import drop_damaged_images
 from .lmdb_folder import KEY_FILE_NAME, lmdb_entry_count, load_key_file, make_lmdb_uri, scan_lmdb_keys
 
 logger = logging.getLogger(__name__)
@@ -138,10 +141,13 @@ def list_datasets() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def build_dataset(name: str, root: str | os.PathLike, **options) -> ReIDDataset:
-    """Read dataset ``name`` from ``root`` (the dataset folder or its parent) and log its split table.
+def build_dataset(name: str, root: str | os.PathLike, *, skip_corrupt: bool = False, **options) -> ReIDDataset:
+    """Read dataset ``name`` from ``root`` (the dataset folder or its parent), check every image file's first
+    and last bytes, and log its split table.
 
-    Options are reader-specific (e.g. ``msmt17``: ``version="v1"|"v2"`` (required),
+    A damaged file raises ``DamagedImagesError`` listing them (see ``passreid.data.images``: what is checked,
+    what it costs); with ``skip_corrupt`` they are left out of every split, logged by name and counted in the
+    notes. Options are reader-specific (e.g. ``msmt17``: ``version="v1"|"v2"`` (required),
     ``train_split="trainval"|"train"``; ``image_folder``: ``file_list=``; ``luperson_lmdb``:
     ``keys_file=``). Unknown names or options raise ``ValueError`` listing the valid ones.
     """
@@ -149,9 +155,22 @@ def build_dataset(name: str, root: str | os.PathLike, **options) -> ReIDDataset:
     if reader is None:
         raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(list_datasets())}")
     _check_options(name, reader, options)
-    dataset = reader(Path(os.path.abspath(os.path.expanduser(os.fspath(root)))), **options)
+    dataset = _without_damaged_images(reader(Path(os.path.abspath(os.path.expanduser(os.fspath(root)))), **options),
+                                      skip_corrupt)
     logger.info("\n%s", dataset.split_table())
     return dataset
+
+
+def _without_damaged_images(dataset: ReIDDataset, skip_corrupt: bool) -> ReIDDataset:
+    start = time.perf_counter()
+    paths = [item.path for split in SPLITS for item in getattr(dataset, split)]
+    damaged = drop_damaged_images(paths, f"{dataset.name} ({dataset.root})", skip_corrupt)
+    logger.info("%s: checked %d image files in %.1f s", dataset.name, len(paths), time.perf_counter() - start)
+    if not damaged:
+        return dataset
+    splits = {split: [item for item in getattr(dataset, split) if item.path not in damaged] for split in SPLITS}
+    note = f"left out {len(damaged)} damaged image file(s) (skip_corrupt; each is named in the log)"
+    return ReIDDataset(dataset.name, dataset.root, **splits, unlabeled=dataset.unlabeled, notes=[*dataset.notes, note])
 
 
 def _check_options(name: str, reader: DatasetReader, options: dict) -> None:
@@ -302,17 +321,34 @@ def parse_market_name(file_name: str) -> tuple[int, int] | None:
     return int(match.group(1)), int(match.group(2))
 
 
+def require_images(folder: Path, paths: list[str], others: list[str], expected: str) -> None:
+    """A split folder without images is an error naming it and what it should hold (an empty split would
+    otherwise surface later as a 0-image table or an unexplained "no train split")."""
+    if paths:
+        return
+    found = (f"it holds only {len(others)} other entr{'y' if len(others) == 1 else 'ies'} "
+             f"({', '.join(os.path.basename(p) for p in others[:5])}{', ...' if len(others) > 5 else ''})"
+             if others else "it is empty")
+    raise DatasetLayoutError(f"{folder}: no images in this split folder ({found}); expected {expected}, "
+                             f"extensions {' '.join(IMAGE_EXTENSIONS)}")
+
+
+MARKET_FILE_PATTERN = "files named '<pid>_c<camera>...' (e.g. 0002_c1s1_000451_03.jpg)"
+
+
 def parse_market_folder(folder: Path, max_camera: int | None, notes: list[str]) -> list[ImageItem]:
-    """Items of one split folder in Market-1501 naming; junk (pid -1) dropped and noted."""
+    """Items of one split folder in Market-1501 naming; junk (pid -1) dropped and noted. A folder without
+    images, or with junk images only, raises ``DatasetLayoutError`` naming it."""
     paths, others = list_image_files(folder)
+    require_images(folder, paths, others, MARKET_FILE_PATTERN)
     _note_ignored(notes, folder, others)
     items, junk = [], 0
     for path in paths:
         name = os.path.basename(path)
         parsed = parse_market_name(name)
         if parsed is None:
-            raise DatasetFormatError(f"{path}: file name does not follow Market-1501 naming "
-                                     f"'<pid>_c<camera>...' (e.g. 0002_c1s1_000451_03.jpg)")
+            raise DatasetFormatError(f"{path}: file name does not follow Market-1501 naming: expected "
+                                     f"{MARKET_FILE_PATTERN}")
         pid, camera = parsed
         if pid < -1:
             raise DatasetFormatError(f"{path}: pid {pid} is invalid (expected -1 for junk or >= 0)")
@@ -323,6 +359,9 @@ def parse_market_folder(folder: Path, max_camera: int | None, notes: list[str]) 
             junk += 1
             continue
         items.append(ImageItem(path, pid, camera - 1))
+    if junk and not items:
+        raise DatasetLayoutError(f"{folder}: all {junk} images are junk (pid -1), so the split is empty; expected "
+                                 f"{MARKET_FILE_PATTERN} with pid >= 0")
     if junk:
         notes.append(f"{folder.name}: dropped {junk} junk image(s) with pid -1")
     return items
@@ -507,6 +546,7 @@ OCCLUDED_REID_TREE = """<root>/Occluded_REID/
 
 def _parse_occluded_reid_folder(folder: Path, camid: int, notes: list[str]) -> list[ImageItem]:
     paths, others = list_image_files(folder, recursive=True)
+    require_images(folder, paths, others, "'<pid>/<pid>_<index>.tif' files (e.g. 001/001_01.tif)")
     _note_ignored(notes, folder, others)
     items = []
     for path in paths:

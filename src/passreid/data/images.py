@@ -1,15 +1,27 @@
-"""Image decoding with errors that name the file.
+"""Image decoding with errors that name the file, and the start-up check of every file of a dataset.
 
 ``read_image`` fully decodes an image (so a truncated JPEG fails here, not later inside a transform)
 and accepts both file paths and ``lmdb://<db>#<key>`` addresses. ``SafeImageReader`` is the
 training-time wrapper whose ``skip_corrupt`` option decides between raising and skipping; every
 skipped file is logged by name and recorded.
+
+``check_image_files`` runs when a dataset is indexed (``build_dataset``), so a damaged file stops a run
+at start-up rather than at the random iteration that first samples it. It reads the first 16 and last
+32 bytes of each file: a JPEG must start with the SOI marker and end with EOI (``FF D9``), a PNG start
+with its signature and end with the IEND chunk, a BMP / WebP be as long as its header says. Any other
+file (a TIFF, a PPM, a file that fails these tests) is decoded by ``read_image``, so the check rejects
+exactly the files ``read_image`` rejects, except a JPEG / PNG damaged in its middle but intact at both
+ends, which still fails when sampled. Cost on this project's 2-core machine: the real Market-1501 (32,217
+JPEGs of the three splits) 0.6 s with the files in the page cache and the machine quiet, 1.5-2.5 s under
+load, 3-7 s read from disk; it grows with the file count (MSMT17, 126k files: ~2.5 s cached). TIFFs are
+decoded: 2,000 of 256x128 (Occluded-REID's count) take ~4 s. ``lmdb://`` entries are decoded when read.
 """
 from __future__ import annotations
 
 import io
 import logging
 import os
+from collections.abc import Iterable
 
 from PIL import Image, ImageFile
 
@@ -23,12 +35,15 @@ _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.Decompressio
 
 _warned_truncated_flag = False
 
+# A damaged-file report lists this many files by name, then the count of the others.
+MAX_LISTED_FILES = 20
+
 
 class CorruptImageError(OSError):
     """An image file exists but cannot be decoded; ``path`` names it, ``cause`` is the decoder error."""
 
-    def __init__(self, path: str, cause: BaseException | str):
-        super().__init__(f"cannot decode image {path}: {cause}")
+    def __init__(self, path: str, cause: BaseException | str, message: str | None = None):
+        super().__init__(message or f"cannot decode image {path}: {cause}")
         self.path = path
         self.cause = cause
 
@@ -95,3 +110,65 @@ class SafeImageReader:
             logger.warning("skipping corrupt image %s (%s); %d skipped so far",
                            exc.path, exc.cause, self.num_skipped)
             return None
+
+
+def _file_ends(path: str, head_size: int = 16, tail_size: int = 32) -> tuple[bytes, bytes, int]:
+    """The first ``head_size`` and last ``tail_size`` bytes of a file, and its size (one open, two reads)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        return os.pread(fd, head_size, 0), os.pread(fd, tail_size, max(0, size - tail_size)), size
+    finally:
+        os.close(fd)
+
+
+def _looks_complete(head: bytes, tail: bytes, size: int) -> bool:
+    """True when the first / last bytes show a known image format that is not cut short (module docstring)."""
+    if head.startswith(b"\xff\xd8\xff"):
+        return b"\xff\xd9" in tail  # EOI; entropy-coded data never holds FF D9 (FF is stuffed as FF 00)
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return b"IEND" in tail
+    if head.startswith(b"BM") and len(head) >= 6:
+        return size >= int.from_bytes(head[2:6], "little")
+    if head.startswith(b"RIFF") and head[8:12] == b"WEBP":
+        return size >= int.from_bytes(head[4:8], "little") + 8
+    return False  # TIFF, PPM, ...: no cheap end check, so they are decoded
+
+
+def check_image_files(paths: Iterable[str]) -> list[tuple[str, str]]:
+    """``(path, reason)`` for every file among ``paths`` that ``read_image`` rejects, found from each file's
+    first and last bytes (module docstring: what is checked, what it costs). Missing or unreadable files
+    raise as in ``read_image``; ``lmdb://`` entries are skipped."""
+    damaged = []
+    for path in paths:
+        if is_lmdb_uri(path) or _looks_complete(*_file_ends(path)):
+            continue
+        try:
+            read_image(path)
+        except CorruptImageError as exc:
+            damaged.append((exc.path, str(exc.cause)))
+    return damaged
+
+
+class DamagedImagesError(CorruptImageError):
+    """Image files of a dataset failed the start-up check; ``damaged`` lists ``(path, reason)`` of all of them."""
+
+    def __init__(self, damaged: list[tuple[str, str]], where: str):
+        listed = "\n".join(f"  {path}: {reason}" for path, reason in damaged[:MAX_LISTED_FILES])
+        more = f"\n  ... and {len(damaged) - MAX_LISTED_FILES} more" if len(damaged) > MAX_LISTED_FILES else ""
+        super().__init__(*damaged[0], message=f"{len(damaged)} damaged image file(s) in {where}:\n{listed}{more}\n"
+                         "replace them, or skip them with data.skip_corrupt=true (each skipped file is logged)")
+        self.damaged = damaged
+
+
+def drop_damaged_images(paths: Iterable[str], where: str, skip_corrupt: bool) -> set[str]:
+    """Check every file (``check_image_files``) and return the damaged ones' paths, which the caller leaves
+    out; each is logged by name. Without ``skip_corrupt`` a damaged file raises ``DamagedImagesError``."""
+    damaged = check_image_files(paths)
+    if damaged and not skip_corrupt:
+        raise DamagedImagesError(damaged, where)
+    for path, reason in damaged:
+        logger.warning("skipping damaged image %s (%s)", path, reason)
+    if damaged:
+        logger.warning("skip_corrupt: left out %d damaged image file(s) of %s", len(damaged), where)
+    return {path for path, _ in damaged}

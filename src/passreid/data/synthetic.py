@@ -6,7 +6,9 @@
                        ``bounding_box_test``; ``<pid:04d>_c<cam>s1_<frame:06d>_<bbox:02d>.jpg``, cam 1-based),
                        including pid ``0000`` distractors and pid ``-1`` junk in the gallery folder;
 * ``market_occluded/`` the same images, but every query and ~10% of the gallery/train images carry an
-                       occluder covering 20-50% of the body (Occluded-Duke design);
+                       occluder covering 20-50% of the body (Occluded-Duke design), and TSD's holistic-query
+                       split lists ``new_query.txt`` / ``new_gallery.txt`` (:func:`occlusion_records`), so the
+                       folder reads as ``occluded_duke_tsd`` too;
 * ``<subset>/masks/pifpaf_maskrcnn_filtering/<split folder>/<stem>.npy``: a human-parsing mask for every image
                        of both subsets in BPBReID's published format (36 PifPaf confidence fields at 1/4 resolution,
                        :mod:`passreid.data.masks`), drawn from the known body layout; occluded cells have zero
@@ -46,7 +48,7 @@ from PIL import Image, ImageFilter
 
 from passreid.data import masks
 
-GENERATOR_VERSION = 2   # 2: parsing masks next to the images (images unchanged from 1)
+GENERATOR_VERSION = 3   # 2: parsing masks next to the images; 3: TSD split lists in market_occluded/ (images unchanged)
 STYLES = ("a", "b")
 OCCLUDER_KINDS = ("box", "pole", "car", "person", "bush")
 SPLIT_FOLDERS = {"train": "bounding_box_train", "query": "query", "gallery": "bounding_box_test"}
@@ -1015,6 +1017,8 @@ def _generate(spec: SyntheticWorldSpec, out_dir: Path) -> dict:
     world = _World(spec, num_identities)
     counts = _write_market(world, items, out_dir / "market",
                            out_dir / "market_occluded" if spec.occluded else None)
+    if spec.occluded:
+        counts["market_occluded"]["tsd_split"] = write_occlusion_split(spec, out_dir / "market_occluded")
     counts["occluders"] = _write_occluders(world, out_dir / "occluders")
     counts["pool"] = _write_pool(spec, out_dir / "pool")
     return counts
@@ -1095,19 +1099,14 @@ def occlusion_records(spec: SyntheticWorldSpec) -> list[tuple[str, str, int, int
     return records
 
 
-def write_occlusion_split(world_dir: str | os.PathLike) -> Path:
-    """Write TSD's holistic-query split into ``<world>/market_occluded/`` (``new_query.txt``, ``new_gallery.txt``)
-    and return that folder. Queries: the first holistic gallery image of each test identity in each camera;
-    gallery: every gallery image (those queries labelled 3) plus the original, all occluded, queries. Idempotent
-    (files are rewritten only when their content differs); the images are not touched."""
-    world = Path(world_dir)
-    manifest = _read_manifest(world / "world.json")
-    if manifest is None or not (world / "market_occluded").is_dir():
-        raise FileNotFoundError(f"{world} holds no generated world with market_occluded/ (run generate_world first)")
-    spec = SyntheticWorldSpec(**manifest["spec"])
-    records = occlusion_records(spec)
+def write_occlusion_split(spec: SyntheticWorldSpec, target: Path) -> dict[str, int]:
+    """Write TSD's holistic-query split of ``spec``'s occluded subset into ``target`` (``new_query.txt``,
+    ``new_gallery.txt``; part of every world with ``market_occluded/``) and return its sizes. Queries: the
+    first holistic gallery image of each test identity in each camera; gallery: every gallery image (those
+    queries labelled 3) plus the original, all occluded, queries. The images are not touched."""
     chosen: set[tuple[int, int]] = set()
     queries, gallery = [], []
+    records = occlusion_records(spec)
     for folder, name, pid, camera, label in records:
         if folder != SPLIT_FOLDERS["gallery"]:
             continue
@@ -1119,15 +1118,9 @@ def write_occlusion_split(world_dir: str | os.PathLike) -> Path:
         gallery.append(f"{relative},{label}")
     gallery += [f"{folder}/{name},{label}" for folder, name, _, _, label in records
                 if folder == SPLIT_FOLDERS["query"]]
-    target = world / "market_occluded"
     for file_name, lines in zip(TSD_SPLIT_FILES, (queries, gallery)):
-        text = "\n".join(lines) + "\n"
-        path = target / file_name
-        if not path.is_file() or path.read_text() != text:
-            temporary = path.with_suffix(".tmp")
-            temporary.write_text(text)
-            os.replace(temporary, path)
-    return target
+        (target / file_name).write_text("\n".join(lines) + "\n")
+    return {"queries": len(queries), "gallery": len(gallery)}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -50,7 +50,8 @@ from passreid.engine.checkpoint import (
     unwrap_model,
 )
 from passreid.engine.guards import NonFiniteLossError, check_finite
-from passreid.engine.logger import MetricsWriter, ProgressLogger, SmoothedValue, format_eta, setup_logging
+from passreid.engine.logger import (MetricsWriter, ProgressLogger, SmoothedValue, ThroughputLogger, format_eta,
+                                   setup_logging)
 from passreid.engine.output import (
     CHECKPOINT_FILE,
     CONFIG_FILE,
@@ -102,6 +103,7 @@ __all__ = [
     "ResumeInfo",
     "SmoothedValue",
     "TENSORBOARD_DIR",
+    "ThroughputLogger",
     "WarmupCosineLR",
     "apply_schedule",
     "atomic_save",

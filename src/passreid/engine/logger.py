@@ -1,4 +1,5 @@
-"""Rank-aware logging, metrics files (JSON lines + TensorBoard) and progress lines with ETA."""
+"""Rank-aware logging, metrics files (JSON lines + TensorBoard) and progress lines with ETA (training
+iterations: ProgressLogger; long passes such as feature extraction: ThroughputLogger)."""
 from __future__ import annotations
 
 import json
@@ -233,3 +234,51 @@ class ProgressLogger:
             parts.append(f"mem {torch.cuda.max_memory_allocated() / 2**20:.0f}M")
         return "  ".join(parts)
 
+
+
+class ThroughputLogger:
+    """Progress of one long pass over ``total`` batches that logs nothing else (feature extraction): a line
+    at most every ``interval_s`` seconds, e.g.
+    ``gallery features: batch 40/249 (10240 images)  35.2 images/s  eta 0:01:39``,
+    and, when any such line was logged, a closing ``gallery features: 15913 images in 0:07:32 (35.2 images/s)``.
+    A pass shorter than ``interval_s`` stays silent. The rate is the mean since the start; the ETA assumes the
+    remaining batches take as long as the done ones on average. ``total=None`` (unknown length): no ETA.
+    """
+
+    def __init__(self, what: str, total: int | None, logger: logging.Logger, interval_s: float = 30.0,
+                 unit: str = "images", time_fn: Callable[[], float] = time.perf_counter) -> None:
+        self.what, self.total, self.logger, self.interval_s, self.unit = what, total, logger, interval_s, unit
+        self._time_fn = time_fn
+        self.start = self._last_line = time_fn()
+        self.batches = self.items = 0
+        self.lines_logged = 0
+
+    def update(self, count: int) -> str | None:
+        """Record one finished batch of ``count`` items; return the logged line, or ``None``."""
+        self.batches += 1
+        self.items += count
+        now = self._time_fn()
+        if now - self._last_line < self.interval_s:
+            return None
+        self._last_line = now
+        elapsed = now - self.start
+        of_total = f"/{self.total}" if self.total is not None else ""
+        parts = [f"{self.what}: batch {self.batches}{of_total} ({self.items} {self.unit})", self._rate(elapsed)]
+        if self.total is not None:
+            parts.append(f"eta {format_eta(elapsed / self.batches * max(self.total - self.batches, 0))}")
+        return self._log("  ".join(parts))
+
+    def finish(self) -> str | None:
+        """Log the totals if any progress line was logged (so a long pass is seen to end); return the line."""
+        if not self.lines_logged:
+            return None
+        elapsed = self._time_fn() - self.start
+        return self._log(f"{self.what}: {self.items} {self.unit} in {format_eta(elapsed)} ({self._rate(elapsed)})")
+
+    def _rate(self, elapsed: float) -> str:
+        return f"{self.items / elapsed:.1f} {self.unit}/s" if elapsed > 0 else f"? {self.unit}/s"
+
+    def _log(self, line: str) -> str:
+        self.lines_logged += 1
+        self.logger.info(line)
+        return line

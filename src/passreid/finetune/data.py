@@ -14,7 +14,7 @@ from passreid.data.mask_transforms import MaskedTrainTransform
 from passreid.data.masks import DEFAULT_MASK_SUFFIX, PUBLISHED_MASK_SUFFIXES, MaskedImageDataset
 from passreid.data.occluders import OccluderPaste
 from passreid.data.samplers import BatchShardedSampler, ImageDataset, SampleSeeds, SeededSamples
-from passreid.data.synthetic import generate_world, write_occlusion_split
+from passreid.data.synthetic import generate_world
 from passreid.data.transforms import build_test_transform, build_train_transform
 from passreid.engine import PreemptibleDataLoader, worker_init_fn
 from passreid.finetune.config import GENERATED_ROOT_PREFIX, FinetuneConfig, default_world_dir
@@ -52,8 +52,6 @@ def resolve_data_root(root: str, cfg: FinetuneConfig) -> str:
     subset = root[len(GENERATED_ROOT_PREFIX):]
     world = generate_world(default_world_dir(cfg), seed=cfg.data.world_seed, **cfg.data.world_options)
     logger.info("generated world (seed %d) at %s; reading %s/", cfg.data.world_seed, world, subset)
-    if subset == "market_occluded" and "occluded_duke_tsd" in (cfg.data.dataset, cfg.data.test_dataset):
-        write_occlusion_split(world)  # TSD's holistic-query lists new_query.txt / new_gallery.txt
     return str(world / subset)
 
 
@@ -100,11 +98,12 @@ def load_test_dataset(cfg: FinetuneConfig, train_set: ReIDDataset | None = None)
     data = cfg.data
     if data.test_dataset:
         test_root = resolve_data_root(data.test_root or data.root, cfg)
-        test_set = build_dataset(data.test_dataset, test_root, **_dataset_options(data.test_dataset, cfg))
+        test_set = build_dataset(data.test_dataset, test_root, skip_corrupt=data.skip_corrupt,
+                                 **_dataset_options(data.test_dataset, cfg))
     elif train_set is not None:
         test_set = train_set
     else:
-        test_set = build_dataset(data.dataset, resolve_data_root(data.root, cfg),
+        test_set = build_dataset(data.dataset, resolve_data_root(data.root, cfg), skip_corrupt=data.skip_corrupt,
                                  **_dataset_options(data.dataset, cfg))
     if not test_set.query or not test_set.gallery:
         raise ValueError(f"test dataset {test_set.name!r} has an empty query or gallery split")
@@ -120,9 +119,13 @@ def load_test_dataset(cfg: FinetuneConfig, train_set: ReIDDataset | None = None)
 def load_finetune_data(cfg: FinetuneConfig) -> FinetuneData:
     """Read the training set and the test set (``data.test_dataset`` or the training set's own query/gallery)."""
     data = cfg.data
-    train_set = build_dataset(data.dataset, resolve_data_root(data.root, cfg), **_dataset_options(data.dataset, cfg))
+    train_set = build_dataset(data.dataset, resolve_data_root(data.root, cfg), skip_corrupt=data.skip_corrupt,
+                              **_dataset_options(data.dataset, cfg))
     if not train_set.train or train_set.unlabeled:
-        raise ValueError(f"dataset {data.dataset!r} has no labelled train split to fine-tune on")
+        why = "its images are unlabelled" if train_set.unlabeled else "its train split is empty"
+        raise ValueError(f"dataset {data.dataset!r} at {train_set.root} has no labelled train split to fine-tune on "
+                         f"({why}); set data.dataset / data.root to a labelled re-ID set (train on it, and test on "
+                         f"this one with data.test_dataset / data.test_root)")
     if data.max_train_ids:
         train_set = _first_train_ids(train_set, data.max_train_ids)
     test_set = load_test_dataset(cfg, train_set if not data.test_dataset else None)

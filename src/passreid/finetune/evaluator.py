@@ -96,15 +96,17 @@ def _uses_cameras(model: nn.Module) -> bool:
 
 def extract_split(model: nn.Module, items: list[ImageItem], img_size: tuple[int, int], cfg: FinetuneConfig,
                   device: torch.device, autocast: Callable | None = None, rank: int = 0,
-                  world_size: int = 1) -> ExtractedFeatures:
-    """Test features of ``items`` (the model's eval forward) in item order, on every rank."""
+                  world_size: int = 1, split: str = "test") -> ExtractedFeatures:
+    """Test features of ``items`` (the model's eval forward) in item order, on every rank; a long extraction
+    logs ``<split> features: batch i/n ...`` lines with rate and ETA (:func:`extract_features`)."""
     loader = build_test_loader(items, img_size, cfg, rank, world_size, pin_memory=device.type == "cuda")
+    label = f"{split} features"
     if not _uses_cameras(model):
         return extract_features(model, loader, feature_fn=lambda m, images: m(images), device=device,
-                                autocast=autocast)
+                                autocast=autocast, label=label)
     feed = _CameraFeed(loader)
     return extract_features(model, feed, feature_fn=lambda m, images: m(images, camids=feed.camids_for(images)),
-                            device=device, autocast=autocast)
+                            device=device, autocast=autocast, label=label)
 
 
 def evaluate_features(query: ExtractedFeatures, gallery: ExtractedFeatures, eval_cfg: EvalConfig,
@@ -141,8 +143,8 @@ def evaluate_model(model: nn.Module, dataset: ReIDDataset, img_size: tuple[int, 
     """Extract query and gallery features of ``dataset`` (a collective under DDP) and compute the rank
     metrics on rank 0 (with ``cfg.method``'s own test distance when it has one); other ranks return
     ``None``."""
-    query = extract_split(model, dataset.query, img_size, cfg, device, autocast, rank, world_size)
-    gallery = extract_split(model, dataset.gallery, img_size, cfg, device, autocast, rank, world_size)
+    query = extract_split(model, dataset.query, img_size, cfg, device, autocast, rank, world_size, split="query")
+    gallery = extract_split(model, dataset.gallery, img_size, cfg, device, autocast, rank, world_size, split="gallery")
     if rank != 0:
         return None
     builder: TestDistanceBuilder | None = get_method(cfg.method).build_test_distance

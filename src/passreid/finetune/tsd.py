@@ -392,8 +392,8 @@ def occlusion_benchmark(model: nn.Module, cfg: FinetuneConfig, dataset, device: 
     from passreid.finetune.methods import get_method
 
     size = tuple(cfg.model.img_size)
-    query = extract_split(model, dataset.query, size, cfg, device)
-    gallery = extract_split(model, dataset.gallery, size, cfg, device)
+    query = extract_split(model, dataset.query, size, cfg, device, split="query")
+    gallery = extract_split(model, dataset.gallery, size, cfg, device, split="gallery")
     labels = occlusion_labels_for(dataset.gallery, read_tsd_gallery_labels(dataset.root))
     builder = get_method(cfg.method).build_test_distance
 

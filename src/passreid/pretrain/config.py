@@ -35,7 +35,7 @@ class PretrainDataConfig:
     keys_file: str = ""  # luperson_lmdb only: pickled key list (default: keys.pkl next to the LMDB)
     num_workers: int = 10
     batch_size_per_gpu: int = 128  # PASS ViT-S: 128 x 8 GPUs; ViT-B: 64 x 8
-    skip_corrupt: bool = False  # replace unreadable images by the next readable one (logged, counted)
+    skip_corrupt: bool = False  # leave out files damaged at start-up, replace undecodable ones when read (logged)
     pin_memory: bool = True  # only used on CUDA
 
 

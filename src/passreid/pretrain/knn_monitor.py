@@ -165,9 +165,9 @@ class KnnMonitor:
     def evaluate(self, backbone: nn.Module, autocast=None) -> dict[str, float]:
         """mAP / Rank-1 / Rank-5 / mINP of ``backbone``'s features (every rank gets the same numbers)."""
         query = extract_features(backbone, self._query_loader, feature_fn=self._feature_fn,
-                                 device=self.device, autocast=autocast)
+                                 device=self.device, autocast=autocast, label="kNN monitor query features")
         gallery = extract_features(backbone, self._gallery_loader, feature_fn=self._feature_fn,
-                                   device=self.device, autocast=autocast)
+                                   device=self.device, autocast=autocast, label="kNN monitor gallery features")
         scores = None
         if dist.is_main_process():
             result = rank_metrics(query.feats, gallery.feats, query.pids, gallery.pids, query.camids,

@@ -82,10 +82,12 @@ def load_target_data(cfg: UslConfig) -> TargetData:
     query/gallery it is evaluated on."""
     ft_cfg = to_finetune_config(cfg)
     name = cfg.data.dataset
-    dataset = build_dataset(name, resolve_data_root(cfg.data.root, ft_cfg), **_dataset_options(name, ft_cfg))
-    items = dataset.train or dataset.unlabeled
+    dataset = build_dataset(name, resolve_data_root(cfg.data.root, ft_cfg), skip_corrupt=cfg.data.skip_corrupt,
+                            **_dataset_options(name, ft_cfg))
+    items = dataset.train
     if not items:
-        raise ValueError(f"dataset {name!r} has neither a train nor an unlabeled split to cluster")
+        raise ValueError(f"dataset {name!r} at {dataset.root} has no train images to cluster (its train split is "
+                         f"empty); set data.dataset / data.root to a set with training images")
     items = sorted(items, key=lambda item: item.path)
     test = load_test_dataset(ft_cfg, dataset if not cfg.data.test_dataset else None)
     true_ids = np.asarray([item.pid for item in items], dtype=np.int64)
@@ -223,7 +225,8 @@ class ClusterContrastTrainer(EpochTrainer):
     def _cluster(self, epoch: int) -> np.ndarray:
         start = time.perf_counter()
         feats = extract_split(self.model, self.data.train, tuple(self.cfg.model.img_size), self.ft_cfg, self.device,
-                              autocast=self.amp.autocast, rank=self.rank, world_size=self.world_size)
+                              autocast=self.amp.autocast, rank=self.rank, world_size=self.world_size,
+                              split="train (for clustering)")
         extract_seconds = time.perf_counter() - start
         outcome: tuple[np.ndarray, ClusterStats] | None = None
         if self.rank == 0:
