@@ -21,7 +21,7 @@ import torch
 
 from passreid.config import load_config
 from passreid.data.samplers import RandomIdentitySampler, ResumableDistributedSampler, SampleSeeds, SeededSamples
-from passreid.engine import PreemptibleDataLoader
+from passreid.engine import PreemptibleDataLoader, preemption_guard
 
 REPO = Path(__file__).resolve().parents[1]
 RUN_TIMEOUT_S = 300
@@ -138,6 +138,16 @@ def test_sigterm_to_the_whole_process_group_checkpoints_and_the_resumed_run_cont
     # losses agree to float32 round-off (1e-6 leaves room for nothing else).
     for step in sorted(expected):
         assert continued[step] == pytest.approx(expected[step], rel=1e-6), step
+
+
+def test_one_guard_per_process_keeps_a_signal_received_during_the_set_up():
+    previous = signal.getsignal(signal.SIGTERM)
+    with preemption_guard() as outer:  # what run_training does before building data and model
+        os.kill(os.getpid(), signal.SIGTERM)  # arrives while the stage is still setting up
+        with preemption_guard() as inner:  # what the training loop does
+            assert inner is outer and inner.requested()
+        assert signal.getsignal(signal.SIGTERM) is not previous  # the outer install still holds
+    assert signal.getsignal(signal.SIGTERM) is previous
 
 
 class _Noisy(torch.utils.data.Dataset):

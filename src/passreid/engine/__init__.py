@@ -68,6 +68,7 @@ from passreid.engine.preemption import (
     PreemptibleDataLoader,
     PreemptionGuard,
     batches_until_preempted,
+    preemption_guard,
     requeue_current_job,
 )
 from passreid.engine.schedules import WarmupCosineLR, apply_schedule, cosine_schedule, warmup_cosine_lr
@@ -118,6 +119,7 @@ __all__ = [
     "gather_rng_states",
     "make_output_dir",
     "output_layout",
+    "preemption_guard",
     "remove_stale_temp_files",
     "requeue_current_job",
     "resolve_precision",

@@ -29,6 +29,7 @@ at its next fetch, which the loops treat as "stop here".
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -45,7 +46,7 @@ from torch.utils.data import DataLoader
 from passreid import dist
 
 __all__ = ["PREEMPTION_SIGNALS", "PreemptibleDataLoader", "PreemptionGuard", "batches_until_preempted",
-           "preemption_signal_received", "requeue_current_job"]
+           "preemption_guard", "preemption_signal_received", "requeue_current_job"]
 
 logger = logging.getLogger(__name__)
 
@@ -63,23 +64,37 @@ def preemption_signal_received() -> bool:
 
 
 class PreemptionGuard:
-    """Records pre-emption signals; the training loop polls :meth:`requested` between iterations."""
+    """Records pre-emption signals; the training loop polls :meth:`requested` between iterations.
+
+    One guard per process: :meth:`install` while a guard is installed returns that guard (a stage installs
+    it before its set-up, so a signal during data indexing or model loading is not lost, and its loop
+    polls the same guard); each :meth:`install` is paired with an :meth:`uninstall`, the last of which
+    puts the previous handlers back.
+    """
+
+    _installed: PreemptionGuard | None = None
 
     def __init__(self) -> None:
         self.signal_received: int | None = None
         self._previous: dict[int, object] = {}
+        self._installs = 0
 
     @classmethod
     def install(cls, signals: Iterable[int] = PREEMPTION_SIGNALS) -> PreemptionGuard:
-        """A guard with handlers for ``signals`` (only possible in the main thread; elsewhere the guard
-        stays inert and says so in the log)."""
+        """The process's guard, with handlers for ``signals`` (only possible in the main thread; elsewhere
+        the guard stays inert and says so in the log)."""
+        if cls._installed is not None:
+            cls._installed._installs += 1
+            return cls._installed
         guard = cls()
-        _signal_received.clear()
         if threading.current_thread() is not threading.main_thread():
             logger.warning("pre-emption signals are not handled: the training loop is not in the main thread")
             return guard
+        _signal_received.clear()
         for signum in signals:
             guard._previous[signum] = signal.signal(signum, guard._handle)
+        guard._installs = 1
+        cls._installed = guard
         return guard
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
@@ -99,11 +114,27 @@ class PreemptionGuard:
         return bool(flag.item() > 0)
 
     def uninstall(self) -> None:
-        """Put the previous handlers back."""
+        """Undo one :meth:`install`; the last one puts the previous handlers back."""
+        if self._installs > 1:
+            self._installs -= 1
+            return
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
         self._previous.clear()
-        _signal_received.clear()
+        self._installs = 0
+        if PreemptionGuard._installed is self:
+            PreemptionGuard._installed = None
+            _signal_received.clear()
+
+
+@contextlib.contextmanager
+def preemption_guard() -> Iterator[PreemptionGuard]:
+    """The process's :class:`PreemptionGuard`, installed for the block (see :meth:`PreemptionGuard.install`)."""
+    guard = PreemptionGuard.install()
+    try:
+        yield guard
+    finally:
+        guard.uninstall()
 
 
 class _WorkerInit:

@@ -20,8 +20,8 @@ from torch import nn
 from passreid import dist
 from passreid.config import config_to_dict, save_config
 from passreid.engine import (Checkpointer, MetricsWriter, PreemptionGuard, ProgressLogger, batches_until_preempted,
-                             build_checkpoint, gather_rng_states, make_output_dir, output_layout, restore_checkpoint,
-                             seed_everything, setup_logging)
+                             build_checkpoint, gather_rng_states, make_output_dir, output_layout, preemption_guard,
+                             restore_checkpoint, seed_everything, setup_logging)
 from passreid.finetune.data import build_train_loader
 
 __all__ = ["EpochTrainer", "resolve_device", "torch_threads"]
@@ -181,11 +181,8 @@ class EpochTrainer:
         On a pre-emption signal (SIGUSR1/SIGTERM) it writes ``checkpoint.pth`` after the current
         iteration and returns with ``preempted=True`` instead (no evaluation, no final model).
         """
-        self.guard = PreemptionGuard.install()
-        try:
+        with preemption_guard() as self.guard:
             return self._run()
-        finally:
-            self.guard.uninstall()
 
     def _run(self) -> Any:
         self._before_epochs()

@@ -22,7 +22,7 @@ import torch
 
 from passreid import dist
 from passreid.data.samplers import RandomIdentitySampler
-from passreid.engine import atomic_save, autocast_for, check_finite, output_layout, unwrap_model
+from passreid.engine import atomic_save, autocast_for, check_finite, output_layout, preemption_guard, unwrap_model
 from passreid.finetune.checkpoints import build_final_checkpoint
 from passreid.finetune.config import FinetuneConfig, validate_config
 from passreid.finetune.data import FinetuneData, build_train_set, load_finetune_data
@@ -201,5 +201,6 @@ class FinetuneTrainer(EpochTrainer):
 
 def run_training(cfg: FinetuneConfig, resume: bool = True) -> TrainResult:
     """Fine-tune with ``cfg`` (auto-resuming from ``<output_dir>/checkpoint.pth`` unless ``resume=False``)."""
-    with torch_threads(cfg.train.num_threads):
+    # The guard goes in before the set-up: a pre-emption signal while data and model load is not lost.
+    with torch_threads(cfg.train.num_threads), preemption_guard():
         return FinetuneTrainer(cfg, resume=resume).run()

@@ -59,6 +59,7 @@ from passreid.engine import (
     derive_seed,
     gather_rng_states,
     make_output_dir,
+    preemption_guard,
     restore_checkpoint,
     seed_everything,
     seeded_global_rngs,
@@ -524,11 +525,8 @@ class PretrainStage:
     def run(self) -> PretrainResult:
         """Train from the current state to the end (or to ``train.stop_after_iters``, or until a
         pre-emption signal: then ``checkpoint.pth`` is written and the result says ``preempted``)."""
-        guard = PreemptionGuard.install()
-        try:
+        with preemption_guard() as guard:
             return self._run(guard)
-        finally:
-            guard.uninstall()
 
     def _run(self, guard: PreemptionGuard) -> PretrainResult:
         cfg = self.cfg
@@ -610,8 +608,8 @@ def run_pretraining(cfg: PretrainConfig, *, resume: bool = True,
     (each a list of ``2 + local_crops_number`` tensors for this process): used by tests that need
     identical inputs whatever the process count.
     """
-    stage = PretrainStage(cfg, resume=resume, fixed_batches=fixed_batches)
-    return stage.run()
+    with preemption_guard():  # before the set-up: a pre-emption signal while data and model load is not lost
+        return PretrainStage(cfg, resume=resume, fixed_batches=fixed_batches).run()
 
 
 __all__ = [

@@ -33,7 +33,7 @@ from torch import nn
 from passreid import dist
 from passreid.config import config_to_dict
 from passreid.data import ImageItem, ReIDDataset, build_dataset
-from passreid.engine import apply_schedule, atomic_save, autocast_for, check_finite, output_layout
+from passreid.engine import apply_schedule, atomic_save, autocast_for, check_finite, output_layout, preemption_guard
 from passreid.finetune.checkpoints import build_final_checkpoint
 from passreid.finetune.config import FinetuneConfig
 from passreid.finetune.data import _dataset_options, build_train_set, load_test_dataset, resolve_data_root
@@ -333,5 +333,6 @@ class ClusterContrastTrainer(EpochTrainer):
 def run_usl(cfg: UslConfig, resume: bool = True) -> UslResult:
     """Cluster-Contrast USL/UDA with ``cfg`` (auto-resuming from ``<output_dir>/checkpoint.pth`` unless
     ``resume=False``)."""
-    with torch_threads(cfg.train.num_threads):
+    # The guard goes in before the set-up: a pre-emption signal while data and model load is not lost.
+    with torch_threads(cfg.train.num_threads), preemption_guard():
         return ClusterContrastTrainer(cfg, resume=resume).run()
