@@ -671,6 +671,27 @@ def test_damaged_files_stop_indexing_naming_every_file(tmp_path):
     assert isinstance(info.value, CorruptImageError)
 
 
+def test_the_image_check_can_be_left_out_for_huge_folders(tmp_path):
+    folder = tmp_path / "pool"
+    folder.mkdir()
+    (folder / "000.jpg").write_bytes(b"")
+    assert [Path(item.path).name for item in build_dataset("image_folder", folder, check_images=False).train] == [
+        "000.jpg"]  # indexed unchecked: it fails when read
+    with pytest.raises(DamagedImagesError):
+        build_dataset("image_folder", folder)
+
+
+def test_the_check_gives_the_same_answer_on_any_number_of_threads(tmp_path):
+    folder = tmp_path / "pool"
+    folder.mkdir()
+    paths = [str(_noise_image(folder / f"{index:03d}.jpg")) for index in range(40)]
+    for victim in paths[3::7]:
+        Path(victim).write_bytes(Path(victim).read_bytes()[:60])
+    expected = paths[3::7]
+    for threads in (1, 4, 16):
+        assert [path for path, _ in check_image_files(paths, threads=threads)] == expected
+
+
 def test_many_damaged_files_are_listed_up_to_a_limit_with_the_count(tmp_path):
     folder = tmp_path / "pool"
     folder.mkdir()

@@ -141,13 +141,14 @@ def list_datasets() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def build_dataset(name: str, root: str | os.PathLike, *, skip_corrupt: bool = False, **options) -> ReIDDataset:
+def build_dataset(name: str, root: str | os.PathLike, *, skip_corrupt: bool = False, check_images: bool = True,
+                  **options) -> ReIDDataset:
     """Read dataset ``name`` from ``root`` (the dataset folder or its parent), check every image file's first
     and last bytes, and log its split table.
 
     A damaged file raises ``DamagedImagesError`` listing them (see ``passreid.data.images``: what is checked,
     what it costs); with ``skip_corrupt`` they are left out of every split, logged by name and counted in the
-    notes. Options are reader-specific (e.g. ``msmt17``: ``version="v1"|"v2"`` (required),
+    notes. ``check_images=False`` leaves the check out (huge unlabeled folders). Options are reader-specific (e.g. ``msmt17``: ``version="v1"|"v2"`` (required),
     ``train_split="trainval"|"train"``; ``image_folder``: ``file_list=``; ``luperson_lmdb``:
     ``keys_file=``). Unknown names or options raise ``ValueError`` listing the valid ones.
     """
@@ -155,8 +156,9 @@ def build_dataset(name: str, root: str | os.PathLike, *, skip_corrupt: bool = Fa
     if reader is None:
         raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(list_datasets())}")
     _check_options(name, reader, options)
-    dataset = _without_damaged_images(reader(Path(os.path.abspath(os.path.expanduser(os.fspath(root)))), **options),
-                                      skip_corrupt)
+    dataset = reader(Path(os.path.abspath(os.path.expanduser(os.fspath(root)))), **options)
+    if check_images:
+        dataset = _without_damaged_images(dataset, skip_corrupt)
     logger.info("\n%s", dataset.split_table())
     return dataset
 

@@ -191,15 +191,15 @@ def collate_views(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
 def resolve_data_items(cfg: PretrainConfig) -> list[ImageItem]:
     """The unlabeled items of ``data.dataset`` (generated pool rendered first if needed)."""
     data = cfg.data
-    skip = data.skip_corrupt
+    checks = {"skip_corrupt": data.skip_corrupt, "check_images": data.check_images}
     if data.dataset == "synthetic_pool":
         world = resolve_generated_world(data.root, generated_world_dir(cfg.train.output_dir))
-        dataset = build_dataset("image_folder", world / "pool", skip_corrupt=skip)
+        dataset = build_dataset("image_folder", world / "pool", **checks)
     elif data.dataset == "image_folder":
-        dataset = build_dataset("image_folder", data.root, skip_corrupt=skip,
+        dataset = build_dataset("image_folder", data.root, **checks,
                                 **({"file_list": data.file_list} if data.file_list else {}))
     else:
-        dataset = build_dataset("luperson_lmdb", data.root, skip_corrupt=skip,
+        dataset = build_dataset("luperson_lmdb", data.root, **checks,
                                 **({"keys_file": data.keys_file} if data.keys_file else {}))
     logger.info("pre-training data: %s at %s, %d images", data.dataset, dataset.root, len(dataset.train))
     return dataset.train
