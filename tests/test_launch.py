@@ -299,12 +299,13 @@ def test_preempted_job_is_requeued_and_its_loss_curve_continues_exactly(slurm, s
 @pytest.mark.slurm
 @pytest.mark.slow
 def test_time_limit_warning_signal_checkpoints_requeues_and_the_job_continues(slurm, synthetic_world, tmp_path):
-    # --time=2 --signal=TERM@90: SLURM signals the step (workers included) at its first time-limit check
-    # once under 90 s are left (30-60 s in), long before this run could end; the requeued job resumes. Once it has trained past the checkpoint the
+    # --time=2 --signal=TERM@60: SLURM signals the step (workers included) at its first time-limit check once
+    # less than 60 s plus its 30 s check period are left, i.e. 30-40 s in, long before this run could end
+    # (the set-up is over by then); the requeued job resumes. Once it has trained past the checkpoint the
     # test cancels it (loss exactness after a SIGTERM is the test above).
     overrides = [*FINETUNE_FAST, "train.epochs=1000", "data.num_workers=2", f"data.world_dir={synthetic_world}"]
     small_job = [option for option in SMALL_JOB if not option.startswith("--time=")]
-    job = _sbatch(slurm, tmp_path, *small_job, "--time=2", "--signal=TERM@90", f"--output={tmp_path}/job-%j.out",
+    job = _sbatch(slurm, tmp_path, *small_job, "--time=2", "--signal=TERM@60", f"--output={tmp_path}/job-%j.out",
                   str(LAUNCH / "finetune.sh"), str(REPO / "configs" / "finetune" / "demo.yaml"),
                   "--output-dir", "limited", *overrides)
     deadline = time.monotonic() + JOB_TIMEOUT_S

@@ -32,9 +32,11 @@ scheduler, scaler, epoch, iteration, rng, sampler, config, extra``).
 Exact resume covers model, optimizer, scheduler, scaler, the global RNGs and the sampler
 position. Two conditions are on the stage: build the DataLoader with its own
 ``generator`` (seeded per epoch), because creating an iterator draws the workers' base
-seed from it, or from the global torch RNG otherwise; and with ``num_workers > 0`` the
-random augmentations inside workers restart from fresh worker seeds after a mid-epoch
-resume (only per-sample seeding would make those exact).
+seed from it, or from the global torch RNG otherwise; and seed each sample's random
+augmentation from its place in the epoch (``passreid.data.samplers.SampleSeeds`` /
+``SeededSamples``), or a mid-epoch resume with ``num_workers > 0`` restarts the workers'
+streams elsewhere. Build every loader a stage iterates as a :class:`PreemptibleDataLoader`
+(pre-emption signals reach the workers too; see :mod:`passreid.engine.preemption`).
 """
 from passreid.engine.amp import PRECISIONS, AmpSetup, autocast_for, resolve_precision
 from passreid.engine.checkpoint import (
