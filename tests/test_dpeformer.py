@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from passreid.config import ConfigError, load_config
 from passreid.finetune import FinetuneConfig, build_criterion, get_method, run_training
 from passreid.finetune.dpeformer import (ClassCentroidMemory, DPEFormerModel, FeatureBlendingModule, TwoViewDataset,
-                                         build_two_view_train_set, dynamic_patch_selection, selection_sizes)
+                                         build_two_view_train_set, dynamic_patch_selection, merge_heads,
+                                         selection_sizes)
 from passreid.finetune.methods import build_backbone
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "finetune"
@@ -31,7 +32,8 @@ def _cfg(*overrides: str) -> FinetuneConfig:
 
 def _model(cfg: FinetuneConfig, num_classes: int = 7) -> DPEFormerModel:
     d = cfg.dpeformer
-    return DPEFormerModel(build_backbone(cfg), num_classes, d.global_token, d.num_parts, d.min_selected)
+    return DPEFormerModel(build_backbone(cfg), num_classes, d.global_token, d.num_parts, d.min_selected,
+                          fbm_head_merge=d.fbm_head_merge)
 
 
 def test_shapes_and_heads():
@@ -101,6 +103,47 @@ def test_fbm_reads_vectors_as_16_dim_tokens_and_is_residual():
         torch.nn.init.zeros_(module.weight)
         torch.nn.init.zeros_(module.bias)
     torch.testing.assert_close(fbm(part, g), part)
+
+
+def test_head_merge_layouts_equal_an_index_by_index_reference():
+    batch, heads, length, dim = 4, 2, 3, 5
+    out = torch.randn(batch, heads, length, dim)
+    per_image = torch.empty(batch, length, heads * dim)
+    for b in range(batch):
+        for t in range(length):
+            per_image[b, t] = torch.cat([out[b, h, t] for h in range(heads)])
+    torch.testing.assert_close(merge_heads(out, "per_image"), per_image, rtol=0, atol=0)
+    # Released code: the (1, B, H, T, d) result is transposed to (1, H, B, T, d) and read as (B, T, H*d), i.e.
+    # the buffer in (h, b, t, d) order, reshaped.
+    buffer = [float(out[b, h, t, d]) for h in range(heads) for b in range(batch) for t in range(length)
+              for d in range(dim)]
+    released = torch.tensor(buffer).reshape(batch, length, heads * dim)
+    torch.testing.assert_close(merge_heads(out, "released_batch_mix"), released, rtol=0, atol=0)
+    # Image 0 gets head 0 of images 0 and 1; image 2 (>= B/2) head 1 of images 0 and 1.
+    torch.testing.assert_close(released[0].reshape(-1), torch.cat([out[0, 0].reshape(-1), out[1, 0].reshape(-1)]))
+    torch.testing.assert_close(released[2].reshape(-1), torch.cat([out[0, 1].reshape(-1), out[1, 1].reshape(-1)]))
+    with pytest.raises(ValueError, match="fbm_head_merge"):
+        merge_heads(out, "released")
+
+
+@pytest.mark.parametrize("head_merge", ["per_image", "released_batch_mix"])
+def test_only_the_released_head_merge_makes_a_feature_depend_on_its_batch_neighbours(head_merge):
+    # min_selected = all 32 patches of the 8x4 grid: every image keeps all its patches, so DPSM's pooling to the
+    # batch's smallest selection is per image and the FBM head merge is the only thing that could mix images.
+    cfg = _cfg("dpeformer.min_selected=32", f"dpeformer.fbm_head_merge={head_merge}")
+    assert _cfg().dpeformer.fbm_head_merge == "per_image"                  # the paper's behaviour is the default
+    torch.manual_seed(6)
+    model = _model(cfg).eval()
+    images = torch.randn(4, 3, 128, 64)
+    neighbour_changed = images.clone()
+    neighbour_changed[1] = torch.randn(3, 128, 64)                        # image 1 shares image 0's FBM pair
+    with torch.no_grad():
+        first, second = model(images)[0], model(neighbour_changed)[0]
+    change = float((first - second).norm() / first.norm())
+    if head_merge == "per_image":
+        assert change < 1e-5  # the same per-image arithmetic on the same image; float32 rounding at most
+    else:
+        assert change > 1e-2  # image 0's enriched parts carry half of image 1's attention output
 
 
 def test_memory_initialisation_logits_and_update_equal_brute_force():

@@ -199,6 +199,9 @@ class DPEFormerConfig:
     fbm_token_dim: int = 16  # FBM: a D-dim part / global vector is read as D / 16 tokens of 16 dims
     fbm_heads: int = 2
     fbm_mlp_ratio: float = 1.0
+    # FBM head merge: "per_image" (paper); "released_batch_mix" = the released code's transpose/reshape, which mixes
+    # the heads of pairs of images of a batch, so features depend on the batch (only to reproduce released models).
+    fbm_head_merge: Literal["per_image", "released_batch_mix"] = "per_image"
     global_id_weight: float = 2.0  # weight of the mean CE of the two global classifiers
     memory_temperature: float = 0.05
     memory_momentum: float = 0.2  # bank row <- m * row + (1 - m) * feature, renormalised (view 1 only)
