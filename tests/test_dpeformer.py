@@ -207,8 +207,18 @@ def test_two_view_training_set(synthetic_world):
         assert sample["img"].shape == sample["view2"].shape == (3, 128, 64)
         changed = (sample["img"] != sample["view2"]).any(0)
         assert 0.02 < float(changed.float().mean()) < 0.9                   # view 2 = view 1, partly covered
-    with pytest.raises(ConfigError, match="data.occluder_dir"):
-        build_two_view_train_set(items, _cfg("data.occluder_dir="))
+
+
+@pytest.mark.parametrize("value", ["", "no/such/folder"])
+def test_missing_occluder_folder_says_how_to_build_it(value, tmp_path):
+    items = [(str(tmp_path / "0001_c1_f0.jpg"), 0, 0)]
+    with pytest.raises(ConfigError) as error:
+        build_two_view_train_set(items, _cfg(f"data.occluder_dir={value and tmp_path / value}"))
+    message = str(error.value)
+    assert "'data.occluder_dir'" in message and ("is empty" if not value else "does not exist") in message
+    for needed in ("RGBA *.png", "SA-1B-crop", "zhangxin06/DPEFormer", "black outside the segment",
+                   "tools/prepare_occluders.py --source", "dpeformer.view2=erasing"):
+        assert needed in message, needed
 
 
 def test_test_feature_uses_the_default_normalised_distance():
@@ -229,3 +239,32 @@ def test_short_training_on_the_generated_occluded_world(tmp_path):
                                         [f"train.output_dir={tmp_path / 'baseline'}", *common]))
     print(f"\ngenerated market_occluded, 4 epochs: dpeformer mAP {result.final_metrics['mAP']:.3f}, "
           f"demo_occluded baseline mAP {baseline.final_metrics['mAP']:.3f}")
+
+
+def test_prepare_occluders_turns_the_released_crop_layout_into_an_occluder_folder(tmp_path, capsys):
+    from _tool_loading import load_tool_module
+    from PIL import Image
+
+    from passreid.data.occluders import OccluderPaste
+
+    tool = load_tool_module(Path(__file__).resolve().parents[1] / "tools" / "prepare_occluders.py", "prepare_occ")
+    source = tmp_path / "SA-1B-crop"                      # released layout: <root>/<group>/<crop>, black outside
+    (source / "sa_1").mkdir(parents=True)
+    (source / "sa_2").mkdir()
+    crop = np.zeros((20, 10, 3), dtype=np.uint8)
+    crop[3:9, 2:6] = (200, 30, 0)                            # the segment: 6 rows x 4 columns, one channel 0
+    Image.fromarray(crop).save(source / "sa_1" / "a.png")
+    Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(source / "sa_2" / "empty.png")
+    output = tmp_path / "occluders"
+    assert tool.main(["--source", str(source), "--output", str(output)]) == 0
+    out = capsys.readouterr().out
+    assert "wrote 1 RGBA cut-outs" in out and "skipped 1 all-black" in out
+    written = sorted(p.name for p in output.iterdir())
+    assert written == ["sa_1__a.png"]
+    with Image.open(output / "sa_1__a.png") as image:
+        assert image.mode == "RGBA" and image.size == (4, 6)
+        pixels = np.asarray(image)
+    assert (pixels[..., 3] == 255).all() and (pixels[..., :3] == (200, 30, 0)).all()
+    assert len(OccluderPaste(output, p=1.0).occluders) == 1  # what data.occluder_dir accepts
+    assert tool.main(["--source", str(tmp_path / "missing"), "--output", str(output)]) == 2
+    assert "does not exist" in capsys.readouterr().err

@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -362,6 +363,16 @@ class TwoViewDataset(Dataset):
         return {**sample, "img": img, "view2": view2}
 
 
+OCCLUDER_DIR_HELP = (
+    "dpeformer.view2=occluder (the paper's realistic occlusion, the recipes' default) pastes cut-outs from a flat "
+    "folder of RGBA *.png files (<dir>/<name>.png, alpha = the object). For the published SAM crops, download "
+    "SA-1B-crop (linked from the README of zhangxin06/DPEFormer: sub-folders of RGB crops, black outside the "
+    "segment), unpack it and run `python tools/prepare_occluders.py --source <SA-1B-crop> --output <dir>`, then "
+    "set data.occluder_dir=<dir>. Without crops: dpeformer.view2=erasing (the released code's view 2) or "
+    "data.occluder_dir=generated (the generated world's cut-outs, for demos)"
+)
+
+
 def build_two_view_train_set(items: list[ImageItem], cfg: FinetuneConfig) -> TwoViewDataset:
     """DPEFormer's training samples from ``cfg.data`` / ``cfg.dpeformer`` (views as in the module docstring)."""
     from passreid.finetune.data import resolve_occluder_dir
@@ -374,9 +385,10 @@ def build_two_view_train_set(items: list[ImageItem], cfg: FinetuneConfig) -> Two
     to_tensor = T.Compose([T.ToTensor(), T.Normalize(data.pixel_mean, data.pixel_std)])
     if d.view2 == "occluder":
         if not data.occluder_dir:
-            raise ConfigError("config key 'data.occluder_dir': dpeformer.view2=occluder pastes occluder cut-outs and "
-                              "needs a folder of RGBA *.png (or 'generated'); use dpeformer.view2=erasing without one")
+            raise ConfigError(f"config key 'data.occluder_dir' is empty. {OCCLUDER_DIR_HELP}")
         folder = resolve_occluder_dir(cfg)
+        if not Path(folder).expanduser().is_dir():
+            raise ConfigError(f"config key 'data.occluder_dir': folder {folder} does not exist. {OCCLUDER_DIR_HELP}")
         paste = OccluderPaste(folder, p=1.0, area=tuple(data.occluder_area))
         logger.info("dpeformer view 2: occluder paste %r from %s", paste, folder)
         return TwoViewDataset(items, T.Compose(steps), to_tensor, occluder=paste)
