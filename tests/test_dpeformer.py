@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from passreid.config import ConfigError, load_config
 from passreid.finetune import FinetuneConfig, build_criterion, get_method, run_training
 from passreid.finetune.dpeformer import (ClassCentroidMemory, DPEFormerModel, FeatureBlendingModule, TwoViewDataset,
-                                         build_two_view_train_set, dynamic_patch_selection, selection_sizes)
+                                         build_two_view_train_set, dynamic_patch_selection, merge_heads,
+                                         selection_sizes)
 from passreid.finetune.methods import build_backbone
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "finetune"
@@ -31,7 +32,8 @@ def _cfg(*overrides: str) -> FinetuneConfig:
 
 def _model(cfg: FinetuneConfig, num_classes: int = 7) -> DPEFormerModel:
     d = cfg.dpeformer
-    return DPEFormerModel(build_backbone(cfg), num_classes, d.global_token, d.num_parts, d.min_selected)
+    return DPEFormerModel(build_backbone(cfg), num_classes, d.global_token, d.num_parts, d.min_selected,
+                          fbm_head_merge=d.fbm_head_merge)
 
 
 def test_shapes_and_heads():
@@ -103,6 +105,47 @@ def test_fbm_reads_vectors_as_16_dim_tokens_and_is_residual():
     torch.testing.assert_close(fbm(part, g), part)
 
 
+def test_head_merge_layouts_equal_an_index_by_index_reference():
+    batch, heads, length, dim = 4, 2, 3, 5
+    out = torch.randn(batch, heads, length, dim)
+    per_image = torch.empty(batch, length, heads * dim)
+    for b in range(batch):
+        for t in range(length):
+            per_image[b, t] = torch.cat([out[b, h, t] for h in range(heads)])
+    torch.testing.assert_close(merge_heads(out, "per_image"), per_image, rtol=0, atol=0)
+    # Released code: the (1, B, H, T, d) result is transposed to (1, H, B, T, d) and read as (B, T, H*d), i.e.
+    # the buffer in (h, b, t, d) order, reshaped.
+    buffer = [float(out[b, h, t, d]) for h in range(heads) for b in range(batch) for t in range(length)
+              for d in range(dim)]
+    released = torch.tensor(buffer).reshape(batch, length, heads * dim)
+    torch.testing.assert_close(merge_heads(out, "released_batch_mix"), released, rtol=0, atol=0)
+    # Image 0 gets head 0 of images 0 and 1; image 2 (>= B/2) head 1 of images 0 and 1.
+    torch.testing.assert_close(released[0].reshape(-1), torch.cat([out[0, 0].reshape(-1), out[1, 0].reshape(-1)]))
+    torch.testing.assert_close(released[2].reshape(-1), torch.cat([out[0, 1].reshape(-1), out[1, 1].reshape(-1)]))
+    with pytest.raises(ValueError, match="fbm_head_merge"):
+        merge_heads(out, "released")
+
+
+@pytest.mark.parametrize("head_merge", ["per_image", "released_batch_mix"])
+def test_only_the_released_head_merge_makes_a_feature_depend_on_its_batch_neighbours(head_merge):
+    # min_selected = all 32 patches of the 8x4 grid: every image keeps all its patches, so DPSM's pooling to the
+    # batch's smallest selection is per image and the FBM head merge is the only thing that could mix images.
+    cfg = _cfg("dpeformer.min_selected=32", f"dpeformer.fbm_head_merge={head_merge}")
+    assert _cfg().dpeformer.fbm_head_merge == "per_image"                  # the paper's behaviour is the default
+    torch.manual_seed(6)
+    model = _model(cfg).eval()
+    images = torch.randn(4, 3, 128, 64)
+    neighbour_changed = images.clone()
+    neighbour_changed[1] = torch.randn(3, 128, 64)                        # image 1 shares image 0's FBM pair
+    with torch.no_grad():
+        first, second = model(images)[0], model(neighbour_changed)[0]
+    change = float((first - second).norm() / first.norm())
+    if head_merge == "per_image":
+        assert change < 1e-5  # the same per-image arithmetic on the same image; float32 rounding at most
+    else:
+        assert change > 1e-2  # image 0's enriched parts carry half of image 1's attention output
+
+
 def test_memory_initialisation_logits_and_update_equal_brute_force():
     torch.manual_seed(3)
     memory = ClassCentroidMemory(3, 4, temperature=0.05, momentum=0.2)
@@ -164,8 +207,18 @@ def test_two_view_training_set(synthetic_world):
         assert sample["img"].shape == sample["view2"].shape == (3, 128, 64)
         changed = (sample["img"] != sample["view2"]).any(0)
         assert 0.02 < float(changed.float().mean()) < 0.9                   # view 2 = view 1, partly covered
-    with pytest.raises(ConfigError, match="data.occluder_dir"):
-        build_two_view_train_set(items, _cfg("data.occluder_dir="))
+
+
+@pytest.mark.parametrize("value", ["", "no/such/folder"])
+def test_missing_occluder_folder_says_how_to_build_it(value, tmp_path):
+    items = [(str(tmp_path / "0001_c1_f0.jpg"), 0, 0)]
+    with pytest.raises(ConfigError) as error:
+        build_two_view_train_set(items, _cfg(f"data.occluder_dir={value and tmp_path / value}"))
+    message = str(error.value)
+    assert "'data.occluder_dir'" in message and ("is empty" if not value else "does not exist") in message
+    for needed in ("RGBA *.png", "SA-1B-crop", "zhangxin06/DPEFormer", "black outside the segment",
+                   "tools/prepare_occluders.py --source", "dpeformer.view2=erasing"):
+        assert needed in message, needed
 
 
 def test_test_feature_uses_the_default_normalised_distance():
@@ -186,3 +239,32 @@ def test_short_training_on_the_generated_occluded_world(tmp_path):
                                         [f"train.output_dir={tmp_path / 'baseline'}", *common]))
     print(f"\ngenerated market_occluded, 4 epochs: dpeformer mAP {result.final_metrics['mAP']:.3f}, "
           f"demo_occluded baseline mAP {baseline.final_metrics['mAP']:.3f}")
+
+
+def test_prepare_occluders_turns_the_released_crop_layout_into_an_occluder_folder(tmp_path, capsys):
+    from _tool_loading import load_tool_module
+    from PIL import Image
+
+    from passreid.data.occluders import OccluderPaste
+
+    tool = load_tool_module(Path(__file__).resolve().parents[1] / "tools" / "prepare_occluders.py", "prepare_occ")
+    source = tmp_path / "SA-1B-crop"                      # released layout: <root>/<group>/<crop>, black outside
+    (source / "sa_1").mkdir(parents=True)
+    (source / "sa_2").mkdir()
+    crop = np.zeros((20, 10, 3), dtype=np.uint8)
+    crop[3:9, 2:6] = (200, 30, 0)                            # the segment: 6 rows x 4 columns, one channel 0
+    Image.fromarray(crop).save(source / "sa_1" / "a.png")
+    Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(source / "sa_2" / "empty.png")
+    output = tmp_path / "occluders"
+    assert tool.main(["--source", str(source), "--output", str(output)]) == 0
+    out = capsys.readouterr().out
+    assert "wrote 1 RGBA cut-outs" in out and "skipped 1 all-black" in out
+    written = sorted(p.name for p in output.iterdir())
+    assert written == ["sa_1__a.png"]
+    with Image.open(output / "sa_1__a.png") as image:
+        assert image.mode == "RGBA" and image.size == (4, 6)
+        pixels = np.asarray(image)
+    assert (pixels[..., 3] == 255).all() and (pixels[..., :3] == (200, 30, 0)).all()
+    assert len(OccluderPaste(output, p=1.0).occluders) == 1  # what data.occluder_dir accepts
+    assert tool.main(["--source", str(tmp_path / "missing"), "--output", str(output)]) == 2
+    assert "does not exist" in capsys.readouterr().err

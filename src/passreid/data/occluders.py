@@ -11,6 +11,10 @@ mirrored left-right with probability 0.5.
 Occluders come from a folder of ``*.png`` files with an alpha channel; the generated world writes one
 (``<world>/occluders/``). All randomness comes from torch's global generator, like the other training
 transforms (:mod:`passreid.data.transforms`), so a seed makes it reproducible.
+
+:func:`cutouts_from_black_background` turns a folder of cut-outs on a black background (DPEFormer's released
+SA-1B-crop: ``<folder>/<group>/<image>``, RGB, black outside the SAM segment) into such a folder
+(``tools/prepare_occluders.py``).
 """
 from __future__ import annotations
 
@@ -18,10 +22,11 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 
-__all__ = ["OccluderPaste", "PastePlan", "load_occluders"]
+__all__ = ["CutoutSummary", "OccluderPaste", "PastePlan", "cutouts_from_black_background", "load_occluders"]
 
 
 def _has_alpha(image: Image.Image) -> bool:
@@ -142,3 +147,63 @@ class OccluderPaste:
     def __repr__(self) -> str:
         return f"{type(self).__name__}({len(self.occluders)} occluders, p={self.p}, area={self.area})"
 
+
+
+# ------------------------------------------------------------------------------ cut-outs on black
+
+_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
+
+
+@dataclass(frozen=True)
+class CutoutSummary:
+    """What :func:`cutouts_from_black_background` did: PNGs written, images left out (all black) or unreadable."""
+
+    written: int
+    all_black: list[str]
+    unreadable: list[str]
+
+
+def _cutout(image: Image.Image) -> Image.Image | None:
+    """RGBA copy, opaque where any channel is > 0, cropped to the opaque box; ``None`` when all black."""
+    rgb = image.convert("RGB")
+    alpha = Image.fromarray(((np.asarray(rgb).max(axis=2) > 0) * 255).astype(np.uint8))  # mode L
+    box = alpha.getbbox()
+    if box is None:
+        return None
+    rgba = rgb.copy()
+    rgba.putalpha(alpha)
+    return rgba.crop(box)
+
+
+def cutouts_from_black_background(source: str | Path, output: str | Path) -> CutoutSummary:
+    """Write every image under ``source`` (any depth) as an RGBA cut-out ``<output>/<path with / as __>.png``.
+
+    A pixel is transparent iff all three channels are 0: the released DPEFormer paste (zhangxin06/DPEFormer,
+    model/SAM.py, ``paste_on_person``) keeps the person wherever the crop is 0, and its SA-1B crops are black
+    outside the segment. Raises ``FileNotFoundError`` for a missing ``source`` and ``ValueError`` when it holds
+    no image or no usable one.
+    """
+    source, output = Path(source).expanduser(), Path(output).expanduser()
+    if not source.is_dir():
+        raise FileNotFoundError(f"cut-out source folder {source} does not exist")
+    paths = sorted(p for p in source.rglob("*") if p.is_file() and p.suffix.lower() in _IMAGE_SUFFIXES)
+    if not paths:
+        raise ValueError(f"{source} holds no image ({', '.join(_IMAGE_SUFFIXES)}) at any depth")
+    output.mkdir(parents=True, exist_ok=True)
+    written, all_black, unreadable = 0, [], []
+    for path in paths:
+        relative = path.relative_to(source)
+        try:
+            with Image.open(path) as image:
+                cutout = _cutout(image)
+        except OSError:
+            unreadable.append(str(relative))
+            continue
+        if cutout is None:
+            all_black.append(str(relative))
+            continue
+        cutout.save(output / ("__".join(relative.with_suffix("").parts) + ".png"))
+        written += 1
+    if not written:
+        raise ValueError(f"{source}: none of its {len(paths)} images has a non-black pixel or could be read")
+    return CutoutSummary(written, all_black, unreadable)

@@ -1,9 +1,12 @@
-"""BPBReID (Somers et al., WACV'23) on the passreid ViT: ``method: bpbreid`` (finetune-occluded.md §5.1).
+"""BPBReID (Somers et al., WACV'23): ``method: bpbreid`` (finetune-occluded.md §5.1).
 
-* **Spatial features.** The paper's backbone is HRNet-W32 (a stride-4 feature map). Here the feature map
-  ``F (N, C, h, w)`` is the **patch-token grid of the ViT's last block** (after the final LayerNorm; leading
-  [CLS]/[PART] tokens are not used), e.g. 16 x 8 for 256 x 128 input with stride 16. The part machinery is
-  backbone-agnostic; only the feature-map resolution differs (4x coarser than HRNet's).
+* **Spatial features** ``F (N, C, h, w)``, from ``model.arch``:
+  - ``hrnet_w32`` / ``resnet50``: the published backbones (:mod:`passreid.models.cnn`): HRNet-W32's four
+    last-stage branches upsampled to stride 4 and concatenated (1920 channels, 96 x 32 at 384 x 128), or
+    ResNet-50's ``layer4`` with last stride 1 (2048 channels, 24 x 8 at 384 x 128);
+  - a ViT (passreid's own variant): the **patch-token grid of the last block** (after the final LayerNorm;
+    leading [CLS]/[PART] tokens are not used), e.g. 16 x 8 for 256 x 128 input with stride 16.
+  The part machinery is backbone-agnostic; only the feature map's width and resolution differ.
 * **Body-part attention.** A pixel classifier (BN2d + 1x1 conv to K+1 channels, conv init N(0, 0.001))
   gives ``A = softmax`` over [background, part_1..K]; foreground = ``max_k A_k``.
 * **Embeddings.** global = GAP(F); foreground = GAP(F * foreground) (the published foreground head is a
@@ -39,6 +42,7 @@ from passreid.finetune.losses import identity_loss
 from passreid.finetune.methods import FinetuneMethod, build_backbone, load_backbone_weights, register_method
 from passreid.finetune.model import make_bnneck, make_classifier
 from passreid.models import VisionTransformer
+from passreid.models.cnn import build_cnn_backbone, is_cnn_arch
 
 __all__ = [
     "BNClassifier",
@@ -52,6 +56,7 @@ __all__ = [
     "pack_part_rows",
     "part_averaged_triplet_loss",
     "patch_feature_map",
+    "spatial_feature_map",
     "unpack_part_rows",
 ]
 
@@ -113,6 +118,18 @@ def patch_feature_map(backbone: VisionTransformer, images: Tensor) -> Tensor:
     return patches.reshape(patches.shape[0], grid[0], grid[1], -1).permute(0, 3, 1, 2)
 
 
+def spatial_feature_map(backbone: nn.Module, images: Tensor) -> Tensor:
+    """``F (N, C, h, w)``: a ViT's patch grid, or the map a CNN backbone of :mod:`passreid.models.cnn` returns."""
+    if isinstance(backbone, VisionTransformer):
+        return patch_feature_map(backbone, images)
+    return backbone(images)
+
+
+def feature_channels(backbone: nn.Module) -> int:
+    """``C`` of :func:`spatial_feature_map` for ``backbone``."""
+    return backbone.embed_dim if isinstance(backbone, VisionTransformer) else backbone.out_channels
+
+
 def pack_part_rows(embeddings: Tensor, visibility: Tensor) -> Tensor:
     """``(N, P, D)`` embeddings + ``(N, P)`` visibility -> one ``(N, P*D + P)`` row per image (eval output)."""
     return torch.cat([embeddings.flatten(1), visibility.to(embeddings.dtype)], dim=1)
@@ -145,21 +162,21 @@ class BPBReIDTrainOutput:
 
 
 class BPBReIDModel(nn.Module):
-    """ViT patch-grid features + BPBReID's part attention, pooling, reductions and classifiers.
+    """Spatial features (:func:`spatial_feature_map`) + BPBReID's part attention, pooling, reductions, classifiers.
 
     ``forward(images, camids=None, masks=None)``: a :class:`BPBReIDTrainOutput` in training mode (``masks`` are
     the (K+1)-channel targets of the body-part attention loss); in eval mode ``(N, (K+1)*D + K+1)`` rows
     ``[bn_foreground, part_1..K | visibility]`` (see :func:`unpack_part_rows`).
     """
 
-    def __init__(self, backbone: VisionTransformer, num_classes: int, num_parts: int, dim_reduce: int = 512,
+    def __init__(self, backbone: nn.Module, num_classes: int, num_parts: int, dim_reduce: int = 512,
                  visibility: str = "binary") -> None:
         super().__init__()
         if num_parts < 1:
             raise ValueError(f"BPBReID needs at least one part, got {num_parts}")
         if visibility not in ("binary", "continuous"):
             raise ValueError(f"visibility must be 'binary' or 'continuous', got {visibility!r}")
-        dim = backbone.embed_dim
+        dim = feature_channels(backbone)
         self.backbone = backbone
         self.num_parts = num_parts
         self.dim_reduce = dim_reduce
@@ -187,7 +204,7 @@ class BPBReIDModel(nn.Module):
 
     def forward(self, images: Tensor, camids: Tensor | None = None,
                 masks: Tensor | None = None) -> BPBReIDTrainOutput | Tensor:
-        features = patch_feature_map(self.backbone, images)  # (N, C, h, w)
+        features = spatial_feature_map(self.backbone, images)  # (N, C, h, w)
         scores = self.pixel_classifier(features)
         attention = scores.float().softmax(dim=1).to(features.dtype)
         parts_attention = attention[:, 1:]
@@ -323,10 +340,11 @@ class BPBReIDCriterion(nn.Module):
 
 def build_bpbreid_model(cfg: FinetuneConfig, num_classes: int, num_cameras: int,
                         load_weights: bool = True) -> BPBReIDModel:
-    """ViT of ``cfg.model`` (+ pretrained weights) with BPBReID's head for ``data.mask_preprocess``'s K parts."""
+    """Backbone of ``cfg.model.arch`` (a ViT, or HRNet-W32 / ResNet-50) + its ``model.pretrained`` weights, with
+    BPBReID's head for ``data.mask_preprocess``'s K parts."""
     if cfg.model.sie_camera or cfg.model.jpm:
         raise ValueError("method bpbreid does not combine with model.sie_camera or model.jpm")
-    backbone = build_backbone(cfg)
+    backbone = build_cnn_backbone(cfg.model.arch) if is_cnn_arch(cfg.model.arch) else build_backbone(cfg)
     if load_weights:
         load_backbone_weights(backbone, cfg)
     return BPBReIDModel(backbone, num_classes, num_parts(cfg.data.mask_preprocess), cfg.bpbreid.dim_reduce,
@@ -353,7 +371,8 @@ def build_bpbreid_test_distance(cfg: FinetuneConfig, query: ExtractedFeatures, g
 register_method(
     FinetuneMethod(
         name="bpbreid",
-        description="BPBReID: body-part attention on the ViT patch grid, GiLt loss, visibility-aware part distance",
+        description="BPBReID: body-part attention on HRNet-W32 / ResNet-50 maps or the ViT patch grid, GiLt loss, "
+                    "visibility-aware part distance",
         build_model=build_bpbreid_model,
         build_criterion=build_bpbreid_criterion,
         build_test_distance=build_bpbreid_test_distance,

@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 from passreid.config import require
 from passreid.config.schema import DataConfig, EvalConfig, ModelConfig, OptimConfig, TrainConfig
+from passreid.models.cnn import is_cnn_arch
 
 __all__ = [
     "FinetuneConfig",
@@ -42,6 +43,9 @@ GENERATED_SUBSETS = ("market", "market_occluded")
 class FinetuneModelConfig(ModelConfig):
     """Backbone (shared ``ModelConfig`` fields) plus the re-ID head, SIE and JPM."""
 
+    # A ViT, or (method bpbreid only) a CNN feature-map backbone of the published BPBReID (passreid.models.cnn):
+    # hrnet_w32 / resnet50, ImageNet weights from the file in `pretrained`; the ViT-only keys below are then unused.
+    arch: Literal["vit_tiny", "vit_small", "vit_base", "hrnet_w32", "resnet50"] = "vit_small"
     patch_size: int = 16
     head: Literal["pass", "cls"] = "pass"  # pass: BN necks on [CLS] + part tokens; cls: one BN on [CLS]
     feat_fusion: Literal["cat", "mean"] = "cat"  # PASS: cat(CLS, mean(P)) (2D) or (CLS + mean(P)) / 2 (D)
@@ -195,6 +199,9 @@ class DPEFormerConfig:
     fbm_token_dim: int = 16  # FBM: a D-dim part / global vector is read as D / 16 tokens of 16 dims
     fbm_heads: int = 2
     fbm_mlp_ratio: float = 1.0
+    # FBM head merge: "per_image" (paper); "released_batch_mix" = the released code's transpose/reshape, which mixes
+    # the heads of pairs of images of a batch, so features depend on the batch (only to reproduce released models).
+    fbm_head_merge: Literal["per_image", "released_batch_mix"] = "per_image"
     global_id_weight: float = 2.0  # weight of the mean CE of the two global classifiers
     memory_temperature: float = 0.05
     memory_momentum: float = 0.2  # bank row <- m * row + (1 - m) * feature, renormalised (view 1 only)
@@ -248,6 +255,9 @@ class FinetuneConfig:
 def validate_config(cfg: FinetuneConfig) -> FinetuneConfig:
     """Check the value ranges and combinations a type check cannot; raise ``ConfigError`` naming the key."""
     model, data, loss, optim = cfg.model, cfg.data, cfg.loss, cfg.optim
+    require(not is_cnn_arch(model.arch) or cfg.method == "bpbreid", "model.arch",
+             f"{model.arch} is a CNN feature-map backbone, used by method bpbreid only (method is {cfg.method!r}); "
+             "the other methods need a ViT (vit_tiny, vit_small, vit_base)")
     require(model.num_part_tokens >= 0, "model.num_part_tokens", f"must be >= 0, got {model.num_part_tokens}")
     require(model.head != "pass" or model.num_part_tokens > 0, "model.head",
              "'pass' needs part tokens (model.num_part_tokens > 0); use head: cls for a plain [CLS] ViT")

@@ -1,14 +1,23 @@
 """DPEFormer (Zhang et al., arXiv 2402.10435), as the fine-tuning method ``method: dpeformer``.
 
 finetune-occluded.md §5.4, checked against the released code (``dpe:``). The paper's method is the default;
-two switches reproduce the released code where it differs:
+three switches reproduce the released code where it differs:
 
 * ``dpeformer.global_token``: ``cls`` (paper: the [CLS] token) or ``first_patch`` (the released code's ``x[:, 1]``,
   the first patch token after the final LN);
 * ``dpeformer.view2``: ``occluder`` (paper: realistic occlusion augmentation, an occluder cut-out pasted onto view 1;
   the paper pastes SAM segments of SA-1B at a corner, here the cut-outs of ``data.occluder_dir`` are pasted with
   :class:`~passreid.data.occluders.OccluderPaste`, always, area ``data.occluder_area``, placed uniformly) or
-  ``erasing`` (released: random erasing of view 1, p 1, area 0.05-0.4, per-pixel N(0, 1) noise).
+  ``erasing`` (released: random erasing of view 1, p 1, area 0.05-0.4, per-pixel N(0, 1) noise);
+* ``dpeformer.fbm_head_merge``: ``per_image`` (paper: each image's attention heads are put back together) or
+  ``released_batch_mix``: the released code's head merge (zhangxin06/DPEFormer, model/backbones/vit_pytorch.py,
+  ``Attention_part_global_new.forward``, lines 593 and 602 at 2f64361: ``q`` is reshaped to ``(B, N, 1, H, d)``
+  and permuted, which gives it an extra leading axis of size 1, so the attention output is 5-D and
+  ``(attn @ v).transpose(1, 2)`` swaps the batch and head axes instead of the token and head axes before
+  ``reshape(B, N, C)``). The result is read heads-major across the batch: with the published 2 heads and an
+  even batch, output image ``i < B/2`` holds head 0 of images ``2i`` and ``2i + 1``, image ``i >= B/2`` head 1
+  of images ``2i - B`` and ``2i - B + 1`` (:func:`merge_heads`). An image's enriched parts then depend on which
+  images share its batch, at test time too; the mode exists only to reproduce models trained with that code.
 
 Model (on the final-LN tokens of the ViT; ``g`` the global token, ``t_1..t_N`` the patch tokens):
 
@@ -38,6 +47,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -65,8 +75,11 @@ __all__ = [
     "FeatureBlendingModule",
     "TwoViewDataset",
     "dynamic_patch_selection",
+    "merge_heads",
     "selection_sizes",
 ]
+
+HEAD_MERGES = ("per_image", "released_batch_mix")
 
 logger = logging.getLogger(__name__)
 
@@ -108,13 +121,31 @@ def dynamic_patch_selection(global_token: Tensor, patches: Tensor, min_selected:
 # -------------------------------------------------------------------------------------------- FBM
 
 
+def merge_heads(heads: Tensor, mode: str = "per_image") -> Tensor:
+    """Attention output ``(B, H, T, d)`` -> ``(B, T, H*d)``.
+
+    ``per_image``: token ``t`` of image ``b`` is ``cat_h heads[b, h, t]``. ``released_batch_mix``: the released
+    code's layout, the buffer ordered ``(h, b, t, d)`` read as ``(B, T, H*d)``, which mixes images (module docstring).
+    """
+    batch, num_heads, length, _ = heads.shape
+    if mode == "per_image":
+        return heads.transpose(1, 2).reshape(batch, length, -1)
+    if mode == "released_batch_mix":
+        return heads.transpose(0, 1).reshape(batch, length, -1)
+    raise ValueError(f"dpeformer.fbm_head_merge must be one of {HEAD_MERGES}, got {mode!r}")
+
+
 class FeatureBlendingModule(nn.Module):
     """FBM for one part: ``(B, D)`` part, ``(B, D)`` global -> ``(B, D)`` enriched part (module docstring)."""
 
-    def __init__(self, dim: int, token_dim: int = 16, num_heads: int = 2, mlp_ratio: float = 1.0) -> None:
+    def __init__(self, dim: int, token_dim: int = 16, num_heads: int = 2, mlp_ratio: float = 1.0,
+                 head_merge: str = "per_image") -> None:
         super().__init__()
         if dim % token_dim or token_dim % num_heads:
             raise ValueError(f"FBM: width {dim} must split into tokens of {token_dim} dims and {num_heads} heads")
+        if head_merge not in HEAD_MERGES:
+            raise ValueError(f"dpeformer.fbm_head_merge must be one of {HEAD_MERGES}, got {head_merge!r}")
+        self.head_merge = head_merge
         self.num_tokens, self.token_dim, self.num_heads = dim // token_dim, token_dim, num_heads
         self.pos_embed = nn.Parameter(torch.zeros(1, self.num_tokens, token_dim))
         self.norm_part, self.norm_global, self.norm_mlp = (nn.LayerNorm(token_dim) for _ in range(3))
@@ -133,7 +164,7 @@ class FeatureBlendingModule(nn.Module):
         q = self._heads(self.q(part))
         k, v = (self._heads(t) for t in self.kv(global_).chunk(2, dim=-1))
         attn = ((q @ k.transpose(-2, -1)) * self.scale).softmax(dim=-1)
-        return self.proj((attn @ v).transpose(1, 2).flatten(2))
+        return self.proj(merge_heads(attn @ v, self.head_merge))
 
     def forward(self, part: Tensor, global_token: Tensor) -> Tensor:
         batch = part.shape[0]
@@ -199,7 +230,8 @@ class DPEFormerModel(nn.Module):
 
     def __init__(self, backbone: VisionTransformer, num_classes: int, global_token: str = "cls", num_parts: int = 4,
                  min_selected: int = 24, fbm_token_dim: int = 16, fbm_heads: int = 2, fbm_mlp_ratio: float = 1.0,
-                 memory_temperature: float = 0.05, memory_momentum: float = 0.2) -> None:
+                 memory_temperature: float = 0.05, memory_momentum: float = 0.2,
+                 fbm_head_merge: str = "per_image") -> None:
         super().__init__()
         if global_token not in ("cls", "first_patch"):
             raise ValueError(f"dpeformer.global_token must be 'cls' or 'first_patch', got {global_token!r}")
@@ -208,8 +240,8 @@ class DPEFormerModel(nn.Module):
         self.global_token, self.min_selected = global_token, min_selected
         self.stripe_necks = nn.ModuleList(make_bnneck(dim) for _ in range(num_parts))
         self.part_necks = nn.ModuleList(make_bnneck(dim) for _ in range(num_parts))
-        self.blending = nn.ModuleList(FeatureBlendingModule(dim, fbm_token_dim, fbm_heads, fbm_mlp_ratio)
-                                      for _ in range(num_parts))
+        self.blending = nn.ModuleList(FeatureBlendingModule(dim, fbm_token_dim, fbm_heads, fbm_mlp_ratio,
+                                                            fbm_head_merge) for _ in range(num_parts))
         self.stripe_classifier = make_classifier(num_parts * dim, num_classes)
         self.part_concat_classifier = make_classifier(num_parts * dim, num_classes)
         self.part_classifiers = nn.ModuleList(make_classifier(dim, num_classes) for _ in range(num_parts))
@@ -331,6 +363,16 @@ class TwoViewDataset(Dataset):
         return {**sample, "img": img, "view2": view2}
 
 
+OCCLUDER_DIR_HELP = (
+    "dpeformer.view2=occluder (the paper's realistic occlusion, the recipes' default) pastes cut-outs from a flat "
+    "folder of RGBA *.png files (<dir>/<name>.png, alpha = the object). For the published SAM crops, download "
+    "SA-1B-crop (linked from the README of zhangxin06/DPEFormer: sub-folders of RGB crops, black outside the "
+    "segment), unpack it and run `python tools/prepare_occluders.py --source <SA-1B-crop> --output <dir>`, then "
+    "set data.occluder_dir=<dir>. Without crops: dpeformer.view2=erasing (the released code's view 2) or "
+    "data.occluder_dir=generated (the generated world's cut-outs, for demos)"
+)
+
+
 def build_two_view_train_set(items: list[ImageItem], cfg: FinetuneConfig) -> TwoViewDataset:
     """DPEFormer's training samples from ``cfg.data`` / ``cfg.dpeformer`` (views as in the module docstring)."""
     from passreid.finetune.data import resolve_occluder_dir
@@ -343,9 +385,10 @@ def build_two_view_train_set(items: list[ImageItem], cfg: FinetuneConfig) -> Two
     to_tensor = T.Compose([T.ToTensor(), T.Normalize(data.pixel_mean, data.pixel_std)])
     if d.view2 == "occluder":
         if not data.occluder_dir:
-            raise ConfigError("config key 'data.occluder_dir': dpeformer.view2=occluder pastes occluder cut-outs and "
-                              "needs a folder of RGBA *.png (or 'generated'); use dpeformer.view2=erasing without one")
+            raise ConfigError(f"config key 'data.occluder_dir' is empty. {OCCLUDER_DIR_HELP}")
         folder = resolve_occluder_dir(cfg)
+        if not Path(folder).expanduser().is_dir():
+            raise ConfigError(f"config key 'data.occluder_dir': folder {folder} does not exist. {OCCLUDER_DIR_HELP}")
         paste = OccluderPaste(folder, p=1.0, area=tuple(data.occluder_area))
         logger.info("dpeformer view 2: occluder paste %r from %s", paste, folder)
         return TwoViewDataset(items, T.Compose(steps), to_tensor, occluder=paste)
@@ -390,7 +433,7 @@ def build_dpeformer_model(cfg: FinetuneConfig, num_classes: int, num_cameras: in
     if load_weights:
         load_backbone_weights(backbone, cfg)
     model = DPEFormerModel(backbone, num_classes, d.global_token, d.num_parts, d.min_selected, d.fbm_token_dim,
-                           d.fbm_heads, d.fbm_mlp_ratio, d.memory_temperature, d.memory_momentum)
+                           d.fbm_heads, d.fbm_mlp_ratio, d.memory_temperature, d.memory_momentum, d.fbm_head_merge)
     if load_weights:
         initialise_memory(model, cfg)
     return model

@@ -140,12 +140,15 @@ def build_backbone(cfg: FinetuneConfig) -> VisionTransformer:
     )
 
 
-def load_backbone_weights(backbone: VisionTransformer, cfg: FinetuneConfig) -> LoadReport | None:
+def load_backbone_weights(backbone: nn.Module, cfg: FinetuneConfig) -> LoadReport | None:
     """Load ``cfg.model.pretrained`` into ``backbone`` (never partially unless the recipe allows it).
 
     Accepts every layout of :func:`passreid.models.load_pretrained`: a pretrain/ ``backbone.pth``
     export, a PASS/DINO training checkpoint (teacher by default), a converted backbone, timm ViT
-    weights. Position embeddings are resized to this model's token grid and reported.
+    weights. Position embeddings are resized to this model's token grid and reported. For a CNN
+    backbone (:mod:`passreid.models.cnn`): its ImageNet state dict, whose classification head and
+    missing BatchNorm counters are accepted and listed in the logged report; any other difference
+    is an error naming the keys.
     """
     model = cfg.model
     if not model.pretrained:
@@ -158,8 +161,9 @@ def load_backbone_weights(backbone: VisionTransformer, cfg: FinetuneConfig) -> L
     report = load_pretrained(
         backbone,
         model.pretrained,
-        allow_missing=tuple(model.pretrained_allow_missing),
-        allow_unexpected=tuple(model.pretrained_allow_unexpected),
+        # CNN backbones (passreid.models.cnn) accept their ImageNet file's classifier and BN counters, reported
+        allow_missing=tuple(model.pretrained_allow_missing) + getattr(backbone, "optional_weight_keys", ()),
+        allow_unexpected=tuple(model.pretrained_allow_unexpected) + getattr(backbone, "imagenet_head_keys", ()),
         hw_ratio=model.hw_ratio,
         which=model.pretrained_which,
     )

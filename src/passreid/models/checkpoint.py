@@ -495,7 +495,11 @@ def load_pretrained(
         )
 
     result = model.load_state_dict({k: state[k] for k in report.loaded}, strict=False)
-    if result.unexpected_keys or set(result.missing_keys) != set(model_state) - set(report.loaded):
+    # BatchNorm keeps its own num_batches_tracked when a (pre-1.0 torch) file lacks it, without reporting it
+    def counted(keys: Iterable[str]) -> set[str]:
+        return {k for k in keys if not k.endswith("num_batches_tracked")}
+
+    if result.unexpected_keys or counted(result.missing_keys) != counted(set(model_state) - set(report.loaded)):
         raise RuntimeError(f"internal error: load_state_dict disagreed with the load report: {result}")
     logger.info(report.summary())
     return report
