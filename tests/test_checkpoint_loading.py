@@ -11,6 +11,7 @@ import datetime
 import logging
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -461,3 +462,23 @@ def test_bad_sources_raise_clear_errors(tmp_path):
         extract_backbone_state_dict({"student": {}})
     with pytest.raises(TypeError, match="path or a checkpoint dict"):
         load_pretrained(tiny(), 42)
+
+
+def test_weights_only_allows_namespace_and_numpy_scalars_and_nothing_more(tmp_path):
+    """``args`` (argparse.Namespace) is a bag of attributes whose values are unpickled under the same rules, and
+    numpy numeric scalars are values: both load. Anything else inside them, numpy arrays included, is refused and
+    named, so allowing them opens no arbitrary unpickling."""
+    allowed = {"args": argparse.Namespace(arch="vit_small", lr=np.float32(5e-4), crops=(0.4, 1.0), fp16=True),
+               "lr": np.float64(1e-3), "step": np.int64(7), "ok": np.bool_(True), "w": torch.ones(2)}
+    torch.save(allowed, tmp_path / "allowed.pth")
+    loaded = read_checkpoint(tmp_path / "allowed.pth")
+    assert loaded["args"] == allowed["args"] and loaded["lr"] == np.float64(1e-3) and loaded["step"].dtype == np.int64
+    refused = {
+        "array.pth": ({"lr": np.linspace(0.0, 1.0, 4)}, "numpy.ndarray"),
+        "namespace_with_date.pth": ({"args": argparse.Namespace(when=datetime.date(2020, 1, 1))}, "datetime.date"),
+    }
+    for name, (obj, global_name) in refused.items():
+        torch.save(obj, tmp_path / name)
+        with pytest.raises(CheckpointFormatError, match=f"{name} pickles objects that weights-only loading refuses: "
+                                                        f".*{global_name}"):
+            read_checkpoint(tmp_path / name)

@@ -2,14 +2,19 @@
 from __future__ import annotations
 
 import argparse
+import pickle
 from pathlib import Path
 
+import numpy as np
 import pytest
-
-from _tool_loading import load_tool_module
 import torch
 
-from passreid.models import build_vit, load_pretrained
+from _inference_models import published_optimizer_state, save_as_published
+from _released_checkpoints import bpbreid_released_checkpoint, dpm_released_state, yacs_config
+from _tool_loading import load_tool_module
+from passreid.config import load_config
+from passreid.finetune import FinetuneConfig, build_model
+from passreid.models import build_vit, load_pretrained, read_checkpoint
 from passreid.pretrain import PASSMetaArch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -41,14 +46,14 @@ def meta() -> PASSMetaArch:
 
 
 def published_checkpoint(meta: PASSMetaArch) -> dict:
-    """The published main_pass.py save_dict (reference §4.1), built by hand from the meta-arch."""
+    """The published PASS-reID PASS/main_pass.py save_dict, built by hand from the meta-arch; the optimizer's
+    param groups hold numpy.float64 lr / weight decay as there (save it with ``save_as_published``)."""
     student = {f"module.{k}": v.clone() for k, v in meta.student.state_dict().items()}
     teacher = {k: v.clone() for k, v in meta.teacher.state_dict().items()}
-    optimizer = torch.optim.AdamW([p for p in meta.student.parameters() if p.requires_grad])
     return {
         "student": student,
         "teacher": teacher,
-        "optimizer": optimizer.state_dict(),
+        "optimizer": published_optimizer_state(meta.student),
         "epoch": 100,
         "args": argparse.Namespace(arch="vit_tiny", patch_size=16, height=256, width=128, out_dim=64,
                                    local_crops_number=9, epochs=100),
@@ -74,7 +79,7 @@ def assert_same_backbone(export_path: Path, reference: torch.nn.Module) -> None:
 
 def test_published_checkpoint_teacher(tool, meta, tmp_path, capsys):
     source = tmp_path / "checkpoint.pth"
-    torch.save(published_checkpoint(meta), source)
+    save_as_published(published_checkpoint(meta), source)
     out = tmp_path / "backbone.pth"
     assert tool.main([str(source), str(out)]) == 0
     printed = capsys.readouterr().out
@@ -94,7 +99,7 @@ def test_published_checkpoint_student_without_args(tool, meta, tmp_path):
     checkpoint = published_checkpoint(meta)
     del checkpoint["args"]  # size, patch and arch are then inferred from the weights
     source = tmp_path / "checkpoint.pth"
-    torch.save(checkpoint, source)
+    save_as_published(checkpoint, source)
     out = tmp_path / "student.pth"
     assert tool.main([str(source), str(out), "--which", "student"]) == 0
     assert_same_backbone(out, meta.student["backbone"])
@@ -136,9 +141,50 @@ def test_passreid_checkpoint_with_published_aliases(tool, meta, tmp_path):
 
 def test_wrong_arch_and_missing_file_are_clear_errors(tool, meta, tmp_path, capsys):
     source = tmp_path / "checkpoint.pth"
-    torch.save(published_checkpoint(meta), source)
+    save_as_published(published_checkpoint(meta), source)
     assert tool.main([str(source), str(tmp_path / "x.pth"), "--arch", "vit_small"]) == 2
     assert "arch 'vit_small' has embed_dim 384" in capsys.readouterr().err
     assert tool.main([str(tmp_path / "nope.pth"), str(tmp_path / "x.pth")]) == 2
     assert "not found" in capsys.readouterr().err
+    assert not (tmp_path / "x.pth").exists()
+
+
+def test_published_checkpoint_with_numpy_schedule_values_loads(tool, meta, tmp_path):
+    """PASS's checkpoint.pth holds numpy.float64 lr / weight decay in the optimizer's param groups, pickled under
+    numpy 1.x names; the safe loader allows exactly those, so the tool and model.pretrained both read it."""
+    source = save_as_published(published_checkpoint(meta), tmp_path / "checkpoint.pth")
+    lister = getattr(torch.serialization, "get_unsafe_globals_in_checkpoint", None)
+    if lister is not None:
+        assert {"numpy.core.multiarray.scalar", "numpy.dtype"} <= set(lister(str(source)))
+    with pytest.raises(pickle.UnpicklingError):  # what refused the file before
+        torch.load(source, weights_only=True)
+    groups = read_checkpoint(source)["optimizer"]["param_groups"]
+    assert isinstance(groups[0]["lr"], np.float64) and isinstance(groups[0]["weight_decay"], np.float64)
+    assert groups[1]["weight_decay"] == 0.0 and 0.0 < groups[0]["lr"] <= 5e-4
+    assert tool.main([str(source), str(tmp_path / "backbone.pth")]) == 0
+    assert_same_backbone(tmp_path / "backbone.pth", meta.teacher_backbone())
+    cfg = load_config(FinetuneConfig, None, ["model.arch=vit_tiny", "model.img_size=[256,128]",
+                                             f"model.pretrained={source}"])
+    model = build_model(cfg, 5, 0)  # model.pretrained=<published checkpoint.pth>
+    teacher = meta.teacher_backbone().state_dict()
+    assert all(torch.equal(model.backbone.state_dict()[k], v) for k, v in teacher.items())
+
+
+def test_released_finetuned_checkpoints_are_named_with_what_loads_them(tool, tmp_path, capsys):
+    dpm_cfg = load_config(FinetuneConfig, REPO_ROOT / "configs" / "finetune" / "demo_dpm.yaml")
+    torch.save(dpm_released_state(build_model(dpm_cfg, 7, 0, load_weights=False)), tmp_path / "dpm.pth")
+    assert tool.main([str(tmp_path / "dpm.pth"), str(tmp_path / "x.pth")]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'dpm.pth'} is a released DPM checkpoint" in err
+    assert "not a pre-training checkpoint" in err and "finetune/test.py --weights" in err and "dpm_vit_b_256" in err
+
+    # torchreid pickles its yacs config: refused by the safe loader (named), then, trusted, the layout is named.
+    with yacs_config() as config_node:
+        torch.save({**bpbreid_released_checkpoint(), "config": config_node(model={"name": "bpbreid"})},
+                   tmp_path / "bpbreid.pth")
+        assert tool.main([str(tmp_path / "bpbreid.pth"), str(tmp_path / "x.pth")]) == 2
+        assert "refuses: yacs.config.CfgNode" in capsys.readouterr().err
+        assert tool.main([str(tmp_path / "bpbreid.pth"), str(tmp_path / "x.pth"), "--trust-pickle"]) == 2
+    err = capsys.readouterr().err
+    assert "is a released BPBReID (torchreid) checkpoint" in err and "HRNet-W32 backbone" in err
     assert not (tmp_path / "x.pth").exists()

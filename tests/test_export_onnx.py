@@ -85,4 +85,5 @@ def test_export_fails_clearly(tool, tmp_path, capsys):
     assert "not found" in capsys.readouterr().err
     np.savez(tmp_path / "feats.npz", feats=np.zeros((2, 3), np.float32))
     assert tool.main(["--weights", str(tmp_path / "feats.npz"), "--out", str(tmp_path / "x.onnx")]) == 2
-    assert "expected one of" in capsys.readouterr().err
+    assert (f"{tmp_path / 'feats.npz'} is a zip archive but not a torch.save checkpoint (no data.pkl; it holds "
+            "feats.npy); expected a PyTorch checkpoint written by torch.save") in capsys.readouterr().err

@@ -1,16 +1,26 @@
-"""model_final.pth round trips and the explicit mapping of published TransReID / PASS checkpoints."""
+"""model_final.pth round trips and the explicit mapping of released checkpoints: TransReID / PASS-reID, DPM, TSD,
+DPEFormer (mapped), BPBReID (recognised, refused with the reason)."""
 from __future__ import annotations
 
+import json
+import logging
+import re
 from pathlib import Path
 
 import pytest
 import torch
 
+from _inference_models import restored_passreid_logging, save_published_transreid_checkpoint
+from _released_checkpoints import (bpbreid_released_checkpoint, dpeformer_released_state, dpm_released_state,
+                                   tsd_released_state)
+from _tool_loading import load_tool_module
 from passreid.config import load_config
 from passreid.engine import atomic_save
 from passreid.finetune import FinetuneConfig, build_final_checkpoint, build_model, load_finetuned_model
-from passreid.finetune.checkpoints import stored_config
+from passreid.finetune.checkpoints import published_layout, stored_config
 from passreid.models import CheckpointFormatError, CheckpointMismatchError
+
+REPO = Path(__file__).resolve().parents[1]
 
 TINY = ["model.arch=vit_tiny", "model.img_size=[64,32]", "model.drop_path_rate=0.0"]
 JPM_SIE = ["model.head=cls", "model.num_part_tokens=0", "model.jpm=true", "model.jpm_shift=2",
@@ -24,7 +34,7 @@ def _cfg(*overrides: str) -> FinetuneConfig:
 def _trained_looking_model(cfg: FinetuneConfig, num_classes: int = 7, num_cameras: int = 3) -> torch.nn.Module:
     """A model whose BN running statistics and weights are not at their init values."""
     torch.manual_seed(0)
-    model = build_model(cfg, num_classes, num_cameras)
+    model = build_model(cfg, num_classes, num_cameras, load_weights=False)
     with torch.no_grad():
         for name, tensor in model.state_dict().items():
             if tensor.is_floating_point():
@@ -64,9 +74,16 @@ def test_model_final_with_a_tampered_state_is_refused(tmp_path: Path):
         load_finetuned_model(final)
 
 
+def _imagenet_fc(model: torch.nn.Module, prefix: str = "") -> dict[str, torch.Tensor]:
+    """The unused ImageNet classifier (1000 classes) of the TransReID ViT, which every released state dict holds."""
+    dim = model.backbone.embed_dim
+    return {f"{prefix}base.fc.weight": torch.randn(1000, dim), f"{prefix}base.fc.bias": torch.randn(1000)}
+
+
 def _published_pass(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The model in PASS-reID's names (build_transformer_pass): base.*, bottleneck[_k], classifier."""
-    out = {}
+    """The model in PASS-reID's names (build_transformer_pass): base.* (with the backbone's ImageNet fc),
+    bottleneck[_k], classifier."""
+    out = _imagenet_fc(model, "module.")
     for key, value in model.state_dict().items():
         if key.startswith("backbone."):
             out["module.base." + key[len("backbone."):]] = value.clone()
@@ -86,7 +103,8 @@ def _published_transreid_jpm(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     state = model.state_dict()
     depth = model.backbone.depth
     out = {"base.sie_embed": state["sie_embed"].clone(),
-           "base.pos_embed": torch.cat([state["backbone.cls_pos"], state["backbone.pos_embed"]], dim=1)}
+           "base.pos_embed": torch.cat([state["backbone.cls_pos"], state["backbone.pos_embed"]], dim=1),
+           **_imagenet_fc(model)}
     for key, value in state.items():
         if key.startswith(f"backbone.blocks.{depth - 1}."):
             out["b1.0." + key.split(".", 3)[3]] = value.clone()
@@ -122,8 +140,29 @@ def test_published_pass_checkpoint_maps_exactly(tmp_path: Path):
     path = tmp_path / "transformer_120.pth"
     torch.save(_published_pass(model), path)
     loaded, _, report = load_finetuned_model(path, cfg)
-    assert report.is_exact and not report.dropped and len(report.loaded) == report.num_model_tensors
+    assert report.is_exact and len(report.loaded) == report.num_model_tensors
+    assert [d.split(" ")[0] for d in report.dropped] == ["base.fc.weight", "base.fc.bias"]
     torch.testing.assert_close(_features(loaded, False), _features(model, False), rtol=0, atol=0)
+
+
+def test_finetune_test_py_evaluates_a_released_checkpoint_without_extra_flags(tmp_path: Path, synthetic_world):
+    """finetune/test.py --config-file <recipe> --weights <released TransReID file with base.fc.*>: evaluated, and the
+    dropped keys are named in the log and in metrics.json."""
+    overrides = ["model.head=cls", "model.num_part_tokens=0", f"data.world_dir={synthetic_world}"]
+    cfg = load_config(FinetuneConfig, REPO / "configs" / "finetune" / "demo.yaml", overrides)
+    torch.manual_seed(0)
+    path = save_published_transreid_checkpoint(tmp_path / "transformer_120.pth",
+                                               build_model(cfg, 7, 0, load_weights=False))
+    test_py = load_tool_module(REPO / "finetune" / "test.py", "finetune_test_entry")
+    out = tmp_path / "test"
+    with restored_passreid_logging():
+        assert test_py.main(["--config-file", str(REPO / "configs" / "finetune" / "demo.yaml"), "--weights",
+                             str(path), "--output-dir", str(out), *overrides]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert 0.0 <= metrics["mAP"] <= 1.0
+    for text in (metrics["published_checkpoint_report"], (out / "log.txt").read_text()):
+        assert "base.fc.weight (the ViT's ImageNet classifier, unused by the re-ID forward)" in text
+        assert "base.fc.bias" in text
 
 
 def test_published_transreid_jpm_sie_checkpoint_maps_and_reports_unused_base_keys():
@@ -152,3 +191,77 @@ def test_published_checkpoint_mismatches_are_reported_never_silent():
         load_finetuned_model(published, _cfg(*JPM_SIE))
     with pytest.raises(CheckpointFormatError, match="pass the config"):
         load_finetuned_model(published)
+
+
+# ------------------------------------------------------------------ DPM, TSD, DPEFormer, BPBReID released layouts
+# Same weights, same inputs, same process: the features agree up to the order of threaded float reductions.
+FEATURE_TOL = dict(rtol=0, atol=1e-6)
+
+
+def _demo(name: str, *overrides: str) -> FinetuneConfig:
+    return load_config(FinetuneConfig, REPO / "configs" / "finetune" / f"demo_{name}.yaml",
+                       ["model.drop_path_rate=0.0", *overrides])
+
+
+def _eval_rows(model: torch.nn.Module) -> torch.Tensor:
+    images = torch.randn(4, 3, 128, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        return model.eval()(images)
+
+
+@pytest.mark.parametrize("method,released,dropped", [
+    ("dpm", dpm_released_state, ["base.fc.weight"]),
+    ("tsd", tsd_released_state, ["base.fc.weight", "base.blocks.3.attn.qkv.weight", "base.norm.weight",
+                                 "part_decoder.post_norm.weight"]),
+    ("dpeformer", dpeformer_released_state, ["base.fc.weight", "b2.0.0.attn.qkv.weight", "REM_zx.1.conv_query.weight",
+                                             "classifier_local.0.weight", "classifier1_3.weight",
+                                             "attention_global.2.param", "attention_global.2.Block.attn.param",
+                                             "ffn3.layers2.fn.net.0.weight", "bottleneck_local.9.running_mean"]),
+])
+def test_released_occluded_method_checkpoints_load_exactly(tmp_path: Path, caplog, method, released, dropped):
+    overrides = ["dpeformer.global_token=first_patch"] if method == "dpeformer" else []
+    cfg = _demo(method, *overrides)
+    model = _trained_looking_model(cfg, num_cameras=0)
+    state = released(model)
+    path = tmp_path / "transformer_120.pth"
+    torch.save(state, path)
+    assert published_layout(state).method == method
+    with caplog.at_level(logging.INFO, logger="passreid.finetune.checkpoints"):
+        loaded, _, report = load_finetuned_model(path, cfg)
+    reported = [entry.split(" ")[0] for entry in report.dropped]
+    assert set(dropped) <= set(reported) and all(name in caplog.text for name in dropped)
+    expected = {k: v for k, v in model.state_dict().items() if k != "memory.features"}
+    assert report.missing == (["memory.features"] if method == "dpeformer" else [])
+    assert not report.unexpected and not report.shape_mismatched
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in expected.items())
+    torch.testing.assert_close(_eval_rows(loaded), _eval_rows(model), **FEATURE_TOL)
+
+
+def test_released_checkpoint_needs_a_config_of_its_method(tmp_path: Path):
+    dpm = dpm_released_state(_trained_looking_model(_demo("dpm"), num_cameras=0))
+    with pytest.raises(CheckpointMismatchError, match=r"released DPM checkpoint .*loads into method: dpm, but the "
+                                                      r"config's method is 'bnneck'.*dpm_vit_b_256.yaml"):
+        load_finetuned_model(dpm, _demo("occluded"))
+    with pytest.raises(CheckpointFormatError, match=r"not a passreid fine-tuned model \(it is a released DPM"):
+        load_finetuned_model(dpm)
+    dpm["base.attfc.weight"] = dpm["base.attfc.weight"][:, :5]
+    with pytest.raises(CheckpointMismatchError, match=r"shape mismatch mask_generator.fc.weight: checkpoint \[192, 5\]"):
+        load_finetuned_model(dpm, _demo("dpm"))
+
+
+def test_released_dpeformer_with_the_paper_global_token_warns(caplog):
+    cfg = _demo("dpeformer")
+    assert cfg.dpeformer.global_token == "cls"
+    with caplog.at_level(logging.WARNING, logger="passreid.finetune.checkpoints"):
+        load_finetuned_model(dpeformer_released_state(_trained_looking_model(cfg, num_cameras=0)), cfg)
+    assert "dpeformer.global_token=first_patch" in caplog.text
+
+
+def test_released_bpbreid_checkpoint_is_named_and_refused(tmp_path: Path):
+    path = tmp_path / "bpbreid_occluded_duke_hrnet32.pth"
+    torch.save(bpbreid_released_checkpoint(), path)
+    for cfg in (None, _demo("bpbreid")):
+        with pytest.raises(CheckpointFormatError, match=(
+                re.escape(f"{path} is a released BPBReID (torchreid) checkpoint") + " .* with a HRNet-W32 backbone; passreid's "
+                "method: bpbreid runs on the ViT patch-token grid .* cannot be loaded. Expected a passreid model_final")):
+            load_finetuned_model(path, cfg)

@@ -14,16 +14,20 @@ from torch.utils.data import DataLoader
 
 from _inference_models import (REPO, demo_config, save_backbone_export, save_published_pass_checkpoint,
                                save_published_transreid_checkpoint, tiny_pass_vit, train_demo_model)
+from _released_checkpoints import (bpbreid_released_checkpoint, dpeformer_released_state, dpm_released_state,
+                                   tsd_released_state)
+from passreid.config import load_config
 from passreid.data import build_dataset
 from passreid.data.multicrop import IMAGENET_MEAN, IMAGENET_STD
 from passreid.data.samplers import ImageDataset
 from passreid.data.transforms import build_test_transform
 from passreid.eval.features import cls_feature, extract_features, pass_fusion_feature
-from passreid.finetune import FinetuneMethod, build_model, get_method, list_methods, register_method
+from passreid.finetune import FinetuneConfig, FinetuneMethod, build_model, get_method, list_methods, register_method
 from passreid.finetune.evaluator import extract_split
 from passreid.finetune.methods import build_bnneck_model, build_reid_criterion
 from passreid.inference import (FeatureExtractor, WeightsKindError, extracted, identify_weights, list_images,
                                 load_model, parse_market_names)
+from passreid.models import CheckpointFormatError
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -143,18 +147,44 @@ def test_files_of_the_wrong_kind_fail_clearly(tmp_path, demo_model):
     with pytest.raises(WeightsKindError, match="folder"):
         load_model(tmp_path)
     (tmp_path / "notes.txt").write_text("hello\n")
-    with pytest.raises(WeightsKindError, match="not a torch checkpoint.*expected one of"):
+    with pytest.raises(CheckpointFormatError, match="notes.txt is not a PyTorch checkpoint: it starts with the text "
+                                                    "'hello'.*expected a PyTorch checkpoint written by torch.save"):
         load_model(tmp_path / "notes.txt")
     torch.save({"optimizer": {"state": {}}, "epoch": 3}, tmp_path / "optimizer.pth")
-    with pytest.raises(WeightsKindError, match="not a model file.*optimizer.*expected one of.*model_final"):
+    with pytest.raises(WeightsKindError, match="optimizer.pth is not a model file.*optimizer.*expected one of.*"
+                                                "model_final"):
         load_model(tmp_path / "optimizer.pth")
-    with pytest.raises(WeightsKindError):
+    with pytest.raises(WeightsKindError, match="holds a list, not a checkpoint dict"):
         identify_weights([1, 2])
     assert identify_weights(torch.load(demo_model[0], weights_only=True)) == "finetuned"
     with pytest.raises(FileNotFoundError, match="no images"):
         list_images(tmp_path)
     with pytest.raises(FileNotFoundError, match="pattern"):
         list_images(str(tmp_path / "*.jpg"))
+
+
+@pytest.mark.parametrize("method,released", [("dpm", dpm_released_state), ("tsd", tsd_released_state),
+                                             ("dpeformer", dpeformer_released_state)])
+def test_released_occluded_method_checkpoints_are_recognised(tmp_path, method, released):
+    cfg = load_config(FinetuneConfig, REPO / "configs" / "finetune" / f"demo_{method}.yaml")
+    torch.manual_seed(0)
+    original = build_model(cfg, 7, 0, load_weights=False).eval()
+    torch.save(released(original), tmp_path / "released.pth")
+    assert identify_weights(torch.load(tmp_path / "released.pth", weights_only=True)) == "published_finetuned"
+    with pytest.raises(WeightsKindError, match="pass the fine-tuning config"):
+        load_model(tmp_path / "released.pth", device="cpu")
+    model = load_model(tmp_path / "released.pth", cfg, device="cpu")
+    assert model.kind == "published_finetuned" and model.method == method
+    images = torch.randn(2, 3, 128, 64, generator=torch.Generator().manual_seed(0))
+    # Same weights and inputs: equal up to the order of threaded float reductions.
+    torch.testing.assert_close(model.features(images), original(images), rtol=0, atol=1e-6)
+
+
+def test_released_bpbreid_checkpoint_says_why_it_cannot_load(tmp_path):
+    torch.save(bpbreid_released_checkpoint(), tmp_path / "bpbreid.pth")
+    with pytest.raises(WeightsKindError, match="bpbreid.pth is a released BPBReID \\(torchreid\\) checkpoint .* "
+                                                "HRNet-W32 backbone; .*cannot be loaded"):
+        load_model(tmp_path / "bpbreid.pth", device="cpu")
 
 
 def test_market_names_parse_to_pids_and_zero_based_cameras():

@@ -173,7 +173,7 @@ def test_every_tool_rejects_missing_and_wrong_kind_weights(name, demo, market, t
     assert "not a model file" in err and "model_final.pth" in err and "backbone" in err
     np.save(tmp_path / "array.npy", np.zeros(3))
     assert tool.main(["--weights", str(tmp_path / "array.npy"), *args]) == 2
-    assert "not a torch checkpoint" in capsys.readouterr().err
+    assert f"{tmp_path / 'array.npy'} is not a PyTorch checkpoint" in capsys.readouterr().err
 
 
 @pytest.mark.realdata

@@ -7,11 +7,16 @@ Accepted inputs:
 
 * a published PASS/DINO ``checkpoint.pth``: ``{"student": {"module.backbone.*", "module.head.*"},
   "teacher": {"backbone.*", "head.*"}, "optimizer", "epoch", "args" (argparse.Namespace),
-  "dino_loss", "fp16_scaler"}`` (pre-training reference §4.1);
+  "dino_loss", "fp16_scaler"}`` (PASS-reID ``PASS/main_pass.py``; its optimizer param groups hold the
+  numpy.float64 lr / weight-decay schedule values, which the safe loader allows);
 * a passreid pre-training ``checkpoint.pth``: ``{"model": PASSMetaArch.state_dict() (keys
   ``student.backbone.*``, ``teacher.backbone.*``, ``loss.center_*``), "optimizer", "config", ...}``,
   with or without the published ``student``/``teacher``/``dino_loss`` aliases;
 * anything else :func:`passreid.models.extract_backbone_state_dict` understands.
+
+A released fine-tuned checkpoint (TransReID / PASS-reID, DPM, TSD, DPEFormer, BPBReID) is recognised and
+refused with what loads it instead (``finetune/test.py``, ``passreid.load_model``); an empty, text, truncated
+or damaged file is named with what was expected (a ``torch.save`` zip archive).
 
 The chosen network's backbone (``--which``, default the teacher, which fine-tuning uses) is loaded
 strictly into a freshly built ViT and saved in the :func:`passreid.models.export_backbone` format
@@ -31,14 +36,15 @@ from typing import Any
 import torch
 
 from passreid.engine import atomic_save
+from passreid.finetune.checkpoints import published_layout, unsupported_layout_message
 from passreid.models import (
     VIT_ARCHS,
     ArchitectureError,
     CheckpointFormatError,
     CheckpointMismatchError,
+    architecture_hints,
     build_vit,
     export_backbone,
-    architecture_hints,
     extract_backbone_state_dict,
     infer_vit_arguments,
     load_pretrained,
@@ -46,8 +52,25 @@ from passreid.models import (
 )
 from passreid.pretrain.meta_arch import to_published_layout
 
+EXPECTED = "a PASS/DINO pre-training checkpoint.pth (published or passreid) or a ViT backbone state dict"
+
+
 class ConversionError(ValueError):
     """The input cannot be converted; the message says why and what was expected."""
+
+
+def _refuse_finetuned(obj: Mapping[str, Any], path: Path) -> None:
+    """A released fine-tuned checkpoint (TransReID-family or BPBReID) is named, with what loads it instead."""
+    layout = published_layout(obj)
+    if layout is None:
+        return
+    if layout.method is None:
+        raise ConversionError(unsupported_layout_message(layout, obj, str(path)))
+    raise ConversionError(
+        f"{path} is {layout.describe()}: a fine-tuned model, not a pre-training checkpoint (this tool expects "
+        f"{EXPECTED}). Evaluate it with finetune/test.py --weights {path} --config-file <a {layout.method} config, "
+        f"e.g. {layout.recipe}>, or load it with passreid.load_model(path, config)"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -111,10 +134,9 @@ def convert(input_path: Path, output_path: Path, which: str = "teacher", arch: s
         raw = read_checkpoint(input_path, weights_only=not trust_pickle)
     except (FileNotFoundError, CheckpointFormatError) as error:
         raise ConversionError(str(error)) from error
-    except Exception as error:  # torch.load on a corrupt/non-torch file
-        raise ConversionError(f"{input_path}: cannot be read as a torch checkpoint ({error})") from error
     if not isinstance(raw, Mapping):
-        raise ConversionError(f"{input_path}: expected a checkpoint dict, got {type(raw).__name__}")
+        raise ConversionError(f"{input_path} holds a {type(raw).__name__}, not a checkpoint dict; expected {EXPECTED}")
+    _refuse_finetuned(raw, input_path)
     obj, notes = normalize_layout(raw)
     try:
         state, dropped = extract_backbone_state_dict(obj, which=which)
@@ -127,7 +149,7 @@ def convert(input_path: Path, output_path: Path, which: str = "teacher", arch: s
     arch_name = settings.pop("arch")
     model = build_vit(arch_name, **settings)
     try:
-        report = load_pretrained(model, state)  # strict: any missing/unexpected/shape-mismatched key raises
+        report = load_pretrained(model, state, label=str(input_path))  # strict: any difference raises
     except CheckpointMismatchError as error:
         raise ConversionError(f"{input_path}: the {which} backbone does not load into {arch_name}: {error}") from error
     metadata: dict[str, Any] = {"source": str(input_path), "which": which}

@@ -13,8 +13,10 @@ Two calls::
   forward (what ``finetune/test.py`` evaluates); methods with their own test distance keep it
   (:meth:`LoadedModel.test_distance`);
 * ``finetune_checkpoint``: a fine-tuning run's ``checkpoint.pth`` (config stored inside);
-* ``published_finetuned``: a published TransReID / PASS fine-tuned checkpoint (``base.*``,
-  ``bottleneck*``, ``classifier*``); needs the fine-tuning config that describes its architecture;
+* ``published_finetuned``: a released fine-tuned checkpoint of TransReID / PASS-reID (``base.*``,
+  ``bottleneck*``, ``classifier*``), DPM, TSD or DPEFormer (``passreid.finetune.checkpoints.PUBLISHED_LAYOUTS``);
+  needs the fine-tuning config that describes its architecture (a BPBReID / torchreid file is recognised and
+  refused: its HRNet / ResNet backbone is not a passreid backbone);
 * ``backbone_export``: a pre-training backbone export (``backbone.pth`` / ``backbone_final.pth``,
   ``tools/convert_checkpoint.py`` output);
 * ``pretrain_checkpoint``: a PASS / DINO pre-training ``checkpoint.pth`` (published, or passreid's own):
@@ -26,7 +28,9 @@ Backbones (the last three) give the PASS test feature ``cat(CLS, mean(parts))`` 
 prepared like the pre-training kNN monitor (bilinear resize to the backbone's input size, ImageNet
 normalisation). Fine-tuned models use their config's input size and ``data.pixel_mean/std``.
 
-Any other file fails with :class:`WeightsKindError`, which says what it found and what was expected.
+A file that is not a ``torch.save`` checkpoint (empty, text, truncated) fails with
+:class:`~passreid.models.CheckpointFormatError`; any other file with :class:`WeightsKindError`; both name the
+file, say what it holds and what was expected.
 """
 from __future__ import annotations
 
@@ -34,7 +38,6 @@ import argparse
 import glob
 import logging
 import os
-import zipfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,7 +81,8 @@ logger = logging.getLogger(__name__)
 WEIGHT_KINDS = {
     "finetuned": "passreid model_final.pth (finetune/train.py)",
     "finetune_checkpoint": "a fine-tuning run's checkpoint.pth",
-    "published_finetuned": "published TransReID / PASS fine-tuned checkpoint (needs its config file)",
+    "published_finetuned": "released fine-tuned checkpoint of TransReID / PASS-reID, DPM, TSD or DPEFormer (needs "
+                           "its config file)",
     "backbone_export": "passreid backbone export (pretrain backbone.pth / backbone_final.pth, convert_checkpoint.py)",
     "pretrain_checkpoint": "PASS / DINO pre-training checkpoint.pth (published or passreid)",
     "backbone_state_dict": "bare ViT state dict (converted DINO / timm layout)",
@@ -105,11 +109,13 @@ def _is_meta_arch_state(state: Any) -> bool:
     return isinstance(state, Mapping) and any(str(k).startswith(("student.", "teacher.")) for k in state)
 
 
-def identify_weights(obj: Any) -> str:
-    """The :data:`WEIGHT_KINDS` key of a loaded checkpoint object; raises :class:`WeightsKindError`."""
+def identify_weights(obj: Any, label: str = "the checkpoint") -> str:
+    """The :data:`WEIGHT_KINDS` key of a loaded checkpoint object; raises :class:`WeightsKindError` naming
+    ``label`` (the file) for anything else."""
     if not isinstance(obj, Mapping):
-        raise WeightsKindError(f"expected a checkpoint dict, got a {type(obj).__name__}; expected one of: {_EXPECTED}")
-    from passreid.finetune.checkpoints import FINAL_FORMAT
+        raise WeightsKindError(f"{label} holds a {type(obj).__name__}, not a checkpoint dict; expected one of: "
+                               f"{_EXPECTED}")
+    from passreid.finetune.checkpoints import FINAL_FORMAT, published_layout, unsupported_layout_message
 
     meta = obj.get("meta")
     if isinstance(meta, Mapping) and meta.get("format") == FINAL_FORMAT:
@@ -122,14 +128,17 @@ def identify_weights(obj: Any) -> str:
     if isinstance(obj.get("backbone"), Mapping):
         return "backbone_export"
     state = inner if inner is not None else obj
-    keys = [str(k)[len("module."):] if str(k).startswith("module.") else str(k) for k in state]
-    if "classifier.weight" in keys and any(k.startswith("base.") for k in keys):
+    layout = published_layout(state)
+    if layout is not None and layout.method is None:
+        raise WeightsKindError(unsupported_layout_message(layout, state, label))
+    if layout is not None:
         return "published_finetuned"
+    keys = [str(k)[len("module."):] if str(k).startswith("module.") else str(k) for k in state]
     if "cls_token" in keys and "patch_embed.proj.weight" in keys:
         return "backbone_state_dict"
     shown = ", ".join(sorted(map(str, obj))[:8])
-    raise WeightsKindError(f"not a model file passreid recognises (top-level keys: {shown}); expected one of: "
-                           f"{_EXPECTED}")
+    raise WeightsKindError(f"{label} is not a model file passreid recognises (top-level keys: {shown}); expected "
+                           f"one of: {_EXPECTED}")
 
 
 # ----------------------------------------------------------------------------- the loaded model
@@ -260,7 +269,7 @@ def _finetuned(obj: Mapping[str, Any], kind: str, label: str, config: Any, allow
     from passreid.finetune import load_finetuned_model
 
     model, cfg, report = load_finetuned_model(obj, config, allow_missing=allow_missing,
-                                              allow_unexpected=allow_unexpected)
+                                              allow_unexpected=allow_unexpected, label=label)
     uses_cameras = getattr(model, "sie_embed", None) is not None
     return LoadedModel(FeatureNet(model, "eval_forward", uses_cameras).eval(), kind, label,
                        tuple(cfg.model.img_size), tuple(cfg.data.pixel_mean), tuple(cfg.data.pixel_std),
@@ -285,39 +294,19 @@ def _backbone(obj: Mapping[str, Any], kind: str, label: str, which: str, feature
 
             obj = {**obj, **to_published_layout(_model_state(obj))}
             obj.pop("model", None)
-        state, _ = extract_backbone_state_dict(obj, which=which)
         try:
+            state, _ = extract_backbone_state_dict(obj, which=which)
             settings = infer_vit_arguments(state, architecture_hints(obj), hw_ratio)
-        except ArchitectureError as error:
+        except (ArchitectureError, CheckpointFormatError) as error:
             raise WeightsKindError(f"{label}: {error}") from error
         source = state
     arch = settings.pop("arch")
     if arch not in VIT_ARCHS:
         raise WeightsKindError(f"{label}: unknown ViT arch {arch!r}; expected one of {sorted(VIT_ARCHS)}")
     vit = build_vit(arch, **settings)
-    report = load_pretrained(vit, source, which=which, hw_ratio=hw_ratio)  # strict: any difference raises
-    report.source = label
+    report = load_pretrained(vit, source, which=which, hw_ratio=hw_ratio, label=label)  # strict: any difference raises
     return LoadedModel(FeatureNet(vit, feature).eval(), kind, label, tuple(settings["img_size"]),
                        IMAGENET_MEAN, IMAGENET_STD, report=report)
-
-
-def _read_weights(path: Path, label: str) -> Any:
-    """``read_checkpoint`` with a clear error for files that are not torch checkpoints at all."""
-    if not path.is_file():
-        raise FileNotFoundError(f"weights file not found: {label}")
-    with open(path, "rb") as handle:
-        head = handle.read(2)
-    # torch.save writes a zip archive (b"PK"), older torch a pickle stream (protocol byte 0x80).
-    if not (zipfile.is_zipfile(path) or head[:1] == b"\x80"):
-        raise WeightsKindError(f"{label} is not a torch checkpoint (neither a torch.save zip archive nor a pickle); "
-                               f"expected one of: {_EXPECTED}")
-    try:
-        return read_checkpoint(path)
-    except CheckpointFormatError:
-        raise
-    except Exception as error:  # a damaged archive, a zip that torch did not write, ...
-        raise WeightsKindError(f"{label} cannot be read as a torch checkpoint ({type(error).__name__}: {error}); "
-                               f"expected one of: {_EXPECTED}") from error
 
 
 def load_model(
@@ -346,10 +335,12 @@ def load_model(
         if path.is_dir():
             raise WeightsKindError(f"{label} is a folder; pass the weights file in it (e.g. model_final.pth or "
                                    "backbone_final.pth)")
-        obj = _read_weights(path, label)
+        if not path.is_file():
+            raise FileNotFoundError(f"weights file not found: {label}")
+        obj = read_checkpoint(path)
     else:
         label, obj = "<in-memory checkpoint>", weights
-    kind = identify_weights(obj)
+    kind = identify_weights(obj, label)
     if isinstance(config, (str, os.PathLike)):
         from passreid.config import load_config
         from passreid.finetune import FinetuneConfig

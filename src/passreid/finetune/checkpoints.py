@@ -1,4 +1,4 @@
-"""Fine-tuned model files: passreid's ``model_final.pth`` and published TransReID / PASS checkpoints.
+"""Fine-tuned model files: passreid's ``model_final.pth`` and released TransReID-family checkpoints.
 
 ``model_final.pth`` (written by the trainer with :func:`build_final_checkpoint`)::
 
@@ -11,33 +11,59 @@
               "feature_dim", "config"}}         # config: the full resolved FinetuneConfig as a dict
 
 :func:`load_finetuned_model` rebuilds the model from that file alone. It also reads a training
-``checkpoint.pth`` of a run (config inside, class/camera counts from the tensor shapes) and, given
-a config, the published fine-tuned checkpoints (finetune-occluded.md §3), whose names are mapped
-explicitly by :func:`map_published_state_dict`:
+``checkpoint.pth`` of a run (config inside, class/camera counts from the tensor shapes).
 
-=======================================  ===============================================
-published (PASS / TransReID)             passreid
-=======================================  ===============================================
-``base.<backbone key>``                  ``backbone.<key>`` (TransReID's [CLS] position slot
-                                         of ``pos_embed`` becomes ``cls_pos``)
-``base.sie_embed``                       ``sie_embed``
-``bottleneck``                           ``head.necks.0`` ([CLS] BN)
-``bottleneck_k`` (PASS, k = 1..3)        ``head.necks.k`` (part-token BN)
-``classifier``                           ``head.classifier``
-``b1.0`` / ``b1.1`` (JPM)                ``backbone.blocks.<last>`` / ``backbone.norm``
-``b2.0`` / ``b2.1`` (JPM)                ``jpm.block`` / ``jpm.norm``
-``bottleneck_k``, ``classifier_k`` (JPM) ``jpm.heads.<k-1>.necks.0``, ``jpm.heads.<k-1>.classifier``
-=======================================  ===============================================
+Released fine-tuned checkpoints (``torch.save(model.state_dict())`` of the published training code; a
+``module.`` prefix and a ``model`` / ``state_dict`` wrapper are accepted) are recognised by their keys
+(:data:`PUBLISHED_LAYOUTS`, :func:`published_layout`) and, given a config of the matching method, loaded by
+:func:`load_published_checkpoint`; every key is renamed by an explicit rule (:func:`map_published_state_dict`)
+or dropped with its reason, and every other difference is reported and refused unless allowed:
 
-A JPM checkpoint's ``base.blocks.<last>`` and ``base.norm`` are unused by its forward (``b1`` replaces
-them); they are reported as dropped. Every other difference is reported and refused unless allowed.
+=====================  ==============================================================================
+layout (method)        published -> passreid
+=====================  ==============================================================================
+all TransReID-family   ``base.<ViT key>`` -> ``backbone.<key>`` (the [CLS] slot of ``pos_embed`` becomes
+                       ``cls_pos``); ``base.sie_embed`` -> ``sie_embed``; ``base.fc.*`` (the ViT's ImageNet
+                       classifier) dropped; with ``b1`` (TransReID JPM, TSD): ``b1.0`` / ``b1.1`` ->
+                       ``backbone.blocks.<last>`` / ``backbone.norm``, ``base.blocks.<last>`` and
+                       ``base.norm`` dropped (``b1`` replaces them in the published forward)
+TransReID / PASS-reID  ``bottleneck`` -> ``head.necks.0``; ``bottleneck_k`` (PASS part tokens) ->
+(``bnneck``)           ``head.necks.k``; ``classifier`` -> ``head.classifier``; JPM: ``b2.0`` / ``b2.1`` ->
+                       ``jpm.block`` / ``jpm.norm``, ``bottleneck_k`` / ``classifier_k`` ->
+                       ``jpm.heads.<k-1>.necks.0`` / ``.classifier`` (PASS-reID, TransReID
+                       ``processor.py``)
+DPM (``dpm``)          ``base.ConvLayer`` -> ``mask_generator.convs``; ``base.attfc`` ->
+                       ``mask_generator.fc``; ``bottleneck`` -> ``head.necks.0``; ``classifier.weight``
+                       (MArcface) -> ``head.classifier.weight`` (DPM ``model/make_model.py``)
+TSD (``tsd``)          ``bottleneck`` / ``classifier`` -> ``global_neck`` / ``global_classifier``;
+                       ``memory_post_norm`` -> ``memory_norm``; ``query_embedding.weight`` ->
+                       ``query_embedding``; ``part_decoder.{gp_self_attention, cross_attention, norm1,
+                       norm2, ffn.layers.0.0, ffn.layers.1}`` -> ``decoder.{self_attention,
+                       cross_attention, norm1, norm2, ffn.0, ffn.2}``; ``part_decoder.post_norm`` dropped
+                       (unused); ``bottleneck_part`` / ``classifier_part`` -> ``part_neck`` /
+                       ``part_classifier``; ``bottleneck_partm`` / ``classifier_partm`` -> ``pooled_*``;
+                       ``bottleneck_fg`` / ``classifier_fg`` -> ``fore_*``; ``visb_pred`` ->
+                       ``visibility_head`` (TSD ``model/tsd.py``)
+DPEFormer              ``bottleneck_local.0-3`` / ``.4-7`` -> ``stripe_necks`` / ``part_necks``;
+(``dpeformer``)        ``classifier1`` / ``classifier1_4`` / ``classifier3`` / ``classifier_local.4-7`` ->
+                       ``stripe_classifier`` / ``part_concat_classifier`` / ``global_classifier`` /
+                       ``part_classifiers``; ``attention_global.k.{pos_embed, Block.norm1, Block.norm2,
+                       Block.norm3, Block.attn.q/kv/proj, Block.mlp.fc1/fc2}`` -> ``blending.k.{pos_embed,
+                       norm_part, norm_global, norm_mlp, q/kv/proj, mlp.0/mlp.2}``; the modules its test
+                       forward never uses (``b2``, ``REM_zx``, ``ffn2/3``, other classifiers and BNs) dropped;
+                       ``memory.features`` is saved in a file of its own and not needed for evaluation
+                       (DPEFormer ``model/make_model_zx.py``)
+BPBReID (torchreid)    recognised, not loadable: its HRNet-W32 / ResNet backbone
+                       (``backbone_appearance_feature_extractor.*``) is not a passreid backbone
+=====================  ==============================================================================
 """
 from __future__ import annotations
 
 import logging
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from torch import Tensor, nn
@@ -53,19 +79,21 @@ from passreid.models.checkpoint import matches_any
 __all__ = [
     "FINAL_FORMAT",
     "FINAL_FORMAT_VERSION",
+    "PUBLISHED_LAYOUTS",
+    "PublishedLayout",
     "build_final_checkpoint",
     "load_finetuned_model",
     "load_published_checkpoint",
     "map_published_state_dict",
+    "published_layout",
     "stored_config",
+    "unsupported_layout_message",
 ]
 
 logger = logging.getLogger(__name__)
 
 FINAL_FORMAT = "passreid-finetune"
 FINAL_FORMAT_VERSION = 1
-_PUBLISHED_HEAD = re.compile(r"^(bottleneck|classifier)(?:_(\d+))?\.(.+)$")
-_JPM_COPIES = {"b1.0.": None, "b1.1.": "backbone.norm.", "b2.0.": "jpm.block.", "b2.1.": "jpm.norm."}
 
 
 def build_final_checkpoint(model: nn.Module, cfg: FinetuneConfig, num_classes: int, num_cameras: int) -> dict:
@@ -136,19 +164,21 @@ def load_finetuned_model(
     *,
     allow_missing: Sequence[str] = (),
     allow_unexpected: Sequence[str] = (),
+    label: str | None = None,
 ) -> tuple[nn.Module, FinetuneConfig, LoadReport | None]:
     """Rebuild a fine-tuned model from a file; returns ``(model in eval mode, config it was built with, report)``.
 
     * ``model_final.pth``: everything comes from the file (``cfg`` is not needed, and ignored for the
       model; a differing ``cfg.model`` is logged);
     * a run's ``checkpoint.pth``: the model config is the one stored in it;
-    * a published TransReID / PASS checkpoint: ``cfg`` describes the architecture (head, JPM, SIE,
-      size, stride); keys are mapped and reported (``report``), see :func:`load_published_checkpoint`.
+    * a released TransReID / PASS-reID, DPM, TSD or DPEFormer checkpoint: ``cfg`` describes the architecture
+      (method, head, JPM, SIE, size, stride); keys are mapped and reported (``report``), see
+      :func:`load_published_checkpoint`.
+
+    ``label`` names the source in errors (default: the path, or ``<in-memory checkpoint>``). A file that is
+    none of these raises :class:`CheckpointFormatError` saying what it holds and what was expected.
     """
-    label = str(source) if isinstance(source, (str, os.PathLike)) else "<in-memory checkpoint>"
-    obj = read_checkpoint(source) if isinstance(source, (str, os.PathLike)) else source
-    if not isinstance(obj, Mapping):
-        raise CheckpointFormatError(f"{label}: expected a checkpoint dict, got {type(obj).__name__}")
+    label, obj = _read(source, label)
     meta = obj.get("meta")
     if isinstance(meta, Mapping) and meta.get("format") == FINAL_FORMAT:
         if meta.get("format_version") != FINAL_FORMAT_VERSION:
@@ -167,25 +197,40 @@ def load_finetuned_model(
         _log_model_differences(stored, cfg, label)
         return model.eval(), stored, None
     if cfg is None:
+        layout = published_layout(obj)
+        if layout is not None and layout.method is None:
+            raise CheckpointFormatError(unsupported_layout_message(layout, obj, label))
+        found = f"it is {layout.describe()}" if layout else "no 'meta'/'config'"
         raise CheckpointFormatError(
-            f"{label} is not a passreid fine-tuned model (no 'meta'/'config'); pass the config that "
-            "describes its architecture (--config-file) to load it as a published TransReID/PASS checkpoint"
+            f"{label} is not a passreid fine-tuned model ({found}); pass the config that describes its "
+            f"architecture (--config-file) to load a released checkpoint; expected {_EXPECTED_FINETUNED}"
         )
     model, report = load_published_checkpoint(obj, cfg, label=label, allow_missing=allow_missing,
                                               allow_unexpected=allow_unexpected)
     return model.eval(), cfg, report
 
 
+def _read(source: str | os.PathLike | Mapping[str, Any], label: str | None) -> tuple[str, Mapping[str, Any]]:
+    """``(label, checkpoint dict)`` of a path or an already-loaded checkpoint."""
+    if isinstance(source, (str, os.PathLike)):
+        label, obj = label or str(source), read_checkpoint(source)
+    else:
+        label, obj = label or "<in-memory checkpoint>", source
+    if not isinstance(obj, Mapping):
+        raise CheckpointFormatError(f"{label} holds a {type(obj).__name__}, not a checkpoint dict; expected "
+                                    f"{_EXPECTED_FINETUNED}")
+    return label, obj
+
+
 def stored_config(source: str | os.PathLike | Mapping[str, Any]) -> dict[str, Any]:
     """The config dict stored in a passreid ``model_final.pth`` or training ``checkpoint.pth``."""
-    label = str(source) if isinstance(source, (str, os.PathLike)) else "<in-memory checkpoint>"
-    obj = read_checkpoint(source) if isinstance(source, (str, os.PathLike)) else source
-    meta = obj.get("meta") if isinstance(obj, Mapping) else None
+    label, obj = _read(source, None)
+    meta = obj.get("meta")
     if isinstance(meta, Mapping) and meta.get("format") == FINAL_FORMAT and isinstance(meta.get("config"), Mapping):
         return dict(meta["config"])
-    if isinstance(obj, Mapping) and isinstance(obj.get("config"), Mapping) and "iteration" in obj:
+    if isinstance(obj.get("config"), Mapping) and "iteration" in obj:
         return dict(obj["config"])
-    raise CheckpointFormatError(f"{label} stores no passreid fine-tuning config (a published checkpoint?); "
+    raise CheckpointFormatError(f"{label} stores no passreid fine-tuning config (a released checkpoint?); "
                                 "pass --config-file describing its architecture and test set")
 
 
@@ -202,60 +247,234 @@ def _log_model_differences(stored: FinetuneConfig, given: FinetuneConfig | None,
 
 # --------------------------------------------------------------------------- published checkpoints
 
+_Target = str | Callable[[re.Match[str]], str | None] | None
 
-def _unwrap_published(obj: Mapping[str, Any]) -> dict[str, Tensor]:
+
+@dataclass(frozen=True)
+class _Rule:
+    """Rename keys that start with ``pattern`` (a regex) to ``target`` + the rest of the key, or drop them
+    (``target`` None) for the stated ``reason``. ``target`` may use the pattern's groups (a callable)."""
+
+    pattern: re.Pattern[str]
+    target: _Target
+    reason: str = ""
+
+    def apply(self, key: str) -> tuple[bool, str | None]:
+        """``(matched, new key or None to drop)``; a callable target returning ``None`` does not match."""
+        match = self.pattern.match(key)
+        if match is None:
+            return False, None
+        if self.target is None:
+            return True, None
+        head = self.target(match) if callable(self.target) else match.expand(self.target)
+        return (False, None) if head is None else (True, head + key[match.end():])
+
+
+def _rule(pattern: str, target: _Target = None, unused: str = "") -> _Rule:
+    return _Rule(re.compile(pattern), target, unused)
+
+
+def _base_rules(depth: int, last_block_copied: bool) -> list[_Rule]:
+    """The TransReID ViT ``base`` of every TransReID-family model (TransReID, PASS-reID, DPM, TSD, DPEFormer).
+
+    ``b1 = copy(last block, final LN)`` (TransReID JPM, TSD) replaces the backbone's own last block and LN
+    in the forward; passreid's model uses the backbone's, so the copies are loaded there."""
+    rules = [_rule(r"base\.sie_embed$", "sie_embed"),
+             _rule(r"base\.fc\.", unused="the ViT's ImageNet classifier, unused by the re-ID forward")]
+    if last_block_copied:
+        rules += [_rule(rf"base\.blocks\.{depth - 1}\.", unused="unused by the published forward: b1 replaces it"),
+                  _rule(r"base\.norm\.", unused="unused by the published forward: b1 replaces it"),
+                  _rule(r"b1\.0\.", f"backbone.blocks.{depth - 1}."), _rule(r"b1\.1\.", "backbone.norm.")]
+    return rules + [_rule(r"base\.", "backbone.")]
+
+
+def _transreid_rules(depth: int, jpm: bool) -> list[_Rule]:
+    def head(match: re.Match[str]) -> str | None:
+        kind, index = match.group(1), match.group(2)
+        module = "necks.0" if kind == "bottleneck" else "classifier"
+        if index is None:
+            return f"head.{module}."
+        if jpm:
+            return f"jpm.heads.{int(index) - 1}.{module}."
+        return f"head.necks.{int(index)}." if kind == "bottleneck" else None  # classifier_k without JPM: no rule
+
+    return [_rule(r"b2\.0\.", "jpm.block."), _rule(r"b2\.1\.", "jpm.norm."),
+            _rule(r"(bottleneck|classifier)(?:_(\d+))?\.", head)]
+
+
+def _dpm_rules(depth: int, jpm: bool) -> list[_Rule]:
+    return [_rule(r"base\.ConvLayer\.", "mask_generator.convs."), _rule(r"base\.attfc\.", "mask_generator.fc."),
+            _rule(r"bottleneck\.", "head.necks.0."), _rule(r"classifier\.", "head.classifier.")]
+
+
+def _tsd_rules(depth: int, jpm: bool) -> list[_Rule]:
+    return [
+        _rule(r"bottleneck\.", "global_neck."), _rule(r"classifier\.", "global_classifier."),
+        _rule(r"memory_post_norm\.", "memory_norm."), _rule(r"query_embedding\.weight$", "query_embedding"),
+        _rule(r"part_decoder\.gp_self_attention\.", "decoder.self_attention."),
+        _rule(r"part_decoder\.cross_attention\.", "decoder.cross_attention."),
+        _rule(r"part_decoder\.norm([12])\.", r"decoder.norm\1."),
+        _rule(r"part_decoder\.ffn\.layers\.0\.0\.", "decoder.ffn.0."),
+        _rule(r"part_decoder\.ffn\.layers\.1\.", "decoder.ffn.2."),
+        _rule(r"part_decoder\.post_norm\.", unused="built but unused by the released forward"),
+        _rule(r"bottleneck_part\.", "part_neck."), _rule(r"classifier_part\.", "part_classifier."),
+        _rule(r"bottleneck_partm\.", "pooled_neck."), _rule(r"classifier_partm\.", "pooled_classifier."),
+        _rule(r"bottleneck_fg\.", "fore_neck."), _rule(r"classifier_fg\.", "fore_classifier."),
+        _rule(r"visb_pred\.", "visibility_head."), _rule(r"pixel_classifier\.", "pixel_classifier."),
+    ]
+
+
+def _dpeformer_rules(depth: int, jpm: bool) -> list[_Rule]:
+    unused = "unused by the released test forward"
+    return [
+        _rule(r"b2\.", unused="copies of the last block + LN, " + unused),
+        _rule(r"bottleneck_local\.([0-3])\.", r"stripe_necks.\1."),
+        _rule(r"bottleneck_local\.([4-7])\.", lambda m: f"part_necks.{int(m.group(1)) - 4}."),
+        _rule(r"classifier_local\.([4-7])\.", lambda m: f"part_classifiers.{int(m.group(1)) - 4}."),
+        _rule(r"classifier1\.", "stripe_classifier."), _rule(r"classifier1_4\.", "part_concat_classifier."),
+        _rule(r"classifier3\.", "global_classifier."),
+        _rule(r"attention_global\.(\d+)\.pos_embed$", r"blending.\1.pos_embed"),
+        _rule(r"attention_global\.(\d+)\.Block\.norm1\.", r"blending.\1.norm_part."),
+        _rule(r"attention_global\.(\d+)\.Block\.norm2\.", r"blending.\1.norm_global."),
+        _rule(r"attention_global\.(\d+)\.Block\.norm3\.", r"blending.\1.norm_mlp."),
+        _rule(r"attention_global\.(\d+)\.Block\.attn\.(q|kv|proj)\.", r"blending.\1.\2."),
+        _rule(r"attention_global\.(\d+)\.Block\.mlp\.fc1\.", r"blending.\1.mlp.0."),
+        _rule(r"attention_global\.(\d+)\.Block\.mlp\.fc2\.", r"blending.\1.mlp.2."),
+        _rule(r"attention_global\.\d+\.(norm1|norm2|attn|param|Block\.attn\.param)", unused=unused),
+        _rule(r"(bottleneck_local\.[89]|classifier_local\.[0-389]|bottleneck_local_stage2|bottleneck_global|"
+              r"classifier1_[23]|classifier2|REM_zx|ffn[23])\b", unused=unused),
+    ]
+
+
+@dataclass(frozen=True)
+class PublishedLayout:
+    """A released fine-tuned state-dict layout and how it maps onto a passreid method's model.
+
+    A state dict is of this layout when a key starts with ``marker`` and (if set) ``classifier`` is present.
+    ``method`` is the passreid method whose model it loads into (``None``: it cannot be loaded, and
+    ``missing`` says what passreid lacks); ``classifier`` the key whose rows are the training identities;
+    ``training_only`` model keys that the released file does not hold and that evaluation does not use.
+    """
+
+    name: str
+    signature: str
+    marker: str
+    method: str | None
+    recipe: str = ""
+    classifier: str = "classifier.weight"
+    rules: Callable[[int, bool], list[_Rule]] | None = None
+    training_only: tuple[str, ...] = ()
+    missing: str = ""
+
+    def describe(self) -> str:
+        return f"a released {self.name} checkpoint ({self.signature})"
+
+
+PUBLISHED_LAYOUTS = (
+    PublishedLayout("BPBReID (torchreid)", "backbone_appearance_feature_extractor.*, *_identity_classifier.*",
+                    "backbone_appearance_feature_extractor.", None, classifier="",
+                    missing="passreid's method: bpbreid runs on the ViT patch-token grid and has no HRNet / ResNet "
+                            "backbone"),
+    PublishedLayout("DPM", "base.*, base.ConvLayer.*, base.attfc.*, bottleneck.*, classifier.weight",
+                    "base.ConvLayer.", "dpm",
+                    "configs/finetune/occluded_duke/dpm_vit_b_256.yaml", rules=_dpm_rules),
+    PublishedLayout("TSD", "base.*, b1.*, part_decoder.*, query_embedding.weight, bottleneck_part.*, visb_pred.*",
+                    "part_decoder.", "tsd", "configs/finetune/occluded_duke/tsd_vit_b_256.yaml", rules=_tsd_rules),
+    PublishedLayout("DPEFormer", "base.*, attention_global.*, bottleneck_local.*, classifier1.*, classifier3.*",
+                    "attention_global.", "dpeformer", "configs/finetune/occluded_duke/dpeformer_vit_b_256.yaml",
+                    classifier="classifier3.weight", rules=_dpeformer_rules,
+                    # the released training saves its class-centroid memory in a file of its own
+                    training_only=("memory.features",)),
+    PublishedLayout("TransReID / PASS-reID", "base.*, bottleneck*, classifier*, b1/b2 with JPM", "base.",
+                    "bnneck",
+                    "configs/finetune/market1501/transreid_vit_b_256.yaml (TransReID) or "
+                    "configs/finetune/market1501/pass_vit_b_256.yaml (PASS)", rules=_transreid_rules),
+)
+_EXPECTED_FINETUNED = ("a passreid model_final.pth / checkpoint.pth, or a released fine-tuned checkpoint of "
+                       "TransReID / PASS-reID, DPM, TSD or DPEFormer (key layouts: finetune/README.md)")
+
+
+def published_layout(obj: Mapping[str, Any]) -> PublishedLayout | None:
+    """The released layout of a fine-tuned checkpoint or state dict (``module.`` prefixes and a ``model`` /
+    ``state_dict`` wrapper allowed), else ``None``."""
+    keys = [key[len("module."):] if key.startswith("module.") else key for key in map(str, _inner_state(obj))]
+    for layout in PUBLISHED_LAYOUTS:
+        if any(key.startswith(layout.marker) for key in keys) and (not layout.classifier or layout.classifier in keys):
+            return layout
+    return None
+
+
+def _backbone_kind(state: Mapping[str, Any], prefix: str) -> str:
+    """HRNet-W<width> / ResNet / unknown, from the key names of a torchreid backbone."""
+    transition = state.get(f"{prefix}transition1.0.0.weight")
+    if transition is not None:
+        return f"HRNet-W{int(transition.shape[0])}"
+    if any(str(key).startswith(f"{prefix}layer4.") for key in state):
+        return "ResNet"
+    return "non-ViT"
+
+
+def unsupported_layout_message(layout: PublishedLayout, obj: Mapping[str, Any], label: str) -> str:
+    """Why ``label`` (a released checkpoint of ``layout``) cannot be loaded, and what would load."""
+    state = _strip_module(_inner_state(obj))
+    backbone = _backbone_kind(state, "backbone_appearance_feature_extractor.")
+    return (f"{label} is {layout.describe()} with a {backbone} backbone; {layout.missing}, so these weights cannot "
+            f"be loaded. Expected {_EXPECTED_FINETUNED}")
+
+
+def _strip_module(state: Mapping[str, Any]) -> dict[str, Any]:
+    return {(key[len("module."):] if key.startswith("module.") else key): value for key, value in state.items()}
+
+
+def _inner_state(obj: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The state dict of a released checkpoint (torchreid and others wrap it as ``state_dict`` / ``model``)."""
     for key in ("model", "state_dict"):
         if isinstance(obj.get(key), Mapping):
             obj = obj[key]
-    state = {}
+    return obj
+
+
+def _unwrap_published(obj: Mapping[str, Any], label: str) -> dict[str, Tensor]:
+    obj = _inner_state(obj)
     for key, value in obj.items():
         if not isinstance(value, Tensor):
-            raise CheckpointFormatError(f"published checkpoint entry {key!r} is a {type(value).__name__}, "
-                                        "expected a tensor (a state dict of the fine-tuned model)")
-        state[key[len("module."):] if key.startswith("module.") else key] = value
-    return state
+            raise CheckpointFormatError(f"{label}: entry {key!r} is a {type(value).__name__}, expected a tensor "
+                                        f"(a state dict of a fine-tuned model); expected {_EXPECTED_FINETUNED}")
+    return _strip_module(obj)
 
 
 def map_published_state_dict(
-    state: Mapping[str, Tensor], depth: int, jpm: bool
+    state: Mapping[str, Tensor], depth: int, jpm: bool, layout: PublishedLayout | None = None
 ) -> tuple[dict[str, Tensor], list[str], list[str]]:
-    """Rename a published fine-tuned state dict (``base.*``, ``bottleneck*``, ``classifier*``, ``b1/b2``)
-    to passreid names (table in the module docstring).
+    """Rename a released fine-tuned state dict of ``layout`` (default TransReID / PASS-reID) to passreid names
+    (module docstring).
 
     Returns ``(mapped, dropped, unknown)``: ``dropped`` lists keys deliberately discarded (with the
     reason), ``unknown`` the keys no rule covers (for the caller to report).
     """
+    layout = layout or PUBLISHED_LAYOUTS[-1]
+    if layout.rules is None:
+        raise CheckpointFormatError(f"{layout.describe()} has no mapping: {layout.missing}")
+    rules = layout.rules(depth, jpm) + _base_rules(depth, any(k.startswith("b1.") for k in state))
     mapped: dict[str, Tensor] = {}
     dropped: list[str] = []
     unknown: list[str] = []
-    base: dict[str, Tensor] = {}
-    unused_by_jpm = (f"base.blocks.{depth - 1}.", "base.norm.")
     for key, value in state.items():
-        if key == "base.sie_embed":
-            mapped["sie_embed"] = value
-        elif key.startswith("base."):
-            if jpm and key.startswith(unused_by_jpm):
-                dropped.append(f"{key} (unused by the published JPM forward: b1 replaces it)")
-            else:
-                base[key[len("base."):]] = value
-        elif key[:5] in _JPM_COPIES:
-            target = _JPM_COPIES[key[:5]] or f"backbone.blocks.{depth - 1}."
-            mapped[target + key[5:]] = value
-        elif (match := _PUBLISHED_HEAD.match(key)) is not None:
-            kind, index, rest = match.group(1), match.group(2), match.group(3)
-            module = "necks.0" if kind == "bottleneck" else "classifier"
-            if index is None:
-                mapped[f"head.{module}.{rest}"] = value
-            elif jpm:
-                mapped[f"jpm.heads.{int(index) - 1}.{module}.{rest}"] = value
-            elif kind == "bottleneck":
-                mapped[f"head.necks.{int(index)}.{rest}"] = value
-            else:
-                unknown.append(key)
+        for rule in rules:
+            matched, target = rule.apply(key)
+            if matched:
+                break
         else:
             unknown.append(key)
-    if base:
-        backbone, base_dropped = extract_backbone_state_dict(base)
+            continue
+        if target is None:
+            dropped.append(f"{key} ({rule.reason})")
+        else:
+            mapped[target] = value
+    backbone = {k[len("backbone."):]: v for k, v in mapped.items() if k.startswith("backbone.")}
+    if backbone:
+        backbone, base_dropped = extract_backbone_state_dict(backbone)
+        mapped = {k: v for k, v in mapped.items() if not k.startswith("backbone.")}
         mapped.update({f"backbone.{key}": value for key, value in backbone.items()})
         dropped += [f"base.{name}" for name in base_dropped]
     return mapped, dropped, unknown
@@ -269,25 +488,28 @@ def load_published_checkpoint(
     allow_missing: Sequence[str] = (),
     allow_unexpected: Sequence[str] = (),
 ) -> tuple[nn.Module, LoadReport]:
-    """Build the ``cfg`` model (classes and cameras from the checkpoint) and load a published checkpoint.
+    """Build the ``cfg`` model (classes and cameras from the checkpoint) and load a released checkpoint
+    of any :data:`PUBLISHED_LAYOUTS` layout into it.
 
-    Raises :class:`CheckpointMismatchError` with the full report unless every missing / unexpected /
-    shape-mismatched key matches ``allow_missing`` / ``allow_unexpected``.
+    Raises :class:`CheckpointFormatError` for a file of no known layout or one passreid cannot load (saying
+    what it is and what was expected), and :class:`CheckpointMismatchError` with the full report unless
+    every missing / unexpected / shape-mismatched key matches ``allow_missing`` / ``allow_unexpected``.
+    Every dropped key is reported by name (``report.dropped``, logged).
     """
-    state = _unwrap_published(obj)
-    if "classifier.weight" not in state:
-        raise CheckpointFormatError(f"{label}: no 'classifier.weight'; not a published TransReID/PASS model")
-    has_jpm, has_sie = any(k.startswith("b2.") for k in state), "base.sie_embed" in state
-    if has_jpm != cfg.model.jpm or has_sie != cfg.model.sie_camera:
-        raise CheckpointMismatchError(
-            f"{label} was trained with JPM={has_jpm}, SIE={has_sie} but the config says model.jpm="
-            f"{cfg.model.jpm}, model.sie_camera={cfg.model.sie_camera}; use a config that matches the checkpoint"
-        )
-    num_classes = int(state["classifier.weight"].shape[0])
-    num_cameras = int(state["base.sie_embed"].shape[0]) if has_sie else 0
+    state = _unwrap_published(obj, label)
+    layout = published_layout(state)
+    if layout is None:
+        shown = ", ".join(sorted(state)[:6]) or "nothing"
+        raise CheckpointFormatError(f"{label} is not a fine-tuned model passreid recognises (it holds {shown}"
+                                    f"{', ...' if len(state) > 6 else ''}); expected {_EXPECTED_FINETUNED}")
+    if layout.method is None:
+        raise CheckpointFormatError(unsupported_layout_message(layout, state, label))
+    _check_config_fits(layout, state, cfg, label)
+    num_classes = int(state[layout.classifier].shape[0])
+    num_cameras = int(state["base.sie_embed"].shape[0]) if "base.sie_embed" in state else 0
     model = build_model(cfg, num_classes, num_cameras, load_weights=False)
     depth = unwrap_model(model).backbone.depth
-    mapped, dropped, unknown = map_published_state_dict(state, depth, cfg.model.jpm)
+    mapped, dropped, unknown = map_published_state_dict(state, depth, cfg.model.jpm, layout)
     expected = model.state_dict()
     report = LoadReport(source=label, dropped=dropped, num_model_tensors=len(expected))
     for key, target in expected.items():
@@ -298,12 +520,36 @@ def load_published_checkpoint(
         else:
             report.loaded.append(key)
     report.unexpected = [k for k in mapped if k not in expected] + [f"{k} (no mapping rule)" for k in unknown]
-    refused = [k for k in report.missing if not matches_any(k, allow_missing)]
+    refused = [k for k in report.missing if k not in layout.training_only and not matches_any(k, allow_missing)]
     refused += [k for k, _, _ in report.shape_mismatched if not matches_any(k, allow_missing)]
     refused += [k for k in report.unexpected if not matches_any(k.split(" ")[0], allow_unexpected)]
     if refused:
-        raise CheckpointMismatchError(f"{label} does not match the model of the config; not allowed: "
-                                      f"{', '.join(refused)}\n{report.summary()}")
+        raise CheckpointMismatchError(f"{label} ({layout.describe()}) does not match the model of the config; not "
+                                      f"allowed: {', '.join(refused)}\n{report.summary()}")
     model.load_state_dict({k: mapped[k] for k in report.loaded}, strict=False)
-    logger.info("published checkpoint mapped to passreid names:\n%s", report.summary())
+    logger.info("%s mapped to passreid names:\n%s", layout.describe(), report.summary())
+    training_only = [k for k in layout.training_only if k in report.missing]
+    if training_only:
+        logger.info("%s: %s not in the released file (used in training only, not by evaluation); left as built",
+                    label, ", ".join(training_only))
     return model, report
+
+
+def _check_config_fits(layout: PublishedLayout, state: Mapping[str, Tensor], cfg: FinetuneConfig, label: str) -> None:
+    """The config must build the method, JPM and SIE the released checkpoint was trained with."""
+    if cfg.method != layout.method:
+        raise CheckpointMismatchError(
+            f"{label} is {layout.describe()}, which loads into method: {layout.method}, but the config's method is "
+            f"{cfg.method!r}; use a {layout.method} config such as {layout.recipe}"
+        )
+    has_jpm, has_sie = layout.method == "bnneck" and any(k.startswith("b2.") for k in state), "base.sie_embed" in state
+    if has_jpm != cfg.model.jpm or has_sie != cfg.model.sie_camera:
+        raise CheckpointMismatchError(
+            f"{label} was trained with JPM={has_jpm}, SIE={has_sie} but the config says model.jpm="
+            f"{cfg.model.jpm}, model.sie_camera={cfg.model.sie_camera}; use a config that matches the checkpoint"
+        )
+    if layout.method == "dpeformer" and cfg.dpeformer.global_token != "first_patch":
+        logger.warning("%s: the released DPEFormer code trains with the first patch token as the global token; the "
+                       "config says dpeformer.global_token=%s, so the loaded model's global token is not the one "
+                       "these weights were trained with (set dpeformer.global_token=first_patch)", label,
+                       cfg.dpeformer.global_token)

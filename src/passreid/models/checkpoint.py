@@ -13,6 +13,9 @@ Accepted inputs (``extract_backbone_state_dict``):
 (e) any of these wrapped as ``{"model": ...}`` or ``{"state_dict": ...}``.
 
 ``head.*``, ``pre_logits.*`` and distillation-token weights are dropped and reported.
+:func:`read_checkpoint` is the one reader of weight files: ``torch.load(weights_only=True)`` admitting
+``argparse.Namespace`` and numpy numeric scalars (which published PASS/DINO checkpoints pickle), and one
+:class:`CheckpointFormatError` naming the file for anything that is not a ``torch.save`` checkpoint.
 :func:`architecture_hints` + :func:`infer_vit_arguments` give the ``build_vit`` arguments of a backbone
 state dict (what ``tools/convert_checkpoint.py`` and ``passreid.inference`` build).
 """
@@ -26,6 +29,7 @@ import math
 import os
 import pickle
 import re
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -41,6 +45,8 @@ __all__ = [
     "CheckpointMismatchError",
     "CheckpointFormatError",
     "LoadReport",
+    "TORCH_SAVE_FORMAT",
+    "check_torch_file",
     "read_checkpoint",
     "extract_backbone_state_dict",
     "export_backbone",
@@ -62,6 +68,11 @@ _WRAPPER_KEYS = ("model", "state_dict")
 _PART_TOKEN = re.compile(r"^part_token(\d+)$")
 _BLOCK = re.compile(r"^blocks\.(\d+)\.")
 _VIT_KEYS = ("cls_token", "patch_embed.proj.weight", "pos_embed")
+
+
+#: The backbone weight files :func:`load_pretrained` reads (named in its errors).
+_BACKBONE_SOURCES = ("a ViT backbone: a passreid export (backbone.pth), a PASS/DINO pre-training checkpoint.pth, "
+                     "or a converted / timm ViT state dict")
 
 
 class CheckpointMismatchError(RuntimeError):
@@ -116,30 +127,137 @@ class LoadReport:
 
 
 # --------------------------------------------------------------------------- reading
-def read_checkpoint(path: str | os.PathLike, *, weights_only: bool = True) -> Any:
-    """``torch.load`` a checkpoint onto the CPU.
+#: What every weights file must be; error messages name it.
+TORCH_SAVE_FORMAT = "a PyTorch checkpoint written by torch.save (a zip archive)"
+_ZIP_MAGIC = b"PK"
+_PICKLE_PROTO = b"\x80"  # torch.save before PyTorch 1.6 (and _use_new_zipfile_serialization=False): a pickle
+# Numeric numpy scalar types that published checkpoints pickle (PASS/DINO main_pass.py writes the lr and
+# weight-decay schedule values, numpy.float64, into the optimizer's param groups every iteration).
+_NUMPY_SCALAR_CODES = "?bhilqBHILQefd"
 
-    With ``weights_only=True`` only tensors, containers and ``argparse.Namespace`` (which PASS/DINO
-    pickle under ``'args'``, pre-training reference §7.14) are unpickled. Pass ``weights_only=False``
-    only for files you trust.
+
+def _safe_globals() -> list[Any]:
+    """The globals ``weights_only`` loading allows beyond tensors and containers.
+
+    ``argparse.Namespace`` (the ``args`` of PASS/DINO checkpoints: a bag of attributes whose values are
+    themselves unpickled under the same restrictions) and numpy's numeric scalars: the scalar
+    re-constructor under its numpy 1.x name ``numpy.core.multiarray.scalar`` and numpy 2.x name
+    ``numpy._core.multiarray.scalar``, ``numpy.dtype`` and the dtype classes of bool / int / uint / float.
+    Object, string and structured dtypes, and numpy arrays, stay refused.
+    """
+    import numpy as np
+
+    scalar = np.float64(0).__reduce__()[0]
+    dtype_classes = {type(np.dtype(code)) for code in _NUMPY_SCALAR_CODES}
+    allowed: list[Any] = [argparse.Namespace, np.dtype, *sorted(dtype_classes, key=str)]
+    if torch.__version__ >= "2.6":  # (global, name) entries: the same function under both numpy names
+        allowed += [(scalar, "numpy.core.multiarray.scalar"), (scalar, "numpy._core.multiarray.scalar")]
+    else:
+        allowed.append(scalar)
+    return allowed
+
+
+def _describe_start(head: bytes) -> str:
+    """The first bytes of a file, as text when they are text."""
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        return f"the bytes {head[:8].hex(' ')}"
+    if text.strip() and all(c.isprintable() or c.isspace() for c in text):
+        first_line = text.strip().splitlines()[0]
+        return f"the text {first_line[:60]!r} (a text or HTML file, e.g. an error page saved instead of the download?)"
+    return f"the bytes {head[:8].hex(' ')}"
+
+
+def check_torch_file(path: Path) -> None:
+    """Raise :class:`CheckpointFormatError` naming ``path`` unless it looks like a ``torch.save`` file.
+
+    Cheap: reads the first bytes and, for a zip archive, its central directory (which a truncated file
+    has lost), so an empty, text, truncated or foreign file is named before ``torch.load`` runs.
+    """
+    with open(path, "rb") as handle:
+        head = handle.read(64)
+    if not head:
+        raise CheckpointFormatError(f"{path} is empty (0 bytes); expected {TORCH_SAVE_FORMAT}")
+    if head.startswith(_ZIP_MAGIC):
+        try:
+            with zipfile.ZipFile(path) as archive:
+                names = archive.namelist()
+        except (zipfile.BadZipFile, OSError) as error:
+            raise CheckpointFormatError(
+                f"{path} is a damaged or truncated zip archive ({path.stat().st_size} bytes; {error}), e.g. from "
+                f"an interrupted download, copy or write; expected {TORCH_SAVE_FORMAT}"
+            ) from error
+        if not any(name == "data.pkl" or name.endswith("/data.pkl") for name in names):
+            raise CheckpointFormatError(
+                f"{path} is a zip archive but not a torch.save checkpoint (no data.pkl; it holds "
+                f"{', '.join(names[:5]) or 'nothing'}); expected {TORCH_SAVE_FORMAT}"
+            )
+        return
+    if not head.startswith(_PICKLE_PROTO):
+        raise CheckpointFormatError(
+            f"{path} is not a PyTorch checkpoint: it starts with {_describe_start(head)}; expected {TORCH_SAVE_FORMAT}"
+        )
+
+
+def _refused_globals(path: Path) -> list[str]:
+    """Globals in the file that the safe loader refuses (empty when torch cannot list them)."""
+    lister = getattr(torch.serialization, "get_unsafe_globals_in_checkpoint", None)  # torch >= 2.5
+    if lister is None:
+        return []
+    try:
+        found = lister(str(path))
+    except (RuntimeError, pickle.UnpicklingError, ValueError, OSError):
+        return []
+    allowed = set()
+    for entry in _safe_globals():
+        allowed.add(entry[1] if isinstance(entry, tuple) else f"{entry.__module__}.{entry.__qualname__}")
+    return [name for name in found if name not in allowed]
+
+
+def read_checkpoint(path: str | os.PathLike, *, weights_only: bool = True) -> Any:
+    """``torch.load`` a checkpoint onto the CPU; every failure is one error that names ``path``.
+
+    A missing file raises ``FileNotFoundError``; an empty, text, truncated or otherwise unreadable file
+    :class:`CheckpointFormatError` saying what it found and that :data:`TORCH_SAVE_FORMAT` was expected.
+    With ``weights_only=True`` only tensors, containers and the globals of :func:`_safe_globals`
+    (``argparse.Namespace``, numpy numeric scalars) are unpickled; a file with anything else raises
+    :class:`CheckpointFormatError` listing it. Pass ``weights_only=False`` only for files you trust.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint file not found: {path}")
-    if not weights_only:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    # safe_globals exists from torch 2.5; older torch refuses the Namespace with a clear error below.
+    check_torch_file(path)
+    # safe_globals exists from torch 2.5; older torch refuses Namespace / numpy scalars with the error below.
     safe_globals = getattr(torch.serialization, "safe_globals", None)
-    allow_namespace = safe_globals([argparse.Namespace]) if safe_globals else contextlib.nullcontext()
+    allowed = safe_globals(_safe_globals()) if safe_globals and weights_only else contextlib.nullcontext()
     try:
-        with allow_namespace:
-            return torch.load(path, map_location="cpu", weights_only=True)
+        with allowed:
+            return torch.load(path, map_location="cpu", weights_only=weights_only)
     except pickle.UnpicklingError as error:
-        raise CheckpointFormatError(
-            f"{path} pickles objects other than tensors, containers and argparse.Namespace, so it "
-            f"cannot be read with weights_only=True ({error}). If you trust the file, pass "
-            "weights_only=False."
-        ) from error
+        refused = _refused_globals(path) if weights_only else []
+        if refused:
+            raise CheckpointFormatError(
+                f"{path} pickles objects that weights-only loading refuses: {', '.join(refused)} (allowed: "
+                "tensors, containers, argparse.Namespace, numpy numeric scalars). If you trust the file, load "
+                "it with read_checkpoint(path, weights_only=False) or tools/convert_checkpoint.py --trust-pickle."
+            ) from error
+        raise _unreadable(path, error) from error
+    except (RuntimeError, OSError, EOFError, ValueError, LookupError, TypeError) as error:
+        raise _unreadable(path, error) from error
+
+
+def _unreadable(path: Path, error: BaseException) -> CheckpointFormatError:
+    text = str(error)
+    marker = "WeightsUnpickler error:"  # torch's weights-only message: the reason follows its long preamble
+    if marker in text:
+        text = text.split(marker, 1)[1]
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    reason = lines[0] if lines else ""
+    return CheckpointFormatError(
+        f"{path} cannot be read as {TORCH_SAVE_FORMAT}: {type(error).__name__}: {reason[:300]}. The file is "
+        "probably damaged or incompletely copied."
+    )
 
 
 # ------------------------------------------------------------------------ extraction
@@ -447,30 +565,45 @@ def load_pretrained(
     hw_ratio: int = 2,
     which: str = "teacher",
     weights_only: bool = True,
+    label: str | None = None,
 ) -> LoadReport:
     """Load backbone weights into ``model`` and report exactly what happened; never silently partial.
 
     ``source`` is a path or an already-loaded checkpoint in any layout of
-    :func:`extract_backbone_state_dict`. ``pos_embed`` of another grid is resized bilinearly and
+    :func:`extract_backbone_state_dict`; ``label`` names it in the report and errors (default: the path,
+    or ``<in-memory checkpoint>``). ``pos_embed`` of another grid is resized bilinearly and
     reported in ``resized``; the old grid is the one recorded in a passreid export, otherwise it is
     inferred from ``hw_ratio`` (see :func:`infer_pretrain_grid`).
 
     The report is logged. Raises :class:`CheckpointMismatchError` listing the offending keys unless
     every missing key matches a name/fnmatch pattern in ``allow_missing`` and every unexpected key one
     in ``allow_unexpected``. A shape-mismatched key leaves the model's tensor as it was, like a missing
-    key, so it is tolerated only when it matches ``allow_missing``.
+    key, so it is tolerated only when it matches ``allow_missing``. A source that holds none of the
+    model's tensors (another kind of file) raises :class:`CheckpointFormatError` naming what it holds.
     Example: ``load_pretrained(vit, timm_sd, allow_missing=("part*",))``.
     """
     if isinstance(source, (str, os.PathLike)):
-        label = str(source)
+        label = label or str(source)
         obj = read_checkpoint(source, weights_only=weights_only)
     elif isinstance(source, Mapping):
-        label, obj = "<in-memory checkpoint>", source
+        label, obj = label or "<in-memory checkpoint>", source
     else:
         raise TypeError(f"source must be a path or a checkpoint dict, got {type(source).__name__}")
 
-    state, dropped = extract_backbone_state_dict(obj, which=which)
+    if not isinstance(obj, Mapping):
+        raise CheckpointFormatError(f"{label} holds a {type(obj).__name__}, not a checkpoint dict; expected "
+                                    f"{_BACKBONE_SOURCES}")
+    try:
+        state, dropped = extract_backbone_state_dict(obj, which=which)
+    except CheckpointFormatError as error:
+        raise CheckpointFormatError(f"{label}: {error}") from error
     model_state = model.state_dict()
+    if not any(key in model_state for key in state):
+        shown = ", ".join(sorted(state)[:6]) or "no tensors"
+        raise CheckpointFormatError(
+            f"{label} holds none of the {len(model_state)} backbone tensors of the model (it holds {shown}"
+            f"{', ...' if len(state) > 6 else ''}); expected {_BACKBONE_SOURCES}"
+        )
     resized = _resize_positions_if_needed(state, model, model_state, hw_ratio, _export_grid(obj))
 
     report = LoadReport(source=label, dropped=dropped, resized=resized, num_model_tensors=len(model_state))
