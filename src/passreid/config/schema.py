@@ -72,6 +72,9 @@ class EvalConfig:
     k2: int = 6
     lambda_value: float = 0.3
     period: int = 120  # evaluate every `period` epochs (and after the last one)
+    # Precision of every eval-mode feature extraction (test features; Cluster-Contrast's clustering features).
+    # The published codes extract them outside autocast: fp32. Same values as train.precision.
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "fp32"
 
 
 @dataclass
@@ -80,6 +83,8 @@ class TrainConfig:
 
     epochs: int = 120
     seed: int = 1234
+    # Training autocast: "auto" (bf16 on Ampere+, fp16 + GradScaler on older GPUs, fp32 on CPU) is for demos;
+    # the recipes of published rows pin what the published code ran (passreid.engine.amp).
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     log_period: int = 50  # iterations between log lines
     checkpoint_period: int = 1  # epochs between writes of checkpoint.pth (the resume point)

@@ -36,7 +36,8 @@ seed from it, or from the global torch RNG otherwise; and with ``num_workers > 0
 random augmentations inside workers restart from fresh worker seeds after a mid-epoch
 resume (only per-sample seeding would make those exact).
 """
-from passreid.engine.amp import PRECISIONS, AmpSetup, autocast_for, resolve_precision
+from passreid.engine.amp import (PRECISIONS, AmpSetup, RunPrecision, autocast_for, describe_precision,
+                                 resolve_precision, run_precision)
 from passreid.engine.checkpoint import (
     CHECKPOINT_KEYS,
     CheckpointCorruptError,
@@ -91,6 +92,7 @@ __all__ = [
     "PreemptionGuard",
     "ProgressLogger",
     "ResumeInfo",
+    "RunPrecision",
     "SmoothedValue",
     "TENSORBOARD_DIR",
     "WarmupCosineLR",
@@ -101,6 +103,7 @@ __all__ = [
     "capture_rng_state",
     "check_finite",
     "cosine_schedule",
+    "describe_precision",
     "format_eta",
     "gather_rng_states",
     "make_output_dir",
@@ -108,6 +111,7 @@ __all__ = [
     "remove_stale_temp_files",
     "requeue_current_job",
     "resolve_precision",
+    "run_precision",
     "restore_checkpoint",
     "restore_rng_state",
     "seed_everything",
