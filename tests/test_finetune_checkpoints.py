@@ -12,7 +12,7 @@ from passreid.finetune import FinetuneConfig, build_final_checkpoint, build_mode
 from passreid.finetune.checkpoints import stored_config
 from passreid.models import CheckpointFormatError, CheckpointMismatchError
 
-TINY = ["model.arch=vit_tiny", "model.img_size=[64,32]", "model.drop_path_rate=0.0"]
+TINY = ["model.arch=vit_tiny", "model.img_size=[64,32]", "model.drop_path_rate=0.0", "model.pretrained=none"]
 JPM_SIE = ["model.head=cls", "model.num_part_tokens=0", "model.jpm=true", "model.jpm_shift=2",
            "model.sie_camera=true"]
 

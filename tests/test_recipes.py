@@ -1,7 +1,8 @@
-"""Every recipe of a published row runs as published: its training and evaluation precision. Recipe-specific
-values are checked next to each method."""
+"""Every recipe of a published row runs as published: its training and evaluation precision, and weights that
+must be named (no silent random initialisation). Recipe-specific values are checked next to each method."""
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -11,8 +12,9 @@ from passreid.config import ConfigError, load_config
 from passreid.engine import autocast_for, resolve_precision, run_precision
 from passreid.finetune import FinetuneConfig, run_training
 from passreid.finetune import evaluator as finetune_evaluator
+from passreid.finetune.methods import build_backbone, load_backbone_weights
 from passreid.pretrain import PretrainConfig
-from passreid.usl import UslConfig, run_usl
+from passreid.usl import UslConfig, run_usl, to_finetune_config
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
@@ -126,11 +128,41 @@ def test_cluster_contrast_clusters_and_evaluates_in_eval_precision(tmp_path: Pat
     states = _record_autocast_in_feature_extraction(monkeypatch)
     cfg = load_config(UslConfig, CONFIGS / "usl" / "demo.yaml", [
         f"train.output_dir={tmp_path}", f"data.world_dir={synthetic_world}", "data.world_options={}",
-        "model.img_size=[64,32]", "data.batch_size=16", "data.test_batch_size=256",
+        "model.pretrained=none", "model.img_size=[64,32]", "data.batch_size=16", "data.test_batch_size=256",
         "cluster.k1=10", "cluster.k2=3", "cluster.eps=0.7", "train.epochs=1", "train.iters=1",
         "train.eval_at_start=false", "train.precision=bf16", "eval.precision=fp32"])
     run_usl(cfg, resume=False)
     assert len(states) >= 2 and not any(states)  # the clustering features and the test features
+
+
+# ------------------------------------------------------------------ weights are never random by accident
+
+
+def _tiny_backbone(cfg: FinetuneConfig) -> torch.nn.Module:
+    cfg.model.arch, cfg.model.img_size = "vit_tiny", (64, 32)
+    return build_backbone(cfg)
+
+
+@pytest.mark.parametrize("path", FINETUNE_RECIPES + [p for p in CLUSTER_RECIPES if p.parent.name == "usl"], ids=_rel)
+def test_a_recipe_without_weights_is_an_error_naming_the_key(path: Path):
+    if path.parent.name == "usl":
+        cfg = to_finetune_config(load_config(UslConfig, path))
+    else:
+        cfg = load_config(FinetuneConfig, path)
+    assert cfg.model.pretrained == ""  # the recipes leave the file to the user
+    with pytest.raises(ConfigError, match=r"config key 'model.pretrained': is empty.*model.pretrained=none"):
+        load_backbone_weights(_tiny_backbone(cfg), cfg)
+
+
+def test_pretrained_none_is_random_init_with_one_warning(caplog):
+    cfg = load_config(FinetuneConfig, None, ["model.pretrained=none"])
+    backbone = _tiny_backbone(cfg)
+    before = {k: v.clone() for k, v in backbone.state_dict().items()}
+    with caplog.at_level(logging.WARNING):
+        assert load_backbone_weights(backbone, cfg) is None
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and "RANDOM initialisation (model.pretrained=none)" in warnings[0]
+    assert all(torch.equal(before[k], v) for k, v in backbone.state_dict().items())
 
 
 @pytest.mark.cuda

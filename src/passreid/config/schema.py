@@ -19,6 +19,10 @@ from dataclasses import dataclass
 from typing import Literal
 
 
+#: ``model.pretrained`` value that asks for random initialisation explicitly (an empty value is an error).
+RANDOM_INIT = "none"
+
+
 @dataclass
 class ModelConfig:
     """The ViT backbone with PASS part tokens."""
@@ -28,7 +32,8 @@ class ModelConfig:
     stride_size: int = 16  # patch-embedding stride; 12 or 11 gives overlapping patches
     drop_path_rate: float = 0.1
     num_part_tokens: int = 3  # PASS learnable part [CLS] tokens next to the global one
-    pretrained: str = ""  # checkpoint to start from ("" = random init)
+    # Checkpoint to start from. Required: empty is an error when a run loads weights; "none" = random init (warned).
+    pretrained: str = ""
     hw_ratio: int = 2  # height/width ratio of the pre-training crops (position-embedding resize)
 
 

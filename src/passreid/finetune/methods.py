@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from passreid.config import RANDOM_INIT, require
 from passreid.eval.distance import DistanceChunkFn
 from passreid.eval.features import ExtractedFeatures
 from passreid.finetune.config import FinetuneConfig
@@ -146,14 +147,17 @@ def load_backbone_weights(backbone: VisionTransformer, cfg: FinetuneConfig) -> L
     Accepts every layout of :func:`passreid.models.load_pretrained`: a pretrain/ ``backbone.pth``
     export, a PASS/DINO training checkpoint (teacher by default), a converted backbone, timm ViT
     weights. Position embeddings are resized to this model's token grid and reported.
+    An empty ``model.pretrained`` is a :class:`ConfigError`: a recipe of a published row never starts from
+    random weights silently. ``model.pretrained=none`` asks for random initialisation (one warning).
     """
     model = cfg.model
-    if not model.pretrained:
-        if model.arch == "vit_tiny":
-            logger.info("backbone: %s, random initialisation (model.pretrained is empty)", model.arch)
-        else:
-            logger.warning("backbone: %s from RANDOM initialisation (model.pretrained is empty); the recipes' "
-                           "published numbers assume pre-trained weights", model.arch)
+    require(bool(model.pretrained), "model.pretrained",
+            f"is empty, so the {model.arch} backbone would start from random weights; set "
+            f"model.pretrained=<checkpoint file> (the recipe header names the published weights), or "
+            f"model.pretrained={RANDOM_INIT} to train from random initialisation on purpose")
+    if model.pretrained == RANDOM_INIT:
+        logger.warning("backbone: %s from RANDOM initialisation (model.pretrained=%s); published numbers assume "
+                       "pre-trained weights", model.arch, RANDOM_INIT)
         return None
     report = load_pretrained(
         backbone,
