@@ -7,6 +7,18 @@ from pathlib import Path
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Tests marked ``cuda`` skip, with the reason, where CUDA is not available."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a GPU (CUDA is not available)")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
 DEFAULT_MARKET_ROOT = REPO_ROOT.parent / "shared" / "data" / "Market-1501-v15.09.15"
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from passreid.config import load_config
+from passreid.config import config_to_dict, load_config
 from passreid.engine import Checkpointer
 from passreid.eval import rank_metrics, rank_metrics_from_distance
 from passreid.finetune import FinetuneConfig, FinetuneTrainer, load_finetuned_model, run_training
@@ -67,6 +67,11 @@ def test_published_recipes_and_the_vit_b_mask_generator_shapes():
     occ_reid = load_config(FinetuneConfig, CONFIGS / "occluded_reid" / "dpm_vit_b_256.yaml", [])
     assert (occ_reid.dpm.orth_weight, occ_reid.dpm.arc_margin, occ_reid.model.stride_size) == (0.01, 0.3, 12)
     assert occ_reid.data.color_jitter == [0.3, 0.3, 0.2, 0.2] and occ_reid.data.test_dataset == "occluded_reid"
+    # Published Occluded-REID run: SIE on (DPM configs/Market/dpm.yml); SIE off is the named variant.
+    assert occ_reid.model.sie_camera is True
+    no_sie = load_config(FinetuneConfig, CONFIGS / "occluded_reid" / "dpm_vit_b_256_no_sie.yaml", [])
+    assert no_sie.model.sie_camera is False
+    assert {**config_to_dict(no_sie), "model": None} == {**config_to_dict(occ_reid), "model": None}
     with torch.device("meta"):  # shapes only, no memory
         model = build_dpm_model(duke, 702, 8, load_weights=False)
     convs = [m for m in model.mask_generator.modules() if isinstance(m, torch.nn.Conv2d)]

@@ -22,7 +22,7 @@ from passreid.models import CheckpointFormatError, CheckpointMismatchError
 
 REPO = Path(__file__).resolve().parents[1]
 
-TINY = ["model.arch=vit_tiny", "model.img_size=[64,32]", "model.drop_path_rate=0.0"]
+TINY = ["model.arch=vit_tiny", "model.img_size=[64,32]", "model.drop_path_rate=0.0", "model.pretrained=none"]
 JPM_SIE = ["model.head=cls", "model.num_part_tokens=0", "model.jpm=true", "model.jpm_shift=2",
            "model.sie_camera=true"]
 

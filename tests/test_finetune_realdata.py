@@ -22,7 +22,7 @@ def test_short_run_on_real_market1501(market1501_root: Path, tmp_path: Path):
         "model.arch=vit_tiny", "model.img_size=[128,64]",  # tiny model, small input: a CPU smoke run
         "data.max_train_ids=8", "data.max_test_ids=4", "data.batch_size=16", "data.num_instances=4",
         "data.num_workers=0", "train.max_iters=2", "train.log_period=1", "train.device=cpu",
-        "train.precision=fp32",
+        "train.precision=fp32", "model.pretrained=none",
     ])
     result = run_training(cfg, resume=False)
     assert result.iterations == 2

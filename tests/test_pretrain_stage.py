@@ -90,6 +90,10 @@ def test_recipes_carry_the_published_settings():
     assert peak_learning_rate(pass_b, world_size=8) == pytest.approx(1e-3)
     dino = _load(RECIPES / "dino_vit_s_lup.yaml", "data.root=/data/lup")
     assert (dino.crops.mode, dino.model.arch, dino.monitor.feature) == ("dino", "vit_small", "cls")
+    # TransReID-SSL dino/script/vit-s_full_lup.sh keeps main_dino.py's --batch_size_per_gpu 64 on 8 GPUs.
+    assert dino.data.batch_size_per_gpu == 64 and peak_learning_rate(dino, world_size=8) == pytest.approx(1e-3)
+    # --use_fp16 defaults to True in PASS main_pass.py and TransReID-SSL main_dino.py: fp16 + GradScaler.
+    assert pass_s.train.precision == pass_b.train.precision == dino.train.precision == "fp16"
     demo = _load(DEMO)
     assert (demo.model.arch, demo.data.dataset, tuple(demo.crops.global_size)) == ("vit_tiny", "synthetic_pool", (128, 64))
 

@@ -72,6 +72,17 @@ def test_shapes_initialisation_and_eval_rows():
     assert bool((vis[:, 0] == 1).all()) and set(vis.unique().tolist()) <= {0.0, 1.0}
 
 
+@pytest.mark.parametrize("recipe", ["tsd_vit_b_256.yaml", "tsd_vit_b_256_new_split.yaml"])
+def test_recipes_train_the_part_set_of_the_released_script(recipe: str):
+    # TSD run_tsd.sh trains MASK_PREPROCESS five / NUM_PARTS 5 (its 'eight' lines are commented out).
+    cfg = load_config(FinetuneConfig, CONFIGS / "occluded_duke" / recipe, [])
+    assert (cfg.method, cfg.data.mask_preprocess, cfg.optim.lr) == ("tsd", "five", 0.004)
+    eight = load_config(FinetuneConfig, CONFIGS / "occluded_duke" / recipe, ["data.mask_preprocess=eight"])
+    with torch.device("meta"):  # the 'eight' option still builds (shapes only, no memory)
+        assert build_model(cfg, 702, 8, load_weights=False).num_parts == 5
+        assert build_model(eight, 702, 8, load_weights=False).num_parts == 8
+
+
 def test_cls_query_is_detached_and_the_teacher_shares_the_decoder():
     model = build_model(_cfg(), 7, 2).train()
     memory, cls = torch.randn(2, 32, 192), torch.randn(2, 1, 192, requires_grad=True)

@@ -26,7 +26,7 @@ def _default_world_override() -> str:
     return "data.world_options=" + json.dumps({key: getattr(defaults, key) for key in demo_keys})
 
 # A tiny, fast run: vit_tiny at 64x32, random init, 2 epochs of 3 iterations, batches of 16.
-FAST = ["model.img_size=[64,32]", "model.drop_path_rate=0.0", "data.batch_size=16", "data.num_instances=4",
+FAST = ["model.pretrained=none", "model.img_size=[64,32]", "model.drop_path_rate=0.0", "data.batch_size=16", "data.num_instances=4",
         "data.test_batch_size=64", "train.epochs=2", "train.iters=3", "train.log_period=1", "eval.period=1",
         "train.eval_at_start=false", "cluster.k1=10", "cluster.k2=3", "cluster.eps=0.7", _default_world_override()]
 

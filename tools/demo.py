@@ -95,7 +95,7 @@ def build_stages() -> list[Stage]:
     finetune_random = Stage(
         "finetune_random", "finetune/train.py",
         lambda root: [*finetune_common, "--output-dir", str(root / "finetune_random"),
-                      f"data.world_dir={root / 'world'}"],
+                      f"data.world_dir={root / 'world'}", "model.pretrained=none"],
         quick=finetune_quick,
         summarize=lambda out: _rank_scalars(last_record(out / "metrics.jsonl", "eval")),
     )

@@ -7,7 +7,7 @@ from .cli import DATA_ROOT_KEYS, OUTPUT_DIR_KEYS, default_argument_parser, parse
 from .errors import ConfigError, require
 from .loader import (build_config, config_from_dict, config_to_dict, dump_config, field_type,
                      load_config, overrides_to_layers, save_config)
-from .schema import DataConfig, EvalConfig, ModelConfig, OptimConfig, TrainConfig
+from .schema import RANDOM_INIT, DataConfig, EvalConfig, ModelConfig, OptimConfig, TrainConfig
 from .yaml_io import Layer, deep_merge, load_yaml_layers, load_yaml_with_bases
 
 __all__ = [
@@ -20,6 +20,7 @@ __all__ = [
     "ModelConfig",
     "OUTPUT_DIR_KEYS",
     "OptimConfig",
+    "RANDOM_INIT",
     "TrainConfig",
     "build_config",
     "config_from_dict",

@@ -104,12 +104,16 @@ def dump_config(cfg: Any) -> str:
     return dump_yaml(config_to_dict(cfg))
 
 
-def save_config(cfg: Any, path: str | os.PathLike) -> Path:
-    """Write the fully resolved config as YAML (atomically); ``load_config`` reads it back equal."""
+def save_config(cfg: Any, path: str | os.PathLike, comment: str = "") -> Path:
+    """Write the fully resolved config as YAML (atomically); ``load_config`` reads it back equal.
+
+    ``comment``: lines written first as YAML comments (e.g. what a run resolved ``auto`` values to).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(dump_config(cfg), encoding="utf-8")
+    header = "".join(f"# {line}\n" for line in comment.splitlines())
+    tmp.write_text(header + dump_config(cfg), encoding="utf-8")
     os.replace(tmp, path)
     return path
 

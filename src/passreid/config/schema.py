@@ -19,6 +19,10 @@ from dataclasses import dataclass
 from typing import Literal
 
 
+#: ``model.pretrained`` value that asks for random initialisation explicitly (an empty value is an error).
+RANDOM_INIT = "none"
+
+
 @dataclass
 class ModelConfig:
     """The ViT backbone with PASS part tokens."""
@@ -28,7 +32,8 @@ class ModelConfig:
     stride_size: int = 16  # patch-embedding stride; 12 or 11 gives overlapping patches
     drop_path_rate: float = 0.1
     num_part_tokens: int = 3  # PASS learnable part [CLS] tokens next to the global one
-    pretrained: str = ""  # checkpoint to start from ("" = random init)
+    # Checkpoint to start from. Required: empty is an error when a run loads weights; "none" = random init (warned).
+    pretrained: str = ""
     hw_ratio: int = 2  # height/width ratio of the pre-training crops (position-embedding resize)
 
 
@@ -72,6 +77,9 @@ class EvalConfig:
     k2: int = 6
     lambda_value: float = 0.3
     period: int = 120  # evaluate every `period` epochs (and after the last one)
+    # Precision of every eval-mode feature extraction (test features; Cluster-Contrast's clustering features).
+    # The published codes extract them outside autocast: fp32. Same values as train.precision.
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "fp32"
 
 
 @dataclass
@@ -80,6 +88,8 @@ class TrainConfig:
 
     epochs: int = 120
     seed: int = 1234
+    # Training autocast: "auto" (bf16 on Ampere+, fp16 + GradScaler on older GPUs, fp32 on CPU) is for demos;
+    # the recipes of published rows pin what the published code ran (passreid.engine.amp).
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     log_period: int = 50  # iterations between log lines
     checkpoint_period: int = 1  # epochs between writes of checkpoint.pth (the resume point)

@@ -540,9 +540,13 @@ def read_market_naming(root: Path) -> ReIDDataset:
 # Occluded-REID (test only)
 # ---------------------------------------------------------------------------------------------
 
+# DPM's Rename.py writes the whole-body gallery as camera c3 (query c1): with SIE, a Market-trained model embeds
+# them as Market cameras 0 and 2.
+OCCLUDED_REID_GALLERY_CAMID = 2
+
 OCCLUDED_REID_TREE = """<root>/Occluded_REID/
   occluded_body_images/001/001_01.tif   query   (occluded), camid 0
-  whole_body_images/001/001_01.tif      gallery (whole body), camid 1
+  whole_body_images/001/001_01.tif      gallery (whole body), camid 2
   file name: <pid>_<index>.tif inside the <pid>/ folder; 200 ids x 5 images per folder"""
 
 
@@ -567,18 +571,20 @@ def _parse_occluded_reid_folder(folder: Path, camid: int, notes: list[str]) -> l
 
 @register_dataset("occluded_reid")
 def read_occluded_reid(root: Path) -> ReIDDataset:
-    """Occluded-REID: query = occluded_body_images (camid 0), gallery = whole_body_images (camid 1).
+    """Occluded-REID: query = occluded_body_images (camid 0), gallery = whole_body_images (camid 2).
 
     No training split (train is empty): the published protocol (BPBReID, DPM, HOReID) trains on
-    Market-1501 and tests here, occluded -> whole-body.
+    Market-1501 and tests here, occluded -> whole-body. The camera ids are those of DPM's Rename.py
+    (query c1, gallery c3, i.e. Market cameras 0 and 2), the only published code that embeds them (SIE);
+    rank metrics only need the two to differ.
     """
     layout = FolderLayout("occluded_reid", DATASET_FOLDER_NAMES["occluded_reid"],
                           ("occluded_body_images", "whole_body_images"), OCCLUDED_REID_TREE)
     folder = resolve_dataset_dir(root, layout)
     notes = ["no train split: Occluded-REID is test only; train on market1501 "
-             "(query = occluded_body_images camid 0, gallery = whole_body_images camid 1)"]
+             "(query = occluded_body_images camid 0, gallery = whole_body_images camid 2)"]
     query = _parse_occluded_reid_folder(folder / "occluded_body_images", 0, notes)
-    gallery = _parse_occluded_reid_folder(folder / "whole_body_images", 1, notes)
+    gallery = _parse_occluded_reid_folder(folder / "whole_body_images", OCCLUDED_REID_GALLERY_CAMID, notes)
     dataset = ReIDDataset("occluded_reid", str(folder), [], query, gallery, notes=notes)
     _note_official_sizes(dataset, OFFICIAL_SPLIT_SIZES["occluded_reid"])
     return dataset

@@ -38,7 +38,8 @@ augmentation from its place in the epoch (``passreid.data.samplers.SampleSeeds``
 streams elsewhere. Build every loader a stage iterates as a :class:`PreemptibleDataLoader`
 (pre-emption signals reach the workers too; see :mod:`passreid.engine.preemption`).
 """
-from passreid.engine.amp import PRECISIONS, AmpSetup, autocast_for, resolve_precision
+from passreid.engine.amp import (PRECISIONS, AmpSetup, RunPrecision, autocast_for, describe_precision,
+                                 resolve_precision, run_precision)
 from passreid.engine.checkpoint import (
     CHECKPOINT_KEYS,
     CheckpointCorruptError,
@@ -104,6 +105,7 @@ __all__ = [
     "PreemptionGuard",
     "ProgressLogger",
     "ResumeInfo",
+    "RunPrecision",
     "SmoothedValue",
     "TENSORBOARD_DIR",
     "ThroughputLogger",
@@ -117,6 +119,7 @@ __all__ = [
     "check_finite",
     "cosine_schedule",
     "derive_seed",
+    "describe_precision",
     "format_eta",
     "gather_rng_states",
     "make_output_dir",
@@ -125,6 +128,7 @@ __all__ = [
     "remove_stale_temp_files",
     "requeue_current_job",
     "resolve_precision",
+    "run_precision",
     "restore_checkpoint",
     "restore_rng_state",
     "seed_everything",

@@ -19,9 +19,10 @@ from torch import nn
 
 from passreid import dist
 from passreid.config import config_to_dict, save_config
-from passreid.engine import (Checkpointer, MetricsWriter, PreemptionGuard, ProgressLogger, batches_until_preempted,
-                             build_checkpoint, gather_rng_states, make_output_dir, output_layout, preemption_guard,
-                             restore_checkpoint, seed_everything, setup_logging)
+from passreid.engine import (Checkpointer, MetricsWriter, PreemptionGuard, ProgressLogger, autocast_for,
+                             batches_until_preempted, build_checkpoint, gather_rng_states, make_output_dir,
+                             output_layout, preemption_guard, restore_checkpoint, run_precision, seed_everything,
+                             setup_logging)
 from passreid.finetune.data import build_train_loader
 
 __all__ = ["EpochTrainer", "resolve_device", "torch_threads"]
@@ -55,11 +56,13 @@ def torch_threads(count: int) -> Iterator[None]:
 class EpochTrainer:
     """Trains epoch by epoch with periodic checkpoints and evaluations, exact resume and pre-emption stop.
 
-    The config needs ``train.{device, output_dir, seed, epochs, max_iters, checkpoint_period, log_period}``
-    and ``eval.period``. A subclass sets ``log`` (its logger) and ``stage_name`` (for the finished line)
-    and implements these hooks:
+    The config needs ``train.{device, output_dir, seed, epochs, max_iters, checkpoint_period, log_period,
+    precision}`` and ``eval.{period, precision}``. The set-up resolves both precisions for the device
+    (``precision``), logs them and writes them at the top of ``config.yaml``; training steps run under
+    ``amp`` (autocast + GradScaler of ``train.precision``), evaluation features under ``eval_amp``.
+    A subclass sets ``log`` (its logger) and ``stage_name`` (for the finished line) and implements these hooks:
 
-    - ``_build(resuming)``: data, ``model``, ``optimizer``, ``amp``, ``train_set`` and ``sampler`` (``None``
+    - ``_build(resuming)``: data, ``model``, ``optimizer``, ``train_set`` and ``sampler`` (``None``
       until ``_prepare_epoch``), optionally ``scheduler``; when ``resuming`` no pretrained weight is read.
     - ``_wrap_distributed()``: wrap the trained module in DDP (``world_size > 1``); ``_log_setup()``.
     - ``total_iterations()``: optimizer steps of the whole run, for the progress ETA.
@@ -96,10 +99,15 @@ class EpochTrainer:
         self.env = dist.init_distributed()
         self.rank, self.world_size = self.env.rank, self.env.world_size
         self.device = resolve_device(train.device, self.env.local_rank)
+        self.precision = run_precision(self.device, train.precision, self.cfg.eval.precision)
+        self.amp = autocast_for(self.device, self.precision.train)
+        self.eval_amp = autocast_for(self.device, self.precision.eval)
         self.output_dir = make_output_dir(train.output_dir)
         setup_logging(self.output_dir, rank=self.rank)
+        self.log.info("precision on %s: %s", self.device, self.precision.describe())
         if self.rank == 0:
-            save_config(self.cfg, output_layout(self.output_dir).config)
+            save_config(self.cfg, output_layout(self.output_dir).config,
+                        comment=f"precision that ran on {self.device}: {self.precision.describe()}")
         seed_everything(train.seed + self.rank)
         self.checkpointer = Checkpointer(self.output_dir, is_main=self.rank == 0)
 

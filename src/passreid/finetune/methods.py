@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from passreid.config import RANDOM_INIT, require
 from passreid.eval.distance import DistanceChunkFn
 from passreid.eval.features import ExtractedFeatures
 from passreid.finetune.config import FinetuneConfig
@@ -149,14 +150,17 @@ def load_backbone_weights(backbone: nn.Module, cfg: FinetuneConfig) -> LoadRepor
     backbone (:mod:`passreid.models.cnn`): its ImageNet state dict, whose classification head and
     missing BatchNorm counters are accepted and listed in the logged report; any other difference
     is an error naming the keys.
+    An empty ``model.pretrained`` is a :class:`ConfigError`: a recipe of a published row never starts from
+    random weights silently. ``model.pretrained=none`` asks for random initialisation (one warning).
     """
     model = cfg.model
-    if not model.pretrained:
-        if model.arch == "vit_tiny":
-            logger.info("backbone: %s, random initialisation (model.pretrained is empty)", model.arch)
-        else:
-            logger.warning("backbone: %s from RANDOM initialisation (model.pretrained is empty); the recipes' "
-                           "published numbers assume pre-trained weights", model.arch)
+    require(bool(model.pretrained), "model.pretrained",
+            f"is empty, so the {model.arch} backbone would start from random weights; set "
+            f"model.pretrained=<checkpoint file> (the recipe header names the published weights), or "
+            f"model.pretrained={RANDOM_INIT} to train from random initialisation on purpose")
+    if model.pretrained == RANDOM_INIT:
+        logger.warning("backbone: %s from RANDOM initialisation (model.pretrained=%s); published numbers assume "
+                       "pre-trained weights", model.arch, RANDOM_INIT)
         return None
     report = load_pretrained(
         backbone,

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from passreid import dist
-from passreid.engine import autocast_for, make_output_dir, setup_logging
+from passreid.engine import autocast_for, describe_precision, make_output_dir, resolve_precision, setup_logging
 from passreid.finetune.checkpoints import load_finetuned_model
 from passreid.finetune.config import FinetuneConfig, validate_config
 from passreid.finetune.data import load_test_dataset
@@ -64,7 +64,9 @@ def run_test(
     device = resolve_device(cfg.train.device, env.local_rank)
     model.to(device)
     dataset = load_test_dataset(cfg)
-    amp = autocast_for(device, cfg.train.precision)
+    precision = resolve_precision(device, cfg.eval.precision, "eval.precision")
+    logger.info("test features on %s in %s", device, describe_precision(cfg.eval.precision, precision))
+    amp = autocast_for(device, precision)
     img_size = tuple(model_cfg.model.img_size)
     result = evaluate_model(model, dataset, img_size, cfg, device, autocast=amp.autocast, rank=env.rank,
                             world_size=env.world_size)

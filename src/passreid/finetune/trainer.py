@@ -22,7 +22,7 @@ import torch
 
 from passreid import dist
 from passreid.data.samplers import RandomIdentitySampler
-from passreid.engine import atomic_save, autocast_for, check_finite, output_layout, preemption_guard, unwrap_model
+from passreid.engine import atomic_save, check_finite, output_layout, preemption_guard, unwrap_model
 from passreid.finetune.checkpoints import build_final_checkpoint
 from passreid.finetune.config import FinetuneConfig, validate_config
 from passreid.finetune.data import FinetuneData, build_train_set, load_finetune_data
@@ -72,7 +72,6 @@ class FinetuneTrainer(EpochTrainer):
         self.optimizer = build_optimizer(self.model, cfg.optim,
                                          exclude=self.second_pass.names if self.second_pass is not None else ())
         self.scheduler = build_lr_scheduler(self.optimizer, cfg.optim, cfg.train.epochs)
-        self.amp = autocast_for(self.device, cfg.train.precision)
         self.train_set = build_train_set(self.data.train.train, cfg)
         self.sampler = RandomIdentitySampler([item.pid for item in self.data.train.train], cfg.data.batch_size,
                                              cfg.data.num_instances, seed=cfg.train.seed, rank=self.rank,
@@ -111,10 +110,10 @@ class FinetuneTrainer(EpochTrainer):
         model = unwrap_model(self.model)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         logger.info("method %s: %s %dx%d stride %d, head %s, feature dim %d, SIE %s, JPM %s, %.2fM trainable "
-                    "parameters; %d process(es) on %s, precision %s", self.cfg.method, self.cfg.model.arch,
+                    "parameters; %d process(es) on %s, %s", self.cfg.method, self.cfg.model.arch,
                     *self.cfg.model.img_size, self.cfg.model.stride_size, self.cfg.model.head,
                     getattr(model, "feature_dim", -1), self.cfg.model.sie_camera, self.cfg.model.jpm,
-                    trainable / 1e6, self.world_size, self.device, self.cfg.train.precision)
+                    trainable / 1e6, self.world_size, self.device, self.precision.describe())
 
     def total_iterations(self) -> int:
         """Optimizer steps of the whole run (the P x K epoch length varies slightly between epochs)."""
@@ -176,7 +175,7 @@ class FinetuneTrainer(EpochTrainer):
     def _evaluate(self) -> EvalResult | None:
         model = unwrap_model(self.model)
         result = evaluate_model(model, self.data.test, tuple(self.cfg.model.img_size), self.cfg, self.device,
-                                autocast=self.amp.autocast, rank=self.rank, world_size=self.world_size)
+                                autocast=self.eval_amp.autocast, rank=self.rank, world_size=self.world_size)
         self.last_eval_iteration = self.iteration
         if result is not None:
             self.last_metrics = result.metrics

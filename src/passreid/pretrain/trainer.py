@@ -57,9 +57,11 @@ from passreid.engine import (
     check_finite,
     cosine_schedule,
     derive_seed,
+    describe_precision,
     gather_rng_states,
     make_output_dir,
     preemption_guard,
+    resolve_precision,
     restore_checkpoint,
     seed_everything,
     seeded_global_rngs,
@@ -287,11 +289,15 @@ class PretrainStage:
         self.env = dist.init_distributed()
         self.rank, self.world_size = self.env.rank, self.env.world_size
         self.device = self._select_device(cfg.train.device)
+        # PASS main_pass.py (--use_fp16, default True): fp16 autocast + GradScaler; the kNN monitor (not part of
+        # the published code) extracts its features under the same autocast.
+        self.precision = describe_precision(
+            cfg.train.precision, resolve_precision(self.device, cfg.train.precision, "train.precision"))
         self.out = make_output_dir(cfg.train.output_dir)
         self.log = setup_logging(self.out, rank=self.rank)
         self.is_main = self.rank == 0
-        self.log.info("pre-training (%s mode, %s) on %d process(es), device %s, output %s", cfg.crops.mode,
-                      cfg.model.arch, self.world_size, self.device, self.out)
+        self.log.info("pre-training (%s mode, %s) on %d process(es), device %s, precision %s, output %s",
+                      cfg.crops.mode, cfg.model.arch, self.world_size, self.device, self.precision, self.out)
 
         # Same initial weights on every rank: the teacher is a copy of the student and is not
         # broadcast by DDP. Then a per-rank stream for drop-path and anything else random.
@@ -333,7 +339,7 @@ class PretrainStage:
             self.log.warning("removing %s left by an earlier run", stale_final)
             stale_final.unlink()
         if self.is_main:
-            save_config(cfg, self.out / "config.yaml")
+            save_config(cfg, self.out / "config.yaml", comment=f"precision that ran on {self.device}: {self.precision}")
         self.metrics = MetricsWriter(self.out, enabled=self.is_main, purge_step=self.iteration or None)
         self.monitor = self._build_monitor()
         self._log_summary()
@@ -396,7 +402,7 @@ class PretrainStage:
             "%s%d iterations/epoch x %d epochs = %d iterations; global batch %d (%d x %d); peak lr %.3g "
             "(%.3g x %d / 256); precision %s", images, self.iters_per_epoch, cfg.train.epochs, self.total_iters,
             self.global_batch, cfg.data.batch_size_per_gpu, self.world_size, self.schedules.peak_lr, cfg.optim.lr,
-            self.global_batch, "fp16+scaler" if self.amp.scaler is not None else cfg.train.precision)
+            self.global_batch, self.precision)
 
     # ------------------------------------------------------------------ checkpoints
     def _sampler_state(self) -> dict[str, int]:

@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Literal
 
-from passreid.config import require
+from passreid.config import RANDOM_INIT, require
 from passreid.config.schema import EvalConfig
 from passreid.finetune.config import (FinetuneConfig, FinetuneDataConfig, FinetuneModelConfig,
                                       FinetuneOptimConfig, FinetuneTrainConfig, validate_config)
@@ -152,7 +152,7 @@ def validate_usl_config(cfg: UslConfig) -> UslConfig:
     """Check value ranges and combinations (raising ``ConfigError`` naming the key), including every
     check of the fine-tuning config on the shared sections."""
     model, cluster, memory, optim, train = cfg.model, cfg.cluster, cfg.memory, cfg.optim, cfg.train
-    require(not (model.init_from and model.pretrained), "model.init_from",
+    require(not (model.init_from and model.pretrained not in ("", RANDOM_INIT)), "model.init_from",
              "set either model.init_from (UDA: a source-trained fine-tuned model) or model.pretrained "
              "(USL: a backbone export), not both")
     require(not model.jpm, "model.jpm", "Cluster Contrast uses the global branch only; set model.jpm=false")

@@ -33,7 +33,7 @@ from torch import nn
 from passreid import dist
 from passreid.config import config_to_dict
 from passreid.data import ImageItem, ReIDDataset, build_dataset
-from passreid.engine import apply_schedule, atomic_save, autocast_for, check_finite, output_layout, preemption_guard
+from passreid.engine import apply_schedule, atomic_save, check_finite, output_layout, preemption_guard
 from passreid.finetune.checkpoints import build_final_checkpoint
 from passreid.finetune.config import FinetuneConfig
 from passreid.finetune.data import _dataset_options, build_train_set, load_test_dataset, resolve_data_root
@@ -149,7 +149,6 @@ class ClusterContrastTrainer(EpochTrainer):
         self.memory = ClusterMemory(self.model.head.feature_dim, 0, cfg.memory.temperature, cfg.memory.momentum,
                                     cfg.memory.use_hard).to(self.device)
         self.optimizer = _build_optimizer(self.model, cfg.optim)
-        self.amp = autocast_for(self.device, cfg.train.precision)
         self.net: nn.Module = ClusterContrastNet(self.model, cfg.train.ghost_bn_size)
         self.pending_epoch_state: dict[str, Any] | None = None
         self.labels: np.ndarray | None = None
@@ -167,12 +166,12 @@ class ClusterContrastTrainer(EpochTrainer):
     def _log_setup(self) -> None:
         cfg = self.cfg
         logger.info("Cluster Contrast (%s) %s %dx%d, head %s/%s%s, feature dim %d; eps %.2f, k1 %d, k2 %d, "
-                    "min_samples %d; memory tau %.3g momentum %.2f %s; %d process(es) on %s, precision %s",
+                    "min_samples %d; memory tau %.3g momentum %.2f %s; %d process(es) on %s, %s",
                     "UDA" if cfg.model.init_from else "USL", cfg.model.arch, *cfg.model.img_size, cfg.model.head,
                     cfg.model.feat_fusion, " multi-neck" if cfg.model.multi_neck else " single-neck",
                     self.model.feature_dim, cfg.cluster.eps, cfg.cluster.k1, cfg.cluster.k2, cfg.cluster.min_samples,
                     cfg.memory.temperature, cfg.memory.momentum, "hard" if cfg.memory.use_hard else "all-sample",
-                    self.world_size, self.device, cfg.train.precision)
+                    self.world_size, self.device, self.precision.describe())
 
     # ------------------------------------------------------------------ checkpoint state
     def _checkpoint_extra(self, stopped_in_epoch: int | None) -> dict[str, Any]:
@@ -225,7 +224,7 @@ class ClusterContrastTrainer(EpochTrainer):
     def _cluster(self, epoch: int) -> np.ndarray:
         start = time.perf_counter()
         feats = extract_split(self.model, self.data.train, tuple(self.cfg.model.img_size), self.ft_cfg, self.device,
-                              autocast=self.amp.autocast, rank=self.rank, world_size=self.world_size,
+                              autocast=self.eval_amp.autocast, rank=self.rank, world_size=self.world_size,
                               split="train (for clustering)")
         extract_seconds = time.perf_counter() - start
         outcome: tuple[np.ndarray, ClusterStats] | None = None
@@ -295,7 +294,7 @@ class ClusterContrastTrainer(EpochTrainer):
     # ------------------------------------------------------------------ outputs
     def _evaluate(self, label: str = "") -> EvalResult | None:
         result = evaluate_model(self.model, self.data.test, tuple(self.cfg.model.img_size), self.ft_cfg, self.device,
-                                autocast=self.amp.autocast, rank=self.rank, world_size=self.world_size)
+                                autocast=self.eval_amp.autocast, rank=self.rank, world_size=self.world_size)
         if not label:
             self.last_eval_iteration = self.iteration
         if result is not None:
