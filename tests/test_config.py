@@ -314,8 +314,19 @@ def test_config_to_dict_is_plain_data():
 
 def test_parser_has_the_shared_flags():
     args = default_argument_parser("x").parse_args([])
-    assert (args.config_file, args.output_dir, args.no_resume, args.data_root, args.opts) == (
-        None, None, False, None, [])
+    assert (args.config_file, args.output_dir, args.no_resume, args.data_root, args.print_config, args.debug,
+            args.opts) == (None, None, False, None, False, False, [])
+
+
+def test_options_may_follow_the_overrides():
+    args, cfg = parse_and_load(StageConfig, ["optim.lr=1e-3", "--output-dir", "runs/7", "eval.k1=25", "--no-resume",
+                                             "--data-root", "/data"])
+    assert (cfg.optim.lr, cfg.eval.k1, cfg.train.output_dir, cfg.data.root) == (1e-3, 25, "runs/7", "/data")
+    assert args.no_resume and args.opts == ["optim.lr=1e-3", "eval.k1=25"]
+    args, cfg = parse_and_load(StageConfig, ["--output-dir", "a", "--", "train.output_dir=b"])
+    assert args.opts == ["train.output_dir=b"] and cfg.train.output_dir == "b"
+    with pytest.raises(ConfigError, match="override '--no-resume' must look like key=value"):
+        parse_and_load(StageConfig, ["--", "--no-resume"])  # after "--" everything is an override
 
 
 def test_parse_and_load_applies_flags_then_overrides(tmp_path):

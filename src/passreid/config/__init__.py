@@ -3,7 +3,8 @@
 Defaults < YAML (bases first, the file last) < ``--output-dir``/``--data-root`` < ``key=value``.
 Unknown keys and wrong types are :class:`ConfigError`s naming the dotted key.
 """
-from .cli import DATA_ROOT_KEYS, OUTPUT_DIR_KEYS, default_argument_parser, parse_and_load
+from .cli import (DATA_ROOT_KEYS, DEBUG_ENV, DEBUG_FLAG, OUTPUT_DIR_KEYS, add_debug_flag, default_argument_parser,
+                  parse_and_load, print_config)
 from .errors import ConfigError, require
 from .loader import (build_config, config_from_dict, config_to_dict, dump_config, field_type,
                      load_config, overrides_to_layers, save_config)
@@ -14,6 +15,8 @@ __all__ = [
     "ConfigError",
     "require",
     "DATA_ROOT_KEYS",
+    "DEBUG_ENV",
+    "DEBUG_FLAG",
     "DataConfig",
     "EvalConfig",
     "Layer",
@@ -22,6 +25,7 @@ __all__ = [
     "OptimConfig",
     "RANDOM_INIT",
     "TrainConfig",
+    "add_debug_flag",
     "build_config",
     "config_from_dict",
     "config_to_dict",
@@ -34,5 +38,6 @@ __all__ = [
     "load_yaml_with_bases",
     "overrides_to_layers",
     "parse_and_load",
+    "print_config",
     "save_config",
 ]
