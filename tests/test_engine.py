@@ -1,6 +1,7 @@
 """Unit tests for passreid.engine: files, checkpoints, RNG, logging, AMP, guards, schedules."""
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import math
@@ -19,6 +20,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from _disk_full import fill_disk
 from passreid.engine import (
     CHECKPOINT_KEYS,
     CheckpointCorruptError,
@@ -156,10 +158,105 @@ def test_checkpointer_keeps_every_n_copies_unchanged_by_later_saves(tmp_path: Pa
     for step in range(2, 6):
         checkpointer.save({"iteration": step}, step=step)
     names = sorted(p.name for p in tmp_path.iterdir())
-    assert names == ["checkpoint.pth", "checkpoint_0000002.pth", "checkpoint_0000004.pth"]
+    assert names == ["checkpoint.prev.pth", "checkpoint.pth", "checkpoint_0000002.pth", "checkpoint_0000004.pth"]
     assert checkpointer.load("checkpoint_0000002.pth") == {"iteration": 2}
     assert checkpointer.load("checkpoint_0000004.pth") == {"iteration": 4}
     assert checkpointer.load() == {"iteration": 5}
+    assert checkpointer.load("checkpoint.prev.pth") == {"iteration": 4}
+
+
+@pytest.mark.parametrize("hard_links", [True, False])
+def test_each_save_keeps_the_checkpoint_it_replaces(tmp_path: Path, monkeypatch, hard_links: bool) -> None:
+    if not hard_links:  # e.g. some network filesystems: the previous file is renamed instead
+        def no_links(*args, **kwargs):
+            raise OSError(1, "Operation not permitted")
+        monkeypatch.setattr(os, "link", no_links)
+    checkpointer = Checkpointer(tmp_path)
+    checkpointer.save({"iteration": 1})
+    assert not checkpointer.previous_path().exists()
+    for step in (2, 3):
+        checkpointer.save({"iteration": step})
+        assert torch.load(checkpointer.path()) == {"iteration": step}
+        assert torch.load(checkpointer.previous_path()) == {"iteration": step - 1}
+    assert checkpointer.previous_path().name == "checkpoint.prev.pth"
+    assert _temp_files(tmp_path) == []
+
+
+def _damage(path: Path, damage: str) -> None:
+    data = path.read_bytes()
+    if damage == "missing":
+        path.unlink()
+    else:
+        path.write_bytes({"garbage": b"not a checkpoint at all", "truncated": data[: len(data) // 2],
+                          "empty": b""}[damage])
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "empty", "missing"])
+def test_load_falls_back_to_the_previous_checkpoint_naming_both(tmp_path: Path, engine_logs: _Records,
+                                                                damage: str) -> None:
+    writer = Checkpointer(tmp_path)
+    for step in (1, 2):
+        writer.save({"iteration": step, "weights": torch.full((1000,), float(step))})
+    _damage(writer.path(), damage)
+
+    resumed = Checkpointer(tmp_path)  # a new process resuming the run
+    state = resumed.load()
+    assert state["iteration"] == 1 and resumed.loaded_from == resumed.previous_path()
+    assert str(resumed.path()) in engine_logs.text and str(resumed.previous_path()) in engine_logs.text
+    # The next save replaces the damaged file and keeps the good previous one (not the damaged one).
+    resumed.save({"iteration": 2})
+    assert torch.load(resumed.path())["iteration"] == 2
+    assert torch.load(resumed.previous_path())["iteration"] == 1
+    resumed.save({"iteration": 3})
+    assert torch.load(resumed.previous_path())["iteration"] == 2
+
+
+def test_no_readable_checkpoint_is_an_error_saying_how_to_start_fresh(tmp_path: Path) -> None:
+    checkpointer = Checkpointer(tmp_path)
+    for step in (1, 2):
+        checkpointer.save({"iteration": step, "weights": torch.full((1000,), float(step))})
+    _damage(checkpointer.path(), "truncated")
+    _damage(checkpointer.previous_path(), "garbage")
+    with pytest.raises(CheckpointCorruptError) as error:
+        Checkpointer(tmp_path).load()
+    message = str(error.value)
+    assert str(checkpointer.path()) in message and str(checkpointer.previous_path()) in message
+    assert "--no-resume" in message
+
+
+def test_a_fresh_run_drops_the_previous_checkpoint_of_an_earlier_run(tmp_path: Path) -> None:
+    earlier = Checkpointer(tmp_path)
+    for step in (1, 2):
+        earlier.save({"iteration": step, "run": "earlier"})
+    fresh = Checkpointer(tmp_path)  # --no-resume: nothing loaded
+    fresh.save({"iteration": 1, "run": "fresh"})
+    assert not fresh.previous_path().exists()  # never fall back into another run
+    fresh.save({"iteration": 2, "run": "fresh"})
+    assert torch.load(fresh.previous_path()) == {"iteration": 1, "run": "fresh"}
+
+
+@pytest.mark.parametrize("existing", [True, False])
+def test_full_disk_while_saving_says_the_previous_checkpoint_is_intact(tmp_path: Path, monkeypatch,
+                                                                       existing: bool) -> None:
+    checkpointer = Checkpointer(tmp_path)
+    if existing:
+        for step in (1, 2):
+            checkpointer.save({"iteration": step})
+    fill_disk(monkeypatch, free_bytes=1024)
+    with pytest.raises(OSError) as error:
+        checkpointer.save({"iteration": 3, "weights": torch.zeros(10_000)})
+    target = checkpointer.path()
+    assert error.value.errno == errno.ENOSPC
+    if existing:
+        assert str(error.value.strerror) == (f"no space left on device while writing {target}; "
+                                             f"the previous checkpoint {target} is intact")
+        monkeypatch.undo()
+        assert Checkpointer(tmp_path).load() == {"iteration": 2}
+        assert torch.load(checkpointer.previous_path()) == {"iteration": 1}
+    else:
+        assert f"no earlier checkpoint existed at {target}" in error.value.strerror
+        assert not target.exists()
+    assert _temp_files(tmp_path) == []  # the partial file is removed: its space is free again
 
 
 @pytest.mark.parametrize("damage", ["garbage", "truncated", "empty"])

@@ -129,5 +129,6 @@ def test_process_killed_mid_save_keeps_previous_checkpoint(tmp_path: Path) -> No
     assert not list(tmp_path.glob(".checkpoint.pth.tmp-*")), "the dead writer's temp file should be cleaned"
     loaded = checkpointer.load()
     assert loaded["iteration"] == 3 and torch.equal(loaded["weights"], newer["weights"])
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pth"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.prev.pth", "checkpoint.pth"]
+    assert torch.load(tmp_path / "checkpoint.prev.pth", weights_only=True)["iteration"] == 1  # the replaced one
 

@@ -22,6 +22,11 @@ key            content
 A checkpoint is taken *after* an optimizer step, so resuming continues at step ``iteration``
 with the sampler at the stored position and the RNG exactly where the interrupted run was.
 
+Damage after the fact (a truncated copy, a disk error): :class:`Checkpointer` keeps the checkpoint
+that its latest save replaced as ``checkpoint.prev.pth`` and resumes from it, with a warning, when
+``checkpoint.pth`` cannot be read. A full disk while writing is an ``OSError(ENOSPC)`` that says the
+previous checkpoint is intact (the new file is complete before anything is renamed).
+
 Non-finite losses: :func:`passreid.engine.check_finite` raises before ``backward``; the loop
 must let the error propagate (no ``finally: save``), so ``checkpoint.pth`` keeps the last
 good state.
@@ -62,6 +67,8 @@ CHECKPOINT_KEYS = (
     "extra",
 )
 _TEMP_MARKER = ".tmp-"
+PREVIOUS_INFIX = ".prev"  # checkpoint.pth -> checkpoint.prev.pth
+_START_FRESH = "To start fresh, run again with --no-resume (resume=False): the run overwrites these files."
 
 
 class CheckpointCorruptError(RuntimeError):
@@ -143,15 +150,23 @@ def remove_stale_temp_files(target: str | os.PathLike[str]) -> list[Path]:
     return removed
 
 
-def atomic_save(obj: Any, path: str | os.PathLike[str]) -> Path:
-    """``torch.save(obj)`` to ``path`` so that readers only ever see a complete file.
+def _out_of_space(error: BaseException) -> bool:
+    """Whether ``error`` or an exception it was raised from is a full disk or quota. torch's zip writer turns
+    the file's ``OSError(ENOSPC)`` into a ``RuntimeError`` ("unexpected pos") with the OSError as context."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
-    Writes a uniquely named temp file in the same directory, flushes and fsyncs it, then
-    ``os.replace``s it over ``path`` and fsyncs the directory. A process killed mid-write
-    leaves the previous ``path`` intact plus an orphan temp file that the next save of the
-    same path removes (see :func:`remove_stale_temp_files`).
+
+def _write_temp(obj: Any, target: Path, what: str) -> Path:
+    """``torch.save(obj)`` into a new temp file beside ``target``, flushed and fsynced; returns the temp path.
+
+    On failure the temp file is removed. A full disk raises ``OSError(ENOSPC)`` saying that ``target`` (the
+    previous ``what``, when there is one) is intact.
     """
-    target = Path(path)
     directory = target.parent
     if not directory.is_dir():
         raise FileNotFoundError(f"cannot save {target}: directory {directory} does not exist")
@@ -162,21 +177,75 @@ def atomic_save(obj: Any, path: str | os.PathLike[str]) -> Path:
             torch.save(obj, handle)
             handle.flush()
             os.fsync(handle.fileno())
+    except BaseException as error:
+        temp.unlink(missing_ok=True)
+        if _out_of_space(error):
+            kept = (f"the previous {what} {target} is intact" if target.is_file()
+                    else f"no earlier {what} existed at {target}")
+            raise OSError(errno.ENOSPC, f"no space left on device while writing {target}; {kept}") from error
+        raise
+    return temp
+
+
+def _commit(temp: Path, target: Path) -> None:
+    """``os.replace`` the complete ``temp`` over ``target`` and make the rename durable."""
+    try:
         os.replace(temp, target)
     except BaseException:
         temp.unlink(missing_ok=True)
         raise
-    _fsync_directory(directory)
+    _fsync_directory(target.parent)
+
+
+def _link_atomically(source: Path, destination: Path) -> bool:
+    """Make ``destination`` a hard link of ``source`` (replacing it atomically); False where the filesystem
+    has no hard links (nothing is changed then)."""
+    remove_stale_temp_files(destination)
+    temp = _new_temp_path(destination)
+    try:
+        os.link(source, temp)  # same inode: no second write of a large file
+    except OSError:
+        return False
+    _commit(temp, destination)
+    return True
+
+
+def atomic_save(obj: Any, path: str | os.PathLike[str], *, what: str = "file") -> Path:
+    """``torch.save(obj)`` to ``path`` so that readers only ever see a complete file.
+
+    Writes a uniquely named temp file in the same directory, flushes and fsyncs it, then
+    ``os.replace``s it over ``path`` and fsyncs the directory. A process killed mid-write
+    leaves the previous ``path`` intact plus an orphan temp file that the next save of the
+    same path removes (see :func:`remove_stale_temp_files`). A full disk raises ``OSError(ENOSPC)``
+    "no space left on device while writing <path>; the previous <what> <path> is intact".
+    """
+    target = Path(path)
+    _commit(_write_temp(obj, target, what), target)
     return target
 
 
 # --------------------------------------------------------------------------- Checkpointer
 
 
+def previous_checkpoint_path(path: str | os.PathLike[str]) -> Path:
+    """Where :class:`Checkpointer` keeps the version of ``path`` that its latest save replaced:
+    ``checkpoint.pth`` -> ``checkpoint.prev.pth``."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}{PREVIOUS_INFIX}{path.suffix}")
+
+
 class Checkpointer:
     """Saves and loads training checkpoints inside one output directory.
 
     Every rank may call :meth:`save`; only the main rank (``is_main=True``) touches the disk.
+
+    Each save keeps the file it replaces as ``<stem>.prev<suffix>`` (``checkpoint.prev.pth``; a hard link,
+    or a rename where the filesystem has none), so one earlier checkpoint survives damage to the latest
+    (a copy cut short, a disk error). Only a file of this run is kept that way: one that this
+    Checkpointer wrote or read back whole. The first save of a run that did not resume removes a
+    previous version left by an earlier run, and a save after resuming from the previous version keeps
+    it (the damaged latest is simply replaced). :meth:`load` falls back to the previous version.
+
     With ``keep_every=N``, a save with ``step`` divisible by N also keeps a named copy
     ``<stem>_<step:07d><suffix>`` (a hard link when the filesystem allows, else a copy).
     """
@@ -192,6 +261,8 @@ class Checkpointer:
         self.output_dir = Path(output_dir)
         self.is_main = is_main
         self.keep_every = keep_every
+        self.loaded_from: Path | None = None  # the file the last load() read
+        self._sound: set[Path] = set()  # files this Checkpointer wrote or read back whole (as they are now)
 
     def path(self, name: str = CHECKPOINT_FILE) -> Path:
         """Absolute location of checkpoint ``name`` (a bare file name)."""
@@ -199,63 +270,110 @@ class Checkpointer:
             raise ValueError(f"Checkpointer: name must be a plain file name, got {name!r}")
         return self.output_dir / name
 
+    def previous_path(self, name: str = CHECKPOINT_FILE) -> Path:
+        """Where the version of ``name`` replaced by the latest save is kept (see the class docstring)."""
+        return previous_checkpoint_path(self.path(name))
+
     def has_checkpoint(self, name: str = CHECKPOINT_FILE) -> bool:
-        """Whether ``name`` exists (temp files of interrupted writes never count)."""
-        return self.path(name).is_file()
+        """Whether ``name`` or its previous version exists (temp files of interrupted writes never count)."""
+        return self.path(name).is_file() or self.previous_path(name).is_file()
 
     def save(self, state: Mapping[str, Any], name: str = CHECKPOINT_FILE, step: int | None = None) -> Path | None:
-        """Atomically write ``state``; returns the path on the main rank, ``None`` elsewhere."""
+        """Atomically write ``state``; returns the path on the main rank, ``None`` elsewhere.
+
+        The new file is complete on disk before anything is renamed, so a full disk (``OSError(ENOSPC)``,
+        see :func:`atomic_save`) or a kill leaves both the latest and the previous checkpoint as they were.
+        """
         if not self.is_main:
             return None
         if not isinstance(state, Mapping):
             raise TypeError(f"Checkpointer.save: state must be a dict, got {type(state).__name__}")
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        target = atomic_save(dict(state), self.path(name))
+        target, previous = self.path(name), self.previous_path(name)
+        temp = _write_temp(dict(state), target, what="checkpoint")
+        try:
+            self._keep_previous(target, previous)
+        except BaseException:
+            temp.unlink(missing_ok=True)
+            raise
+        _commit(temp, target)
+        self._sound.add(target)
         if self.keep_every is not None and step is not None and step % self.keep_every == 0:
             self._keep_copy(target, step)
         return target
 
+    def _keep_previous(self, target: Path, previous: Path) -> None:
+        """Before ``target`` is replaced: keep it as ``previous`` if it is this run's, else drop a ``previous``
+        that is not."""
+        if target in self._sound and target.is_file():
+            if not _link_atomically(target, previous):  # no hard links: for a moment only `previous` exists,
+                os.replace(target, previous)            # and load() falls back to it
+                _fsync_directory(previous.parent)
+            self._sound.add(previous)
+        elif previous not in self._sound:
+            previous.unlink(missing_ok=True)  # an earlier run's, or of unknown state
+
     def _keep_copy(self, source: Path, step: int) -> Path:
         copy = source.with_name(f"{source.stem}_{step:07d}{source.suffix}")
-        remove_stale_temp_files(copy)
-        temp = _new_temp_path(copy)
-        try:
+        if not _link_atomically(source, copy):  # filesystem without hard links
+            remove_stale_temp_files(copy)
+            temp = _new_temp_path(copy)
             try:
-                os.link(source, temp)  # same inode: no second write of a large file
-            except OSError:  # filesystem without hard links
                 shutil.copyfile(source, temp)
                 with open(temp, "rb+") as handle:
                     os.fsync(handle.fileno())
-            os.replace(temp, copy)
-        except BaseException:
-            temp.unlink(missing_ok=True)
-            raise
-        _fsync_directory(copy.parent)
+            except BaseException:
+                temp.unlink(missing_ok=True)
+                raise
+            _commit(temp, copy)
         return copy
 
     def load(
         self, name: str = CHECKPOINT_FILE, map_location: Any = "cpu", weights_only: bool = False
     ) -> dict[str, Any] | None:
-        """Load checkpoint ``name``; ``None`` if it does not exist.
+        """Load checkpoint ``name``, or its previous version when ``name`` is missing or cannot be read (a
+        warning names both files); ``None`` if neither exists. :attr:`loaded_from` is the file read.
 
         ``weights_only=False`` by default because this run's own checkpoints carry arbitrary
         picklable ``extra`` state; never point a Checkpointer at untrusted files.
-        Raises :class:`CheckpointCorruptError` naming the file when it cannot be read.
+        Raises :class:`CheckpointCorruptError` naming the files, and how to start fresh, when no
+        version can be read.
         """
-        target = self.path(name)
-        if not target.is_file():
+        target, previous = self.path(name), self.previous_path(name)
+        self.loaded_from = None
+        latest_error: CheckpointCorruptError | None = None
+        if target.is_file():
+            try:
+                return self._read(target, map_location, weights_only)
+            except CheckpointCorruptError as error:
+                latest_error = error
+        if not previous.is_file():
+            if latest_error is not None:
+                raise CheckpointCorruptError(f"{latest_error}. {_START_FRESH}") from latest_error
             return None
         try:
-            state = torch.load(target, map_location=map_location, weights_only=weights_only)
+            state = self._read(previous, map_location, weights_only)
+        except CheckpointCorruptError as error:
+            if latest_error is None:
+                raise CheckpointCorruptError(f"{target} is missing and {error}. {_START_FRESH}") from error
+            raise CheckpointCorruptError(f"neither the latest nor the previous checkpoint can be read: "
+                                         f"{latest_error}; {error}. {_START_FRESH}") from error
+        why = f"cannot be read ({latest_error})" if latest_error is not None else "is missing"
+        logger.warning("checkpoint %s %s; resuming from the previous checkpoint %s instead (written one "
+                       "checkpoint period earlier)", target, why, previous)
+        return state
+
+    def _read(self, path: Path, map_location: Any, weights_only: bool) -> dict[str, Any]:
+        try:
+            state = torch.load(path, map_location=map_location, weights_only=weights_only)
         except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as exc:
             raise CheckpointCorruptError(
-                f"checkpoint {target} cannot be read ({type(exc).__name__}: {exc}); the file is "
-                f"truncated or corrupt. Move it away to start fresh, or resume from a named copy."
+                f"checkpoint {path} cannot be read ({type(exc).__name__}: {exc}): the file is truncated or corrupt"
             ) from exc
         if not isinstance(state, dict):
-            raise CheckpointCorruptError(
-                f"checkpoint {target} holds a {type(state).__name__}, expected a dict"
-            )
+            raise CheckpointCorruptError(f"checkpoint {path} holds a {type(state).__name__}, expected a dict")
+        self.loaded_from = path
+        self._sound.add(path)
         return state
 
 

@@ -7,6 +7,7 @@
   metrics.jsonl     one JSON object per line (MetricsWriter)
   tb/               TensorBoard event files (MetricsWriter)
   checkpoint.pth    latest full training state, written atomically (Checkpointer)
+  checkpoint.prev.pth  the checkpoint before it, read when checkpoint.pth cannot be (Checkpointer)
   model_final.pth   the hand-over to the next stage
 ```
 """
