@@ -8,7 +8,8 @@ Writes D/metrics.json, D/query_features.npz and D/gallery_features.npz (default 
 Without --config-file, a passreid model_final.pth / checkpoint.pth is evaluated with the config stored
 in it (overrides still apply). Published TransReID / PASS checkpoints need the --config-file that
 describes their architecture; every key that does not map is reported and refused unless allowed with
---allow-missing / --allow-unexpected (fnmatch patterns).
+--allow-missing / --allow-unexpected (fnmatch patterns). --print-config prints the resolved config and
+exits; a mistake in the input is one message and exit status 2 (--debug adds the traceback).
 """
 from __future__ import annotations
 
@@ -16,13 +17,17 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from passreid.config import Layer, build_config, default_argument_parser, overrides_to_layers, parse_and_load
+from passreid.cli import error_boundary
+from passreid.config import (Layer, build_config, default_argument_parser, overrides_to_layers, parse_and_load,
+                             print_config)
 from passreid.finetune import FinetuneConfig
 from passreid.finetune.checkpoints import stored_config
 from passreid.finetune.testing import run_test
 
 
+@error_boundary
 def main(argv: Sequence[str] | None = None) -> int:
+    """Evaluate ``--weights`` and write the metrics and features."""
     parser = default_argument_parser(__doc__)
     parser.add_argument("--weights", required=True, metavar="FILE",
                         help="model_final.pth, a run's checkpoint.pth, or a published TransReID/PASS checkpoint")
@@ -36,6 +41,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.data_root is not None:
             layers.append(Layer("--data-root", {"data": {"root": args.data_root}}))
         cfg = build_config(FinetuneConfig, layers + overrides_to_layers(FinetuneConfig, args.opts))
+    if args.print_config:
+        return print_config(cfg)
     output_dir = args.output_dir or str(Path(args.weights).expanduser().absolute().parent / "test")
     run_test(args.weights, cfg, output_dir, allow_missing=args.allow_missing,
              allow_unexpected=args.allow_unexpected)

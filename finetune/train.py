@@ -7,6 +7,8 @@
 
 Auto-resumes from <output-dir>/checkpoint.pth unless --no-resume. On SIGUSR1/SIGTERM it writes the
 checkpoint after the current iteration, requeues the SLURM job (when there is one) and exits 0.
+--print-config prints the resolved config and exits; a mistake in the input is one message and exit
+status 2 (--debug adds the traceback).
 """
 from __future__ import annotations
 
@@ -14,15 +16,19 @@ import sys
 from collections.abc import Sequence
 
 from passreid import dist
-from passreid.config import default_argument_parser, parse_and_load
+from passreid.cli import error_boundary
+from passreid.config import default_argument_parser, parse_and_load, print_config
 from passreid.engine import requeue_current_job
 from passreid.finetune import FinetuneConfig, run_training
 
 
+@error_boundary
 def main(argv: Sequence[str] | None = None) -> int:
     """Train (or resume); on a pre-emption signal write the checkpoint and requeue the SLURM job."""
     parser = default_argument_parser(__doc__)
     args, cfg = parse_and_load(FinetuneConfig, argv, parser)
+    if args.print_config:
+        return print_config(cfg)
     result = run_training(cfg, resume=not args.no_resume)
     if result.preempted and dist.is_main_process():
         requeue_current_job()

@@ -7,7 +7,8 @@
 Multi-process: the same command under ``torchrun --nproc_per_node=8`` or one ``srun`` task per GPU;
 see pretrain/README.md. Auto-resumes from ``<output-dir>/checkpoint.pth`` unless ``--no-resume``.
 On SIGUSR1/SIGTERM it writes the checkpoint after the current iteration, requeues the SLURM job (when
-there is one) and exits 0.
+there is one) and exits 0. ``--print-config`` prints the resolved config and exits; a mistake in the input
+is one message and exit status 2 (``--debug`` adds the traceback).
 """
 from __future__ import annotations
 
@@ -15,16 +16,20 @@ import sys
 from collections.abc import Sequence
 
 from passreid import dist
-from passreid.config import default_argument_parser, parse_and_load
+from passreid.cli import error_boundary
+from passreid.config import default_argument_parser, parse_and_load, print_config
 from passreid.engine import requeue_current_job
 from passreid.pretrain.config import PretrainConfig
 from passreid.pretrain.trainer import run_pretraining
 
 
+@error_boundary
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse the command line, run (or resume) pre-training; exit status 0 when it finished or stopped as asked."""
     parser = default_argument_parser(__doc__.splitlines()[0])
     args, cfg = parse_and_load(PretrainConfig, argv, parser)
+    if args.print_config:
+        return print_config(cfg)
     try:
         result = run_pretraining(cfg, resume=not args.no_resume)
         is_main = dist.is_main_process()

@@ -50,6 +50,7 @@ from passreid.engine import (
     warmup_cosine_lr,
     worker_init_fn,
 )
+from passreid.engine.logger import append_to_run_log
 
 
 class _Records(logging.Handler):
@@ -480,6 +481,37 @@ def test_setup_logging_rank0_writes_file_other_ranks_only_warn(
     out = capsys.readouterr().out
     assert "quiet info" not in out and "[rank 1]" in out and "loud warning" in out
     assert not other_dir.exists()
+
+
+class _FullDiskStream:
+    def write(self, text: str) -> int:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def flush(self) -> None:
+        pass
+
+
+def test_log_file_on_a_full_disk_is_reported_once_without_a_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    logger = setup_logging(tmp_path, rank=0, name="passreid_test_full_disk")
+    log_file = next(h for h in logger.handlers if isinstance(h, logging.FileHandler))
+    log_file.stream = _FullDiskStream()
+    logger.info("first line")
+    logger.info("second line")
+    captured = capsys.readouterr()
+    assert captured.out.count("first line") == 1 and captured.out.count("second line") == 1  # the console has all
+    assert captured.err == (f"passreid: cannot write to {tmp_path / 'log.txt'} (No space left on device); "
+                            f"log lines go to the console only\n")  # once, and no "--- Logging error ---" trace
+
+
+def test_append_to_run_log_writes_the_log_file_only(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    logger = setup_logging(tmp_path, rank=0, name="passreid_test_append")
+    assert append_to_run_log("why the run stopped", name="passreid_test_append") == [tmp_path / "log.txt"]
+    assert "ERROR] why the run stopped" in (tmp_path / "log.txt").read_text()
+    assert "why the run stopped" not in capsys.readouterr().out
+    assert append_to_run_log("no log file", name="passreid_test_no_handlers") == []
+    logger.handlers.clear()
 
 
 def test_metrics_writer_json_lines_and_tensorboard(tmp_path: Path) -> None:

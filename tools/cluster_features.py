@@ -18,8 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
+from passreid.cli import error_boundary
 from passreid.cluster import dbscan_pseudo_labels
-from passreid.eval.distance import EvaluationInputError
+from passreid.config import add_debug_flag
 
 FEATURES_KEY = "feats"
 
@@ -40,6 +41,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-normalize", action="store_true", help="use the rows as given (must be unit-norm)")
     parser.add_argument("--backend", choices=("auto", "torch", "faiss"), default="auto", help="kNN backend")
     parser.add_argument("--device", default=None, help="kNN device, e.g. cpu or cuda (default: cuda if available)")
+    add_debug_flag(parser)
     return parser.parse_args(argv)
 
 
@@ -74,17 +76,14 @@ def load_features(path: Path) -> np.ndarray:
     return np.ascontiguousarray(feats, dtype=np.float32)
 
 
+@error_boundary(extra=(FeatureFileError,))
 def main(argv: list[str] | None = None) -> int:
     """Run the tool; returns the exit status (2 for bad input or options)."""
     args = parse_args(argv)
-    try:
-        feats = load_features(args.features)
-        start = time.perf_counter()
-        labels = dbscan_pseudo_labels(feats, eps=args.eps, min_samples=args.min_samples, k1=args.k1, k2=args.k2,
-                                      normalize=not args.no_normalize, backend=args.backend, device=args.device)
-    except (FeatureFileError, EvaluationInputError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    feats = load_features(args.features)
+    start = time.perf_counter()
+    labels = dbscan_pseudo_labels(feats, eps=args.eps, min_samples=args.min_samples, k1=args.k1, k2=args.k2,
+                                  normalize=not args.no_normalize, backend=args.backend, device=args.device)
     elapsed = time.perf_counter() - start
     args.out.parent.mkdir(parents=True, exist_ok=True)
     np.save(args.out, labels)

@@ -35,6 +35,8 @@ from typing import Any
 
 import torch
 
+from passreid.cli import error_boundary
+from passreid.config import add_debug_flag
 from passreid.engine import atomic_save
 from passreid.finetune.checkpoints import published_layout, unsupported_layout_message
 from passreid.models import (
@@ -86,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "records no input size (default 2, i.e. 256x128)")
     parser.add_argument("--trust-pickle", action="store_true",
                         help="load with torch.load(weights_only=False); only for files you trust")
+    add_debug_flag(parser)
     return parser
 
 
@@ -160,16 +163,12 @@ def convert(input_path: Path, output_path: Path, which: str = "teacher", arch: s
             "dropped": _expand_dropped(obj, dropped)}
 
 
+@error_boundary(extra=(ConversionError,))
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if not args.output.parent.is_dir():
-        print(f"convert_checkpoint.py: error: output directory {args.output.parent} does not exist", file=sys.stderr)
-        return 2
-    try:
-        summary = convert(args.input, args.output, args.which, args.arch, args.hw_ratio, args.trust_pickle)
-    except ConversionError as error:
-        print(f"convert_checkpoint.py: error: {error}", file=sys.stderr)
-        return 2
+        raise ConversionError(f"output directory {args.output.parent} does not exist")
+    summary = convert(args.input, args.output, args.which, args.arch, args.hw_ratio, args.trust_pickle)
     for note in summary["notes"]:
         print(f"note: {note}")
     for entry in summary["dropped"]:

@@ -23,6 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from passreid.cli import error_boundary
+from passreid.config import add_debug_flag
 from passreid.eval import EvaluationInputError, rank_metrics, rank_metrics_from_distance
 from passreid.eval.rank import DEFAULT_MEMORY_BUDGET_MB
 
@@ -109,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--chunk-size", type=int, default=None, help="queries per chunk (default: from the budget)")
     parser.add_argument("--memory-budget-mb", type=float, default=DEFAULT_MEMORY_BUDGET_MB)
     parser.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")
+    add_debug_flag(parser)
     return parser
 
 
@@ -128,21 +131,18 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise EvaluationInputError("--device cuda was requested but CUDA is not available")
 
 
+@error_boundary
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        check_arguments(args)
-        query, gallery = load_split(args.query), load_split(args.gallery)
-        if query["feats"].shape[1] != gallery["feats"].shape[1]:
-            raise EvaluationInputError(
-                f"feature dimension differs: {args.query} has D={query['feats'].shape[1]}, "
-                f"{args.gallery} has D={gallery['feats'].shape[1]}"
-            )
-        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        result = compute_metrics(query, gallery, args, device)
-    except EvaluationInputError as error:
-        print(f"evaluate.py: error: {error}", file=sys.stderr)
-        return 2
+    check_arguments(args)
+    query, gallery = load_split(args.query), load_split(args.gallery)
+    if query["feats"].shape[1] != gallery["feats"].shape[1]:
+        raise EvaluationInputError(
+            f"feature dimension differs: {args.query} has D={query['feats'].shape[1]}, "
+            f"{args.gallery} has D={gallery['feats'].shape[1]}"
+        )
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    result = compute_metrics(query, gallery, args, device)
 
     report = result.to_dict()
     report["params"] = {

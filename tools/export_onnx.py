@@ -23,6 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from passreid.cli import error_boundary
+from passreid.config import add_debug_flag
 from passreid.inference import BACKBONE_FEATURES, CLI_ERRORS, LoadedModel, load_model
 
 TRACE_BATCH = 2
@@ -45,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="torch.onnx exporter (default: the TorchScript one, fast and exact for this ViT)")
     parser.add_argument("--no-check", dest="check", action="store_false", help="skip the onnxruntime comparison")
     parser.add_argument("--atol", type=float, default=1e-4, help="largest allowed |onnx - torch| (default 1e-4)")
+    add_debug_flag(parser)
     return parser
 
 
@@ -117,23 +120,20 @@ def check_onnx(model: LoadedModel, path: Path, atol: float) -> float:
     return difference
 
 
+@error_boundary(extra=CLI_ERRORS)
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        if not args.out.parent.is_dir():
-            raise FileNotFoundError(f"output folder {args.out.parent} does not exist")
-        model = load_model(args.weights, args.config_file, which=args.which, backbone_feature=args.backbone_feature,
-                           device="cpu")
-        print(model.describe())
-        metadata = export_onnx(model, args.out, args.opset, args.exporter)
-        message = (f"wrote {args.out} (+ .json): {metadata['input_names']} -> features "
-                   f"(batch x {metadata['feature_dim']})")
-        if args.check:
-            difference = check_onnx(model, args.out, args.atol)
-            message += f"; onnxruntime matches PyTorch on a batch of {CHECK_BATCH} (max |diff| {difference:.2e})"
-    except CLI_ERRORS as error:
-        print(f"export_onnx.py: error: {error}", file=sys.stderr)
-        return 2
+    if not args.out.parent.is_dir():
+        raise FileNotFoundError(f"output folder {args.out.parent} does not exist")
+    model = load_model(args.weights, args.config_file, which=args.which, backbone_feature=args.backbone_feature,
+                       device="cpu")
+    print(model.describe())
+    metadata = export_onnx(model, args.out, args.opset, args.exporter)
+    message = (f"wrote {args.out} (+ .json): {metadata['input_names']} -> features "
+               f"(batch x {metadata['feature_dim']})")
+    if args.check:
+        difference = check_onnx(model, args.out, args.atol)
+        message += f"; onnxruntime matches PyTorch on a batch of {CHECK_BATCH} (max |diff| {difference:.2e})"
     print(message)
     return 0
 

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from passreid.cli import error_boundary
+from passreid.config import add_debug_flag
 from passreid.inference import CLI_ERRORS, add_model_arguments, list_images, load_model_from_args, parse_market_names
 
 
@@ -27,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_arguments(parser)
     parser.add_argument("--images", required=True, help="image file, folder or quoted glob pattern")
     parser.add_argument("--out", type=Path, required=True, help=".npz file to write")
+    add_debug_flag(parser)
     return parser
 
 
@@ -52,13 +55,10 @@ def extract(args: argparse.Namespace) -> dict[str, np.ndarray]:
     return arrays
 
 
+@error_boundary(extra=CLI_ERRORS)
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        arrays = extract(args)
-    except CLI_ERRORS as error:
-        print(f"extract_features.py: error: {error}", file=sys.stderr)
-        return 2
+    arrays = extract(args)
     np.savez(args.out, **arrays)
     labelled = "with pids/camids from Market-1501 naming" if "pids" in arrays else \
         "without pids/camids (file names do not follow Market-1501 naming)"

@@ -18,6 +18,9 @@ import math
 import sys
 from pathlib import Path
 
+from passreid.cli import error_boundary
+from passreid.config import add_debug_flag
+
 DEFAULT_KEYS = ("loss", "lr", "mAP", "rank1", "mINP")
 SKIPPED = ("step", "split", "time")
 
@@ -28,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, required=True, help="PNG file to write")
     parser.add_argument("--keys", nargs="*", default=None,
                         help="scalars to plot (default: losses, lr and retrieval metrics present in the file)")
+    add_debug_flag(parser)
     return parser
 
 
@@ -98,17 +102,14 @@ def plot(series: dict[tuple[str, str], list[tuple[int, float]]], keys: list[str]
     plt.close(figure)
 
 
+@error_boundary(extra=(ValueError, ImportError))  # ImportError: matplotlib missing
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        if not args.out.parent.is_dir():
-            raise FileNotFoundError(f"output folder {args.out.parent} does not exist")
-        series = read_metrics(args.metrics)
-        keys = args.keys or default_keys(series)
-        plot(series, keys, args.out)
-    except (FileNotFoundError, ValueError, ImportError) as error:
-        print(f"plot_training.py: error: {error}", file=sys.stderr)
-        return 2
+    if not args.out.parent.is_dir():
+        raise FileNotFoundError(f"output folder {args.out.parent} does not exist")
+    series = read_metrics(args.metrics)
+    keys = args.keys or default_keys(series)
+    plot(series, keys, args.out)
     print(f"wrote {args.out}: {', '.join(keys)}")
     return 0
 

@@ -23,6 +23,8 @@ import sys
 from pathlib import Path
 
 
+from passreid.cli import error_boundary
+from passreid.config import add_debug_flag
 from passreid.inference import (CLI_ERRORS, add_model_arguments, extracted, list_images, load_model_from_args,
                                 parse_market_names)
 from passreid.visualization import RankHit, RankRow, format_distance, rank_gallery, rank_strip, write_rank_html
@@ -37,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, required=True, help="HTML page to write (PNG strips and JSON next to it)")
     parser.add_argument("--exclude-same-camera", action="store_true",
                         help="skip gallery images with the query's identity and camera (needs Market-1501 names)")
+    add_debug_flag(parser)
     return parser
 
 
@@ -89,13 +92,10 @@ def search(args: argparse.Namespace) -> dict:
     return record
 
 
+@error_boundary(extra=CLI_ERRORS)
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        record = search(args)
-    except CLI_ERRORS as error:
-        print(f"search.py: error: {error}", file=sys.stderr)
-        return 2
+    record = search(args)
     print(f"wrote {args.out} ({len(record['queries'])} query rows), {args.out.parent / (args.out.stem + '_strips')}/, "
           f"{args.out.with_suffix('.json')}")
     return 0

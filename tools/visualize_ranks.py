@@ -34,6 +34,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from passreid.cli import error_boundary
+from passreid.config import add_debug_flag
 from passreid.data import build_dataset, read_image
 from passreid.eval.distance import FeatureDistance
 from passreid.eval.features import ExtractedFeatures
@@ -63,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--topk", type=int, default=10)
     parser.add_argument("--keep-same-camera", action="store_true",
                         help="also show gallery images of the query's identity from the query's camera")
+    add_debug_flag(parser)
     return parser
 
 
@@ -205,13 +208,10 @@ def visualize(args: argparse.Namespace) -> int:
     return len(rows)
 
 
+@error_boundary(extra=CLI_ERRORS)
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        count = visualize(args)
-    except CLI_ERRORS as error:
-        print(f"visualize_ranks.py: error: {error}", file=sys.stderr)
-        return 2
+    count = visualize(args)
     print(f"wrote {args.out / 'index.html'} ({count} query rows), {args.out / 'strips'}/, {args.out / 'maps'}/")
     return 0
 

@@ -55,7 +55,7 @@ from passreid.data.multicrop import IMAGENET_MEAN, IMAGENET_STD
 from passreid.data.transforms import build_test_transform
 from passreid.eval.distance import DistanceChunkFn, FeatureDistance
 from passreid.eval.features import ExtractedFeatures
-from passreid.models import (VIT_ARCHS, ArchitectureError, CheckpointFormatError, CheckpointMismatchError,
+from passreid.models import (VIT_ARCHS, ArchitectureError, CheckpointFormatError,
                              LoadReport, VisionTransformer, architecture_hints, build_vit,
                              extract_backbone_state_dict, infer_vit_arguments, load_pretrained, read_checkpoint)
 
@@ -533,10 +533,9 @@ def extracted(feats: Tensor | np.ndarray, pids: np.ndarray | None = None,
 
 # ----------------------------------------------------------------------------- command-line tools
 
-#: Errors the tools report as ``<tool>: error: <message>`` with exit status 2 (bad input, not a bug).
-CLI_ERRORS: tuple[type[BaseException], ...] = (FileNotFoundError, IsADirectoryError, CheckpointFormatError,
-                                               CheckpointMismatchError,
-                                               ValueError, TypeError, OSError)
+#: What the model tools report as bad input besides :func:`passreid.cli.user_errors` (their own option checks
+#: raise ValueError), as ``<tool>: error: <message>`` with exit status 2: ``@error_boundary(extra=CLI_ERRORS)``.
+CLI_ERRORS: tuple[type[BaseException], ...] = (ValueError, TypeError)
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:

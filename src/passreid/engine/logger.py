@@ -11,6 +11,7 @@ import sys
 import time
 from collections import deque
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TextIO
 
 import numpy as np
@@ -51,12 +52,52 @@ def setup_logging(
     if rank == 0 and output_dir is not None:
         log_path = output_layout(output_dir).log
         log_path.parent.mkdir(parents=True, exist_ok=True)
-        handlers.append(logging.FileHandler(log_path, mode="a", encoding="utf-8"))
+        handlers.append(_RunLogHandler(log_path))
     for handler in handlers:
         handler.setFormatter(formatter)
         setattr(handler, _HANDLER_FLAG, True)
         logger.addHandler(handler)
     return logger
+
+
+class _RunLogHandler(logging.FileHandler):
+    """``log.txt``: a write that fails (full disk, file made read-only) is reported once on stderr, in one
+    line, instead of a traceback per log line; the console keeps every line."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path, mode="a", encoding="utf-8")
+        self.write_failed = False
+
+    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 (logging's name)
+        error = sys.exc_info()[1]
+        if not isinstance(error, OSError):
+            super().handleError(record)
+            return
+        if not self.write_failed:
+            self.write_failed = True
+            print(f"passreid: cannot write to {self.baseFilename} ({error.strerror or error}); log lines go to the "
+                  f"console only", file=sys.stderr)
+
+
+def append_to_run_log(message: str, name: str = "passreid", level: int = logging.ERROR) -> list[Path]:
+    """Append ``message`` to the log files :func:`setup_logging` opened for logger ``name`` (a run's
+    ``log.txt``), not to the console; returns the files written.
+
+    The error boundary of the entry points records there why a run stopped (it prints the console copy
+    itself). A file that cannot be written (full disk) is left out.
+    """
+    logger = logging.getLogger(name)
+    record = logger.makeRecord(name, level, __file__, 0, message, None, None)
+    written = []
+    for handler in logger.handlers:
+        if isinstance(handler, _RunLogHandler):
+            try:
+                with open(handler.baseFilename, "a", encoding="utf-8") as log_file:
+                    log_file.write(handler.format(record) + "\n")
+            except OSError:
+                continue
+            written.append(Path(handler.baseFilename))
+    return written
 
 
 def _to_float(key: str, value: Any) -> float:

@@ -9,7 +9,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import transforms as T
 
-from passreid.data import ImageItem, ReIDDataset, SafeImageReader, build_dataset
+from passreid.config import ConfigError
+from passreid.data import DatasetFormatError, ImageItem, ReIDDataset, SafeImageReader, build_dataset
 from passreid.data.mask_transforms import MaskedTrainTransform
 from passreid.data.masks import DEFAULT_MASK_SUFFIX, PUBLISHED_MASK_SUFFIXES, MaskedImageDataset
 from passreid.data.occluders import OccluderPaste
@@ -46,8 +47,8 @@ def resolve_data_root(root: str, cfg: FinetuneConfig) -> str:
     """``root`` itself, or for ``generated:<subset>`` the subset of the (rendered on demand) generated world."""
     if not root.startswith(GENERATED_ROOT_PREFIX):
         if not root:
-            raise ValueError("data.root is empty: pass --data-root DIR (or data.root=..., or generated:market "
-                             "for the built-in generated world)")
+            raise ConfigError("data.root is empty: pass --data-root DIR (or data.root=..., or generated:market "
+                              "for the built-in generated world)")
         return root
     subset = root[len(GENERATED_ROOT_PREFIX):]
     world = generate_world(default_world_dir(cfg), seed=cfg.data.world_seed, **cfg.data.world_options)
@@ -59,7 +60,7 @@ def _dataset_options(name: str, cfg: FinetuneConfig) -> dict:
     if name != "msmt17":
         return {}
     if not cfg.data.version:
-        raise ValueError("msmt17 needs data.version: v1 or v2 (it is never guessed)")
+        raise ConfigError("msmt17 needs data.version: v1 or v2 (it is never guessed)")
     return {"version": cfg.data.version, "train_split": cfg.data.train_split}
 
 
@@ -123,9 +124,9 @@ def load_finetune_data(cfg: FinetuneConfig) -> FinetuneData:
                               **_dataset_options(data.dataset, cfg))
     if not train_set.train or train_set.unlabeled:
         why = "its images are unlabelled" if train_set.unlabeled else "its train split is empty"
-        raise ValueError(f"dataset {data.dataset!r} at {train_set.root} has no labelled train split to fine-tune on "
-                         f"({why}); set data.dataset / data.root to a labelled re-ID set (train on it, and test on "
-                         f"this one with data.test_dataset / data.test_root)")
+        raise DatasetFormatError(f"dataset {data.dataset!r} at {train_set.root} has no labelled train split to "
+                                 f"fine-tune on ({why}); set data.dataset / data.root to a labelled re-ID set (train "
+                                 f"on it, and test on this one with data.test_dataset / data.test_root)")
     if data.max_train_ids:
         train_set = _first_train_ids(train_set, data.max_train_ids)
     test_set = load_test_dataset(cfg, train_set if not data.test_dataset else None)
@@ -196,8 +197,8 @@ def build_masked_train_set(items: list[ImageItem], cfg: FinetuneConfig, masks_so
     the mask-aware augmentation (passreid.data.mask_transforms). Missing mask files are an error."""
     data = cfg.data
     if data.color_jitter or data.occluder_dir:
-        raise ValueError("data.color_jitter / data.occluder_dir are not supported by the mask-aware pipeline "
-                         f"of method {cfg.method!r}")
+        raise ConfigError("data.color_jitter / data.occluder_dir are not supported by the mask-aware pipeline "
+                          f"of method {cfg.method!r}")
     transform = MaskedTrainTransform(tuple(cfg.model.img_size), grouping=data.mask_preprocess, flip_p=data.flip_p,
                                      padding=data.padding, erasing_p=data.erasing_p, erasing=data.mask_erasing,
                                      mean=data.pixel_mean, std=data.pixel_std, background=data.mask_background,

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from passreid import dist
-from passreid.config import config_to_dict, save_config
+from passreid.config import ConfigError, config_to_dict, save_config
 from passreid.engine import (Checkpointer, MetricsWriter, PreemptionGuard, ProgressLogger, autocast_for,
                              batches_until_preempted, build_checkpoint, gather_rng_states, make_output_dir,
                              output_layout, preemption_guard, restore_checkpoint, run_precision, seed_everything,
@@ -35,7 +35,7 @@ def resolve_device(spec: str, local_rank: int = 0) -> torch.device:
     device = torch.device(spec)
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError(f"train.device={spec!r} but CUDA is not available")
+            raise ConfigError(f"train.device={spec!r} but CUDA is not available")
         if device.index is None:
             device = torch.device(f"cuda:{local_rank}")
     return device

@@ -21,8 +21,10 @@ from typing import Any
 import torch
 
 from passreid import dist
+from passreid.config import ConfigError
 from passreid.data.samplers import RandomIdentitySampler
-from passreid.engine import atomic_save, check_finite, output_layout, preemption_guard, unwrap_model
+from passreid.engine import (CheckpointStateError, atomic_save, check_finite, output_layout, preemption_guard,
+                             unwrap_model)
 from passreid.finetune.checkpoints import build_final_checkpoint
 from passreid.finetune.config import FinetuneConfig, validate_config
 from passreid.finetune.data import FinetuneData, build_train_set, load_finetune_data
@@ -102,8 +104,9 @@ class FinetuneTrainer(EpochTrainer):
         if self.second_pass is None:
             return
         if "second_pass_optimizer" not in extra:
-            raise RuntimeError(f"{self.checkpointer.path()} has no second-pass optimizer state, but method "
-                               f"{self.cfg.method!r} needs one: it was written by a run of another method")
+            raise CheckpointStateError(f"{self.checkpointer.loaded_from} has no second-pass optimizer state, but "
+                                       f"method {self.cfg.method!r} needs one: it was written by a run of another "
+                                       f"method; start fresh with --no-resume or another --output-dir")
         self.second_pass.optimizer.load_state_dict(extra["second_pass_optimizer"])
 
     def _log_setup(self) -> None:
@@ -120,8 +123,8 @@ class FinetuneTrainer(EpochTrainer):
         total = sum(len(self.sampler.global_batches(epoch)) for epoch in range(self.cfg.train.epochs))
         total = self._clamp_to_max_iters(total)
         if total == 0:
-            raise ValueError("the training set yields no P x K batch: fewer identities than batch_size / "
-                             "num_instances; lower data.batch_size")
+            raise ConfigError("the training set yields no P x K batch: fewer identities than batch_size / "
+                              "num_instances; lower data.batch_size")
         return total
 
     # ------------------------------------------------------------------ training

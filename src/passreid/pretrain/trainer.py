@@ -38,7 +38,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset
 
 from passreid import dist
-from passreid.config import config_to_dict, save_config
+from passreid.config import ConfigError, config_to_dict, save_config
 from passreid.data import ImageItem, SafeImageReader, build_dataset
 from passreid.data.multicrop import MultiCropAugmentation
 from passreid.data.samplers import ResumableDistributedSampler
@@ -348,7 +348,7 @@ class PretrainStage:
     def _select_device(self, wanted: str) -> torch.device:
         if wanted == "cuda" or (wanted == "auto" and torch.cuda.is_available()):
             if not torch.cuda.is_available():
-                raise RuntimeError("train.device=cuda but CUDA is not available")
+                raise ConfigError("train.device=cuda but CUDA is not available")
             return torch.device("cuda", dist.get_local_rank())
         return torch.device("cpu")
 
@@ -380,12 +380,12 @@ class PretrainStage:
             root = resolve_generated_world(root, self.out / MONITOR_WORLD_DIR, seed=cfg.monitor.world_seed,
                                            occluded=False)
             if cfg.data.dataset == "synthetic_pool" and root.resolve() == training_world.resolve():
-                raise ValueError(f"monitor.root {root} is the training world: the kNN monitor would rank the "
-                                 f"training images; use another world (empty monitor.root renders one)")
+                raise ConfigError(f"monitor.root {root} is the training world: the kNN monitor would rank the "
+                                  f"training images; use another world (empty monitor.root renders one)")
         elif not root:
             if cfg.monitor.dataset not in ("market1501", "market_naming"):
-                raise ValueError(f"monitor.root is empty but monitor.dataset={cfg.monitor.dataset!r}: only the "
-                                 f"market-layout generated world can stand in; set monitor.root")
+                raise ConfigError(f"monitor.root is empty but monitor.dataset={cfg.monitor.dataset!r}: only the "
+                                  f"market-layout generated world can stand in; set monitor.root")
             if cfg.data.dataset == "synthetic_pool":
                 root = resolve_generated_world(cfg.data.root, generated_world_dir(self.out)) / "market"
             else:
@@ -436,7 +436,7 @@ class PretrainStage:
         at_epoch_start = int(sampler.get("position", 0)) == 0
         if (saved_ipe, saved_world) != (self.iters_per_epoch, self.world_size) and not at_epoch_start:
             raise CheckpointStateError(
-                f"{self.checkpointer.path()} was written mid-epoch with {saved_ipe} iterations/epoch on "
+                f"{self.checkpointer.loaded_from} was written mid-epoch with {saved_ipe} iterations/epoch on "
                 f"{saved_world} process(es); this run has {self.iters_per_epoch} on {self.world_size}. Resume "
                 f"with the same data, batch size and process count, or start fresh with --no-resume")
         info = restore_checkpoint(state, optimizer=self.optimizer, scaler=self.amp.scaler, rank=self.rank,

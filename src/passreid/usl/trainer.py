@@ -32,7 +32,7 @@ from torch import nn
 
 from passreid import dist
 from passreid.config import config_to_dict
-from passreid.data import ImageItem, ReIDDataset, build_dataset
+from passreid.data import DatasetFormatError, ImageItem, ReIDDataset, build_dataset
 from passreid.engine import apply_schedule, atomic_save, check_finite, output_layout, preemption_guard
 from passreid.finetune.checkpoints import build_final_checkpoint
 from passreid.finetune.config import FinetuneConfig
@@ -86,8 +86,8 @@ def load_target_data(cfg: UslConfig) -> TargetData:
                             **_dataset_options(name, ft_cfg))
     items = dataset.train
     if not items:
-        raise ValueError(f"dataset {name!r} at {dataset.root} has no train images to cluster (its train split is "
-                         f"empty); set data.dataset / data.root to a set with training images")
+        raise DatasetFormatError(f"dataset {name!r} at {dataset.root} has no train images to cluster (its train "
+                                 f"split is empty); set data.dataset / data.root to a set with training images")
     items = sorted(items, key=lambda item: item.path)
     test = load_test_dataset(ft_cfg, dataset if not cfg.data.test_dataset else None)
     true_ids = np.asarray([item.pid for item in items], dtype=np.int64)

@@ -1,0 +1,117 @@
+"""The error boundary every command-line entry point shares (the stage scripts and ``tools/``).
+
+A mistake in what the user gave (config, data, weights, output folder, ...) raises one of
+:func:`user_errors`; the boundary prints ``<script>: error: <message>`` to stderr and returns exit status 2,
+without a traceback unless ``--debug`` is on the command line or ``PASSREID_DEBUG=1`` is set. Any other
+exception is a bug: its traceback is shown as usual. Either way, when the run has a log file (a stage's
+``<output-dir>/log.txt``, opened by :func:`passreid.engine.setup_logging`), the reason it stopped is
+appended there, with the traceback for an unexpected error.
+
+    @error_boundary
+    def main(argv: Sequence[str] | None = None) -> int:
+        ...
+
+    if __name__ == "__main__":
+        sys.exit(main())
+
+This module imports torch only when an error is handled, so that light tools stay light.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import sys
+import traceback
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TypeVar
+
+from passreid.config import DEBUG_ENV, DEBUG_FLAG
+
+__all__ = ["USER_ERROR_EXIT_STATUS", "debug_requested", "describe_error", "error_boundary", "user_errors"]
+
+USER_ERROR_EXIT_STATUS = 2
+
+Main = TypeVar("Main", bound=Callable[..., int])
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """The exceptions that report a problem with the user's input or environment, each with a message that
+    names what was expected and where. OSError covers missing, unreadable or unwritable files and a full
+    disk; NonFiniteLossError is a diverged run, its message says what to change."""
+    from passreid.config import ConfigError
+    from passreid.data import CorruptImageError, DatasetFormatError, DatasetLayoutError
+    from passreid.data.masks import MaskFileError
+    from passreid.engine import CheckpointCorruptError, CheckpointStateError, NonFiniteLossError
+    from passreid.eval import EvaluationInputError
+    from passreid.models import ArchitectureError, CheckpointFormatError, CheckpointMismatchError
+
+    return (ConfigError,
+            DatasetLayoutError, DatasetFormatError, CorruptImageError, MaskFileError,
+            CheckpointFormatError, CheckpointMismatchError, ArchitectureError, CheckpointCorruptError,
+            CheckpointStateError,
+            EvaluationInputError,
+            NonFiniteLossError,
+            OSError)
+
+
+def debug_requested(argv: Sequence[str]) -> bool:
+    """``--debug`` among the options (before a ``--``), or ``PASSREID_DEBUG`` set to anything but 0."""
+    options = list(argv)
+    if "--" in options:
+        options = options[:options.index("--")]
+    return DEBUG_FLAG in options or os.environ.get(DEBUG_ENV, "0") not in ("", "0")
+
+
+def describe_error(error: BaseException) -> str:
+    """The message of a user error; an OS error as ``<file>: <reason>`` (Python's own form starts with
+    ``[Errno N]``)."""
+    if isinstance(error, OSError) and error.strerror:
+        files = [str(name) for name in (error.filename, error.filename2) if name is not None]
+        return f"{' -> '.join(files)}: {error.strerror}" if files else error.strerror
+    return str(error) or type(error).__name__
+
+
+def _program_name(function: Callable[..., object]) -> str:
+    """``finetune/train.py``, ``tools/evaluate.py``: the script's folder and name."""
+    path = Path(function.__code__.co_filename)
+    return f"{path.parent.name}/{path.name}"
+
+
+def _record_in_run_log(message: str) -> None:
+    from passreid.engine.logger import append_to_run_log
+
+    append_to_run_log(message)
+
+
+def error_boundary(main: Main | None = None, *,
+                   extra: tuple[type[BaseException], ...] = ()) -> Main | Callable[[Main], Main]:
+    """Decorate an entry point's ``main(argv=None) -> int`` (see the module docstring).
+
+    ``extra``: more exception types a tool reports as bad input (its own error class, say).
+    """
+    def decorate(function: Main) -> Main:
+        program = _program_name(function)
+
+        @functools.wraps(function)
+        def run(argv: Sequence[str] | None = None) -> int:
+            try:
+                return function(argv)
+            except Exception as error:
+                if not isinstance(error, user_errors() + extra):
+                    _record_in_run_log(f"{program} stopped by an unexpected error:\n"
+                                       f"{traceback.format_exc().rstrip()}")
+                    raise
+                message = describe_error(error)
+                if debug_requested(sys.argv[1:] if argv is None else argv):
+                    traceback.print_exc()
+                print(f"{program}: error: {message}", file=sys.stderr)
+                _record_in_run_log(f"{program} stopped: {message}")
+                return USER_ERROR_EXIT_STATUS
+            except KeyboardInterrupt:
+                _record_in_run_log(f"{program} stopped: interrupted (KeyboardInterrupt)")
+                raise
+
+        return run  # type: ignore[return-value]
+
+    return decorate(main) if main is not None else decorate
