@@ -8,6 +8,7 @@ Most cases call the scripts' ``main`` in this process (the same code as ``python
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -273,9 +274,43 @@ def _copy(run: Path, folder: Path) -> Path:
     return Path(shutil.copytree(run, folder / "run"))
 
 
+def _train_records(out: Path) -> dict[int, dict]:
+    records = {}
+    for line in (out / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if record["split"] == "train":
+            records[record["step"]] = record
+    return records
+
+
 def test_stopped_run_keeps_the_previous_checkpoint(stopped_run):
     assert Checkpointer(stopped_run).load()["iteration"] == 4
     assert torch.load(stopped_run / "checkpoint.prev.pth", weights_only=False)["iteration"] == 3
+
+
+def test_resumed_run_counts_epochs_and_steps_as_the_stopped_one(scripts, stopped_run, tmp_path, synthetic_world):
+    """Epochs from 1 in every log line, ``step`` = optimizer steps done in metrics.jsonl, on both sides of a resume."""
+    out = _copy(stopped_run, tmp_path)
+    log = (out / "log.txt").read_text()
+    assert "stopped at iteration 4 (train.max_iters) in epoch 2; checkpoint saved" in log
+    assert scripts["finetune"].main([str(a) for a in _finetune_args(out, synthetic_world, "train.max_iters=5")]) == 0
+    log = (out / "log.txt").read_text()
+    assert f"resumed from {out / 'checkpoint.pth'} at iteration 4, in epoch 2 (sampler position" in log
+    records = _train_records(out)
+    assert sorted(records) == [1, 2, 3, 4, 5]
+    assert [records[step]["epoch"] for step in sorted(records)] == [1, 1, 1, 2, 2]
+
+
+def test_damaged_checkpoint_resumes_from_the_previous_one(scripts, stopped_run, tmp_path, synthetic_world):
+    out = _copy(stopped_run, tmp_path)
+    latest = out / "checkpoint.pth"
+    latest.write_bytes(latest.read_bytes()[:1000])  # a copy cut short
+    assert scripts["finetune"].main([str(a) for a in _finetune_args(out, synthetic_world, "train.max_iters=5")]) == 0
+    log = (out / "log.txt").read_text()
+    assert f"checkpoint {latest} cannot be read" in log and f"resuming from the previous checkpoint {out}" in log
+    assert f"resumed from {out / 'checkpoint.prev.pth'} at iteration 3, after epoch 1" in log
+    assert Checkpointer(out).load()["iteration"] == 5
+    assert sorted(_train_records(out)) == [1, 2, 3, 4, 5]
 
 
 def test_no_readable_checkpoint_says_how_to_start_fresh(scripts, stopped_run, tmp_path, capsys, synthetic_world):

@@ -257,10 +257,14 @@ def test_resume_after_preemption_continues_exactly(synthetic_world, tmp_path, mo
     assert (resumed.iteration, resumed.finished) == (6, True)
 
     reference, continued = _train_records(straight), _train_records(interrupted)
-    assert sorted(reference) == sorted(continued) == list(range(6))
-    losses = {step: (reference[step]["loss"], continued[step]["loss"]) for step in range(6)}
+    assert sorted(reference) == sorted(continued) == list(range(1, 7))  # step = optimizer steps done
+    assert [continued[step]["epoch"] for step in range(1, 7)] == [1, 1, 1, 2, 2, 2]  # epochs from 1, as in the log
+    log = (interrupted / "log.txt").read_text()
+    assert "stopping after iteration 4 in epoch 2" in log
+    assert f"resumed from {interrupted / 'checkpoint.pth'} at iteration 4, in epoch 2" in log
+    losses = {step: (reference[step]["loss"], continued[step]["loss"]) for step in range(1, 7)}
     print("losses (uninterrupted, interrupted+resumed):", losses)
-    for step in range(4, 6):
+    for step in range(5, 7):  # the two steps after the resume at iteration 4
         assert continued[step]["loss"] == reference[step]["loss"], f"step {step} differs after resume"
     final_a = torch.load(straight / "backbone_final.pth", weights_only=True)["backbone"]
     final_b = torch.load(interrupted / "backbone_final.pth", weights_only=True)["backbone"]
@@ -330,9 +334,9 @@ def test_two_process_ddp_matches_one_process_on_the_same_global_batch(tmp_path):
     wait_for_workers(context, 300, "2-process pre-training")
 
     single, ddp = _train_records(single_dir), _train_records(ddp_dir)
-    for step in range(DDP_STEPS):  # the loss is averaged over ranks: the same global mean
+    for step in range(1, DDP_STEPS + 1):  # the loss is averaged over ranks: the same global mean
         assert ddp[step]["loss"] == pytest.approx(single[step]["loss"], abs=1e-5)
-    assert ddp[0]["lr"] == single[0]["lr"]  # global-batch lr scaling: 4 x 2 processes = 8 x 1
+    assert ddp[1]["lr"] == single[1]["lr"]  # global-batch lr scaling: 4 x 2 processes = 8 x 1
 
     seed_everything(0)  # the stage builds its model right after seed_everything(train.seed)
     cfg = _ddp_config(single_dir, DDP_GLOBAL_BATCH)
@@ -348,7 +352,7 @@ def test_two_process_ddp_matches_one_process_on_the_same_global_batch(tmp_path):
         assert update_single.abs().sum() > 0
         relative = (update_ddp - update_single).abs().sum() / update_single.abs().sum()
         print(f"{prefix} update after {DDP_STEPS} steps: 2 processes vs 1 differ by {relative:.2e} (relative L1); "
-              f"losses {[single[k]['loss'] for k in range(DDP_STEPS)]} vs {[ddp[k]['loss'] for k in range(DDP_STEPS)]}")
+              f"losses {[single[k]['loss'] for k in sorted(single)]} vs {[ddp[k]['loss'] for k in sorted(ddp)]}")
         assert relative < 1e-3, f"{prefix} update differs by {relative:.2e} (relative L1)"
     for key in (k for k in initial if k.startswith("loss.center")):
         torch.testing.assert_close(state_ddp[key], state_single[key], rtol=1e-4, atol=1e-6)

@@ -28,6 +28,9 @@ def _as_float(value: Any) -> float:
 def check_finite(loss: torch.Tensor | float, step: int, extra: Mapping[str, Any] | None = None) -> float:
     """Return the scalar ``loss`` as a float, or raise :class:`NonFiniteLossError` if it is NaN/Inf.
 
+    ``step`` is the step in the error message; the trainers pass the 1-based number of the step being
+    taken (``step - 1`` steps completed).
+
     Call it before ``backward()``. Let the error propagate: a loop that catches it and saves
     a checkpoint afterwards would overwrite the last good one with poisoned weights or
     optimizer state. ``extra`` (e.g. the individual loss terms) is included in the message.

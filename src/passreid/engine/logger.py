@@ -100,6 +100,12 @@ def append_to_run_log(message: str, name: str = "passreid", level: int = logging
     return written
 
 
+def run_position(epoch: int, done_in_epoch: int) -> str:
+    """Where a run stands, for the log, with epochs counted from 1: ``"after epoch 8"`` when 8 epochs are
+    complete and the 9th has not started (``done_in_epoch == 0``), else ``"in epoch 9"``."""
+    return f"after epoch {epoch}" if done_in_epoch == 0 else f"in epoch {epoch + 1}"
+
+
 def _to_float(key: str, value: Any) -> float:
     """A scalar as float; 1-element tensors and numpy scalars accepted."""
     if isinstance(value, torch.Tensor):
@@ -115,9 +121,11 @@ class MetricsWriter:
     """Appends scalar metrics to ``metrics.jsonl`` and TensorBoard (``tb/``) on the main rank.
 
     Each :meth:`write` adds one line ``{"step", "split", "time", <scalars>}``, flushed at once.
+    The trainers' ``step`` is the number of optimizer steps completed when the record is written: 1 for
+    the first training step, 0 for an evaluation before training.
     Non-finite values are written as ``null`` (strict JSON); TensorBoard gets them as is.
     The TensorBoard writer is created on first use (importing tensorboard is slow).
-    ``purge_step`` (the resume iteration) drops TensorBoard events at or after it that a
+    ``purge_step`` (the resumed iteration + 1) drops TensorBoard events at or after it that a
     crashed run wrote after its last checkpoint. In ``metrics.jsonl`` such lines stay; the
     last line per ``(split, step)`` is the valid one.
     """

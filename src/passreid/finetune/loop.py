@@ -23,6 +23,7 @@ from passreid.engine import (Checkpointer, MetricsWriter, PreemptionGuard, Progr
                              batches_until_preempted, build_checkpoint, gather_rng_states, make_output_dir,
                              output_layout, preemption_guard, restore_checkpoint, run_precision, seed_everything,
                              setup_logging)
+from passreid.engine.logger import run_position
 from passreid.finetune.data import build_train_loader
 
 __all__ = ["EpochTrainer", "resolve_device", "torch_threads"]
@@ -90,7 +91,7 @@ class EpochTrainer:
         if self.world_size > 1:
             self._wrap_distributed()
         self.metrics = MetricsWriter(self.output_dir, enabled=self.rank == 0,
-                                     purge_step=self.iteration if self.iteration else None)
+                                     purge_step=self.iteration + 1 if self.iteration else None)
         self._log_setup()
 
     def _set_up_process(self) -> None:
@@ -165,12 +166,13 @@ class EpochTrainer:
         info = restore_checkpoint(state, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
                                   scaler=self.amp.scaler, rank=self.rank, world_size=self.world_size)
         self.epoch, self.iteration, self.pending_sampler_state = info.epoch, info.iteration, info.sampler
+        position = (self.pending_sampler_state or {}).get("position", 0)
         self.last_metrics = info.extra.get("last_metrics")
         self.last_eval_iteration = info.extra.get("last_eval_iteration")
         self._restore_extra(info.extra)
         self._warn_config_changes(info.config or {})
-        self.log.info("resumed from %s: epoch %d, iteration %d, sampler position %s%s", self.checkpointer.path(),
-                      self.epoch, self.iteration, self.pending_sampler_state, self._resume_note())
+        self.log.info("resumed from %s at iteration %d, %s (sampler position %d)%s", self.checkpointer.loaded_from,
+                      self.iteration, run_position(self.epoch, position), position, self._resume_note())
 
     def _warn_config_changes(self, saved: dict[str, Any]) -> None:
         """Resuming with a changed config is allowed (e.g. more epochs) but never silent."""

@@ -141,7 +141,7 @@ class FinetuneTrainer(EpochTrainer):
             output = self.model(images, camids=camids, **extras)
             terms = self.criterion(output, pids)
         loss = terms["loss"]
-        check_finite(loss, self.iteration, extra={k: v for k, v in terms.items() if k != "loss"})
+        check_finite(loss, self.iteration + 1, extra={k: v for k, v in terms.items() if k != "loss"})
         self._backward_and_step(loss)
         values = {key: float(value.detach()) for key, value in terms.items()}
         values["lr"] = self.optimizer.param_groups[0]["lr"]
@@ -161,7 +161,8 @@ class FinetuneTrainer(EpochTrainer):
         with self.amp.autocast():
             terms = self.criterion(model(images, camids=camids, **extras), pids)
         loss = terms["loss"]
-        check_finite(loss, self.iteration, extra={f"second_pass_{k}": v for k, v in terms.items() if k != "loss"})
+        check_finite(loss, self.iteration + 1,
+                     extra={f"second_pass_{k}": v for k, v in terms.items() if k != "loss"})
         scaled = self.amp.scaler.scale(loss) if self.amp.scaler is not None else loss
         grads = torch.autograd.grad(scaled, self.second_pass_params, allow_unused=True)
         for param, grad in zip(self.second_pass_params, grads):

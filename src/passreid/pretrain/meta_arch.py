@@ -214,7 +214,7 @@ class PASSMetaArch(nn.Module):
             scaler: GradScaler; backward then runs on ``scaler.scale(loss)``.
             loss_scale_hook: ``f(loss) -> tensor to backpropagate`` (e.g. divide for gradient
                 accumulation); applied after ``scaler.scale`` when both are given.
-            iteration: step number for the error message of a non-finite loss.
+            iteration: 1-based step number for the error message of a non-finite loss.
 
         Raises :class:`passreid.engine.NonFiniteLossError` before backward if the loss is NaN/Inf.
         Returns ``(loss.detach(), stats)`` (stats: see :meth:`PASSLoss.forward`).

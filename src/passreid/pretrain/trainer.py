@@ -68,6 +68,7 @@ from passreid.engine import (
     setup_logging,
     worker_init_fn,
 )
+from passreid.engine.logger import run_position
 from passreid.models import export_backbone
 from passreid.pretrain.config import PretrainConfig, validate_pretrain_config
 from passreid.pretrain.knn_monitor import (
@@ -340,7 +341,8 @@ class PretrainStage:
             stale_final.unlink()
         if self.is_main:
             save_config(cfg, self.out / "config.yaml", comment=f"precision that ran on {self.device}: {self.precision}")
-        self.metrics = MetricsWriter(self.out, enabled=self.is_main, purge_step=self.iteration or None)
+        self.metrics = MetricsWriter(self.out, enabled=self.is_main,
+                                     purge_step=self.iteration + 1 if self.iteration else None)
         self.monitor = self._build_monitor()
         self._log_summary()
 
@@ -445,13 +447,14 @@ class PretrainStage:
         self.epoch, self.iteration = info.epoch, info.iteration
         if (saved_ipe, saved_world) != (self.iters_per_epoch, self.world_size):
             self.log.warning("resuming at the start of epoch %d with %d iterations/epoch on %d process(es) "
-                             "(checkpoint: %s on %s); schedules follow the new length", self.epoch,
+                             "(checkpoint: %s on %s); schedules follow the new length", self.epoch + 1,
                              self.iters_per_epoch, self.world_size, saved_ipe, saved_world)
             self.iteration = self.epoch * self.iters_per_epoch
         self.corrupt_skipped = int(extra.get("corrupt_skipped", 0))
         self.knn_history = list(extra.get("knn", []))
         self._warn_config_changes(info.config or {})
-        self.log.info("resumed from %s: epoch %d, iteration %d", self.checkpointer.path(), self.epoch, self.iteration)
+        self.log.info("resumed from %s at iteration %d, %s", self.checkpointer.loaded_from, self.iteration,
+                      run_position(self.epoch, self.iteration - self.epoch * self.iters_per_epoch))
 
     def _warn_config_changes(self, saved: dict[str, Any]) -> None:
         current = config_to_dict(self.cfg)
@@ -493,9 +496,9 @@ class PretrainStage:
         self.optimizer.zero_grad(set_to_none=True)
         views = [v.to(self.device, non_blocking=True) for v in views]
         loss, stats = self.meta.forward_backward(views, epoch, autocast=self.amp.autocast, scaler=self.amp.scaler,
-                                                 iteration=it)
+                                                 iteration=it + 1)
         # The mean over ranks, so that every rank raises together instead of leaving the others waiting.
-        mean_loss = check_finite(dist.all_reduce_mean(loss.detach().float().reshape(1)), it, extra=stats)
+        mean_loss = check_finite(dist.all_reduce_mean(loss.detach().float().reshape(1)), it + 1, extra=stats)
         scaler = self.amp.scaler
         if scaler is not None:
             scaler.unscale_(self.optimizer)
@@ -513,10 +516,12 @@ class PretrainStage:
         return mean_loss, stats
 
     def _log_iteration(self, loss: float, stats: dict[str, Any], images_per_second: float) -> None:
-        it = self.iteration - 1
+        """The "train" record of the step just taken: step = ``self.iteration`` (steps done, so 1 for the first),
+        epoch 1-based, lr / wd / momentum the values that step used."""
+        it = self.iteration - 1  # index of the step just taken into the per-iteration schedules
         skipped = float(dist.all_reduce_mean(torch.tensor([float(self.corrupt_skipped)]))[0]) * self.world_size
         scalars = {"loss": loss, "lr": float(self.schedules.lr[it]), "wd": float(self.schedules.weight_decay[it]),
-                   "momentum": float(self.schedules.momentum[it]), "epoch": float(self.epoch),
+                   "momentum": float(self.schedules.momentum[it]), "epoch": float(self.epoch + 1),
                    "images_per_s": images_per_second, "corrupt_skipped": skipped}
         for key, value in stats.items():  # per-token losses, teacher entropies, temperature
             if isinstance(value, torch.Tensor) and value.numel() == 1 or isinstance(value, (int, float)):
@@ -525,7 +530,7 @@ class PretrainStage:
             scalars[f"center_norm_{name}"] = float(center.norm())
         remaining = self.total_iters - self.iteration
         scalars["eta_s"] = remaining * self.global_batch / images_per_second if images_per_second > 0 else math.nan
-        self.metrics.write(it, **scalars)
+        self.metrics.write(self.iteration, **scalars)
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> PretrainResult:
@@ -574,7 +579,8 @@ class PretrainStage:
         """Stop mid-run with ``checkpoint.pth`` written (``saved``: the periodic one of this iteration)."""
         if not saved:
             self.save_checkpoint()
-        self.log.info("stopping after iteration %d (%s); checkpoint written", self.iteration, reason)
+        self.log.info("stopping after iteration %d in epoch %d (%s); checkpoint written", self.iteration,
+                      self.epoch + 1, reason)
         self.metrics.close()
         return self._result(finished=False, preempted=preempted)
 

@@ -274,7 +274,7 @@ class ClusterContrastTrainer(EpochTrainer):
         with self.amp.autocast():
             feats = self.net(images)
         loss = self.memory(feats, targets)  # fp32 inside; a collective under DDP
-        check_finite(loss, self.iteration)
+        check_finite(loss, self.iteration + 1)
         self._backward_and_step(loss)
         if self.world_size > 1:  # log the loss of the global batch (the mean of the ranks' equal-size batches)
             return float(dist.all_reduce_mean(loss.detach()))
