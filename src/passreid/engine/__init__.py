@@ -13,7 +13,7 @@ No trainer class: a stage's loop composes these pieces. The intended shape::
         start = restore_checkpoint(state, model=model, optimizer=opt, scaler=amp.scaler,
                                    rank=env.rank, world_size=env.world_size)
         # put the sampler at start.sampler (or pass sampler=... above)
-    metrics = MetricsWriter(out, enabled=env.rank == 0, purge_step=start.iteration)
+    metrics = MetricsWriter(out, enabled=env.rank == 0, purge_step=start.iteration + 1)
     progress = ProgressLogger(total_iters, log_period=20, logger=logger)
     for it in range(start.iteration, total_iters):
         apply_schedule(opt, lr=lr_schedule[it])
