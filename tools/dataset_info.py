@@ -17,7 +17,9 @@ import json
 import logging
 import sys
 
-from passreid.data import CorruptImageError, DatasetFormatError, DatasetLayoutError, build_dataset, list_datasets
+from passreid.cli import error_boundary
+from passreid.config import add_debug_flag
+from passreid.data import build_dataset, list_datasets
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -33,6 +35,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--json", action="store_true", help="print the split figures as JSON only")
     parser.add_argument("--skip-corrupt", action="store_true",
                         help="leave damaged image files out of the counts (each is named on stderr) instead of failing")
+    add_debug_flag(parser)
     return parser.parse_args(argv)
 
 
@@ -43,16 +46,13 @@ def reader_options(args: argparse.Namespace) -> dict[str, str]:
     return {name: value for name, value in given.items() if value is not None}
 
 
+@error_boundary(extra=(ValueError,))  # ValueError: reader options that do not fit (msmt17 without --version)
 def main(argv: list[str] | None = None) -> int:
     """Run the tool; returns the process exit status (2 for a bad dataset or options)."""
     args = parse_args(argv)
     # The table goes to stdout below; logging (warnings) goes to stderr so --json output stays clean.
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        dataset = build_dataset(args.dataset, args.root, skip_corrupt=args.skip_corrupt, **reader_options(args))
-    except (DatasetLayoutError, DatasetFormatError, CorruptImageError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    dataset = build_dataset(args.dataset, args.root, skip_corrupt=args.skip_corrupt, **reader_options(args))
     if args.json:
         print(json.dumps(dataset.split_stats(), indent=2))
     else:

@@ -17,6 +17,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from passreid.cli import error_boundary
+from passreid.config import add_debug_flag
 from passreid.data.occluders import cutouts_from_black_background
 
 
@@ -24,17 +26,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--source", required=True, help="folder of cut-outs on black (e.g. the unpacked SA-1B-crop)")
     parser.add_argument("--output", required=True, help="folder to write the RGBA *.png cut-outs to")
+    add_debug_flag(parser)
     return parser.parse_args(argv)
 
 
+@error_boundary(extra=(ValueError,))
 def main(argv: list[str] | None = None) -> int:
     """Run the tool; returns the process exit status (2 for a missing or unusable source)."""
     args = parse_args(argv)
-    try:
-        summary = cutouts_from_black_background(args.source, args.output)
-    except (FileNotFoundError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    summary = cutouts_from_black_background(args.source, args.output)
     print(f"wrote {summary.written} RGBA cut-outs to {args.output}; skipped {len(summary.all_black)} all-black and "
           f"{len(summary.unreadable)} unreadable image(s)")
     for name in summary.unreadable:
