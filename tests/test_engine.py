@@ -352,8 +352,11 @@ def test_restore_checkpoint_rejects_foreign_or_mismatched_state(engine_logs: _Re
         restore_checkpoint(weights_only, model=model, optimizer=optimizer)
     restore_checkpoint(weights_only, model=model, scaler=torch.amp.GradScaler("cpu"))
     assert "GradScaler starts fresh" in engine_logs.text
-    with pytest.raises(RuntimeError, match="Missing key"):  # strict model loading
+    with pytest.raises(CheckpointStateError, match="Missing key"):  # strict model loading
         restore_checkpoint(build_checkpoint(model=nn.Linear(4, 8)), model=model)
+    with pytest.raises(CheckpointStateError, match="does not fit this run's optimizer"):
+        restore_checkpoint(build_checkpoint(model=model, optimizer=torch.optim.SGD(nn.Linear(2, 2).parameters())),
+                           model=model, optimizer=optimizer)
 
     @dataclass
     class Config:

@@ -358,9 +358,8 @@ class Checkpointer:
                 raise CheckpointCorruptError(f"{target} is missing and {error}. {_START_FRESH}") from error
             raise CheckpointCorruptError(f"neither the latest nor the previous checkpoint can be read: "
                                          f"{latest_error}; {error}. {_START_FRESH}") from error
-        why = f"cannot be read ({latest_error})" if latest_error is not None else "is missing"
-        logger.warning("checkpoint %s %s; resuming from the previous checkpoint %s instead (written one "
-                       "checkpoint period earlier)", target, why, previous)
+        logger.warning("%s; resuming from the previous checkpoint %s instead (the one before it)",
+                       latest_error if latest_error is not None else f"checkpoint {target} is missing", previous)
         return state
 
     def _read(self, path: Path, map_location: Any, weights_only: bool) -> dict[str, Any]:
@@ -455,7 +454,14 @@ def _load_into(obj: Any, state: Any, key: str) -> None:
             f"restore_checkpoint: the checkpoint has no '{key}' state but a {key} was passed; "
             f"it was saved by a run without one. Pass {key}=None or start a fresh run."
         )
-    obj.load_state_dict(state)
+    try:
+        obj.load_state_dict(state)
+    except (RuntimeError, ValueError, KeyError) as error:  # torch's strict key / shape / group checks
+        raise CheckpointStateError(
+            f"restore_checkpoint: the checkpoint's {key} state does not fit this run's {key} (was the config "
+            f"changed since it was written?): {error}. Resume with the settings it was written with, or start "
+            f"fresh with --no-resume"
+        ) from error
 
 
 def restore_checkpoint(
@@ -472,8 +478,10 @@ def restore_checkpoint(
 ) -> ResumeInfo:
     """Load a :func:`build_checkpoint` dict into the given objects (``None`` = skip that object).
 
-    The model is loaded strictly. An object passed here whose state the checkpoint lacks is
-    an error, except the AMP scaler: changing precision on resume is allowed and logged.
+    The model is loaded strictly. An object passed here whose state the checkpoint lacks, or
+    whose state does not fit (other keys or shapes: a changed config), is a
+    :class:`CheckpointStateError`, except a missing AMP scaler: changing precision on resume is
+    allowed and logged.
     ``sampler`` receives ``load_state_dict`` if given; the raw state is also returned for loops
     that track the position themselves. RNG: rank ``r`` restores ``rng[r]``; with a different
     world size than at save time, exact continuation is impossible and ranks without a stored
