@@ -183,11 +183,11 @@ def test_pretrain_missing_or_empty_image_folder(scripts, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("name", ["finetune", "usl"])
-def test_empty_image_folders_are_one_message(scripts, name, tmp_path, capsys):
+def test_empty_image_folders_are_one_message_naming_the_folder(scripts, name, tmp_path, capsys):
     root = _empty_market(tmp_path / "Market-1501")
     code, _, err = _run(scripts, name, ["--config-file", REPO / CONFIGS[name], "--output-dir", tmp_path / "out",
                                         "--data-root", root, *FAST], capsys)
-    _assert_user_error(code, err, "market1501")
+    _assert_user_error(code, err, f"{root / 'bounding_box_train'}: no images in this split folder")
 
 
 # ----------------------------------------------------------------------------- weight files
@@ -322,6 +322,13 @@ def test_no_readable_checkpoint_says_how_to_start_fresh(scripts, stopped_run, tm
     _assert_user_error(code, err, str(out / "checkpoint.pth"), str(out / "checkpoint.prev.pth"), "--no-resume")
     assert "finetune/train.py stopped: neither the latest nor the previous checkpoint" in (out / "log.txt").read_text()
     assert _run(scripts, "finetune", [*args, "train.max_iters=1", "--no-resume"], capsys)[0] == 0
+
+
+def test_resuming_with_another_model_is_one_message(scripts, stopped_run, tmp_path, capsys, synthetic_world):
+    out = _copy(stopped_run, tmp_path)
+    code, _, err = _run(scripts, "finetune", _finetune_args(out, synthetic_world, "train.max_iters=5",
+                                                            "model.arch=vit_small"), capsys)
+    _assert_user_error(code, err, "the checkpoint's model state does not fit this run's model", "--no-resume")
 
 
 def test_full_disk_while_writing_a_checkpoint(scripts, stopped_run, tmp_path, capsys, monkeypatch, synthetic_world):

@@ -441,9 +441,8 @@ class PretrainStage:
                 f"{self.checkpointer.loaded_from} was written mid-epoch with {saved_ipe} iterations/epoch on "
                 f"{saved_world} process(es); this run has {self.iters_per_epoch} on {self.world_size}. Resume "
                 f"with the same data, batch size and process count, or start fresh with --no-resume")
-        info = restore_checkpoint(state, optimizer=self.optimizer, scaler=self.amp.scaler, rank=self.rank,
-                                  world_size=self.world_size)
-        self.meta.load_state_dict(state["model"])
+        info = restore_checkpoint(state, model=self.meta, optimizer=self.optimizer, scaler=self.amp.scaler,
+                                  rank=self.rank, world_size=self.world_size)
         self.epoch, self.iteration = info.epoch, info.iteration
         if (saved_ipe, saved_world) != (self.iters_per_epoch, self.world_size):
             self.log.warning("resuming at the start of epoch %d with %d iterations/epoch on %d process(es) "
