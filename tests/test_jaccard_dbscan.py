@@ -76,6 +76,19 @@ def assert_away_from(values: np.ndarray, eps: float, margin: float = 1e-5) -> No
     assert np.abs(values - eps).min() > margin, "test data has a distance too close to eps"
 
 
+def assert_tie_free_cutoffs(x: np.ndarray, k1: int, k2: int, margin: float = 1e-5) -> None:
+    """The float32 kernel and the float64 reference keep the same neighbour lists only if no list cut-off (k1,
+    round(k1 / 2) + 1, k2) falls between two distances closer than ``margin``: ~40x the float32 rounding of a
+    unit-vector distance in [0, 4]. Cut-offs between exact duplicates are ruled out by this check too."""
+    x64 = x.astype(np.float64)
+    squared = (x64**2).sum(1)
+    ordered = np.sort(squared[:, None] + squared[None] - 2 * x64 @ x64.T, axis=1)
+    for cutoff in {k1, half_neighbourhood(k1) + 1, k2}:
+        if 0 < cutoff < len(x):
+            gap = (ordered[:, cutoff] - ordered[:, cutoff - 1]).min()
+            assert gap > margin, f"test data has a near-tie at neighbour cut-off {cutoff} (gap {gap:.2g})"
+
+
 # --- kNN ----------------------------------------------------------------------------------------
 
 # The kNN kernels compute distances in float32 with blocked matmuls, whose rounding depends on the blocking,
@@ -142,6 +155,7 @@ def test_knn_bad_input():
 @pytest.mark.parametrize("k1,k2", [(30, 6), (20, 6), (7, 1), (5, 9)])
 def test_jaccard_matches_dense(k1, k2):
     x = identity_features(num_ids=20, per_id=8, dim=24, noise=0.6, seed=k1)
+    assert_tie_free_cutoffs(x, k1, k2)
     graph = jaccard_sparse(x, k1, k2, normalize=False, device="cpu")
     reference = dense_jaccard(x, k1, k2)
     np.testing.assert_allclose(as_dense(graph), reference, atol=1e-5, rtol=0)
@@ -170,6 +184,7 @@ def test_jaccard_with_duplicates_and_tiny_sets():
     # list cut-off is a multiple of 3, so no cut-off splits a group of equal distances: tie-free.
     base = identity_features(num_ids=8, per_id=3, dim=12, noise=0.5, seed=3)
     x = np.repeat(base, 3, axis=0)
+    assert_tie_free_cutoffs(x, 15, 6)
     graph = jaccard_sparse(x, 15, 6, normalize=False)
     np.testing.assert_allclose(as_dense(graph), dense_jaccard(x, 15, 6), atol=1e-5)
     # Fewer points than k1.
@@ -213,6 +228,7 @@ def test_dbscan_partition_matches_sklearn_on_dense(seed, eps):
     # Identities plus scattered points that should end up as outliers.
     scattered = identity_features(num_ids=15, per_id=1, dim=32, noise=0.0, seed=100 + seed)
     x = np.concatenate([identity_features(num_ids=25, per_id=7, dim=32, noise=0.7, seed=seed), scattered])
+    assert_tie_free_cutoffs(x, 30, 6)
     reference = dense_jaccard(x, 30, 6)
     assert_away_from(reference, eps)
     expected = sklearn_labels(reference, eps, 4)
@@ -225,6 +241,8 @@ def test_dbscan_partition_matches_sklearn_on_dense(seed, eps):
 
 def test_dbscan_all_outliers_and_one_cluster():
     x = identity_features(num_ids=15, per_id=5, dim=16, noise=0.6, seed=6)
+    assert_tie_free_cutoffs(x, 30, 6)
+    assert_tie_free_cutoffs(x, 30, 1)
     reference = dense_jaccard(x, 30, 6)
     # All outliers: no point has min_samples neighbours. (A tiny eps is not enough with query
     # expansion: points sharing their top-k2 list have identical encodings, Jaccard exactly 0.)
@@ -234,7 +252,8 @@ def test_dbscan_all_outliers_and_one_cluster():
     assert_away_from(no_expansion, 1e-4, margin=1e-6)
     assert (sklearn_labels(no_expansion, 1e-4, 2) == -1).all()
     assert (dbscan_pseudo_labels(x, eps=1e-4, min_samples=2, k2=1) == -1).all()
-    # One tight blob: every point in a single cluster.
+    # One tight blob: every point in a single cluster. (Its neighbour lists have near-ties, so the Jaccard values
+    # may differ from the reference in float32; the partition does not depend on them: all <= 0.36, eps 0.95.)
     blob = identity_features(num_ids=1, per_id=40, dim=16, noise=0.05, seed=7)
     np.testing.assert_array_equal(canonical(dbscan_pseudo_labels(blob, eps=0.95)),
                                   canonical(sklearn_labels(dense_jaccard(blob, 30, 6), 0.95, 4)))
@@ -247,6 +266,7 @@ def test_dbscan_all_outliers_and_one_cluster():
 
 def test_dbscan_eps_on_both_sides_of_a_boundary():
     x = identity_features(num_ids=15, per_id=6, dim=24, noise=0.7, seed=8)
+    assert_tie_free_cutoffs(x, 30, 6)
     reference = dense_jaccard(x, 30, 6)
     values = np.unique(reference[reference < 1])
     # Find a Jaccard value where sklearn's partition changes, with room for float32 rounding.
