@@ -21,6 +21,11 @@ def _train_bn_output(bn: torch.nn.BatchNorm1d, x: torch.Tensor) -> torch.Tensor:
     return (x - mean) / torch.sqrt(var + bn.eps)
 
 
+def _eval_bn_output(bn: torch.nn.BatchNorm1d, x: torch.Tensor) -> torch.Tensor:
+    """What a BN with weight 1, bias 0 gives in eval mode: standardisation by its running statistics."""
+    return (x - bn.running_mean) / torch.sqrt(bn.running_var + bn.eps)
+
+
 def test_bnneck_has_frozen_zero_bias_and_unit_weight():
     bn = make_bnneck(16)
     assert not bn.bias.requires_grad and bn.weight.requires_grad
@@ -133,8 +138,19 @@ def test_eval_feature_is_the_pre_bn_fused_feature():
     model = ReIDModel(_tiny_backbone(), num_classes=6, head="pass").eval()
     tokens = model.backbone(images)
     torch.testing.assert_close(model(images), torch.cat([tokens[:, 0], tokens[:, 1:4].mean(1)], dim=1))
+    # neck_feat="after" returns the BN necks' output instead. Fresh necks (running mean 0, var 1) would only
+    # scale the feature by 1/sqrt(1 + eps), a 1e-5 change inside any float tolerance; trained-looking running
+    # statistics make the two features differ by O(1), and the expected one is computed from the tokens.
     after = ReIDModel(_tiny_backbone(), num_classes=6, head="pass", neck_feat="after").eval()
-    assert not torch.allclose(after(images), model(images))
+    generator = torch.Generator().manual_seed(1)
+    for neck in after.head.necks:
+        neck.running_mean.copy_(torch.randn(neck.num_features, generator=generator))
+        neck.running_var.uniform_(0.25, 4.0, generator=generator)
+    necks, after_tokens = after.head.necks, after.backbone(images)
+    part_bn = torch.stack([_eval_bn_output(necks[k], after_tokens[:, k]) for k in (1, 2, 3)], dim=1).mean(1)
+    expected_after = torch.cat([_eval_bn_output(necks[0], after_tokens[:, 0]), part_bn], dim=1)
+    torch.testing.assert_close(after(images), expected_after)
+    assert (after(images) - model(images)).abs().max() > 0.1
 
 
 def test_sie_adds_the_scaled_camera_embedding_to_every_token():

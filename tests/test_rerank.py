@@ -27,6 +27,13 @@ def dense_re_ranking(query: np.ndarray, gallery: np.ndarray, k1: int, k2: int, l
     dist = np.maximum(sq[:, None] + sq[None, :] - 2 * x @ x.T, 0.0)
     dist = (dist / dist.max(axis=0)).T  # divide each column by its maximum, then transpose
     rank = np.argsort(dist, axis=1, kind="stable")
+    # The float32 implementation keeps these neighbour lists only if no cut-off (k1 + 1, round(k1 / 2) + 1, k2)
+    # falls between two distances closer than ~40x float32 rounding: check that the test data is tie-free there.
+    ordered = np.take_along_axis(dist, rank, axis=1)
+    for cutoff in {k1 + 1, int(np.around(k1 / 2)) + 1, k2}:
+        if 0 < cutoff < n:
+            gap = (ordered[:, cutoff] - ordered[:, cutoff - 1]).min()
+            assert gap > 1e-5, f"test data has a near-tie at neighbour cut-off {cutoff} (gap {gap:.2g})"
 
     def reciprocal(i: int, k: int) -> list[int]:
         return [j for j in rank[i, :k + 1] if i in rank[j, :k + 1]]
