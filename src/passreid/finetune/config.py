@@ -232,6 +232,11 @@ class FinetuneTrainConfig(TrainConfig):
     # >0: torch intra-op CPU threads during the run (restored afterwards); 0 keeps torch's default. One thread
     # avoids oversubscription when small CPU runs share cores with other processes.
     num_threads: int = 0
+    # What the loss and BatchNorm see with N > 1 processes. "global": the whole data.batch_size batch, as on the
+    # one GPU of the published runs (model outputs gathered from every rank before the loss, so triplet mining,
+    # CE and every mean run over the global batch; BatchNorm layers synchronised). "local": each rank's shard
+    # (batch_size / N images: mining and BN statistics within the shard, gradients averaged by DDP).
+    ddp_batch: Literal["global", "local"] = "global"
 
 
 @dataclass

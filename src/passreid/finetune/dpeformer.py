@@ -297,26 +297,17 @@ class DPEFormerModel(nn.Module):
 # ------------------------------------------------------------------------------------------- losses
 
 
-def _gather_for_memory(features: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-    """Under DDP every rank updates its bank with the samples of all ranks (same order), so banks stay equal."""
-    if dist.get_world_size() <= 1:
-        return features, labels
-    gathered_f = [torch.empty_like(features) for _ in range(dist.get_world_size())]
-    gathered_l = [torch.empty_like(labels) for _ in range(dist.get_world_size())]
-    torch.distributed.all_gather(gathered_f, features.contiguous())
-    torch.distributed.all_gather(gathered_l, labels.contiguous())
-    return torch.cat(gathered_f), torch.cat(gathered_l)
-
-
 class DPEFormerCriterion(nn.Module):
     """DPEFormer's loss (module docstring); updates the memory with view 1 after scoring both views. Returns
     ``loss``, the unweighted terms ``id_concat``, ``id_global``, ``id_parts``, ``memory``, ``memory_view2`` and ``acc``."""
 
     def __init__(self, global_id_weight: float = 2.0, memory_weight: float = 1.0,
-                 memory_weight_view2: float = 0.3) -> None:
+                 memory_weight_view2: float = 0.3, gather_memory_update: bool = True) -> None:
         super().__init__()
         self.global_id_weight, self.memory_weight, self.memory_weight_view2 = (global_id_weight, memory_weight,
                                                                                memory_weight_view2)
+        # False when the criterion already receives the global batch (train.ddp_batch=global): no second gather.
+        self.gather_memory_update = gather_memory_update
 
     @staticmethod
     def _mean_ce(logits: list[Tensor], targets: Tensor) -> Tensor:
@@ -332,7 +323,10 @@ class DPEFormerCriterion(nn.Module):
         total = (terms["id_concat"] + self.global_id_weight * terms["id_global"] + terms["id_parts"]
                  + self.memory_weight * terms["memory"] + self.memory_weight_view2 * terms["memory_view2"])
         if torch.is_grad_enabled():  # a training step: view 1 updates the bank (view 2 has momentum 1)
-            memory.update(*_gather_for_memory(output.stripes[0].detach(), targets))
+            features, labels = output.stripes[0].detach(), targets
+            if self.gather_memory_update:  # every rank updates its bank with all ranks' samples: banks stay equal
+                features, labels = dist.all_gather_with_grad(features), dist.all_gather_with_grad(labels)
+            memory.update(features, labels)
         with torch.no_grad():
             accuracy = (output.global_logits[0].argmax(dim=1) == targets).float().mean()
         return {"loss": total, **terms, "acc": accuracy}
@@ -441,7 +435,8 @@ def build_dpeformer_model(cfg: FinetuneConfig, num_classes: int, num_cameras: in
 
 def build_dpeformer_criterion(cfg: FinetuneConfig) -> DPEFormerCriterion:
     d = cfg.dpeformer
-    return DPEFormerCriterion(d.global_id_weight, d.memory_weight, d.memory_weight_view2)
+    return DPEFormerCriterion(d.global_id_weight, d.memory_weight, d.memory_weight_view2,
+                              gather_memory_update=cfg.train.ddp_batch == "local")
 
 
 register_method(

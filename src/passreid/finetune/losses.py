@@ -29,7 +29,10 @@ class ReIDTrainOutput:
 
     ``logits[b]`` (B, C) and ``feats[b]`` (B, F_b) belong to branch ``b`` with weight ``weights[b]``
     (the weights of the published recipes sum to 1). ``extra_losses`` are additional, already
-    weighted loss terms of a method (added to the total as they are).
+    weighted loss terms of a method (added to the total as they are). They are scalars of this
+    process's samples, so ``train.ddp_batch=global`` (which gathers the per-sample tensors of the
+    output from every process) refuses them: a method meant for it computes such terms in its
+    criterion from per-sample outputs.
     """
 
     logits: list[Tensor]

@@ -11,7 +11,10 @@ gives a :class:`~passreid.finetune.losses.ReIDTrainOutput` (extra loss terms go 
 and whose eval forward gives the test feature; ``load_weights=False`` is used when the weights come
 from a fine-tuned checkpoint instead of ``model.pretrained``. The training forward receives the
 images, ``camids=`` and every extra field of the training batch as keyword arguments (e.g. ``masks=``
-when the method's data pipeline loads part masks).
+when the method's data pipeline loads part masks). With N > 1 processes and ``train.ddp_batch: global``
+the trainer gathers every tensor of the training output from all processes before the criterion
+(:func:`passreid.dist.gather_batch`), so the output must hold per-sample tensors only (non-tensor
+leaves, e.g. a memory module, pass unchanged) and the criterion sees the whole global batch.
 
 ``build_test_distance(cfg, query, gallery, device)`` is optional: methods whose test distance is not
 the normalised Euclidean distance of one feature vector (DPM's query-masked distance, part distances

@@ -10,6 +10,10 @@ rank's RNG state and the sampler position; each epoch's DataLoader draws from it
 by (seed, rank, epoch). With ``data.num_workers > 0`` the augmentation of a run resumed *mid-epoch*
 restarts from fresh worker seeds (see :mod:`passreid.engine`); at epoch boundaries, or with
 ``num_workers=0``, the continuation is exact.
+
+With N > 1 processes ``train.ddp_batch: global`` (default) gathers the model outputs of every process before the
+loss and synchronises BatchNorm, so the run computes the 1-process loss and gradient of the global batch;
+``local`` keeps each process's shard (see ``finetune/README.md``, "Distributed training").
 """
 from __future__ import annotations
 
@@ -93,7 +97,14 @@ class FinetuneTrainer(EpochTrainer):
         return second
 
     def _wrap_distributed(self) -> None:
+        if self.global_batch:
+            self.model = dist.convert_sync_batchnorm(self.model, self.device)
         self.model = self._ddp(self.model)
+
+    @property
+    def global_batch(self) -> bool:
+        """True when N > 1 processes compute the loss and BatchNorm statistics of the whole global batch."""
+        return self.world_size > 1 and self.cfg.train.ddp_batch == "global"
 
     def _checkpoint_extra(self, stopped_in_epoch: int | None) -> dict[str, Any]:
         if self.second_pass is None:
@@ -117,6 +128,13 @@ class FinetuneTrainer(EpochTrainer):
                     *self.cfg.model.img_size, self.cfg.model.stride_size, self.cfg.model.head,
                     getattr(model, "feature_dim", -1), self.cfg.model.sie_camera, self.cfg.model.jpm,
                     trainable / 1e6, self.world_size, self.device, self.precision.describe())
+        if self.world_size > 1:
+            logger.info("train.ddp_batch=%s: %s", self.cfg.train.ddp_batch,
+                        f"losses and BatchNorm statistics over the global batch of {self.cfg.data.batch_size} "
+                        f"images (outputs gathered from the {self.world_size} processes, BatchNorm synchronised)"
+                        if self.global_batch else
+                        f"losses and BatchNorm statistics within each process's {self.sampler.per_rank_batch_size} "
+                        f"images, gradients averaged")
 
     def total_iterations(self) -> int:
         """Optimizer steps of the whole run (the P x K epoch length varies slightly between epochs)."""
@@ -137,9 +155,7 @@ class FinetuneTrainer(EpochTrainer):
         camids = torch.as_tensor(batch["camid"]).to(self.device, non_blocking=True)
         extras = {key: value.to(self.device, non_blocking=True) for key, value in batch.items()
                   if key not in _STANDARD_BATCH_KEYS}
-        with self.amp.autocast():
-            output = self.model(images, camids=camids, **extras)
-            terms = self.criterion(output, pids)
+        terms = self._loss_terms(self.model, images, pids, camids, extras)
         loss = terms["loss"]
         check_finite(loss, self.iteration + 1, extra={k: v for k, v in terms.items() if k != "loss"})
         self._backward_and_step(loss)
@@ -149,6 +165,19 @@ class FinetuneTrainer(EpochTrainer):
             values["second_pass_loss"] = self._second_pass_step(images, pids, camids, extras)
         return values
 
+    def _loss_terms(self, model: torch.nn.Module, images: torch.Tensor, pids: torch.Tensor, camids: torch.Tensor,
+                    extras: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """Forward and criterion; with :attr:`global_batch` the criterion gets every rank's outputs and labels.
+
+        Every rank then computes the same loss, the 1-process loss of the global batch; the gathers' backward
+        and DDP's averaging make the step use its gradient (see :mod:`passreid.dist.batch`).
+        """
+        with self.amp.autocast():
+            output = model(images, camids=camids, **extras)
+            if self.global_batch:
+                output, pids = dist.gather_batch((output, pids), images.shape[0])
+            return self.criterion(output, pids)
+
     def _second_pass_step(self, images: torch.Tensor, pids: torch.Tensor, camids: torch.Tensor,
                           extras: dict[str, Any]) -> float:
         """Recompute forward and loss with the updated weights and step only the second-pass parameters.
@@ -156,10 +185,8 @@ class FinetuneTrainer(EpochTrainer):
         Gradients come from ``torch.autograd.grad`` w.r.t. those parameters only (nothing else is
         back-propagated or touched), through the unwrapped model; under DDP they are averaged by hand.
         """
-        model = unwrap_model(self.model)
         optimizer = self.second_pass.optimizer
-        with self.amp.autocast():
-            terms = self.criterion(model(images, camids=camids, **extras), pids)
+        terms = self._loss_terms(unwrap_model(self.model), images, pids, camids, extras)
         loss = terms["loss"]
         check_finite(loss, self.iteration + 1,
                      extra={f"second_pass_{k}": v for k, v in terms.items() if k != "loss"})
