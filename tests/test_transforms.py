@@ -227,7 +227,6 @@ def test_cluster_contrast_erasing_matches_the_published_rule(size):
 
 
 def test_train_transform_uses_the_selected_erasing():
-    image = _random_image(*SIZE)
     for mode, fill in (("cluster_contrast", CLUSTER_CONTRAST_FILL), ("pixel", None)):
         transform = build_train_transform(SIZE, flip_p=0.0, padding=0, erasing_p=1.0, erasing=mode)
         step = transform.transforms[-1]
