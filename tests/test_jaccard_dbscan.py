@@ -217,6 +217,17 @@ def test_jaccard_normalisation():
         jaccard_sparse(scaled, 10, 3, normalize=False)
 
 
+def test_jaccard_of_raw_rows_is_the_published_formula():
+    """``require_unit=False``: rows of any norm go in as they are, as the published code feeds the multi-neck
+    UDA feature (norms in [1, sqrt 2] for ``cat``): ranked by true L2, weighted with ``2 - 2 x_i.x_j``."""
+    x = identity_features(num_ids=20, per_id=8, dim=24, noise=0.6, seed=3)
+    x = x * np.random.default_rng(1).uniform(1.0, 2 ** 0.5, size=(len(x), 1)).astype(np.float32)
+    raw = as_dense(jaccard_sparse(x, 30, 6, normalize=False, require_unit=False, device="cpu"))
+    np.testing.assert_allclose(raw, dense_jaccard(x, 30, 6), atol=1e-5, rtol=0)  # float32 vs float64 rounding
+    normalised = as_dense(jaccard_sparse(x, 30, 6, device="cpu"))
+    assert np.abs(raw - normalised).max() > 0.05  # the norms change the distances: the switch matters
+
+
 def test_half_neighbourhood_rounds_half_to_even():
     assert [half_neighbourhood(k) for k in (30, 20, 5, 7, 1)] == [15, 10, 2, 4, 0]
 

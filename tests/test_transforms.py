@@ -1,4 +1,4 @@
-"""TransReID-family train transform, test transform and the pixel-mode RandomErasing."""
+"""TransReID-family train transform, test transform, the pixel-mode RandomErasing and Cluster-Contrast's."""
 from __future__ import annotations
 
 import math
@@ -7,9 +7,11 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as F
 
-from passreid.data.transforms import RandomErasing, build_test_transform, build_train_transform
+from passreid.data.transforms import (CLUSTER_CONTRAST_FILL, RandomErasing, build_random_erasing, build_test_transform,
+                                      build_train_transform)
 
 SIZE = (256, 128)
 
@@ -95,6 +97,18 @@ def test_test_transform_is_bilinear():
     assert torch.allclose(build_test_transform(SIZE)(image), expected, atol=1e-6)
 
 
+def test_test_transform_bicubic_is_torchvision_bicubic():
+    image = _random_image()
+    expected = _normalised(F.resize(image, list(SIZE), interpolation=InterpolationMode.BICUBIC))
+    bicubic = build_test_transform(SIZE, interpolation="bicubic")(image)
+    # Both go through the same PIL resize and float ops: 1e-6 is float32 rounding of the normalisation.
+    assert torch.allclose(bicubic, expected, atol=1e-6)
+    bilinear = build_test_transform(SIZE, interpolation="bilinear")(image)
+    assert (bicubic - bilinear).abs().max() > 0.05  # the two filters differ visibly on a noise image
+    with pytest.raises(ValueError, match="interpolation"):
+        build_test_transform(SIZE, interpolation="nearest")
+
+
 # ---------------------------------------------------------------------------------------------- erasing
 
 
@@ -159,3 +173,67 @@ def test_erasing_probability_extremes_and_errors():
         always(torch.zeros(1, 3, 8, 8))
     with pytest.raises(ValueError, match="size"):
         build_train_transform((256,))
+
+
+def _published_cluster_contrast_erasing(img: torch.Tensor, probability=0.5, sl=0.02, sh=0.4, r1=0.3,
+                                        mean=(0.485, 0.456, 0.406)) -> torch.Tensor:
+    """Cluster-Contrast's RandomErasing.__call__ written out from its published rule (PASS-reID,
+    PASS_cluster_contrast_reid/clustercontrast/utils/data/transforms.py), with Python's ``random.uniform(a, b)``
+    = ``a + (b - a) * u`` and ``random.randint(a, b)`` (both ends included) drawing from torch's generator."""
+    def uniform(a, b):
+        return a + (b - a) * torch.rand(()).item()
+
+    def randint(a, b):
+        return int(torch.randint(a, b + 1, ()).item())
+
+    img = img.clone()
+    if uniform(0, 1) >= probability:
+        return img
+    for _ in range(100):
+        area = img.size()[1] * img.size()[2]
+        target_area = uniform(sl, sh) * area
+        aspect_ratio = uniform(r1, 1 / r1)
+        h = int(round(math.sqrt(target_area * aspect_ratio)))
+        w = int(round(math.sqrt(target_area / aspect_ratio)))
+        if w < img.size()[2] and h < img.size()[1]:
+            x1 = randint(0, img.size()[1] - h)
+            y1 = randint(0, img.size()[2] - w)
+            for channel in range(3):
+                img[channel, x1:x1 + h, y1:y1 + w] = mean[channel]
+            return img
+    return img
+
+
+@pytest.mark.parametrize("size", [SIZE, (64, 32), (9, 6)])  # (9, 6): most of the 100 attempts do not fit
+def test_cluster_contrast_erasing_matches_the_published_rule(size):
+    erasing = build_random_erasing("cluster_contrast", 0.5)
+    source = torch.randn(3, *size)
+    erased = 0
+    for seed in range(300):
+        torch.manual_seed(seed)
+        got = erasing(source)
+        torch.manual_seed(seed)
+        expected = _published_cluster_contrast_erasing(source)
+        assert torch.equal(got, expected), f"seed {seed}"  # same draws -> same box, same constant fill
+        changed = (got != source).any(0)
+        if changed.any():
+            erased += 1
+            fill = got[:, changed]
+            assert torch.equal(fill, torch.tensor(CLUSTER_CONTRAST_FILL).view(3, 1).expand_as(fill))
+    assert erased > 60  # p = 0.5, and the draws reach the erasing branch
+    before = source.clone()
+    erasing(source)
+    assert torch.equal(source, before)
+
+
+def test_train_transform_uses_the_selected_erasing():
+    for mode, fill in (("cluster_contrast", CLUSTER_CONTRAST_FILL), ("pixel", None)):
+        transform = build_train_transform(SIZE, flip_p=0.0, padding=0, erasing_p=1.0, erasing=mode)
+        step = transform.transforms[-1]
+        assert isinstance(step, RandomErasing)
+        assert (step.fill == "pixel") == (fill is None)
+        if fill is not None:
+            assert (step.max_area, step.max_attempts, step.aspect_sampling) == (0.4, 100, "uniform")
+            assert step.fill == fill
+    with pytest.raises(ValueError, match="random erasing mode"):
+        build_train_transform(SIZE, erasing="cutout")

@@ -130,7 +130,8 @@ def _blobs(num_ids=30, per_id=10, dim=64, noise=1.0, seed=0):
 
 def test_clustering_step_recovers_blobs():
     feats, ids = _blobs()
-    pseudo = cluster_features(feats * 3.0, ClusterConfig(eps=0.6), true_ids=ids)  # raw norm does not matter
+    # The normalised variant: the raw norm does not matter.
+    pseudo = cluster_features(feats * 3.0, ClusterConfig(eps=0.6, feat_norm=True), true_ids=ids)
     stats = pseudo.stats
     assert stats.num_clusters == 30 and stats.num_outliers == 0
     assert stats.ari == pytest.approx(1.0) and stats.purity == pytest.approx(1.0)
@@ -139,6 +140,68 @@ def test_clustering_step_recovers_blobs():
         members = feats[pseudo.labels == cluster] * 3.0
         torch.testing.assert_close(pseudo.centroids[cluster], F.normalize(members.mean(0), dim=0), atol=1e-6,
                                    rtol=0)
+
+
+def _multi_neck_like(seed: int = 0) -> tuple[torch.Tensor, np.ndarray]:
+    """Blobs with the row norms of the multi-neck ``cat`` feature (in [1, sqrt 2], cluster-contrast.md §5)."""
+    feats, ids = _blobs()
+    scale = torch.empty(len(feats), 1).uniform_(1.0, 2 ** 0.5, generator=torch.Generator().manual_seed(seed))
+    return feats * scale, ids
+
+
+@pytest.mark.parametrize("feat_norm", [False, True])
+def test_cluster_feat_norm_decides_what_reaches_the_jaccard_step(monkeypatch, feat_norm):
+    import passreid.cluster.jaccard as jaccard
+
+    seen = []
+
+    def spy(x, k, **kwargs):
+        seen.append((x.clone(), kwargs["metric"]))
+        return knn(x, k, **kwargs)
+
+    knn = jaccard.knn
+    monkeypatch.setattr(jaccard, "knn", spy)
+    feats, ids = _multi_neck_like()
+    pseudo = cluster_features(feats, ClusterConfig(eps=0.6, feat_norm=feat_norm), true_ids=ids)
+    (x, metric), = seen
+    if feat_norm:  # the normalised variant: unit rows, inner-product ranking
+        torch.testing.assert_close(x, F.normalize(feats, dim=1))
+        assert metric == "inner_product"
+    else:  # published: the model output as it is, ranked by L2 as faiss IndexFlatL2 does
+        assert torch.equal(x, feats)
+        assert metric == "sqeuclidean"
+    # The memory starts from the normalised means of the raw features in both modes, as published.
+    members = feats[pseudo.labels == 0]
+    torch.testing.assert_close(pseudo.centroids[0], F.normalize(members.mean(0), dim=0), atol=1e-6, rtol=0)
+
+
+def test_eval_feat_norm_decides_the_test_distance():
+    from passreid.config.schema import EvalConfig
+    from passreid.eval import rank_metrics_from_distance
+    from passreid.eval.features import ExtractedFeatures
+    from passreid.finetune.evaluator import evaluate_features
+
+    rng = np.random.default_rng(0)
+    # Norms in [1, sqrt 2] (multi-neck cat): raw and normalised squared L2 rank the gallery differently.
+    q = rng.normal(size=(12, 8)).astype(np.float32)
+    g = rng.normal(size=(40, 8)).astype(np.float32)
+    q *= rng.uniform(1.0, 2 ** 0.5, (12, 1)).astype(np.float32) / np.linalg.norm(q, axis=1, keepdims=True)
+    g *= rng.uniform(1.0, 2 ** 0.5, (40, 1)).astype(np.float32) / np.linalg.norm(g, axis=1, keepdims=True)
+    query = ExtractedFeatures(q, rng.integers(0, 6, 12), np.zeros(12, dtype=np.int64))
+    gallery = ExtractedFeatures(g, rng.integers(0, 6, 40), np.ones(40, dtype=np.int64))
+    labels = (query.pids, gallery.pids, query.camids, gallery.camids)
+
+    def squared_l2(a, b):
+        return torch.from_numpy(((a[:, None].astype(np.float64) - b[None]) ** 2).sum(-1))
+
+    unit = lambda a: a / np.linalg.norm(a, axis=1, keepdims=True)  # noqa: E731
+    for feat_norm, (a, b) in ((False, (q, g)), (True, (unit(q), unit(g)))):
+        got = evaluate_features(query, gallery, EvalConfig(feat_norm=feat_norm)).plain
+        expected = rank_metrics_from_distance(squared_l2(a, b), *labels)
+        assert got.mAP == pytest.approx(expected.mAP, abs=1e-6)  # float32 vs float64 distances, no near ties
+        np.testing.assert_allclose(got.cmc, expected.cmc, atol=1e-6)
+    raw, normalised = (evaluate_features(query, gallery, EvalConfig(feat_norm=f)).plain for f in (False, True))
+    assert raw.mAP != pytest.approx(normalised.mAP, abs=1e-4)  # the switch matters on these features
 
 
 def test_cluster_statistics_against_a_direct_count():
@@ -239,6 +302,34 @@ def test_recipes_hold_the_published_settings(name):
     assert (cfg.memory.temperature, cfg.memory.momentum, cfg.memory.use_hard) == (0.05, 0.2, True)
     assert cfg.train.ghost_bn_size == expected["ghost"]
     assert tuple(cfg.data.pixel_mean) == (0.5, 0.5, 0.5)
+    # Cluster-Contrast's transforms and un-normalised features (cluster_contrast_train_usl.py, evaluators.py).
+    assert (cfg.data.erasing, cfg.data.erasing_p, cfg.data.test_interpolation) == ("cluster_contrast", 0.5, "bicubic")
+    assert not cfg.cluster.feat_norm and not cfg.eval.feat_norm
+    ft = to_finetune_config(cfg)  # what the loaders and model_final.pth see
+    assert (ft.data.erasing, ft.data.test_interpolation, ft.eval.feat_norm) == ("cluster_contrast", "bicubic", False)
+
+
+def test_recipe_loaders_use_the_published_transforms(tmp_path: Path):
+    from PIL import Image
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms import functional as TF
+
+    from passreid.data import ImageItem
+    from passreid.data.transforms import CLUSTER_CONTRAST_FILL, RandomErasing
+    from passreid.finetune.data import build_test_loader, build_train_set
+
+    path = tmp_path / "person.png"
+    pixels = np.random.default_rng(0).integers(0, 256, size=(150, 60, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path)
+    ft = to_finetune_config(load_config(UslConfig, REPO / "configs" / "usl" / "market_pass_vit_s.yaml", []))
+    items = [ImageItem(str(path), 0, 0)]
+    # Clustering and test features: bicubic resize + normalise (1e-6: float32 rounding of the normalisation).
+    got = build_test_loader(items, (256, 128), ft).dataset[0]["img"]
+    expected = (TF.to_tensor(TF.resize(Image.open(path), [256, 128], interpolation=InterpolationMode.BICUBIC))
+                - 0.5) / 0.5
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
+    erasing = build_train_set(items, ft).transform.transforms[-1]
+    assert isinstance(erasing, RandomErasing) and erasing.fill == CLUSTER_CONTRAST_FILL
 
 
 def test_finetune_view_and_config_checks():

@@ -1,11 +1,13 @@
 """The Cluster-Contrast loop end to end on the generated world: outputs, exact resume, finetune/test.py
-compatibility of model_final.pth, and a 2-process gloo run against one process."""
+compatibility of model_final.pth, the published feature handling with "last" and "best (test-set selected)"
+reported, and a 2-process gloo run against one process."""
 from __future__ import annotations
 
 import json
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -95,6 +97,79 @@ def test_outputs_resume_and_finetune_test_compatibility(tmp_path: Path, syntheti
     assert ft_cfg.model.neck_feat == "after" and ft_cfg.model.normalize_necks
     outputs = run_test(full.final_model, None, tmp_path / "test")
     assert outputs.result.metrics["mAP"] == pytest.approx(full.final_metrics["mAP"], abs=1e-6)
+
+
+# The published Cluster-Contrast settings the demo recipe pins back (configs/usl/demo.yaml), with the multi-neck
+# (UDA) feature, whose rows are not unit-norm.
+PUBLISHED = ["data.erasing=cluster_contrast", "data.test_interpolation=bicubic", "cluster.feat_norm=false",
+             "eval.feat_norm=false", "model.multi_neck=true"]
+
+
+@pytest.mark.slow
+def test_published_features_last_and_best_reported(tmp_path: Path, synthetic_world: Path, monkeypatch):
+    import passreid.cluster.jaccard as jaccard
+    import passreid.finetune.evaluator as evaluator
+
+    knn_inputs, eval_calls = [], []
+    knn, rank_metrics = jaccard.knn, evaluator.rank_metrics
+
+    def knn_spy(x, k, **kwargs):
+        knn_inputs.append((x.norm(dim=1), kwargs["metric"]))
+        return knn(x, k, **kwargs)
+
+    def rank_metrics_spy(query_feats, gallery_feats, *args, **kwargs):
+        eval_calls.append((np.linalg.norm(query_feats, axis=1), kwargs["normalize"]))
+        return rank_metrics(query_feats, gallery_feats, *args, **kwargs)
+
+    monkeypatch.setattr(jaccard, "knn", knn_spy)
+    monkeypatch.setattr(evaluator, "rank_metrics", rank_metrics_spy)
+    out = tmp_path / "run"
+    result = run_usl(_config(out, synthetic_world, *PUBLISHED, "train.epochs=3", "train.iters=2"), resume=False)
+
+    # The multi-neck feature reaches the Jaccard step and the test distance as output (norms in [1, sqrt 2]).
+    assert len(knn_inputs) == 3 and len(eval_calls) == 3
+    for norms, metric in knn_inputs:
+        assert metric == "sqeuclidean" and norms.min() > 1.0 + 1e-3 and norms.max() <= 2 ** 0.5 + 1e-4
+    for norms, normalize in eval_calls:
+        assert normalize is False and norms.min() > 1.0 + 1e-3
+
+    # Last and best (test-set selected), from the run's own outputs.
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if r["split"] == "eval"]
+    (last,) = [r for r in records if r["split"] == "last"]
+    (best,) = [r for r in records if r["split"] == "best_test_selected"]
+    scalars = ("mAP", "rank1", "rank5", "mINP", "epoch")
+    assert [evals[-1][k] for k in scalars] == [last[k] for k in scalars] and last["epoch"] == 3
+    top = max(r["mAP"] for r in evals)
+    chosen = next(r for r in evals if r["mAP"] == top)  # the earlier evaluation on a tie, as published
+    assert [chosen[k] for k in scalars] == [best[k] for k in scalars] and best["step"] == chosen["step"]
+    assert result.final_metrics["mAP"] == last["mAP"] and result.epochs_completed == 3
+    assert result.best_metrics["mAP"] == best["mAP"] and result.best_epoch == best["epoch"]
+    log = (out / "log.txt").read_text()
+    assert f"last (epoch 3, model_final.pth): mAP {100 * last['mAP']:.1f}%" in log
+    assert (f"best (test-set selected, as the published numbers; epoch {int(best['epoch'])}): "
+            f"mAP {100 * best['mAP']:.1f}%") in log
+    meta = torch.load(result.final_model, weights_only=False)["meta"]
+    assert meta["best_test_selected"]["epoch"] == best["epoch"] and meta["final_metrics"] == result.final_metrics
+    assert torch.load(out / "checkpoint.pth", weights_only=False)["extra"]["best"]["epoch"] == best["epoch"]
+
+    # model_final.pth carries the test settings: the inference API evaluates it the way the run did.
+    from passreid.inference import load_model
+
+    loaded = load_model(result.final_model)
+    assert loaded.test_interpolation == "bicubic" and loaded.config.eval.feat_norm is False
+
+
+def test_best_is_the_highest_map_and_the_earlier_on_a_tie():
+    from types import SimpleNamespace
+
+    from passreid.usl import ClusterContrastTrainer
+
+    trainer = SimpleNamespace(best=None, epoch=0, iteration=0)
+    for epoch, mAP in enumerate([0.2, 0.5, 0.5, 0.4], start=1):
+        trainer.epoch, trainer.iteration = epoch, 10 * epoch
+        ClusterContrastTrainer._track_best(trainer, {"mAP": mAP, "rank1": mAP})
+    assert trainer.best == {"epoch": 2, "iteration": 20, "metrics": {"mAP": 0.5, "rank1": 0.5}}
 
 
 def _ddp_worker(rank: int, world_size: int, port: int, out_dir: str, world_dir: str) -> None:

@@ -190,6 +190,7 @@ class LoadedModel:
     pixel_std: tuple[float, float, float]
     config: Any = None
     report: LoadReport | None = None
+    test_interpolation: str = "bilinear"  # the config's data.test_interpolation (bicubic for USL/UDA models)
 
     @property
     def network(self) -> nn.Module:
@@ -230,11 +231,13 @@ class LoadedModel:
 
     def test_transform(self) -> Callable[[Image.Image], Tensor]:
         """PIL image -> normalised model input, exactly the evaluation pipeline's."""
-        return build_test_transform(self.img_size, mean=self.pixel_mean, std=self.pixel_std)
+        return build_test_transform(self.img_size, mean=self.pixel_mean, std=self.pixel_std,
+                                    interpolation=self.test_interpolation)
 
     def prepare(self, inputs: Any) -> Tensor:
         """Images (anything :class:`FeatureExtractor` accepts) -> a batch of normalised inputs on the CPU."""
-        dataset = _ImageSources(_as_sources(inputs), self.img_size, self.pixel_mean, self.pixel_std)
+        dataset = _ImageSources(_as_sources(inputs), self.img_size, self.pixel_mean, self.pixel_std,
+                                self.test_interpolation)
         return torch.stack([dataset[i] for i in range(len(dataset))])
 
     @torch.no_grad()
@@ -249,8 +252,8 @@ class LoadedModel:
         """Query-chunked distance ``fn(q0, q1) -> (q1 - q0, G)`` between two feature sets.
 
         A fine-tuning method's own test distance (``FinetuneMethod.build_test_distance``) when it has
-        one, otherwise the configured ``eval.metric`` on L2-normalised features (squared Euclidean
-        for backbones), exactly as the evaluation does.
+        one, otherwise the configured ``eval.metric`` on L2-normalised features (unless ``eval.feat_norm`` is
+        false; squared Euclidean for backbones), exactly as the evaluation does.
         """
         if self.config is not None:
             from passreid.finetune import get_method
@@ -258,10 +261,10 @@ class LoadedModel:
             builder = get_method(self.config.method).build_test_distance
             if builder is not None:
                 return builder(self.config, query, gallery, torch.device(device) if device else None)
-            metric = self.config.eval.metric
+            metric, normalize = self.config.eval.metric, self.config.eval.feat_norm
         else:
-            metric = "euclidean"
-        return FeatureDistance(query.feats, gallery.feats, metric=metric, normalize=True, device=device)
+            metric, normalize = "euclidean", True
+        return FeatureDistance(query.feats, gallery.feats, metric=metric, normalize=normalize, device=device)
 
 
 def _finetuned(obj: Mapping[str, Any], kind: str, label: str, config: Any, allow_missing: Sequence[str],
@@ -273,7 +276,7 @@ def _finetuned(obj: Mapping[str, Any], kind: str, label: str, config: Any, allow
     uses_cameras = getattr(model, "sie_embed", None) is not None
     return LoadedModel(FeatureNet(model, "eval_forward", uses_cameras).eval(), kind, label,
                        tuple(cfg.model.img_size), tuple(cfg.data.pixel_mean), tuple(cfg.data.pixel_std),
-                       config=cfg, report=report)
+                       config=cfg, report=report, test_interpolation=cfg.data.test_interpolation)
 
 
 def _backbone(obj: Mapping[str, Any], kind: str, label: str, which: str, feature: str,
@@ -433,10 +436,12 @@ def _as_sources(inputs: Any) -> list[Any]:
 class _ImageSources(Dataset):
     """Image sources -> normalised model inputs with the model's test transform."""
 
-    def __init__(self, sources: list[Any], img_size: tuple[int, int], mean: Sequence[float], std: Sequence[float]):
+    def __init__(self, sources: list[Any], img_size: tuple[int, int], mean: Sequence[float], std: Sequence[float],
+                 interpolation: str = "bilinear"):
         self.sources = sources
         self.img_size = img_size
-        self.transform = build_test_transform(img_size, mean=mean, std=std)
+        self.interpolation = interpolation
+        self.transform = build_test_transform(img_size, mean=mean, std=std, interpolation=interpolation)
         self.mean = torch.tensor(mean).view(3, 1, 1)
         self.std = torch.tensor(std).view(3, 1, 1)
 
@@ -449,7 +454,7 @@ class _ImageSources(Dataset):
             raise ValueError(f"image {position}: expected a (3, H, W) tensor, got shape {tuple(tensor.shape)}")
         tensor = tensor.float() / 255.0 if not tensor.is_floating_point() else tensor.float()
         tensor = tensor.expand(3, -1, -1)
-        resized = torch.nn.functional.interpolate(tensor[None], size=self.img_size, mode="bilinear",
+        resized = torch.nn.functional.interpolate(tensor[None], size=self.img_size, mode=self.interpolation,
                                                   align_corners=False, antialias=True)[0]
         return (resized - self.mean) / self.std
 
@@ -476,7 +481,8 @@ class FeatureExtractor:
     ``(H, W, 3)`` RGB array, a float ``(3, H, W)`` RGB tensor in [0, 1] (``(N, ...)`` batches too) or a
     list of these; it returns the ``(N, D)`` float32 features on the CPU in input order. Paths and PIL
     images go through exactly the evaluation transform; arrays/tensors of another size are resized with
-    an antialiased bilinear filter, which may differ from PIL's by a little.
+    an antialiased filter of the model's test interpolation (bilinear; bicubic for USL/UDA models), which
+    may differ from PIL's by a little.
 
     SIE models need ``camids=`` (0-based training camera ids), one per image.
     """
@@ -509,7 +515,7 @@ class FeatureExtractor:
             raise ValueError(f"{self.model.source} uses SIE camera embeddings: pass camids= (one 0-based camera id "
                              "per image)")
         m = self.model
-        loader = DataLoader(_ImageSources(sources, m.img_size, m.pixel_mean, m.pixel_std),
+        loader = DataLoader(_ImageSources(sources, m.img_size, m.pixel_mean, m.pixel_std, m.test_interpolation),
                             batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers,
                             pin_memory=self.device.type == "cuda")
         feats, start = [], 0

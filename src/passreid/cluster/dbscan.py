@@ -73,6 +73,7 @@ def dbscan_pseudo_labels(
     k2: int = 6,
     *,
     normalize: bool = True,
+    require_unit: bool = True,
     backend: Backend = "auto",
     device: str | torch.device | None = None,
 ) -> np.ndarray:
@@ -81,14 +82,16 @@ def dbscan_pseudo_labels(
     Returns int64 labels ``0..K-1`` per row, ``-1`` for outliers. Equals
     ``DBSCAN(eps, min_samples, metric="precomputed").fit_predict(dense_jaccard)`` without building
     the dense matrix. ``eps >= 1`` makes every pair neighbours (all Jaccard distances are <= 1):
-    one cluster, or all outliers when there are fewer than ``min_samples`` points.
+    one cluster, or all outliers when there are fewer than ``min_samples`` points. ``normalize`` and
+    ``require_unit``: how the rows enter the Jaccard distance (:func:`passreid.cluster.jaccard_sparse`).
     """
     _check_dbscan_parameters(eps, min_samples)
     check_k_parameters(k1, k2)
     if eps >= 1.0:
-        num_points = prepare_unit_features(feats, normalize).shape[0]
+        num_points = prepare_unit_features(feats, normalize, require_unit).shape[0]
         return np.full(num_points, 0 if num_points >= min_samples else -1, dtype=np.int64)
-    graph = jaccard_sparse(feats, k1, k2, max_distance=eps, normalize=normalize, backend=backend, device=device)
+    graph = jaccard_sparse(feats, k1, k2, max_distance=eps, normalize=normalize, require_unit=require_unit,
+                           backend=backend, device=device)
     return dbscan_from_graph(graph, eps, min_samples)
 
 

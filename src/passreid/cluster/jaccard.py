@@ -5,12 +5,14 @@ The published ``compute_jaccard_distance(features, k1=30, k2=6)`` (faiss_rerank.
 exact: ``J = 1`` exactly between points whose encodings share no column, and a pair sharing one has
 ``J < 1`` up to float rounding. Faithful details (shared maths in :mod:`.kreciprocal`):
 
-* rows are L2-normalised (``normalize=True``, the default; the published code *assumes* unit rows
-  because it weights with ``2 − 2 x_i·x_j``). ``normalize=False`` uses the rows as given and checks
-  that they are unit-norm;
+* rows are L2-normalised (``normalize=True``, the default; the published code weights with
+  ``2 − 2 x_i·x_j``, which is the squared distance for unit rows). ``normalize=False`` uses the rows as
+  given and checks that they are unit-norm, unless ``require_unit=False``: then rows of any norm go in
+  as they are, as the published code feeds the (not unit-norm) multi-neck UDA feature;
 * only ``k1`` neighbours are requested (self included), so ``F_k1`` holds ``k1`` points (not
-  ``k1 + 1``) and ``F_h`` holds ``h + 1 = round(k1/2) + 1``. The published code ranks by L2; for
-  unit rows that is the inner-product ranking used here (identical up to float rounding of norms);
+  ``k1 + 1``) and ``F_h`` holds ``h + 1 = round(k1/2) + 1``. The published code ranks by L2 (faiss
+  ``IndexFlatL2``); for unit rows that is the inner-product ranking used here (identical up to float
+  rounding of norms); rows of other norms are ranked by squared L2;
 * weights ``softmax(−(2 − 2 x_i·x_j))`` over the expanded set, float32 (``use_float16`` is never
   enabled in the published pipeline); local query expansion over the first ``k2`` neighbours;
 * ``J = 1 − s / (2 − s)``, negatives (rounding) clipped to 0.
@@ -50,6 +52,7 @@ def jaccard_sparse(
     *,
     max_distance: float | None = None,
     normalize: bool = True,
+    require_unit: bool = True,
     backend: Backend = "auto",
     device: str | torch.device | None = None,
     max_pairs: int = DEFAULT_MAX_PAIRS,
@@ -59,16 +62,18 @@ def jaccard_sparse(
     Returns an ``N x N`` float32 CSR matrix (sorted indices, symmetric) holding the entries below 1
     (when ``max_distance`` is None) or the entries ``<= max_distance`` (``0 <= max_distance < 1``);
     absent entries are distance 1 (or above ``max_distance``). The diagonal is stored as explicit
-    zeros. ``backend``/``device`` select the kNN search (:func:`passreid.cluster.knn`).
+    zeros. ``normalize`` / ``require_unit``: see the module docstring. ``backend``/``device`` select the
+    kNN search (:func:`passreid.cluster.knn`).
     """
     check_k_parameters(k1, k2)
     if max_distance is not None and not 0.0 <= max_distance < 1.0:
         raise EvaluationInputError(f"max_distance must be in [0, 1) or None, got {max_distance!r}")
-    x = prepare_unit_features(feats, normalize)
+    x = prepare_unit_features(feats, normalize, require_unit)
     num_rows = x.shape[0]
     # Unit rows: ranking by inner product is ranking by L2 (the published faiss IndexFlatL2) up to
     # the float rounding of the norms, and skips the norm correction of every score.
-    _, neighbors = knn(x, min(k1, num_rows), backend=backend, metric="inner_product", device=device)
+    metric = "inner_product" if normalize or require_unit else "sqeuclidean"
+    _, neighbors = knn(x, min(k1, num_rows), backend=backend, metric=metric, device=device)
 
     def unit_distance(rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
         return pair_dot_products(x, rows, cols).mul_(-2.0).add_(2.0)
@@ -84,16 +89,19 @@ def check_k_parameters(k1: int, k2: int) -> None:
             raise EvaluationInputError(f"{name} must be a positive integer, got {value!r}")
 
 
-def prepare_unit_features(feats: torch.Tensor | np.ndarray, normalize: bool) -> torch.Tensor:
-    """Validated float32 CPU features, L2-normalised (``normalize``) or checked to be unit-norm."""
+def prepare_unit_features(feats: torch.Tensor | np.ndarray, normalize: bool, require_unit: bool = True) -> torch.Tensor:
+    """Validated float32 CPU features, L2-normalised (``normalize``), checked to be unit-norm
+    (``require_unit``) or as given."""
     x = as_feature_tensor(feats, "feats").detach().cpu()
     if normalize:
         return F.normalize(x, dim=1)
+    if not require_unit:
+        return x
     worst = float((x.norm(dim=1) - 1.0).abs().max())
     if worst > _UNIT_NORM_TOLERANCE:
         raise EvaluationInputError(
             f"feats: rows must be L2-normalised when normalize=False (largest | ||x|| - 1 | = {worst:.3g}); "
-            "pass normalize=True or normalise them first"
+            "pass normalize=True, normalise them first, or use them as given with require_unit=False"
         )
     return x
 

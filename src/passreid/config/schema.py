@@ -71,6 +71,9 @@ class EvalConfig:
     """Retrieval evaluation (CMC / mAP / mINP) and optional k-reciprocal re-ranking."""
 
     metric: str = "euclidean"  # distance for passreid.eval.rank_metrics
+    # L2-normalise query/gallery features before the distance (TransReID's TEST.FEAT_NORM 'yes'); false = the
+    # model output as it is (Cluster-Contrast's evaluator, where the UDA multi-neck feature is not unit-norm).
+    feat_norm: bool = True
     max_rank: int = 50
     rerank: bool = False
     k1: int = 20

@@ -85,6 +85,13 @@ class FinetuneDataConfig(DataConfig):
     flip_p: float = 0.5
     padding: int = 10
     erasing_p: float = 0.5
+    # Random erasing of the standard pipeline (passreid.data.transforms): "pixel" = timm's, as TransReID / PASS
+    # fine-tuning; "cluster_contrast" = Cluster-Contrast's (constant ImageNet-mean fill, area 0.02-0.4, uniform
+    # aspect, 100 tries). The mask-aware pipeline has its own data.mask_erasing.
+    erasing: Literal["pixel", "cluster_contrast"] = "pixel"
+    # Resize of the test pipeline (evaluation; USL/UDA also the clustering features): "bilinear" = TransReID's
+    # T.Resize default; "bicubic" = Cluster-Contrast's test loader. Training always resizes bicubic.
+    test_interpolation: Literal["bilinear", "bicubic"] = "bilinear"
     pixel_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     pixel_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
     # ColorJitter(brightness, contrast, saturation, hue) right after the resize; [] = off. DPM's Occluded-REID

@@ -181,7 +181,8 @@ def build_train_set(items: list[ImageItem], cfg: FinetuneConfig) -> ImageDataset
     if masks_source is not None:  # the method trains on (image, part masks) pairs
         return build_masked_train_set(items, cfg, masks_source)
     transform = build_train_transform(tuple(cfg.model.img_size), flip_p=data.flip_p, padding=data.padding,
-                                      erasing_p=data.erasing_p, mean=data.pixel_mean, std=data.pixel_std)
+                                      erasing_p=data.erasing_p, mean=data.pixel_mean, std=data.pixel_std,
+                                      erasing=data.erasing)
     return ImageDataset(items, _with_optional_augmentation(transform, cfg))
 
 
@@ -258,7 +259,8 @@ def build_test_loader(items: list[ImageItem], img_size: tuple[int, int], cfg: Fi
                       world_size: int = 1, pin_memory: bool = False) -> DataLoader:
     """Ordered (sharded under DDP) loader with the test transform (resize + normalise)."""
     data = cfg.data
-    dataset = ImageDataset(items, build_test_transform(tuple(img_size), mean=data.pixel_mean, std=data.pixel_std))
+    dataset = ImageDataset(items, build_test_transform(tuple(img_size), mean=data.pixel_mean, std=data.pixel_std,
+                                                       interpolation=data.test_interpolation))
     return PreemptibleDataLoader(
         dataset,
         batch_size=data.test_batch_size,

@@ -2,8 +2,8 @@
 
 Features come from :func:`passreid.eval.features.extract_features` (eval mode, gathered by sample
 index under DDP), metrics from :func:`passreid.eval.rank_metrics` (Rank-k, mAP, mINP on L2-normalised
-features, squared Euclidean distance: finetune-occluded.md §2.1) and, when ``eval.rerank`` is set,
-from k-reciprocal re-ranking with the configured ``k1, k2, lambda``.
+features unless ``eval.feat_norm`` is false, squared Euclidean distance: finetune-occluded.md §2.1)
+and, when ``eval.rerank`` is set, from k-reciprocal re-ranking with the configured ``k1, k2, lambda``.
 """
 from __future__ import annotations
 
@@ -124,15 +124,15 @@ def evaluate_features(query: ExtractedFeatures, gallery: ExtractedFeatures, eval
                              "test distance, so set eval.rerank=false")
         plain = rank_metrics_from_distance(distance, *labels, max_rank=eval_cfg.max_rank, device=device)
         return EvalResult(query, gallery, plain, None, None)
-    plain = rank_metrics(query.feats, gallery.feats, *labels, metric=eval_cfg.metric, max_rank=eval_cfg.max_rank,
-                         device=device)
+    plain = rank_metrics(query.feats, gallery.feats, *labels, metric=eval_cfg.metric, normalize=eval_cfg.feat_norm,
+                         max_rank=eval_cfg.max_rank, device=device)
     reranked, params = None, None
     if eval_cfg.rerank:
         from passreid.eval.rerank import re_ranking  # only imported when asked for
 
         params = {"k1": eval_cfg.k1, "k2": eval_cfg.k2, "lambda_value": eval_cfg.lambda_value}
         distance = re_ranking(query.feats, gallery.feats, eval_cfg.k1, eval_cfg.k2, eval_cfg.lambda_value,
-                              device=device)
+                              normalize=eval_cfg.feat_norm, device=device)
         reranked = rank_metrics_from_distance(distance, *labels, max_rank=eval_cfg.max_rank, device=device)
     return EvalResult(query, gallery, plain, reranked, params)
 

@@ -4,7 +4,9 @@ Defaults are the PASS ViT-S/16 Cluster-Contrast recipe for Market-1501 USL (clus
 single-neck ``cat`` head with L2-normalised BN-neck output, drop-path 0.3, P x K = 32 x 8 = 256, 200
 iterations per epoch, 50 epochs, SGD (momentum 0.9) lr 3.5e-4, weight decay 5e-4 on every trainable
 parameter, StepLR(20, 0.1) per epoch, no warm-up; k-reciprocal Jaccard (k1 30, k2 6) + DBSCAN (eps 0.6,
-min_samples 4) every epoch; cluster memory with temperature 0.05, momentum 0.2 and the hard update; fp32.
+min_samples 4) every epoch on the features as they are (``cluster.feat_norm``, ``eval.feat_norm``: false);
+Cluster-Contrast's random erasing and bicubic test/cluster resize (``data.erasing``, ``data.test_interpolation``);
+cluster memory with temperature 0.05, momentum 0.2 and the hard update; fp32.
 Recipes in ``configs/usl/`` and ``configs/uda/`` change only what differs (eps 0.7 and ``mean`` fusion
 for MSMT17, multi-neck and a source model for UDA).
 
@@ -57,6 +59,11 @@ class UslDataConfig(FinetuneDataConfig):
     num_instances: int = 8
     num_workers: int = 4
     test_batch_size: int = 256
+    # Cluster-Contrast's own transforms (PASS-reID PASS_cluster_contrast_reid/examples/
+    # cluster_contrast_train_usl.py: T.RandomErasing(mean=[0.485, 0.456, 0.406]) from
+    # clustercontrast/utils/data/transforms.py; T.Resize(..., interpolation=3) in the test/cluster loader).
+    erasing: Literal["pixel", "cluster_contrast"] = "cluster_contrast"
+    test_interpolation: Literal["bilinear", "bicubic"] = "bicubic"
 
 
 @dataclass
@@ -68,6 +75,11 @@ class ClusterConfig:
     k1: int = 30
     k2: int = 6
     knn_backend: Literal["auto", "torch", "faiss"] = "auto"  # passreid.cluster.knn backends (same neighbours)
+    # L2-normalise the features before the Jaccard distance. false = the model output as it is, as published
+    # (PASS-reID PASS_cluster_contrast_reid: cluster_contrast_train_usl.py -> faiss_rerank.py). Equal up to
+    # rounding for the unit-norm single-neck (USL) feature; for the multi-neck (UDA) feature true changes the
+    # pseudo labels (the normalised variant; pair it with eval.feat_norm=true).
+    feat_norm: bool = False
     # Cluster purity / adjusted Rand index against the target train split's own labels, logged each epoch
     # (never used for training). Needs labels >= 0 on every train image (false for unlabeled sets).
     monitor_true_labels: bool = True
@@ -124,7 +136,9 @@ class UslConfig:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     optim: UslOptimConfig = field(default_factory=UslOptimConfig)
-    eval: EvalConfig = field(default_factory=lambda: EvalConfig(period=10))
+    # Published evaluation: squared L2 on the model output as it is (PASS-reID PASS_cluster_contrast_reid/
+    # clustercontrast/evaluators.py, pairwise_distance), every 10 epochs and after the last.
+    eval: EvalConfig = field(default_factory=lambda: EvalConfig(period=10, feat_norm=False))
     train: UslTrainConfig = field(default_factory=UslTrainConfig)
 
 

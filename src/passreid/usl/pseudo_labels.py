@@ -5,11 +5,12 @@ the k-reciprocal Jaccard distance and DBSCAN (:func:`passreid.cluster.dbscan_pse
 memory-bounded implementation, exact for ``eps < 1``); outliers (``-1``) are dropped for the epoch; the
 memory starts from the L2-normalised mean feature of every cluster, in label order.
 
-The Jaccard step always sees L2-normalised rows. For the single-neck feature that is the published input
-(the model output is already unit-norm); the multi-neck (UDA) feature has norms in [1, √2] (``cat``) or
-<= 1 (``mean``), which the published code feeds to faiss L2 search and ``2 − 2 x·y`` weights as they are
-(cluster-contrast.md §8-6): here they are normalised first, a named deviation. Centroids are means of the
-raw features, as published.
+The Jaccard step sees the model output as it is (``cluster.feat_norm: false``, published: PASS-reID,
+PASS_cluster_contrast_reid/examples/cluster_contrast_train_usl.py hands the extracted features to
+clustercontrast/utils/faiss_rerank.py unchanged, which ranks by L2 and weights with ``2 − 2 x·y``). The
+single-neck (USL) feature is unit-norm anyway; the multi-neck (UDA) feature has norms in [1, √2] (``cat``)
+or <= 1 (``mean``), so ``cluster.feat_norm: true`` (L2-normalise first) changes its pseudo labels. Centroids
+are means of the raw features, L2-normalised, as published in both modes.
 """
 from __future__ import annotations
 
@@ -108,9 +109,11 @@ def _dense(ids: np.ndarray) -> np.ndarray:
 def cluster_features(feats: torch.Tensor, cfg: ClusterConfig, true_ids: np.ndarray | None = None,
                      device: torch.device | str | None = None) -> PseudoLabels:
     """Pseudo labels of ``feats`` (N, D, the model output in sample order): DBSCAN over the k-reciprocal
-    Jaccard distance of the normalised rows, centroids of the raw rows, statistics (module docstring)."""
+    Jaccard distance of the rows as they are (or L2-normalised, ``cfg.feat_norm``), centroids of the raw
+    rows, statistics (module docstring)."""
     feats = torch.as_tensor(feats, dtype=torch.float32).cpu()
     labels = dbscan_pseudo_labels(feats, eps=cfg.eps, min_samples=cfg.min_samples, k1=cfg.k1, k2=cfg.k2,
-                                  normalize=True, backend=cfg.knn_backend, device=device)
+                                  normalize=cfg.feat_norm, require_unit=False, backend=cfg.knn_backend,
+                                  device=device)
     labels = np.asarray(labels, dtype=np.int64)
     return PseudoLabels(labels, cluster_centroids(feats, labels), cluster_statistics(labels, true_ids))

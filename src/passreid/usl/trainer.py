@@ -8,9 +8,18 @@ model (``model.init_from``); no source image is read.
 
 One run writes into ``train.output_dir``: ``config.yaml``, ``log.txt``, ``metrics.jsonl`` (``split``
 "cluster" once per epoch: clusters, outliers, purity / ARI against the true ids when known, the epoch's
-mean loss; "train" every ``train.log_period`` iterations; "eval" after each evaluation), TensorBoard events,
-``checkpoint.pth`` and ``model_final.pth`` (the fine-tuning format: ``finetune/test.py --weights`` and
-:func:`passreid.finetune.load_finetuned_model` read it; its classifier holds the final cluster memory).
+mean loss; "train" every ``train.log_period`` iterations; "eval" after each evaluation; at the end "last"
+and "best_test_selected", see below), TensorBoard events, ``checkpoint.pth`` and ``model_final.pth`` (the
+fine-tuning format: ``finetune/test.py --weights`` and :func:`passreid.finetune.load_finetuned_model` read
+it; its classifier holds the final cluster memory; it is the *last* epoch's model).
+
+Last vs best: the published runs evaluate every ``eval_step`` epochs and after the last one, keep the
+checkpoint with the highest test mAP and report it (PASS-reID, PASS_cluster_contrast_reid/examples/
+cluster_contrast_train_usl.py: ``is_best = mAP > best_mAP``, then "Test with the best model"): model selection
+on the test set. A run here reports both, labelled: "last" (the final evaluation, the model in
+``model_final.pth``) and "best (test-set selected)" (the evaluation with the highest mAP, the earlier one on a
+tie; the starting-model evaluation of ``train.eval_at_start`` is not a candidate), in ``log.txt``,
+``metrics.jsonl``, ``model_final.pth``'s meta and :class:`UslResult`. Compare a published number with "best".
 
 Exact resume: at an epoch boundary the checkpoint holds the model, optimizer and RNG states, and the
 resumed run re-clusters from the checkpointed model, which gives the same pseudo labels and memory as the
@@ -59,12 +68,16 @@ class UslResult:
     output_dir: Path
     iterations: int
     epochs_completed: int
-    final_metrics: dict[str, float] | None
+    final_metrics: dict[str, float] | None  # "last": the final evaluation (the model in model_final.pth)
     final_model: Path | None
     history: list[dict[str, Any]] = field(default_factory=list)  # one record per clustering step
     initial_metrics: dict[str, float] | None = None  # train.eval_at_start
     source: SourceLoad | None = None  # UDA: how the source model was read
     preempted: bool = False
+    # "best (test-set selected)": the evaluation with the highest test mAP and its epoch, as the published
+    # numbers are selected (module docstring). Not a held-out estimate.
+    best_metrics: dict[str, float] | None = None
+    best_epoch: int | None = None
 
 
 @dataclass
@@ -157,6 +170,7 @@ class ClusterContrastTrainer(EpochTrainer):
         self.history: list[dict[str, Any]] = []
         self.loss_sum, self.loss_count = 0.0, 0
         self.initial_metrics: dict[str, float] | None = None
+        self.best: dict[str, Any] | None = None  # {"epoch", "iteration", "metrics"} of the highest test mAP
 
     def _wrap_distributed(self) -> None:
         # A [CLS]-only head leaves the part tokens without gradient.
@@ -172,6 +186,10 @@ class ClusterContrastTrainer(EpochTrainer):
                     self.model.feature_dim, cfg.cluster.eps, cfg.cluster.k1, cfg.cluster.k2, cfg.cluster.min_samples,
                     cfg.memory.temperature, cfg.memory.momentum, "hard" if cfg.memory.use_hard else "all-sample",
                     self.world_size, self.device, self.precision.describe())
+        logger.info("random erasing %s, test/cluster resize %s; features %s before the Jaccard distance and %s "
+                    "before the test distance", cfg.data.erasing, cfg.data.test_interpolation,
+                    "L2-normalised" if cfg.cluster.feat_norm else "as output",
+                    "L2-normalised" if cfg.eval.feat_norm else "as output")
 
     # ------------------------------------------------------------------ checkpoint state
     def _checkpoint_extra(self, stopped_in_epoch: int | None) -> dict[str, Any]:
@@ -181,11 +199,12 @@ class ClusterContrastTrainer(EpochTrainer):
                            "memory": self.memory.features.detach().cpu().clone(),
                            "loss_sum": self.loss_sum, "loss_count": self.loss_count}
         return {"history": self.history, "initial_metrics": self.initial_metrics, "epoch_state": epoch_state,
-                "memory": self.memory.features.detach().cpu().clone()}
+                "memory": self.memory.features.detach().cpu().clone(), "best": self.best}
 
     def _restore_extra(self, extra: dict[str, Any]) -> None:
         self.history = list(extra.get("history", []))
         self.initial_metrics = extra.get("initial_metrics")
+        self.best = extra.get("best")
         self.pending_epoch_state = extra.get("epoch_state")
         if extra.get("memory") is not None:  # the memory as it ended (a finished run's final classifier)
             self.memory.features = extra["memory"].to(self.memory.features.device).clone()
@@ -203,8 +222,10 @@ class ClusterContrastTrainer(EpochTrainer):
             self.initial_metrics = result.metrics if result is not None else None
 
     def _result(self, final_path: Path | None, preempted: bool) -> UslResult:
+        best = self.best or {}
         return UslResult(self.output_dir, self.iteration, self.epoch, self.last_metrics, final_path,
-                         list(self.history), self.initial_metrics, self.source, preempted)
+                         list(self.history), self.initial_metrics, self.source, preempted,
+                         best_metrics=best.get("metrics"), best_epoch=best.get("epoch"))
 
     # ------------------------------------------------------------------ clustering
     def _prepare_epoch(self, epoch: int) -> None:
@@ -303,10 +324,32 @@ class ClusterContrastTrainer(EpochTrainer):
             self.metrics.write(self.iteration, split="eval", epoch=self.epoch, **result.metrics)
             logger.info("evaluation on %s (%s):\n%s", self.data.test.name,
                         label or f"after epoch {self.epoch}, iteration {self.iteration}", format_result(result))
+            if not label:
+                self._track_best(result.metrics)
         return result
+
+    def _track_best(self, metrics: dict[str, float]) -> None:
+        """Keep the evaluation with the highest test mAP (the earlier one on a tie), as the published runs do."""
+        if self.best is None or metrics["mAP"] > self.best["metrics"]["mAP"]:
+            self.best = {"epoch": self.epoch, "iteration": self.iteration, "metrics": dict(metrics)}
+        logger.info("best (test-set selected) so far: epoch %d, %s", self.best["epoch"],
+                    _headline(self.best["metrics"]))
+
+    def _report_last_and_best(self) -> None:
+        """Log and record (``metrics.jsonl`` splits "last" and "best_test_selected") the final evaluation and
+        the test-set selected best one, so a run compares like with like with the published numbers."""
+        if self.last_metrics is None or self.best is None:
+            return
+        self.metrics.write(self.iteration, split="last", epoch=self.epoch, **self.last_metrics)
+        self.metrics.write(self.best["iteration"], split="best_test_selected", epoch=self.best["epoch"],
+                           **self.best["metrics"])
+        logger.info("result on %s: last (epoch %d, model_final.pth): %s | best (test-set selected, as the published "
+                    "numbers; epoch %d): %s", self.data.test.name, self.epoch, _headline(self.last_metrics),
+                    self.best["epoch"], _headline(self.best["metrics"]))
 
     def _save_final_model(self) -> Path | None:
         path = None
+        self._report_last_and_best()
         if self.memory.num_clusters == 0:
             raise RuntimeError("no cluster memory to save: the run has not clustered (resumed a checkpoint without "
                                "its memory?)")
@@ -322,11 +365,17 @@ class ClusterContrastTrainer(EpochTrainer):
             finally:
                 self.model.head.classifier = None
             final["meta"].update(final_metrics=self.last_metrics, initial_metrics=self.initial_metrics,
-                                 cluster_history=self.history, usl_config=config_to_dict(self.cfg))
+                                 best_test_selected=self.best, cluster_history=self.history,
+                                 usl_config=config_to_dict(self.cfg))
             path = atomic_save(final, output_layout(self.output_dir).final_model)
             logger.info("wrote %s (%d final clusters as the classifier)", path, memory.shape[0])
         dist.barrier()
         return path
+
+
+def _headline(metrics: dict[str, float]) -> str:
+    """``mAP 88.7%, Rank-1 95.0%`` from the evaluation scalars (fractions)."""
+    return f"mAP {100 * metrics['mAP']:.1f}%, Rank-1 {100 * metrics['rank1']:.1f}%"
 
 
 def run_usl(cfg: UslConfig, resume: bool = True) -> UslResult:
