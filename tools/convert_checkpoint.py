@@ -36,7 +36,7 @@ from typing import Any
 import torch
 
 from passreid.engine import atomic_save
-from passreid.finetune.checkpoints import published_layout, unsupported_layout_message
+from passreid.finetune.checkpoints import published_layout
 from passreid.models import (
     VIT_ARCHS,
     ArchitectureError,
@@ -64,8 +64,6 @@ def _refuse_finetuned(obj: Mapping[str, Any], path: Path) -> None:
     layout = published_layout(obj)
     if layout is None:
         return
-    if layout.method is None:
-        raise ConversionError(unsupported_layout_message(layout, obj, str(path)))
     raise ConversionError(
         f"{path} is {layout.describe()}: a fine-tuned model, not a pre-training checkpoint (this tool expects "
         f"{EXPECTED}). Evaluate it with finetune/test.py --weights {path} --config-file <a {layout.method} config, "
