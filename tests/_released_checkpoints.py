@@ -151,17 +151,17 @@ def bpbreid_released_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
         table += [(f"{kind}_reduction.linear.", f"{kind}_after_pooling_dim_reduce.layers.0."),
                   (f"{kind}_reduction.bn.", f"{kind}_after_pooling_dim_reduce.layers.1.")]
     out = _rename(state, set(), table)
-    for name, width in (("background_after_pooling_dim_reduce.layers.1.", dim),
-                        ("background_identity_classifier.bn.", dim)):
-        out.update({name + stat: _noise(width) for stat in ("weight", "bias", "running_mean", "running_var")})
+    backbone = "backbone_appearance_feature_extractor."
+    hrnet = f"{backbone}transition1.0.0.weight" in out
+    batch_norms = ["background_after_pooling_dim_reduce.layers.1.", "background_identity_classifier.bn."]
+    for name in batch_norms + ([f"{backbone}cls_head.1."] if hrnet else []):
+        out.update({name + stat: _noise(dim) for stat in ("weight", "bias", "running_mean", "running_var")})
         out[name + "num_batches_tracked"] = torch.tensor(9000)
     out.update({"background_after_pooling_dim_reduce.layers.0.weight": _noise(dim, channels),
                 "background_after_pooling_dim_reduce.layers.0.bias": _noise(dim),
                 "background_identity_classifier.classifier.weight": _noise(classes, dim)})
-    backbone = "backbone_appearance_feature_extractor."
-    if f"{backbone}transition1.0.0.weight" in out:
-        out.update({f"{backbone}cls_head.0.weight": _noise(dim, channels, 1, 1), f"{backbone}cls_head.0.bias": _noise(dim),
-                    f"{backbone}cls_head.1.weight": _noise(dim), f"{backbone}cls_head.1.running_var": _noise(dim)})
+    if hrnet:
+        out.update({f"{backbone}cls_head.0.weight": _noise(dim, channels, 1, 1), f"{backbone}cls_head.0.bias": _noise(dim)})
     else:
         out.update({f"{backbone}classifier.weight": _noise(classes, channels), f"{backbone}classifier.bias": _noise(classes)})
     return out
