@@ -6,10 +6,11 @@
 
 Writes D/metrics.json, D/query_features.npz and D/gallery_features.npz (default D: <weights dir>/test).
 Without --config-file, a passreid model_final.pth / checkpoint.pth is evaluated with the config stored
-in it (overrides still apply). Published TransReID / PASS checkpoints need the --config-file that
-describes their architecture; every key that does not map is reported and refused unless allowed with
---allow-missing / --allow-unexpected (fnmatch patterns). --print-config prints the resolved config and
-exits; a mistake in the input is one message and exit status 2 (--debug adds the traceback).
+in it (overrides still apply). Released TransReID / PASS-reID, DPM, TSD, DPEFormer and BPBReID checkpoints
+need the --config-file that describes their architecture; every key that does not map is reported and refused
+unless allowed with --allow-missing / --allow-unexpected (fnmatch patterns).
+--print-config prints the resolved config and exits; a mistake in the input is one message and exit
+status 2 (--debug adds the traceback).
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Evaluate ``--weights`` and write the metrics and features."""
     parser = default_argument_parser(__doc__)
     parser.add_argument("--weights", required=True, metavar="FILE",
-                        help="model_final.pth, a run's checkpoint.pth, or a published TransReID/PASS checkpoint")
+                        help="model_final.pth, a run's checkpoint.pth, or a released fine-tuned checkpoint")
     parser.add_argument("--allow-missing", nargs="*", default=[], metavar="PATTERN",
                         help="model keys a published checkpoint may lack")
     parser.add_argument("--allow-unexpected", nargs="*", default=[], metavar="PATTERN",

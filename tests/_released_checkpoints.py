@@ -3,15 +3,16 @@
 Each function returns the ``model.state_dict()`` the released training code would save for the same weights
 (DPM model/make_model.py + model/backbones/vit_pytorch.py, TSD model/tsd.py + model/neck/*, DPEFormer
 model/make_model_zx.py + model/backbones/vit_pytorch.py), including the modules their forward never uses
-(filled with noise, so loading them anywhere would show), and a torchreid BPBReID checkpoint (bpbreid
-torchreid/models/bpbreid.py, torchreid/utils/torchtools.py). The renames are written out here from the
-released module names, independently of passreid's mapping rules.
+(filled with noise, so loading them anywhere would show), and the torchreid checkpoint of BPBReID (bpbreid
+torchreid/models/bpbreid.py, hrnet.py, resnet.py, torchreid/engine/engine.py save_model, with its yacs config).
+The renames are written out here from the released module names, independently of passreid's mapping rules.
 """
 from __future__ import annotations
 
 import sys
 import types
 
+import numpy as np
 import torch
 
 
@@ -132,26 +133,83 @@ def dpeformer_released_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {f"module.{key}": value for key, value in released.items()}
 
 
-def bpbreid_released_checkpoint(num_classes: int = 7) -> dict:
-    """A torchreid save_checkpoint dict of BPBReID with an HRNet-W32 backbone (shrunken tensors, real names)."""
-    hrnet = "backbone_appearance_feature_extractor."
-    state = {hrnet + "conv1.weight": _noise(64, 3, 3, 3), hrnet + "bn1.weight": _noise(64),
-             hrnet + "transition1.0.0.weight": _noise(32, 256, 3, 3),
-             hrnet + "stage4.0.branches.0.0.conv1.weight": _noise(32, 32, 3, 3),
-             "pixel_classifier.bn.weight": _noise(32), "pixel_classifier.classifier.weight": _noise(6, 32, 1, 1),
-             "global_identity_classifier.bn.weight": _noise(32),
-             "global_identity_classifier.classifier.weight": _noise(num_classes, 32),
-             "parts_identity_classifier.0.classifier.weight": _noise(num_classes, 32)}
-    return {"state_dict": state, "epoch": 120, "rank1": 0.9, "mAP": 0.8}
+def bpbreid_released_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """BPBreID with ``dim_reduce: after_pooling`` (the published default): ``backbone_appearance_feature_extractor``
+    (HRNet-W32 with its ``cls_head``, Conv 1920 -> 512 + BN, run only with ``before_pooling``; ResNet-50 with its
+    ``classifier`` Linear(2048, classes)), ``{global, foreground, background, parts}_after_pooling_dim_reduce``
+    (``layers``: Linear, BN1d, ReLU), ``pixel_classifier``, the BNClassifiers ``{global, background, foreground,
+    concat_parts}_identity_classifier`` and ``parts_identity_classifier.k``; background ones unused at test."""
+    state = model.state_dict()
+    dim, channels = model.dim_reduce, model.pixel_classifier.bn.num_features
+    classes = state["global_classifier.classifier.weight"].shape[0]
+    table = [("backbone.", "backbone_appearance_feature_extractor."), ("pixel_classifier.", "pixel_classifier."),
+             ("global_classifier.", "global_identity_classifier."),
+             ("foreground_classifier.", "foreground_identity_classifier."),
+             ("concat_classifier.", "concat_parts_identity_classifier."),
+             ("parts_classifiers.", "parts_identity_classifier.")]
+    for kind in ("global", "foreground", "parts"):
+        table += [(f"{kind}_reduction.linear.", f"{kind}_after_pooling_dim_reduce.layers.0."),
+                  (f"{kind}_reduction.bn.", f"{kind}_after_pooling_dim_reduce.layers.1.")]
+    out = _rename(state, set(), table)
+    backbone = "backbone_appearance_feature_extractor."
+    hrnet = f"{backbone}transition1.0.0.weight" in out
+    batch_norms = ["background_after_pooling_dim_reduce.layers.1.", "background_identity_classifier.bn."]
+    for name in batch_norms + ([f"{backbone}cls_head.1."] if hrnet else []):
+        out.update({name + stat: _noise(dim) for stat in ("weight", "bias", "running_mean", "running_var")})
+        out[name + "num_batches_tracked"] = torch.tensor(9000)
+    out.update({"background_after_pooling_dim_reduce.layers.0.weight": _noise(dim, channels),
+                "background_after_pooling_dim_reduce.layers.0.bias": _noise(dim),
+                "background_identity_classifier.classifier.weight": _noise(classes, dim)})
+    if hrnet:
+        out.update({f"{backbone}cls_head.0.weight": _noise(dim, channels, 1, 1), f"{backbone}cls_head.0.bias": _noise(dim)})
+    else:
+        out.update({f"{backbone}classifier.weight": _noise(classes, channels), f"{backbone}classifier.bias": _noise(classes)})
+    return out
+
+
+def bpbreid_released_checkpoint(model: torch.nn.Module, config: dict | None = None) -> dict:
+    """torchreid's Engine.save_model dict of ``model`` (trained under nn.DataParallel: ``module.`` keys), with the
+    numpy metrics, Adam and warm-up scheduler states and, given, the yacs config (a :func:`yacs_config` node)."""
+    return {"state_dict": {f"module.{k}": v for k, v in bpbreid_released_state(model).items()},
+            "epoch": 120, "rank1": np.float32(0.957), "mAP": np.float64(0.894), "ssmd": np.float64(2.5),
+            "optimizer": {"state": {}, "param_groups": [{"lr": 3.5e-6, "betas": (0.9, 0.999), "eps": 1e-8,
+                                                         "weight_decay": 5e-4, "amsgrad": False,
+                                                         "initial_lr": 3.5e-4, "params": [0, 1]}]},
+            "scheduler": {"milestones": [40, 70], "gamma": 0.1, "warmup_factor": 0.01, "warmup_iters": 10,
+                          "warmup_method": "linear", "base_lrs": [3.5e-4], "last_epoch": 120, "_step_count": 121,
+                          "_last_lr": [3.5e-6]},
+            **({"config": config} if config is not None else {})}
+
+
+def torchreid_config(node: type, **bpbreid: object) -> dict:
+    """A BPBReID run's yacs config (default_config.py values, ``bpbreid`` overrides), built of ``node`` s."""
+    settings = {"pooling": "gwap", "normalization": "identity", "dim_reduce": "after_pooling",
+                "dim_reduce_output": 512, "backbone": "hrnet32", "learnable_attention_enabled": True,
+                "test_embeddings": ["bn_foreg", "parts"], "test_use_target_segmentation": "none",
+                "testing_binary_visibility_score": True, "shared_parts_id_classifier": False,
+                "masks": {"preprocess": "five_v", "parts_num": 5, "dir": "pifpaf_maskrcnn_filtering"}, **bpbreid}
+    return node({"model": {"name": "bpbreid", "load_weights": "", "bpbreid": settings},
+                 "data": {"sources": ["market1501"], "height": 384, "width": 128, "norm_mean": [0.485, 0.456, 0.406]},
+                 "train": {"stepsize": [40, 70], "lr": 0.00035}, "project": {"start_time": "2022_08_01_10_00_00"}})
+
+
+class _CfgNode(dict):
+    """yacs 0.1.8's ``CfgNode`` as it pickles: a dict (nested dicts become nodes) whose ``__dict__`` holds the four
+    bookkeeping entries its ``__init__`` sets (yacs/config.py)."""
+
+    def __init__(self, init_dict: dict | None = None) -> None:
+        super().__init__({k: type(self)(v) if isinstance(v, dict) else v for k, v in (init_dict or {}).items()})
+        self.__dict__.update({"__immutable__": False, "__deprecated_keys__": set(),
+                              "__renamed_keys__": {}, "__new_allowed__": False})
 
 
 class _YacsModule:
-    """Installs a stand-in ``yacs.config.CfgNode`` (a dict subclass, as in yacs) while active, so a checkpoint can
-    pickle its config under the real global name, as torchreid's save_checkpoint does."""
+    """Installs a stand-in ``yacs.config.CfgNode`` (:class:`_CfgNode`) while active, so a checkpoint can pickle its
+    config under the real global name, as torchreid's save_checkpoint does; loading then needs no yacs."""
 
     def __enter__(self):
         package, config = types.ModuleType("yacs"), types.ModuleType("yacs.config")
-        node = type("CfgNode", (dict,), {"__module__": "yacs.config"})
+        node = type("CfgNode", (_CfgNode,), {"__module__": "yacs.config", "__qualname__": "CfgNode"})
         config.CfgNode, package.config = node, config
         self.saved = {name: sys.modules.get(name) for name in ("yacs", "yacs.config")}
         sys.modules.update({"yacs": package, "yacs.config": config})

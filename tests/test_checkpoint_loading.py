@@ -10,12 +10,14 @@ import argparse
 import datetime
 import logging
 import math
+from collections import OrderedDict
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
+from _released_checkpoints import torchreid_config, yacs_config
 from passreid.models import (
     CheckpointFormatError,
     CheckpointMismatchError,
@@ -482,3 +484,18 @@ def test_weights_only_allows_namespace_and_numpy_scalars_and_nothing_more(tmp_pa
         with pytest.raises(CheckpointFormatError, match=f"{name} pickles objects that weights-only loading refuses: "
                                                         f".*{global_name}"):
             read_checkpoint(tmp_path / name)
+
+
+def test_weights_only_reads_a_yacs_config_without_yacs(tmp_path):
+    """torchreid (BPBReID) pickles its yacs CfgNode config: its items come back as nested OrderedDicts and no yacs
+    code runs (none is installed); a value the safe loader does not allow inside it is still refused and named."""
+    with yacs_config() as node:
+        torch.save({"config": torchreid_config(node), "rank1": np.float32(0.9)}, tmp_path / "torchreid.pth")
+        torch.save({"config": node({"data": {"when": datetime.date(2020, 1, 1)}})}, tmp_path / "date.pth")
+    config = read_checkpoint(tmp_path / "torchreid.pth")["config"]
+    assert isinstance(config, OrderedDict) and isinstance(config["model"]["bpbreid"], OrderedDict)
+    assert config["model"]["bpbreid"]["test_embeddings"] == ["bn_foreg", "parts"]
+    assert config["model"]["bpbreid"]["masks"]["parts_num"] == 5 and config["data"]["height"] == 384
+    with pytest.raises(CheckpointFormatError, match="date.pth pickles objects that weights-only loading refuses: "
+                                                    "datetime.date"):
+        read_checkpoint(tmp_path / "date.pth")

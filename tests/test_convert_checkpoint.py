@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import pickle
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 from _inference_models import published_optimizer_state, save_as_published
-from _released_checkpoints import bpbreid_released_checkpoint, dpm_released_state, yacs_config
+from _released_checkpoints import bpbreid_released_checkpoint, dpm_released_state, torchreid_config, yacs_config
 from _tool_loading import load_tool_module
 from passreid.config import load_config
 from passreid.finetune import FinetuneConfig, build_model
@@ -170,7 +171,7 @@ def test_published_checkpoint_with_numpy_schedule_values_loads(tool, meta, tmp_p
     assert all(torch.equal(model.backbone.state_dict()[k], v) for k, v in teacher.items())
 
 
-def test_released_finetuned_checkpoints_are_named_with_what_loads_them(tool, tmp_path, capsys):
+def test_released_finetuned_checkpoints_are_named_with_what_loads_them(tool, tmp_path, capsys, monkeypatch):
     dpm_cfg = load_config(FinetuneConfig, REPO_ROOT / "configs" / "finetune" / "demo_dpm.yaml")
     torch.save(dpm_released_state(build_model(dpm_cfg, 7, 0, load_weights=False)), tmp_path / "dpm.pth")
     assert tool.main([str(tmp_path / "dpm.pth"), str(tmp_path / "x.pth")]) == 2
@@ -178,13 +179,20 @@ def test_released_finetuned_checkpoints_are_named_with_what_loads_them(tool, tmp
     assert f"{tmp_path / 'dpm.pth'} is a released DPM checkpoint" in err
     assert "not a pre-training checkpoint" in err and "finetune/test.py --weights" in err and "dpm_vit_b_256" in err
 
-    # torchreid pickles its yacs config: refused by the safe loader (named), then, trusted, the layout is named.
-    with yacs_config() as config_node:
-        torch.save({**bpbreid_released_checkpoint(), "config": config_node(model={"name": "bpbreid"})},
-                   tmp_path / "bpbreid.pth")
-        assert tool.main([str(tmp_path / "bpbreid.pth"), str(tmp_path / "x.pth")]) == 2
-        assert "refuses: yacs.config.CfgNode" in capsys.readouterr().err
-        assert tool.main([str(tmp_path / "bpbreid.pth"), str(tmp_path / "x.pth"), "--trust-pickle"]) == 2
+    # torchreid pickles its yacs config: read without yacs (as an OrderedDict), and the layout is named with what
+    # loads it. The tool reads only the layout, so the demo's ViT stands in for the HRNet under torchreid's names.
+    bpbreid = build_model(load_config(FinetuneConfig, REPO_ROOT / "configs" / "finetune" / "demo_bpbreid.yaml"), 7, 0,
+                          load_weights=False)
+    with yacs_config() as node:
+        torch.save(bpbreid_released_checkpoint(bpbreid, torchreid_config(node)), tmp_path / "bpbreid.pth")
+    assert tool.main([str(tmp_path / "bpbreid.pth"), str(tmp_path / "x.pth")]) == 2
     err = capsys.readouterr().err
-    assert "is a released BPBReID (torchreid) checkpoint" in err and "HRNet-W32 backbone" in err
+    assert f"{tmp_path / 'bpbreid.pth'} is a released BPBReID (torchreid) checkpoint" in err
+    assert "finetune/test.py --weights" in err and "bpbreid_hrnet32_384.yaml" in err
+    # Trusting its pickles needs yacs's code: without it, one error naming the file and the import that failed.
+    monkeypatch.setitem(sys.modules, "yacs", None)
+    assert tool.main([str(tmp_path / "bpbreid.pth"), str(tmp_path / "x.pth"), "--trust-pickle"]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'bpbreid.pth'} pickles an object whose code cannot be imported here (ModuleNotFoundError: " in err
+    assert "No module named 'yacs.config'" in err
     assert not (tmp_path / "x.pth").exists()

@@ -1,23 +1,25 @@
 """model_final.pth round trips and the explicit mapping of released checkpoints: TransReID / PASS-reID, DPM, TSD,
-DPEFormer (mapped), BPBReID (recognised, refused with the reason)."""
+DPEFormer and BPBReID (torchreid, with its yacs config), and the refusal of files that do not fit the config."""
 from __future__ import annotations
 
 import json
 import logging
 import re
+import sys
 from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 from _inference_models import restored_passreid_logging, save_published_transreid_checkpoint
-from _released_checkpoints import (bpbreid_released_checkpoint, dpeformer_released_state, dpm_released_state,
-                                   tsd_released_state)
+from _released_checkpoints import (bpbreid_released_checkpoint, bpbreid_released_state, dpeformer_released_state,
+                                   dpm_released_state, torchreid_config, tsd_released_state, yacs_config)
 from _tool_loading import load_tool_module
 from passreid.config import load_config
 from passreid.engine import atomic_save
 from passreid.finetune import FinetuneConfig, build_final_checkpoint, build_model, load_finetuned_model
-from passreid.finetune.checkpoints import published_layout, stored_config
+from passreid.finetune.checkpoints import PUBLISHED_LAYOUTS, map_published_state_dict, published_layout, stored_config
 from passreid.models import CheckpointFormatError, CheckpointMismatchError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -257,11 +259,118 @@ def test_released_dpeformer_with_the_paper_global_token_warns(caplog):
     assert "dpeformer.global_token=first_patch" in caplog.text
 
 
-def test_released_bpbreid_checkpoint_is_named_and_refused(tmp_path: Path):
-    path = tmp_path / "bpbreid_occluded_duke_hrnet32.pth"
-    torch.save(bpbreid_released_checkpoint(), path)
-    for cfg in (None, _demo("bpbreid")):
-        with pytest.raises(CheckpointFormatError, match=(
-                re.escape(f"{path} is a released BPBReID (torchreid) checkpoint") + " .* with a HRNet-W32 backbone; passreid's "
-                "method: bpbreid runs on the ViT patch-token grid .* cannot be loaded. Expected a passreid model_final")):
-            load_finetuned_model(path, cfg)
+# BPBReID on HRNet-W32 (ResNet-50 below) at 64x32: the backbone is full size, the inputs tiny (fast on the CPU).
+HRNET_64 = ("model.arch=hrnet_w32", "model.img_size=[64,32]")
+BPBREID_DROPPED = ["backbone_appearance_feature_extractor.cls_head.0.weight",
+                   "background_after_pooling_dim_reduce.layers.0.weight",
+                   "background_identity_classifier.classifier.weight"]
+
+
+@pytest.fixture(scope="module")
+def bpbreid_hrnet() -> tuple[FinetuneConfig, torch.nn.Module]:
+    cfg = _demo("bpbreid", *HRNET_64)
+    return cfg, _trained_looking_model(cfg, num_cameras=0)
+
+
+def _save_released_bpbreid(path: Path, model: torch.nn.Module, **bpbreid_settings) -> Path:
+    """torchreid's checkpoint of ``model`` with its yacs config; saved with a stand-in yacs, read without one."""
+    with yacs_config() as node:
+        torch.save(bpbreid_released_checkpoint(model, torchreid_config(node, **bpbreid_settings)), path)
+    assert "yacs" not in sys.modules
+    return path
+
+
+def test_released_bpbreid_checkpoint_loads_exactly(tmp_path: Path, caplog, bpbreid_hrnet):
+    cfg, model = bpbreid_hrnet
+    path = _save_released_bpbreid(tmp_path / "bpbreid_market1501_hrnet32.pth", model,
+                                  testing_binary_visibility_score=False)
+    with caplog.at_level(logging.INFO, logger="passreid.finetune.checkpoints"):
+        loaded, _, report = load_finetuned_model(path, cfg)
+    assert report.is_exact and len(report.loaded) == report.num_model_tensors
+    assert set(BPBREID_DROPPED) <= {entry.split(" ")[0] for entry in report.dropped}
+    assert all(name in caplog.text for name in BPBREID_DROPPED)
+    assert "background_identity_classifier.classifier.weight (the background embedding: no GiLt loss term" in caplog.text
+    loaded_state = loaded.state_dict()
+    assert all(torch.equal(loaded_state[k], v) for k, v in model.state_dict().items())
+    images = torch.randn(2, 3, 64, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.eval()(images), model.eval()(images), **FEATURE_TOL)
+    # The stored torchreid config tests with continuous visibility; the passreid config says binary: warned.
+    assert "model.bpbreid.testing_binary_visibility_score=False (passreid: True)" in caplog.text
+
+
+def test_released_bpbreid_resnet50_state_maps_onto_the_model():
+    cfg = _demo("bpbreid", "model.arch=resnet50", "model.img_size=[64,32]")
+    torch.manual_seed(0)
+    model = build_model(cfg, 7, 0, load_weights=False)
+    released = bpbreid_released_state(model)
+    layout = published_layout(released)
+    assert layout is PUBLISHED_LAYOUTS[0] and layout.method == "bpbreid"
+    mapped, dropped, unknown = map_published_state_dict(released, 0, False, layout)
+    assert not unknown and mapped.keys() == model.state_dict().keys()
+    assert all(torch.equal(mapped[k], v) for k, v in model.state_dict().items())
+    assert "backbone_appearance_feature_extractor.classifier.weight (the ResNet's own identity classifier, unused by " \
+           "BPBReID's forward)" in dropped
+
+
+def _tiny_market(root: Path) -> Path:
+    """A Market-1501 folder of 3 train, 3 query and 6 gallery images (noise): HRNet-W32 evaluates it in seconds."""
+    generator = torch.Generator().manual_seed(0)
+    names = {"bounding_box_train": ["0001_c1s1_000001_00.jpg", "0001_c2s1_000002_00.jpg", "0002_c1s1_000003_00.jpg"],
+             "query": [f"000{pid}_c1s1_00001{pid}_00.jpg" for pid in (3, 4, 5)],
+             "bounding_box_test": [f"000{pid}_c{cam}s1_00002{pid}_00.jpg" for pid in (3, 4, 5) for cam in (2, 3)]}
+    for split, files in names.items():
+        (root / split).mkdir(parents=True)
+        for name in files:
+            pixels = torch.randint(0, 256, (64, 32, 3), generator=generator, dtype=torch.uint8)
+            Image.fromarray(pixels.numpy()).save(root / split / name)
+    return root
+
+
+def test_finetune_test_py_evaluates_a_released_bpbreid_checkpoint(tmp_path: Path, bpbreid_hrnet):
+    """finetune/test.py --config-file demo_bpbreid.yaml (HRNet-W32) --weights <torchreid file>: no extra flags."""
+    path = _save_released_bpbreid(tmp_path / "bpbreid.pth", bpbreid_hrnet[1])
+    test_py = load_tool_module(REPO / "finetune" / "test.py", "finetune_test_entry")
+    out = tmp_path / "test"
+    with restored_passreid_logging():
+        assert test_py.main(["--config-file", str(REPO / "configs" / "finetune" / "demo_bpbreid.yaml"), "--weights",
+                             str(path), "--output-dir", str(out), *HRNET_64, "model.drop_path_rate=0.0",
+                             f"data.root={_tiny_market(tmp_path / 'market1501')}"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert 0.0 <= metrics["mAP"] <= 1.0 and metrics["feature_dim"] == 6 * (512 + 1)  # [bn_foreground, 5 parts] + visibility
+    for text in (metrics["published_checkpoint_report"], (out / "log.txt").read_text()):
+        assert "backbone_appearance_feature_extractor.cls_head.0.weight (HRNet's 1x1 reduction" in text
+    assert "released run's config" not in (out / "log.txt").read_text()  # the published test settings: no warning
+
+
+def _without(state: dict, prefix: str) -> dict:
+    return {k: v for k, v in state.items() if not k.startswith(prefix)}
+
+
+def test_released_bpbreid_checkpoint_that_does_not_fit_names_the_setting(bpbreid_hrnet):
+    cfg, model = bpbreid_hrnet
+    state = bpbreid_released_state(model)
+    hrnet = ["model.arch=hrnet_w32", "model.img_size=[64,32]"]
+    with pytest.raises(CheckpointFormatError, match=r"released BPBReID \(torchreid\) checkpoint.*--config-file, e\.g\. "
+                                                    r"configs/finetune/market1501/bpbreid_hrnet32_384\.yaml"):
+        load_finetuned_model(state)
+    refusals = [
+        (state, _demo("bpbreid"), r"trained on a HRNet-W32 backbone but the config's model.arch is 'vit_tiny'; "
+                                  r"set model.arch=hrnet_w32"),
+        (state, _demo("bpbreid", *hrnet, "data.mask_preprocess=eight"),
+         r"trained with 5 body parts .* data.mask_preprocess=eight has 8; .* grouping of 5 parts \(five_v, five;"),
+        (state, _demo("bpbreid", *hrnet, "bpbreid.dim_reduce=256"), r"set bpbreid.dim_reduce=512"),
+        (_without(state, "global_after_pooling_dim_reduce."), cfg,
+         r"holds no after-pooling reduction .*dim_reduce other than after_pooling"),
+        ({**state, "before_pooling_dim_reduce.layers.0.weight": torch.zeros(512, 1920, 1, 1)}, cfg,
+         r"holds a before-pooling reduction \(before_pooling_dim_reduce"),
+        ({**_without(state, "parts_identity_classifier."), "parts_identity_classifier.bn.weight": torch.ones(512),
+          "parts_identity_classifier.classifier.weight": torch.zeros(7, 512)}, cfg,
+         r"shared_parts_id_classifier=True .* --allow-missing 'parts_classifiers\.\*'"),
+        ({**_without(state, "backbone_appearance_feature_extractor."),
+          "backbone_appearance_feature_extractor.layer4.0.bn1.IN.weight": torch.ones(256)}, cfg,
+         r"with a ResNet-IBN \(IBN-Net; timm has none\) backbone; passreid builds HRNet-W32 .* and ResNet-50"),
+    ]
+    for released, config, message in refusals:
+        with pytest.raises(CheckpointMismatchError, match=message):
+            load_finetuned_model(released, config)

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 from _inference_models import (REPO, demo_config, save_backbone_export, save_published_pass_checkpoint,
                                save_published_transreid_checkpoint, tiny_pass_vit, train_demo_model)
 from _released_checkpoints import (bpbreid_released_checkpoint, dpeformer_released_state, dpm_released_state,
-                                   tsd_released_state)
+                                   torchreid_config, tsd_released_state, yacs_config)
 from passreid.config import load_config
 from passreid.data import build_dataset
 from passreid.data.multicrop import IMAGENET_MEAN, IMAGENET_STD
@@ -180,11 +180,23 @@ def test_released_occluded_method_checkpoints_are_recognised(tmp_path, method, r
     torch.testing.assert_close(model.features(images), original(images), rtol=0, atol=1e-6)
 
 
-def test_released_bpbreid_checkpoint_says_why_it_cannot_load(tmp_path):
-    torch.save(bpbreid_released_checkpoint(), tmp_path / "bpbreid.pth")
-    with pytest.raises(WeightsKindError, match="bpbreid.pth is a released BPBReID \\(torchreid\\) checkpoint .* "
-                                                "HRNet-W32 backbone; .*cannot be loaded"):
+def test_released_bpbreid_checkpoint_loads_with_its_config(tmp_path):
+    """A torchreid BPBReID file (HRNet-W32; its yacs config pickled alongside) loads through load_model, no yacs."""
+    cfg = load_config(FinetuneConfig, REPO / "configs" / "finetune" / "demo_bpbreid.yaml",
+                      ["model.arch=hrnet_w32", "model.img_size=[64,32]"])
+    torch.manual_seed(0)
+    original = build_model(cfg, 7, 0, load_weights=False).eval()
+    with yacs_config() as node:
+        torch.save(bpbreid_released_checkpoint(original, torchreid_config(node)), tmp_path / "bpbreid.pth")
+    with pytest.raises(WeightsKindError, match="bpbreid.pth is a released fine-tuned checkpoint .* pass the "
+                                                "fine-tuning config"):
         load_model(tmp_path / "bpbreid.pth", device="cpu")
+    model = load_model(tmp_path / "bpbreid.pth", cfg, device="cpu")
+    assert model.kind == "published_finetuned" and model.method == "bpbreid"
+    images = torch.randn(2, 3, 64, 32, generator=torch.Generator().manual_seed(0))
+    # Same weights and inputs: equal up to the order of threaded float reductions.
+    with torch.no_grad():
+        torch.testing.assert_close(model.features(images), original(images), rtol=0, atol=1e-6)
 
 
 def test_market_names_parse_to_pids_and_zero_based_cameras():

@@ -2,6 +2,7 @@
 adaptation runs on another generated world, and uda/train.py insists on a source model."""
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -38,9 +39,13 @@ def _uda_config(out: Path, source: Path, *extra: str) -> UslConfig:
                        [f"train.output_dir={out}", f"model.init_from={source}", *SMALL, *extra])
 
 
-def test_source_backbone_loaded_exactly_and_heads_dropped(tmp_path: Path, source_model: Path):
+def test_source_backbone_loaded_exactly_and_heads_dropped(tmp_path: Path, source_model: Path, caplog):
     cfg = _uda_config(tmp_path, source_model)
-    model, source = build_usl_model(to_finetune_config(cfg), cfg.model.init_from)
+    with caplog.at_level(logging.INFO, logger="passreid.models.checkpoint"):
+        model, source = build_usl_model(to_finetune_config(cfg), cfg.model.init_from)
+    # The backbone load report (logged and kept) names the source file.
+    assert f"from {source_model}" in caplog.text and "<in-memory checkpoint>" not in caplog.text
+    assert source.backbone.source == str(source_model)
     stored = torch.load(source_model, weights_only=False)["model"]
     for key, value in model.backbone.state_dict().items():
         assert torch.equal(value, stored[f"backbone.{key}"]), key

@@ -38,7 +38,7 @@ import torch
 from passreid.cli import error_boundary
 from passreid.config import add_debug_flag
 from passreid.engine import atomic_save
-from passreid.finetune.checkpoints import published_layout, unsupported_layout_message
+from passreid.finetune.checkpoints import published_layout
 from passreid.models import (
     VIT_ARCHS,
     ArchitectureError,
@@ -66,8 +66,6 @@ def _refuse_finetuned(obj: Mapping[str, Any], path: Path) -> None:
     layout = published_layout(obj)
     if layout is None:
         return
-    if layout.method is None:
-        raise ConversionError(unsupported_layout_message(layout, obj, str(path)))
     raise ConversionError(
         f"{path} is {layout.describe()}: a fine-tuned model, not a pre-training checkpoint (this tool expects "
         f"{EXPECTED}). Evaluate it with finetune/test.py --weights {path} --config-file <a {layout.method} config, "

@@ -14,9 +14,9 @@ Two calls::
   (:meth:`LoadedModel.test_distance`);
 * ``finetune_checkpoint``: a fine-tuning run's ``checkpoint.pth`` (config stored inside);
 * ``published_finetuned``: a released fine-tuned checkpoint of TransReID / PASS-reID (``base.*``,
-  ``bottleneck*``, ``classifier*``), DPM, TSD or DPEFormer (``passreid.finetune.checkpoints.PUBLISHED_LAYOUTS``);
-  needs the fine-tuning config that describes its architecture (a BPBReID / torchreid file is recognised and
-  refused: its HRNet / ResNet backbone is not a passreid backbone);
+  ``bottleneck*``, ``classifier*``), DPM, TSD, DPEFormer or BPBReID (torchreid, HRNet-W32 / ResNet-50)
+  (``passreid.finetune.checkpoints.PUBLISHED_LAYOUTS``); needs the fine-tuning config that describes its
+  architecture;
 * ``backbone_export``: a pre-training backbone export (``backbone.pth`` / ``backbone_final.pth``,
   ``tools/convert_checkpoint.py`` output);
 * ``pretrain_checkpoint``: a PASS / DINO pre-training ``checkpoint.pth`` (published, or passreid's own):
@@ -81,8 +81,8 @@ logger = logging.getLogger(__name__)
 WEIGHT_KINDS = {
     "finetuned": "passreid model_final.pth (finetune/train.py)",
     "finetune_checkpoint": "a fine-tuning run's checkpoint.pth",
-    "published_finetuned": "released fine-tuned checkpoint of TransReID / PASS-reID, DPM, TSD or DPEFormer (needs "
-                           "its config file)",
+    "published_finetuned": "released fine-tuned checkpoint of TransReID / PASS-reID, DPM, TSD, DPEFormer or BPBReID "
+                           "(needs its config file)",
     "backbone_export": "passreid backbone export (pretrain backbone.pth / backbone_final.pth, convert_checkpoint.py)",
     "pretrain_checkpoint": "PASS / DINO pre-training checkpoint.pth (published or passreid)",
     "backbone_state_dict": "bare ViT state dict (converted DINO / timm layout)",
@@ -115,7 +115,7 @@ def identify_weights(obj: Any, label: str = "the checkpoint") -> str:
     if not isinstance(obj, Mapping):
         raise WeightsKindError(f"{label} holds a {type(obj).__name__}, not a checkpoint dict; expected one of: "
                                f"{_EXPECTED}")
-    from passreid.finetune.checkpoints import FINAL_FORMAT, published_layout, unsupported_layout_message
+    from passreid.finetune.checkpoints import FINAL_FORMAT, published_layout
 
     meta = obj.get("meta")
     if isinstance(meta, Mapping) and meta.get("format") == FINAL_FORMAT:
@@ -128,10 +128,7 @@ def identify_weights(obj: Any, label: str = "the checkpoint") -> str:
     if isinstance(obj.get("backbone"), Mapping):
         return "backbone_export"
     state = inner if inner is not None else obj
-    layout = published_layout(state)
-    if layout is not None and layout.method is None:
-        raise WeightsKindError(unsupported_layout_message(layout, state, label))
-    if layout is not None:
+    if published_layout(state) is not None:
         return "published_finetuned"
     keys = [str(k)[len("module."):] if str(k).startswith("module.") else str(k) for k in state]
     if "cls_token" in keys and "patch_embed.proj.weight" in keys:

@@ -1,4 +1,4 @@
-"""Fine-tuned model files: passreid's ``model_final.pth`` and released TransReID-family checkpoints.
+"""Fine-tuned model files: passreid's ``model_final.pth`` and released TransReID-family and BPBReID checkpoints.
 
 ``model_final.pth`` (written by the trainer with :func:`build_final_checkpoint`)::
 
@@ -13,7 +13,8 @@
 :func:`load_finetuned_model` rebuilds the model from that file alone. It also reads a training
 ``checkpoint.pth`` of a run (config inside, class/camera counts from the tensor shapes).
 
-Released fine-tuned checkpoints (``torch.save(model.state_dict())`` of the published training code; a
+Released fine-tuned checkpoints (``torch.save(model.state_dict())`` of the published training code, or
+torchreid's ``{"state_dict", "epoch", "rank1", "mAP", "ssmd", "config", "optimizer", "scheduler"}``; a
 ``module.`` prefix and a ``model`` / ``state_dict`` wrapper are accepted) are recognised by their keys
 (:data:`PUBLISHED_LAYOUTS`, :func:`published_layout`) and, given a config of the matching method, loaded by
 :func:`load_published_checkpoint`; every key is renamed by an explicit rule (:func:`map_published_state_dict`)
@@ -53,8 +54,19 @@ DPEFormer              ``bottleneck_local.0-3`` / ``.4-7`` -> ``stripe_necks`` /
                        forward never uses (``b2``, ``REM_zx``, ``ffn2/3``, other classifiers and BNs) dropped;
                        ``memory.features`` is saved in a file of its own and not needed for evaluation
                        (DPEFormer ``model/make_model_zx.py``)
-BPBReID (torchreid)    recognised, not loadable: its HRNet-W32 / ResNet backbone
-                       (``backbone_appearance_feature_extractor.*``) is not a passreid backbone
+BPBReID (torchreid,     ``backbone_appearance_feature_extractor`` -> ``backbone`` (HRNet-W32 / ResNet-50:
+``bpbreid``)           same names; HRNet's ``cls_head`` (run only with ``dim_reduce: before_pooling``) and
+                       the ResNet's ``classifier`` dropped); ``{global, foreground,
+                       parts}_after_pooling_dim_reduce.layers.0`` / ``.layers.1`` -> ``*_reduction.linear``
+                       / ``.bn``; ``pixel_classifier``; ``{global, foreground}_identity_classifier`` ->
+                       ``*_classifier``; ``concat_parts_identity_classifier`` -> ``concat_classifier``;
+                       ``parts_identity_classifier.k`` -> ``parts_classifiers.k``;
+                       ``background_after_pooling_dim_reduce`` / ``background_identity_classifier``
+                       dropped (no GiLt term, not a test embedding) (bpbreid ``torchreid/models/bpbreid.py``,
+                       ``hrnet.py``, ``resnet.py``). Other ``model.bpbreid`` settings (``dim_reduce``
+                       other than ``after_pooling``, a shared part classifier, another backbone or K) are
+                       refused with the setting named; test-time settings of the stored torchreid config
+                       that passreid does not compute are warned about
 =====================  ==============================================================================
 """
 from __future__ import annotations
@@ -69,6 +81,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from passreid.config import config_from_dict, config_to_dict
+from passreid.data.masks import PART_GROUPINGS, num_parts
 from passreid.engine import unwrap_model
 from passreid.finetune.config import FinetuneConfig, validate_config
 from passreid.finetune.methods import build_model
@@ -87,7 +100,6 @@ __all__ = [
     "map_published_state_dict",
     "published_layout",
     "stored_config",
-    "unsupported_layout_message",
 ]
 
 logger = logging.getLogger(__name__)
@@ -171,9 +183,9 @@ def load_finetuned_model(
     * ``model_final.pth``: everything comes from the file (``cfg`` is not needed, and ignored for the
       model; a differing ``cfg.model`` is logged);
     * a run's ``checkpoint.pth``: the model config is the one stored in it;
-    * a released TransReID / PASS-reID, DPM, TSD or DPEFormer checkpoint: ``cfg`` describes the architecture
-      (method, head, JPM, SIE, size, stride); keys are mapped and reported (``report``), see
-      :func:`load_published_checkpoint`.
+    * a released TransReID / PASS-reID, DPM, TSD, DPEFormer or BPBReID checkpoint: ``cfg`` describes the
+      architecture (method, backbone, head, JPM, SIE, size, stride, parts); keys are mapped and reported
+      (``report``), see :func:`load_published_checkpoint`.
 
     ``label`` names the source in errors (default: the path, or ``<in-memory checkpoint>``). A file that is
     none of these raises :class:`CheckpointFormatError` saying what it holds and what was expected.
@@ -198,12 +210,11 @@ def load_finetuned_model(
         return model.eval(), stored, None
     if cfg is None:
         layout = published_layout(obj)
-        if layout is not None and layout.method is None:
-            raise CheckpointFormatError(unsupported_layout_message(layout, obj, label))
         found = f"it is {layout.describe()}" if layout else "no 'meta'/'config'"
+        example = f", e.g. {layout.recipe}" if layout else ""
         raise CheckpointFormatError(
             f"{label} is not a passreid fine-tuned model ({found}); pass the config that describes its "
-            f"architecture (--config-file) to load a released checkpoint; expected {_EXPECTED_FINETUNED}"
+            f"architecture (--config-file{example}) to load a released checkpoint; expected {_EXPECTED_FINETUNED}"
         )
     model, report = load_published_checkpoint(obj, cfg, label=label, allow_missing=allow_missing,
                                               allow_unexpected=allow_unexpected)
@@ -346,25 +357,47 @@ def _dpeformer_rules(depth: int, jpm: bool) -> list[_Rule]:
     ]
 
 
+_TORCHREID_BACKBONE = "backbone_appearance_feature_extractor."
+
+
+def _bpbreid_rules(depth: int, jpm: bool) -> list[_Rule]:
+    backbone = re.escape(_TORCHREID_BACKBONE)
+    background = "the background embedding: no GiLt loss term and not a test embedding"
+    return [
+        _rule(backbone + r"cls_head\.", unused="HRNet's 1x1 reduction of the feature map, run only with "
+                                              "model.bpbreid.dim_reduce=before_pooling"),
+        _rule(backbone + r"classifier\.", unused="the ResNet's own identity classifier, unused by BPBReID's forward"),
+        _rule(backbone, "backbone."),
+        _rule(r"(global|foreground|parts)_after_pooling_dim_reduce\.layers\.0\.", r"\1_reduction.linear."),
+        _rule(r"(global|foreground|parts)_after_pooling_dim_reduce\.layers\.1\.", r"\1_reduction.bn."),
+        _rule(r"background_(after_pooling_dim_reduce|identity_classifier)\.", unused=background),
+        _rule(r"pixel_classifier\.", "pixel_classifier."),
+        _rule(r"(global|foreground)_identity_classifier\.", r"\1_classifier."),
+        _rule(r"concat_parts_identity_classifier\.", "concat_classifier."),
+        _rule(r"parts_identity_classifier\.(\d+)\.", r"parts_classifiers.\1."),
+    ]
+
+
 @dataclass(frozen=True)
 class PublishedLayout:
     """A released fine-tuned state-dict layout and how it maps onto a passreid method's model.
 
-    A state dict is of this layout when a key starts with ``marker`` and (if set) ``classifier`` is present.
-    ``method`` is the passreid method whose model it loads into (``None``: it cannot be loaded, and
-    ``missing`` says what passreid lacks); ``classifier`` the key whose rows are the training identities;
-    ``training_only`` model keys that the released file does not hold and that evaluation does not use.
+    A state dict is of this layout when a key starts with ``marker`` and ``classifier`` is present.
+    ``method`` is the passreid method whose model it loads into; ``classifier`` the key whose rows are the
+    training identities; ``vit_base`` whether the backbone is TransReID's ViT ``base`` (its rules and key
+    conversion apply); ``training_only`` model keys that the released file does not hold and that evaluation
+    does not use.
     """
 
     name: str
     signature: str
     marker: str
-    method: str | None
-    recipe: str = ""
+    method: str
+    recipe: str
+    rules: Callable[[int, bool], list[_Rule]]
     classifier: str = "classifier.weight"
-    rules: Callable[[int, bool], list[_Rule]] | None = None
+    vit_base: bool = True
     training_only: tuple[str, ...] = ()
-    missing: str = ""
 
     def describe(self) -> str:
         return f"a released {self.name} checkpoint ({self.signature})"
@@ -372,26 +405,25 @@ class PublishedLayout:
 
 PUBLISHED_LAYOUTS = (
     PublishedLayout("BPBReID (torchreid)", "backbone_appearance_feature_extractor.*, *_identity_classifier.*",
-                    "backbone_appearance_feature_extractor.", None, classifier="",
-                    missing="passreid's method: bpbreid runs on the ViT patch-token grid and has no HRNet / ResNet "
-                            "backbone"),
+                    _TORCHREID_BACKBONE, "bpbreid",
+                    "configs/finetune/market1501/bpbreid_hrnet32_384.yaml (model.arch=resnet50 for a ResNet-50 file)",
+                    _bpbreid_rules, classifier="global_identity_classifier.classifier.weight", vit_base=False),
     PublishedLayout("DPM", "base.*, base.ConvLayer.*, base.attfc.*, bottleneck.*, classifier.weight",
-                    "base.ConvLayer.", "dpm",
-                    "configs/finetune/occluded_duke/dpm_vit_b_256.yaml", rules=_dpm_rules),
+                    "base.ConvLayer.", "dpm", "configs/finetune/occluded_duke/dpm_vit_b_256.yaml", _dpm_rules),
     PublishedLayout("TSD", "base.*, b1.*, part_decoder.*, query_embedding.weight, bottleneck_part.*, visb_pred.*",
-                    "part_decoder.", "tsd", "configs/finetune/occluded_duke/tsd_vit_b_256.yaml", rules=_tsd_rules),
+                    "part_decoder.", "tsd", "configs/finetune/occluded_duke/tsd_vit_b_256.yaml", _tsd_rules),
     PublishedLayout("DPEFormer", "base.*, attention_global.*, bottleneck_local.*, classifier1.*, classifier3.*",
                     "attention_global.", "dpeformer", "configs/finetune/occluded_duke/dpeformer_vit_b_256.yaml",
-                    classifier="classifier3.weight", rules=_dpeformer_rules,
+                    _dpeformer_rules, classifier="classifier3.weight",
                     # the released training saves its class-centroid memory in a file of its own
                     training_only=("memory.features",)),
     PublishedLayout("TransReID / PASS-reID", "base.*, bottleneck*, classifier*, b1/b2 with JPM", "base.",
                     "bnneck",
                     "configs/finetune/market1501/transreid_vit_b_256.yaml (TransReID) or "
-                    "configs/finetune/market1501/pass_vit_b_256.yaml (PASS)", rules=_transreid_rules),
+                    "configs/finetune/market1501/pass_vit_b_256.yaml (PASS)", _transreid_rules),
 )
 _EXPECTED_FINETUNED = ("a passreid model_final.pth / checkpoint.pth, or a released fine-tuned checkpoint of "
-                       "TransReID / PASS-reID, DPM, TSD or DPEFormer (key layouts: finetune/README.md)")
+                       "TransReID / PASS-reID, DPM, TSD, DPEFormer or BPBReID (key layouts: finetune/README.md)")
 
 
 def published_layout(obj: Mapping[str, Any]) -> PublishedLayout | None:
@@ -399,27 +431,9 @@ def published_layout(obj: Mapping[str, Any]) -> PublishedLayout | None:
     ``state_dict`` wrapper allowed), else ``None``."""
     keys = [key[len("module."):] if key.startswith("module.") else key for key in map(str, _inner_state(obj))]
     for layout in PUBLISHED_LAYOUTS:
-        if any(key.startswith(layout.marker) for key in keys) and (not layout.classifier or layout.classifier in keys):
+        if any(key.startswith(layout.marker) for key in keys) and layout.classifier in keys:
             return layout
     return None
-
-
-def _backbone_kind(state: Mapping[str, Any], prefix: str) -> str:
-    """HRNet-W<width> / ResNet / unknown, from the key names of a torchreid backbone."""
-    transition = state.get(f"{prefix}transition1.0.0.weight")
-    if transition is not None:
-        return f"HRNet-W{int(transition.shape[0])}"
-    if any(str(key).startswith(f"{prefix}layer4.") for key in state):
-        return "ResNet"
-    return "non-ViT"
-
-
-def unsupported_layout_message(layout: PublishedLayout, obj: Mapping[str, Any], label: str) -> str:
-    """Why ``label`` (a released checkpoint of ``layout``) cannot be loaded, and what would load."""
-    state = _strip_module(_inner_state(obj))
-    backbone = _backbone_kind(state, "backbone_appearance_feature_extractor.")
-    return (f"{label} is {layout.describe()} with a {backbone} backbone; {layout.missing}, so these weights cannot "
-            f"be loaded. Expected {_EXPECTED_FINETUNED}")
 
 
 def _strip_module(state: Mapping[str, Any]) -> dict[str, Any]:
@@ -453,9 +467,9 @@ def map_published_state_dict(
     reason), ``unknown`` the keys no rule covers (for the caller to report).
     """
     layout = layout or PUBLISHED_LAYOUTS[-1]
-    if layout.rules is None:
-        raise CheckpointFormatError(f"{layout.describe()} has no mapping: {layout.missing}")
-    rules = layout.rules(depth, jpm) + _base_rules(depth, any(k.startswith("b1.") for k in state))
+    rules = layout.rules(depth, jpm)
+    if layout.vit_base:
+        rules += _base_rules(depth, any(k.startswith("b1.") for k in state))
     mapped: dict[str, Tensor] = {}
     dropped: list[str] = []
     unknown: list[str] = []
@@ -472,7 +486,7 @@ def map_published_state_dict(
         else:
             mapped[target] = value
     backbone = {k[len("backbone."):]: v for k, v in mapped.items() if k.startswith("backbone.")}
-    if backbone:
+    if backbone and layout.vit_base:
         backbone, base_dropped = extract_backbone_state_dict(backbone)
         mapped = {k: v for k, v in mapped.items() if not k.startswith("backbone.")}
         mapped.update({f"backbone.{key}": value for key, value in backbone.items()})
@@ -491,10 +505,11 @@ def load_published_checkpoint(
     """Build the ``cfg`` model (classes and cameras from the checkpoint) and load a released checkpoint
     of any :data:`PUBLISHED_LAYOUTS` layout into it.
 
-    Raises :class:`CheckpointFormatError` for a file of no known layout or one passreid cannot load (saying
-    what it is and what was expected), and :class:`CheckpointMismatchError` with the full report unless
-    every missing / unexpected / shape-mismatched key matches ``allow_missing`` / ``allow_unexpected``.
-    Every dropped key is reported by name (``report.dropped``, logged).
+    Raises :class:`CheckpointFormatError` for a file of no known layout (saying what it holds and what was
+    expected), :class:`CheckpointMismatchError` naming the setting when the file was trained with a method,
+    backbone, JPM / SIE or (BPBReID) reduction, part classifier or number of parts the config does not build,
+    and with the full report unless every missing / unexpected / shape-mismatched key matches ``allow_missing``
+    / ``allow_unexpected``. Every dropped key is reported by name (``report.dropped``, logged).
     """
     state = _unwrap_published(obj, label)
     layout = published_layout(state)
@@ -502,13 +517,13 @@ def load_published_checkpoint(
         shown = ", ".join(sorted(state)[:6]) or "nothing"
         raise CheckpointFormatError(f"{label} is not a fine-tuned model passreid recognises (it holds {shown}"
                                     f"{', ...' if len(state) > 6 else ''}); expected {_EXPECTED_FINETUNED}")
-    if layout.method is None:
-        raise CheckpointFormatError(unsupported_layout_message(layout, state, label))
     _check_config_fits(layout, state, cfg, label)
+    if layout.method == "bpbreid":
+        _warn_bpbreid_test_settings(obj, cfg, label)
     num_classes = int(state[layout.classifier].shape[0])
     num_cameras = int(state["base.sie_embed"].shape[0]) if "base.sie_embed" in state else 0
     model = build_model(cfg, num_classes, num_cameras, load_weights=False)
-    depth = unwrap_model(model).backbone.depth
+    depth = getattr(unwrap_model(model).backbone, "depth", 0)  # a ViT's; CNN backbones take no depth-based rule
     mapped, dropped, unknown = map_published_state_dict(state, depth, cfg.model.jpm, layout)
     expected = model.state_dict()
     report = LoadReport(source=label, dropped=dropped, num_model_tensors=len(expected))
@@ -548,8 +563,95 @@ def _check_config_fits(layout: PublishedLayout, state: Mapping[str, Tensor], cfg
             f"{label} was trained with JPM={has_jpm}, SIE={has_sie} but the config says model.jpm="
             f"{cfg.model.jpm}, model.sie_camera={cfg.model.sie_camera}; use a config that matches the checkpoint"
         )
+    if layout.method == "bpbreid":
+        _check_bpbreid_fits(state, cfg, label)
     if layout.method == "dpeformer" and cfg.dpeformer.global_token != "first_patch":
         logger.warning("%s: the released DPEFormer code trains with the first patch token as the global token; the "
                        "config says dpeformer.global_token=%s, so the loaded model's global token is not the one "
                        "these weights were trained with (set dpeformer.global_token=first_patch)", label,
                        cfg.dpeformer.global_token)
+
+
+# --------------------------------------------------------------------------- BPBReID (torchreid) fit
+
+_PASSREID_CNN = "passreid builds HRNet-W32 (model.arch=hrnet_w32) and ResNet-50 (model.arch=resnet50)"
+
+
+def _torchreid_backbone(state: Mapping[str, Tensor]) -> tuple[str, str | None]:
+    """``(what the released backbone is, the model.arch that builds it or None)``, from its key names."""
+    keys = [key[len(_TORCHREID_BACKBONE):] for key in state if key.startswith(_TORCHREID_BACKBONE)]
+    transition = state.get(f"{_TORCHREID_BACKBONE}transition1.0.0.weight")
+    if transition is not None:
+        width = int(transition.shape[0])
+        return f"HRNet-W{width}", "hrnet_w32" if width == 32 else None
+    if any(".IN." in key for key in keys):
+        return "ResNet-IBN (IBN-Net; timm has none)", None
+    if any(key.startswith("layer4.") for key in keys):
+        blocks = len({key.split(".")[1] for key in keys if key.startswith("layer3.")})
+        return ("ResNet-50", "resnet50") if blocks == 6 else (f"ResNet with {blocks} blocks in layer3", None)
+    return "backbone that is neither HRNet nor ResNet", None
+
+
+def _check_bpbreid_fits(state: Mapping[str, Tensor], cfg: FinetuneConfig, label: str) -> None:
+    """A released BPBReID file loads into passreid's bpbreid only with the published model structure
+    (``model.bpbreid.dim_reduce: after_pooling``, one identity classifier per part) on a backbone passreid
+    builds; the config must name that backbone, the file's reduction width and its number of parts."""
+    backbone, arch = _torchreid_backbone(state)
+    if arch is None:
+        raise CheckpointMismatchError(f"{label} is a released BPBReID checkpoint with a {backbone} backbone; "
+                                      f"{_PASSREID_CNN}, so it cannot be loaded")
+    if cfg.model.arch != arch:
+        raise CheckpointMismatchError(f"{label} was trained on a {backbone} backbone but the config's model.arch is "
+                                      f"{cfg.model.arch!r}; set model.arch={arch} (the bpbreid_hrnet32_384.yaml recipes use "
+                                      "hrnet_w32)")
+    reduction = state.get("global_after_pooling_dim_reduce.layers.0.weight")
+    if reduction is None or any(key.startswith("before_pooling_dim_reduce.") for key in state):
+        held = ("a before-pooling reduction (before_pooling_dim_reduce.*)" if reduction is not None
+                else "no after-pooling reduction (*_after_pooling_dim_reduce.*)")
+        raise CheckpointMismatchError(
+            f"{label} holds {held}: it was trained with a model.bpbreid.dim_reduce other than after_pooling (the "
+            "published default); passreid's bpbreid only reduces each pooled embedding after pooling (Linear + "
+            "BN1d + ReLU), so it cannot be loaded")
+    if reduction.shape[0] != cfg.bpbreid.dim_reduce:
+        raise CheckpointMismatchError(f"{label} reduces embeddings to {reduction.shape[0]} channels but the config "
+                                      f"says bpbreid.dim_reduce={cfg.bpbreid.dim_reduce}; set "
+                                      f"bpbreid.dim_reduce={reduction.shape[0]}")
+    if any(key.startswith("parts_identity_classifier.bn.") for key in state):
+        raise CheckpointMismatchError(
+            f"{label} was trained with model.bpbreid.shared_parts_id_classifier=True (parts_identity_classifier.bn.*: "
+            "one identity classifier for all parts); passreid's bpbreid has one per part. Evaluation does not use "
+            "them: --allow-missing 'parts_classifiers.*' --allow-unexpected 'parts_identity_classifier.*' loads "
+            "the rest")
+    pixel = state.get("pixel_classifier.classifier.weight")
+    parts = num_parts(cfg.data.mask_preprocess)
+    if pixel is not None and pixel.shape[0] - 1 != parts:
+        groupings = [name for name in PART_GROUPINGS if num_parts(name) == pixel.shape[0] - 1]
+        raise CheckpointMismatchError(
+            f"{label} was trained with {pixel.shape[0] - 1} body parts (pixel_classifier: background + parts) but "
+            f"the config's data.mask_preprocess={cfg.data.mask_preprocess} has {parts}; set data.mask_preprocess to "
+            f"a grouping of {pixel.shape[0] - 1} parts ({', '.join(groupings) or 'passreid has none'}; the released "
+            "configs name theirs in model.bpbreid.masks.preprocess)")
+
+
+# model.bpbreid settings of a torchreid config that change the test features, at the value passreid's bpbreid
+# computes (bpbreid torchreid/scripts/default_config.py defaults); testing_binary_visibility_score follows the config.
+_BPBREID_TEST_SETTINGS = {"learnable_attention_enabled": True, "pooling": "gwap",
+                          "test_use_target_segmentation": "none", "test_embeddings": ["bn_foreg", "parts"]}
+
+
+def _warn_bpbreid_test_settings(obj: Mapping[str, Any], cfg: FinetuneConfig, label: str) -> None:
+    """Warn when the torchreid config stored in a released BPBReID file tests differently from passreid's model."""
+    config = obj.get("config")
+    model = config.get("model") if isinstance(config, Mapping) else None
+    stored = model.get("bpbreid") if isinstance(model, Mapping) else None
+    if not isinstance(stored, Mapping):
+        return
+    expected = {**_BPBREID_TEST_SETTINGS, "testing_binary_visibility_score": cfg.bpbreid.visibility == "binary"}
+    differing = [key for key, value in expected.items()
+                 if key in stored and (list(stored[key]) if isinstance(value, list) else stored[key]) != value]
+    if differing:
+        hint = ("; bpbreid.visibility=binary|continuous sets passreid's visibility score"
+                if "testing_binary_visibility_score" in differing else "")
+        logger.warning("%s: the released run's config has %s, so passreid's features differ from the published "
+                       "evaluation%s", label, "; ".join(f"model.bpbreid.{key}={stored[key]!r} (passreid: "
+                                                        f"{expected[key]!r})" for key in differing), hint)

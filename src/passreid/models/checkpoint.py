@@ -14,7 +14,8 @@ Accepted inputs (``extract_backbone_state_dict``):
 
 ``head.*``, ``pre_logits.*`` and distillation-token weights are dropped and reported.
 :func:`read_checkpoint` is the one reader of weight files: ``torch.load(weights_only=True)`` admitting
-``argparse.Namespace`` and numpy numeric scalars (which published PASS/DINO checkpoints pickle), and one
+``argparse.Namespace``, numpy numeric scalars (which published PASS/DINO checkpoints pickle) and yacs configs
+(which torchreid / BPBReID checkpoints pickle; read as ``OrderedDict``), and one
 :class:`CheckpointFormatError` naming the file for anything that is not a ``torch.save`` checkpoint.
 :func:`architecture_hints` + :func:`infer_vit_arguments` give the ``build_vit`` arguments of a backbone
 state dict (what ``tools/convert_checkpoint.py`` and ``passreid.inference`` build).
@@ -30,6 +31,7 @@ import os
 import pickle
 import re
 import zipfile
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -140,18 +142,23 @@ def _safe_globals() -> list[Any]:
     """The globals ``weights_only`` loading allows beyond tensors and containers.
 
     ``argparse.Namespace`` (the ``args`` of PASS/DINO checkpoints: a bag of attributes whose values are
-    themselves unpickled under the same restrictions) and numpy's numeric scalars: the scalar
+    themselves unpickled under the same restrictions); numpy's numeric scalars: the scalar
     re-constructor under its numpy 1.x name ``numpy.core.multiarray.scalar`` and numpy 2.x name
-    ``numpy._core.multiarray.scalar``, ``numpy.dtype`` and the dtype classes of bool / int / uint / float.
-    Object, string and structured dtypes, and numpy arrays, stay refused.
+    ``numpy._core.multiarray.scalar``, ``numpy.dtype`` and the dtype classes of bool / int / uint / float
+    (object, string and structured dtypes, and numpy arrays, stay refused); and, from torch 2.6, the name
+    ``yacs.config.CfgNode`` read as :class:`collections.OrderedDict`: torchreid's ``save_checkpoint`` (BPBReID)
+    pickles its yacs config, a ``dict`` subclass pickled as its items plus a ``__dict__`` of four bookkeeping
+    entries (bool, set, dict), so the same items come back as an ``OrderedDict`` (the entries as its
+    attributes) and no yacs code runs, or needs to be installed.
     """
     import numpy as np
 
     scalar = np.float64(0).__reduce__()[0]
     dtype_classes = {type(np.dtype(code)) for code in _NUMPY_SCALAR_CODES}
     allowed: list[Any] = [argparse.Namespace, np.dtype, *sorted(dtype_classes, key=str)]
-    if torch.__version__ >= "2.6":  # (global, name) entries: the same function under both numpy names
-        allowed += [(scalar, "numpy.core.multiarray.scalar"), (scalar, "numpy._core.multiarray.scalar")]
+    if torch.__version__ >= "2.6":  # (global, name) entries: an allowed object under another pickled name
+        allowed += [(scalar, "numpy.core.multiarray.scalar"), (scalar, "numpy._core.multiarray.scalar"),
+                    (OrderedDict, "yacs.config.CfgNode")]
     else:
         allowed.append(scalar)
     return allowed
@@ -221,7 +228,7 @@ def read_checkpoint(path: str | os.PathLike, *, weights_only: bool = True) -> An
     A missing file raises ``FileNotFoundError``; an empty, text, truncated or otherwise unreadable file
     :class:`CheckpointFormatError` saying what it found and that :data:`TORCH_SAVE_FORMAT` was expected.
     With ``weights_only=True`` only tensors, containers and the globals of :func:`_safe_globals`
-    (``argparse.Namespace``, numpy numeric scalars) are unpickled; a file with anything else raises
+    (``argparse.Namespace``, numpy numeric scalars, yacs configs) are unpickled; a file with anything else raises
     :class:`CheckpointFormatError` listing it. Pass ``weights_only=False`` only for files you trust.
     """
     path = Path(path)
@@ -239,10 +246,15 @@ def read_checkpoint(path: str | os.PathLike, *, weights_only: bool = True) -> An
         if refused:
             raise CheckpointFormatError(
                 f"{path} pickles objects that weights-only loading refuses: {', '.join(refused)} (allowed: "
-                "tensors, containers, argparse.Namespace, numpy numeric scalars). If you trust the file, load "
+                "tensors, containers, argparse.Namespace, numpy numeric scalars, yacs configs). If you trust the file, load "
                 "it with read_checkpoint(path, weights_only=False) or tools/convert_checkpoint.py --trust-pickle."
             ) from error
         raise _unreadable(path, error) from error
+    except (ImportError, AttributeError) as error:  # weights_only=False: a pickled class whose code is absent here
+        raise CheckpointFormatError(
+            f"{path} pickles an object whose code cannot be imported here ({type(error).__name__}: {error}); install "
+            "the package that defines it, or read the file without trusting its pickles"
+        ) from error
     except (RuntimeError, OSError, EOFError, ValueError, LookupError, TypeError) as error:
         raise _unreadable(path, error) from error
 

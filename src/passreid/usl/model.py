@@ -85,8 +85,7 @@ def load_source_backbone(backbone: nn.Module, path: str, hw_ratio: int = 2) -> S
         raise CheckpointFormatError(f"{path}: no backbone weights ('backbone.*') in the source model")
     dropped = sorted(key for key in state if not key.startswith("backbone."))
     export = {"backbone": backbone_state, **{k: v for k, v in grid.items() if k != "arch"}}
-    report = load_pretrained(backbone, export, hw_ratio=hw_ratio)
-    report.source = path
+    report = load_pretrained(backbone, export, hw_ratio=hw_ratio, label=path)
     classifier = state.get("head.classifier.weight")
     result = SourceLoad(path, report, dropped, int(classifier.shape[0]) if classifier is not None else None)
     logger.info("%s", result.summary())
