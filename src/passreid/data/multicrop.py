@@ -74,10 +74,16 @@ class RandomGaussianBlur:
         self.radius_min = radius_min
         self.radius_max = radius_max
 
-    def __call__(self, image: Image.Image) -> Image.Image:
+    def draw(self) -> float | None:
+        """This call's random draw: the blur radius, or ``None`` for no blur (the device-side
+        multi-crop, ``passreid.data.device_multicrop``, draws through this method too)."""
         if torch.rand(()).item() >= self.p:
-            return image
-        return image.filter(ImageFilter.GaussianBlur(radius=_uniform(self.radius_min, self.radius_max)))
+            return None
+        return _uniform(self.radius_min, self.radius_max)
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        radius = self.draw()
+        return image if radius is None else image.filter(ImageFilter.GaussianBlur(radius=radius))
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(p={self.p}, radius=({self.radius_min}, {self.radius_max}))"
@@ -91,10 +97,12 @@ class RandomSolarize:
         self.p = p
         self.threshold = threshold
 
+    def draw(self) -> bool:
+        """This call's random draw: solarise or not."""
+        return torch.rand(()).item() < self.p
+
     def __call__(self, image: Image.Image) -> Image.Image:
-        if torch.rand(()).item() >= self.p:
-            return image
-        return ImageOps.solarize(image, threshold=self.threshold)
+        return ImageOps.solarize(image, threshold=self.threshold) if self.draw() else image
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(p={self.p}, threshold={self.threshold})"

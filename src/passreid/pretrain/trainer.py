@@ -13,8 +13,10 @@ One iteration (pretrain-pass.md §3.2, "per-iteration order"):
 
 Data: unlabeled items -> :class:`MultiCropDataset` (``MultiCropAugmentation`` on each image)
 -> ``ResumableDistributedSampler`` (shuffled, sharded, drop_last) -> DataLoader -> a list of
-``2 + local_crops_number`` batched tensors. Every sample's augmentation is seeded from
-``(seed, epoch, index)``, so the views do not depend on the number of DataLoader workers nor on
+``2 + local_crops_number`` batched tensors. With ``data.augment_on=gpu`` the workers hand over the
+decoded images and the drawn parameters instead, and the views are made batched on the training device
+(``passreid.data.device_multicrop``; same parameters for the same sample seed). Every sample's
+augmentation is seeded from ``(seed, epoch, index)``, so the views do not depend on the number of DataLoader workers nor on
 where a run was interrupted: a resumed run continues exactly (same losses), with workers too.
 
 Outputs in ``train.output_dir``: ``config.yaml``, ``log.txt``, ``metrics.jsonl`` + ``tb/``,
@@ -40,6 +42,12 @@ from torch.utils.data import Dataset
 from passreid import dist
 from passreid.config import ConfigError, config_to_dict, save_config
 from passreid.data import ImageItem, SafeImageReader, build_dataset
+from passreid.data.device_multicrop import (
+    BatchedMultiCrop,
+    MultiCropParamSampler,
+    collate_device_samples,
+    device_sample_views,
+)
 from passreid.data.multicrop import MultiCropAugmentation
 from passreid.data.samplers import ResumableDistributedSampler
 from passreid.engine import (
@@ -140,7 +148,8 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
 
 
 class MultiCropDataset(Dataset):
-    """Unlabeled images -> ``{"views": [2 + n_local tensors], "index", "skipped"}``.
+    """Unlabeled images -> ``{"views": [2 + n_local tensors], "index", "skipped"}`` (with a
+    ``MultiCropParamSampler`` transform, ``"views"`` holds its ``DeviceSample`` instead).
 
     The augmentation of sample ``i`` in epoch ``e`` is seeded from ``(seed, e, i)`` (call
     :meth:`set_epoch` before creating each epoch's DataLoader iterator). With ``skip_corrupt``
@@ -222,9 +231,11 @@ class _EpochLoader:
     """Builds each epoch's DataLoader from one dataset + resumable sampler."""
 
     def __init__(self, cfg: PretrainConfig, dataset: MultiCropDataset, rank: int, world_size: int,
-                 device: torch.device) -> None:
+                 device: torch.device, on_device: BatchedMultiCrop | None = None) -> None:
         self.cfg = cfg
         self.dataset = dataset
+        self.device = device
+        self.on_device = on_device  # data.augment_on=gpu: the views are made here, batched on the device
         self.batch_size = cfg.data.batch_size_per_gpu
         self.sampler = ResumableDistributedSampler(len(dataset), shuffle=True, seed=cfg.train.seed, rank=rank,
                                                    world_size=world_size, drop_last=True)
@@ -242,12 +253,15 @@ class _EpochLoader:
         workers = self.cfg.data.num_workers
         loader = PreemptibleDataLoader(
             self.dataset, batch_size=self.batch_size, sampler=self.sampler, num_workers=workers,
-            collate_fn=collate_views, pin_memory=self.pin_memory, drop_last=True,
+            collate_fn=collate_views if self.on_device is None else collate_device_samples,
+            pin_memory=self.pin_memory, drop_last=True,
             worker_init_fn=worker_init_fn if workers else None,
             generator=torch.Generator().manual_seed(derive_seed(_PURPOSE_LOADER, self.cfg.train.seed, epoch)),
             prefetch_factor=2 if workers else None, persistent_workers=False,
         )
-        return iter(loader)
+        if self.on_device is None:
+            return iter(loader)
+        return ({**batch, "views": device_sample_views(batch, self.on_device, self.device)} for batch in loader)
 
 
 class _FixedBatches:
@@ -310,9 +324,12 @@ class PretrainStage:
             self.source: _EpochLoader | _FixedBatches = _FixedBatches(fixed_batches)
             self.num_images = None
         else:
-            dataset = MultiCropDataset(resolve_data_items(cfg), build_multicrop(cfg), seed=cfg.train.seed,
-                                       skip_corrupt=cfg.data.skip_corrupt)
-            self.source = _EpochLoader(cfg, dataset, self.rank, self.world_size, self.device)
+            augmentation = build_multicrop(cfg)
+            on_device = BatchedMultiCrop(augmentation) if cfg.data.augment_on == "gpu" else None
+            dataset = MultiCropDataset(resolve_data_items(cfg),
+                                       augmentation if on_device is None else MultiCropParamSampler(augmentation),
+                                       seed=cfg.train.seed, skip_corrupt=cfg.data.skip_corrupt)
+            self.source = _EpochLoader(cfg, dataset, self.rank, self.world_size, self.device, on_device)
             self.num_images = len(dataset)
         self.iters_per_epoch = self.source.iters_per_epoch
         self.global_batch = cfg.data.batch_size_per_gpu * self.world_size
