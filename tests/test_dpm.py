@@ -16,7 +16,7 @@ from passreid.engine import Checkpointer
 from passreid.eval import rank_metrics, rank_metrics_from_distance
 from passreid.finetune import FinetuneConfig, FinetuneTrainer, load_finetuned_model, run_training
 from passreid.finetune.data import load_test_dataset
-from passreid.finetune.dpm import (DPMModel, HierarchicalMaskGenerator, QueryMaskedDistance, arcface_logits,
+from passreid.finetune.dpm import (DPMModel, QueryMaskedDistance, arcface_logits,
                                    build_dpm_model, masked_prototype_cosine, orthogonality_loss,
                                    query_masked_distance)
 from passreid.finetune.evaluator import extract_split

@@ -10,7 +10,7 @@ import pytest
 from passreid.config import load_config
 from passreid.data import DamagedImagesError, DatasetLayoutError, build_dataset
 from passreid.finetune import FinetuneConfig, load_finetune_data
-from passreid.finetune.data import ShardSampler, load_test_dataset, resolve_data_root
+from passreid.finetune.data import ShardSampler, resolve_data_root
 
 
 def _cfg(tmp_path: Path, *overrides: str) -> FinetuneConfig:

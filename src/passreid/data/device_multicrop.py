@@ -29,7 +29,6 @@ pixels); end to end the views match the CPU path's to about a level on average. 
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Sequence
 
