@@ -32,7 +32,7 @@ STAGES = {
     "finetune": ("finetune/train.py", "configs/finetune/demo.yaml", [
         "model.img_size=[64,32]", "train.log_period=1", "data.test_batch_size=256", "eval.period=100",
         "train.epochs=4", "train.max_iters=8", "data.num_workers=2", "train.checkpoint_period=100"]),
-    "usl": ("usl/train.py", "configs/usl/demo.yaml", [
+    "usl": ("usl/train.py", "configs/usl/demo.yaml", ["model.pretrained=none",
         "model.img_size=[64,32]", "model.drop_path_rate=0.0", "data.batch_size=16", "data.num_instances=4",
         "data.test_batch_size=64", "train.epochs=2", "train.iters=4", "train.log_period=1", "eval.period=100",
         "train.eval_at_start=false", "cluster.k1=10", "cluster.k2=3", "cluster.eps=0.7", "data.num_workers=2"]),
