@@ -66,7 +66,7 @@ DISTANCE_ROUNDING = 1e-5
 def chunked_distances(distance_fn, num_query: int, chunk_size: int) -> np.ndarray:
     """The distance matrix exactly as the evaluator computes it: ``distance_fn`` called chunk by chunk."""
     chunks = [distance_fn(start, min(start + chunk_size, num_query)) for start in range(0, num_query, chunk_size)]
-    return torch.cat(chunks).numpy()
+    return torch.cat(chunks).cpu().numpy()
 
 
 def make_case(seed: int, num_query: int = 40, num_gallery: int = 300, num_ids: int = 25, num_cams: int = 4,
@@ -302,9 +302,7 @@ def test_cuda_matches_cpu():
     seen = {}
     for device in ("cpu", "cuda"):
         result = rank_metrics(*case, chunk_size=9, device=device)
-        fn = FeatureDistance(q_feats, g_feats, device=device)
-        seen[device] = torch.cat([fn(start, min(start + 9, len(q_pids))).cpu()
-                                  for start in range(0, len(q_pids), 9)]).numpy()
+        seen[device] = chunked_distances(FeatureDistance(q_feats, g_feats, device=device), len(q_pids), 9)
         # Exact for the matrix each device computed; the devices round differently (near-ties may swap).
         assert_matches_reference(result, reference_rank_metrics(seen[device], q_pids, g_pids, q_cams, g_cams))
     np.testing.assert_allclose(seen["cuda"], seen["cpu"], rtol=0, atol=DISTANCE_ROUNDING)
