@@ -1,43 +1,8 @@
 #!/usr/bin/env python
-"""Cluster-Contrast domain adaptation (UDA) from a source-trained fine-tuned model (see uda/README.md).
-
-    python uda/train.py --config-file configs/uda/msmt2market_pass_vit_s.yaml --output-dir runs/uda_msmt2market \
-        --data-root /data model.init_from=runs/msmt17_pass_s/model_final.pth
-    torchrun --nproc_per_node=4 uda/train.py --config-file ... --output-dir ...
-
-The same loop as usl/train.py on the target domain only, started from model.init_from (its BN necks and
-classifier are dropped and reported). Auto-resumes from <output-dir>/checkpoint.pth unless --no-resume; on
-SIGUSR1/SIGTERM it writes the checkpoint, requeues the SLURM job (when there is one) and exits 0.
---print-config prints the resolved config and exits; a mistake in the input is one message and exit
-status 2 (--debug adds the traceback).
-"""
-from __future__ import annotations
-
+"""uda/train.py: the stage command ``passreid-uda`` run from a source checkout (see ``passreid.uda.__main__``)."""
 import sys
-from collections.abc import Sequence
 
-from passreid import dist
-from passreid.cli import error_boundary
-from passreid.config import ConfigError, default_argument_parser, parse_and_load, print_config
-from passreid.engine import requeue_current_job
-from passreid.usl import UslConfig, run_usl
-
-
-@error_boundary
-def main(argv: Sequence[str] | None = None) -> int:
-    """Adapt (or resume); on a pre-emption signal write the checkpoint and requeue the SLURM job."""
-    parser = default_argument_parser(__doc__)
-    args, cfg = parse_and_load(UslConfig, argv, parser)
-    if args.print_config:
-        return print_config(cfg)
-    if not cfg.model.init_from:
-        raise ConfigError("config key 'model.init_from': UDA starts from a model trained on the source domain; "
-                          "pass model.init_from=<finetune run>/model_final.pth (usl/train.py is the pure USL stage)")
-    result = run_usl(cfg, resume=not args.no_resume)
-    if result.preempted and dist.is_main_process():
-        requeue_current_job()
-    return 0
-
+from passreid.uda.__main__ import main
 
 if __name__ == "__main__":
     sys.exit(main())

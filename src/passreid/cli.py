@@ -72,10 +72,19 @@ def describe_error(error: BaseException) -> str:
     return str(error) or type(error).__name__
 
 
-def _program_name(function: Callable[..., object]) -> str:
-    """``finetune/train.py``, ``tools/evaluate.py``: the script's folder and name."""
-    path = Path(function.__code__.co_filename)
-    return f"{path.parent.name}/{path.name}"
+def _script_label(path: Path) -> str:
+    """``finetune/train.py`` for a script (its folder and name), ``passreid-finetune`` for a console command."""
+    return f"{path.parent.name}/{path.name}" if path.suffix == ".py" else path.name
+
+
+def _program_name(function: Callable[..., object], declared: str | None, from_command_line: bool) -> str:
+    """The name the user typed when ``main`` runs from the command line (``python finetune/train.py`` or the
+    console command ``passreid-finetune``); otherwise (``python -m``, a call from Python) the declared name,
+    or the file that defines ``main``."""
+    invoked = Path(sys.argv[0]) if from_command_line and sys.argv and sys.argv[0] else None
+    if invoked is not None and invoked.name != "__main__.py" and invoked.name not in ("-c", "-m"):
+        return _script_label(invoked)
+    return declared or _script_label(Path(function.__code__.co_filename))
 
 
 def _record_in_run_log(message: str) -> None:
@@ -84,32 +93,33 @@ def _record_in_run_log(message: str) -> None:
     append_to_run_log(message)
 
 
-def error_boundary(main: Main | None = None, *,
-                   extra: tuple[type[BaseException], ...] = ()) -> Main | Callable[[Main], Main]:
+def error_boundary(main: Main | None = None, *, extra: tuple[type[BaseException], ...] = (),
+                   program: str | None = None) -> Main | Callable[[Main], Main]:
     """Decorate an entry point's ``main(argv=None) -> int`` (see the module docstring).
 
     ``extra``: more exception types a tool reports as bad input (its own error class, say).
+    ``program``: the name messages use when ``main`` is not run as a script (a stage command's
+    ``finetune/train.py``); by default the file that defines ``main``.
     """
     def decorate(function: Main) -> Main:
-        program = _program_name(function)
-
         @functools.wraps(function)
         def run(argv: Sequence[str] | None = None) -> int:
+            name = _program_name(function, declared=program, from_command_line=argv is None)
             try:
                 return function(argv)
             except Exception as error:
                 if not isinstance(error, user_errors() + extra):
-                    _record_in_run_log(f"{program} stopped by an unexpected error:\n"
+                    _record_in_run_log(f"{name} stopped by an unexpected error:\n"
                                        f"{traceback.format_exc().rstrip()}")
                     raise
                 message = describe_error(error)
                 if debug_requested(sys.argv[1:] if argv is None else argv):
                     traceback.print_exc()
-                print(f"{program}: error: {message}", file=sys.stderr)
-                _record_in_run_log(f"{program} stopped: {message}")
+                print(f"{name}: error: {message}", file=sys.stderr)
+                _record_in_run_log(f"{name} stopped: {message}")
                 return USER_ERROR_EXIT_STATUS
             except KeyboardInterrupt:
-                _record_in_run_log(f"{program} stopped: interrupted (KeyboardInterrupt)")
+                _record_in_run_log(f"{name} stopped: interrupted (KeyboardInterrupt)")
                 raise
 
         return run  # type: ignore[return-value]

@@ -1,4 +1,5 @@
-"""Evaluate a fine-tuned checkpoint on a config's test set (what ``finetune/test.py`` runs).
+"""Evaluate a fine-tuned checkpoint on a config's test set: the command ``passreid-finetune-test``, also
+``python finetune/test.py`` (see :func:`main`).
 
 Writes into the output directory ``metrics.json`` (Rank-1/5/10, mAP, mINP as fractions, the full
 CMC, counts, re-ranking parameters when used, the weights file and the test set) and
@@ -15,14 +16,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from passreid import dist
-from passreid.engine import autocast_for, describe_precision, make_output_dir, resolve_precision, setup_logging
-from passreid.finetune.checkpoints import load_finetuned_model
+from passreid.cli import error_boundary
+from passreid.config import (Layer, build_config, default_argument_parser, overrides_to_layers, parse_and_load,
+                             print_config)
+from passreid.engine import (autocast_for, describe_precision, make_output_dir, resolve_precision, select_device,
+                             setup_logging)
+from passreid.finetune.checkpoints import load_finetuned_model, stored_config
 from passreid.finetune.config import FinetuneConfig, validate_config
 from passreid.finetune.data import load_test_dataset
 from passreid.finetune.evaluator import EvalResult, evaluate_model, format_result
-from passreid.finetune.trainer import resolve_device
 
-__all__ = ["EvaluationOutputs", "run_test"]
+__all__ = ["EvaluationOutputs", "main", "run_test"]
 
 logger = logging.getLogger("passreid.finetune")
 
@@ -61,7 +65,7 @@ def run_test(
     model, model_cfg, report = load_finetuned_model(weights, cfg, allow_missing=allow_missing,
                                                     allow_unexpected=allow_unexpected)
     cfg = validate_config(cfg if cfg is not None else model_cfg)
-    device = resolve_device(cfg.train.device, env.local_rank)
+    device = select_device(cfg.train.device, env.local_rank)
     model.to(device)
     dataset = load_test_dataset(cfg)
     precision = resolve_precision(device, cfg.eval.precision, "eval.precision")
@@ -90,3 +94,42 @@ def run_test(
     result.gallery.save_npz(str(gallery_path))
     logger.info("wrote %s, %s, %s", metrics_path, query_path, gallery_path)
     return EvaluationOutputs(out, metrics_path, query_path, gallery_path, result)
+
+
+TEST_COMMAND_HELP = """Evaluate a fine-tuned checkpoint on a config's test set (see finetune/README.md).
+
+    python finetune/test.py --config-file configs/finetune/market1501/pass_vit_s_256.yaml \
+        --weights runs/market_pass_s/model_final.pth --data-root /data [--output-dir D] [key=value ...]
+
+Writes D/metrics.json, D/query_features.npz and D/gallery_features.npz (default D: <weights dir>/test).
+Without --config-file, a passreid model_final.pth / checkpoint.pth is evaluated with the config stored
+in it (overrides still apply). Released TransReID / PASS-reID, DPM, TSD, DPEFormer and BPBReID checkpoints
+need the --config-file that describes their architecture; every key that does not map is reported and refused
+unless allowed with --allow-missing / --allow-unexpected (fnmatch patterns).
+--print-config prints the resolved config and exits; a mistake in the input is one message and exit
+status 2 (--debug adds the traceback).
+"""
+
+
+@error_boundary(program="finetune/test.py")
+def main(argv: Sequence[str] | None = None) -> int:
+    """Evaluate ``--weights`` and write the metrics and features."""
+    parser = default_argument_parser(TEST_COMMAND_HELP)
+    parser.add_argument("--weights", required=True, metavar="FILE",
+                        help="model_final.pth, a run's checkpoint.pth, or a released fine-tuned checkpoint")
+    parser.add_argument("--allow-missing", nargs="*", default=[], metavar="PATTERN",
+                        help="model keys a published checkpoint may lack")
+    parser.add_argument("--allow-unexpected", nargs="*", default=[], metavar="PATTERN",
+                        help="published checkpoint keys that may be left unused")
+    args, cfg = parse_and_load(FinetuneConfig, argv, parser)
+    if args.config_file is None:
+        layers = [Layer(f"{args.weights} (stored config)", stored_config(args.weights))]
+        if args.data_root is not None:
+            layers.append(Layer("--data-root", {"data": {"root": args.data_root}}))
+        cfg = build_config(FinetuneConfig, layers + overrides_to_layers(FinetuneConfig, args.opts))
+    if args.print_config:
+        return print_config(cfg)
+    output_dir = args.output_dir or str(Path(args.weights).expanduser().absolute().parent / "test")
+    run_test(args.weights, cfg, output_dir, allow_missing=args.allow_missing,
+             allow_unexpected=args.allow_unexpected)
+    return 0

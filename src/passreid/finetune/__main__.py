@@ -1,0 +1,40 @@
+"""Supervised re-ID fine-tuning (see finetune/README.md).
+
+The command ``passreid-finetune``, also ``python finetune/train.py`` and ``python -m passreid.finetune``:
+
+    python finetune/train.py --config-file configs/finetune/market1501/pass_vit_s_256.yaml \
+        --output-dir runs/market_pass_s --data-root /data model.pretrained=/ckpt/pass_vit_s.pth
+    torchrun --nproc_per_node=4 finetune/train.py --config-file ... --output-dir ...
+
+Auto-resumes from <output-dir>/checkpoint.pth unless --no-resume. On SIGUSR1/SIGTERM it writes the
+checkpoint after the current iteration, requeues the SLURM job (when there is one) and exits 0.
+--print-config prints the resolved config and exits; a mistake in the input is one message and exit
+status 2 (--debug adds the traceback).
+"""
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+from passreid import dist
+from passreid.cli import error_boundary
+from passreid.config import default_argument_parser, parse_and_load, print_config
+from passreid.engine import requeue_current_job
+from passreid.finetune import FinetuneConfig, run_training
+
+
+@error_boundary(program="finetune/train.py")
+def main(argv: Sequence[str] | None = None) -> int:
+    """Train (or resume); on a pre-emption signal write the checkpoint and requeue the SLURM job."""
+    parser = default_argument_parser(__doc__)
+    args, cfg = parse_and_load(FinetuneConfig, argv, parser)
+    if args.print_config:
+        return print_config(cfg)
+    result = run_training(cfg, resume=not args.no_resume)
+    if result.preempted and dist.is_main_process():
+        requeue_current_job()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
