@@ -232,6 +232,21 @@ def test_unknown_key_without_a_close_match_lists_valid_keys():
         load_config(StageConfig, overrides=["optim.zzzzzz=1"])
 
 
+@pytest.mark.parametrize("old, new", [("train.saveckp_freq", "train.keep_checkpoint_period"),
+                                      ("train.checkpoint_every_iters", "train.checkpoint_period_iters"),
+                                      ("train.stop_after_iters", "train.max_iters")])
+def test_a_renamed_key_is_an_error_naming_the_new_one(tmp_path, old, new):
+    from passreid.pretrain.config import PretrainConfig
+
+    with pytest.raises(ConfigError, match=f"config key '{old}' is now called '{new}' \\(from command line\\)"):
+        load_config(PretrainConfig, overrides=[f"{old}=2"])
+    section, key = old.split(".")
+    recipe = write(tmp_path / "old.yaml", f"{section}:\n  {key}: 2\n")
+    with pytest.raises(ConfigError, match=f"config key '{old}' is now called '{new}'.*{recipe.name}"):
+        load_config(PretrainConfig, recipe)
+    assert load_config(PretrainConfig, overrides=[f"{new}=2"]).train.__dict__[new.split(".")[1]] == 2
+
+
 def test_setting_a_key_below_a_scalar_is_an_error():
     with pytest.raises(ConfigError, match=r"cannot set 'optim.lr.x': 'optim.lr' is a float"):
         load_config(StageConfig, overrides=["optim.lr.x=1"])

@@ -412,7 +412,7 @@ def test_gpu_augmentation_trains_like_the_published_path_and_resumes_exactly(syn
         published = run("cpu", "data.augment_on=cpu", "data.num_workers=0")
         device = run("gpu", "data.augment_on=gpu", "data.num_workers=0")
         device_workers = run("gpu_workers", "data.augment_on=gpu", "data.num_workers=2")
-        run("gpu_stopped", "data.augment_on=gpu", "data.num_workers=0", "train.stop_after_iters=4")
+        run("gpu_stopped", "data.augment_on=gpu", "data.num_workers=0", "train.max_iters=4")
         resumed = run("gpu_stopped", "data.augment_on=gpu", "data.num_workers=0")
     finally:
         torch.set_num_threads(threads)

@@ -99,9 +99,10 @@ def test_recipes_carry_the_published_settings():
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["crops.local_crops_number=8", "data.root=/x"], "crops.local_crops_number must be 9 in PASS mode"),
-    ([], "data.root is empty: pass --data-root"),
-    (["data.root=/x", "optim.warmup_epochs=20", "train.epochs=5"], "optim.warmup_epochs must be in"),
+    (["crops.local_crops_number=8", "data.root=/x"], "config key 'crops.local_crops_number': must be 9 in PASS mode"),
+    ([], "config key 'data.root': is empty: pass --data-root"),
+    (["data.root=/x", "optim.warmup_epochs=20", "train.epochs=5"], "config key 'optim.warmup_epochs': must be in"),
+    (["data.root=/x", "train.device=gpu"], "config key 'train.device': must be auto, cpu, cuda or cuda:N, got 'gpu'"),
 ])
 def test_invalid_config_is_refused_naming_the_key(tmp_path, overrides, message):
     cfg = _load(None, f"train.output_dir={tmp_path}", *overrides)
@@ -227,7 +228,7 @@ def test_demo_outputs_and_backbone_export(demo_run):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stop_by", ["stop_after_iters", "signal"])
+@pytest.mark.parametrize("stop_by", ["max_iters", "signal"])
 def test_resume_after_preemption_continues_exactly(synthetic_world, tmp_path, monkeypatch, stop_by):
     listing = _pool_file_list(synthetic_world, tmp_path, count=24)
     common = [*TINY, "data.dataset=image_folder", f"data.root={synthetic_world / 'pool'}", f"data.file_list={listing}",
@@ -250,7 +251,7 @@ def test_resume_after_preemption_continues_exactly(synthetic_world, tmp_path, mo
         assert stopped.preempted
         monkeypatch.setattr(PretrainStage, "train_step", original_step)
     else:
-        stopped = run_pretraining(_load(None, *common, f"train.output_dir={interrupted}", "train.stop_after_iters=4"))
+        stopped = run_pretraining(_load(None, *common, f"train.output_dir={interrupted}", "train.max_iters=4"))
     assert (stopped.iteration, stopped.finished) == (4, False)  # mid-epoch 2: only checkpoint.pth is on disk
     assert not (interrupted / "backbone_final.pth").exists()
     resumed = run_pretraining(_load(None, *common, f"train.output_dir={interrupted}"))

@@ -355,8 +355,18 @@ def _prefers_text(annotation: Any, value: Any) -> bool:
 # errors and small helpers
 
 
+#: Keys renamed so that one concept has one name in every stage: the old name is an error naming the new one.
+RENAMED_KEYS = {
+    "train.saveckp_freq": "train.keep_checkpoint_period",
+    "train.checkpoint_every_iters": "train.checkpoint_period_iters",
+    "train.stop_after_iters": "train.max_iters",
+}
+
+
 def _unknown_key_error(schema: type, prefix: str, name: Any, root: type, where: str) -> ConfigError:
     full_key = _join(prefix, str(name))
+    if full_key in RENAMED_KEYS:
+        return ConfigError(f"config key '{full_key}' is now called '{RENAMED_KEYS[full_key]}'{where}")
     suggestion = _closest_key(schema, prefix, str(name), root)
     if suggestion:
         hint = f" (did you mean '{suggestion}'?)"

@@ -96,4 +96,8 @@ class TrainConfig:
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     log_period: int = 50  # iterations between log lines
     checkpoint_period: int = 1  # epochs between writes of checkpoint.pth (the resume point)
+    # >0: stop after this many iterations in total with checkpoint.pth written (a longer run resumes from it);
+    # fine-tuning and USL/UDA also evaluate and write model_final.pth there. 0: run every epoch.
+    max_iters: int = 0
+    device: str = "auto"  # auto (CUDA when available), cpu, cuda or cuda:N (passreid.engine.select_device)
     output_dir: str = "output"  # --output-dir on the command line fills it

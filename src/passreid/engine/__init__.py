@@ -52,6 +52,7 @@ from passreid.engine.checkpoint import (
     restore_checkpoint,
     unwrap_model,
 )
+from passreid.engine.device import select_device
 from passreid.engine.guards import NonFiniteLossError, check_finite
 from passreid.engine.logger import (MetricsWriter, ProgressLogger, SmoothedValue, ThroughputLogger, format_eta,
                                    setup_logging)
@@ -132,6 +133,7 @@ __all__ = [
     "restore_checkpoint",
     "restore_rng_state",
     "seed_everything",
+    "select_device",
     "seeded_global_rngs",
     "setup_logging",
     "unwrap_model",

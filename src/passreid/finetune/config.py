@@ -232,10 +232,8 @@ class FinetuneOptimConfig(OptimConfig):
 
 @dataclass
 class FinetuneTrainConfig(TrainConfig):
-    """Shared loop fields plus an iteration cap and the device."""
+    """Shared loop fields plus CPU threads and the multi-process batch semantics."""
 
-    max_iters: int = 0  # >0: end the run (final evaluation, model_final.pth) after this many iterations in total
-    device: str = "auto"  # "auto" (CUDA when available), "cpu", "cuda"
     # >0: torch intra-op CPU threads during the run (restored afterwards); 0 keeps torch's default. One thread
     # avoids oversubscription when small CPU runs share cores with other processes.
     num_threads: int = 0
@@ -320,8 +318,6 @@ def validate_config(cfg: FinetuneConfig) -> FinetuneConfig:
     require(cfg.train.num_threads >= 0, "train.num_threads", "must be >= 0 (0 = torch's default)")
     require(cfg.eval.period > 0, "eval.period", f"must be positive, got {cfg.eval.period}")
     require(cfg.train.checkpoint_period > 0, "train.checkpoint_period", "must be positive")
-    require(cfg.train.device in ("auto", "cpu", "cuda") or cfg.train.device.startswith("cuda:"),
-             "train.device", f"must be auto, cpu, cuda or cuda:N, got {cfg.train.device!r}")
     return cfg
 
 

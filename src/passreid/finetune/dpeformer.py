@@ -398,9 +398,9 @@ def build_two_view_train_set(items: list[ImageItem], cfg: FinetuneConfig) -> Two
 def initialise_memory(model: DPEFormerModel, cfg: FinetuneConfig) -> None:
     """Bank rows = class means of ``x1_bn`` over the training set (eval mode, test transform)."""
     from passreid.finetune.data import build_test_loader, load_finetune_data
-    from passreid.finetune.trainer import resolve_device
+    from passreid.engine import select_device
 
-    device = resolve_device(cfg.train.device, dist.get_local_rank())
+    device = select_device(cfg.train.device, dist.get_local_rank())
     train = load_finetune_data(cfg).train.train
     loader = build_test_loader(train, tuple(cfg.model.img_size), cfg)
     was_training = model.training

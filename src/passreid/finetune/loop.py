@@ -22,24 +22,11 @@ from passreid.config import ConfigError, config_to_dict, save_config
 from passreid.engine import (Checkpointer, MetricsWriter, PreemptionGuard, ProgressLogger, autocast_for,
                              batches_until_preempted, build_checkpoint, gather_rng_states, make_output_dir,
                              output_layout, preemption_guard, restore_checkpoint, run_precision, seed_everything,
-                             setup_logging)
+                             select_device, setup_logging)
 from passreid.engine.logger import run_position
 from passreid.finetune.data import build_train_loader
 
-__all__ = ["EpochTrainer", "resolve_device", "torch_threads"]
-
-
-def resolve_device(spec: str, local_rank: int = 0) -> torch.device:
-    """``"auto"`` -> ``cuda:<local_rank>`` when CUDA is available, else CPU; otherwise the given device."""
-    if spec == "auto":
-        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    device = torch.device(spec)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError(f"train.device={spec!r} but CUDA is not available")
-        if device.index is None:
-            device = torch.device(f"cuda:{local_rank}")
-    return device
+__all__ = ["EpochTrainer", "torch_threads"]
 
 
 @contextmanager
@@ -99,7 +86,7 @@ class EpochTrainer:
         train = self.cfg.train
         self.env = dist.init_distributed()
         self.rank, self.world_size = self.env.rank, self.env.world_size
-        self.device = resolve_device(train.device, self.env.local_rank)
+        self.device = select_device(train.device, self.env.local_rank)
         self.precision = run_precision(self.device, train.precision, self.cfg.eval.precision)
         self.amp = autocast_for(self.device, self.precision.train)
         self.eval_amp = autocast_for(self.device, self.precision.eval)

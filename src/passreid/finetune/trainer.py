@@ -33,11 +33,11 @@ from passreid.finetune.checkpoints import build_final_checkpoint
 from passreid.finetune.config import FinetuneConfig, validate_config
 from passreid.finetune.data import FinetuneData, build_train_set, load_finetune_data
 from passreid.finetune.evaluator import EvalResult, evaluate_model, format_result
-from passreid.finetune.loop import EpochTrainer, resolve_device, torch_threads
+from passreid.finetune.loop import EpochTrainer, torch_threads
 from passreid.finetune.methods import SecondPass, build_criterion, build_model, get_method
 from passreid.finetune.optim import build_lr_scheduler, build_optimizer, schedule_epoch
 
-__all__ = ["FinetuneTrainer", "TrainResult", "resolve_device", "run_training"]
+__all__ = ["FinetuneTrainer", "TrainResult", "run_training"]
 
 logger = logging.getLogger("passreid.finetune")
 

@@ -413,8 +413,8 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
 
     from passreid.data import build_dataset
+    from passreid.engine import select_device
     from passreid.finetune.checkpoints import load_finetuned_model
-    from passreid.finetune.trainer import resolve_device
 
     parser = argparse.ArgumentParser(description="TSD's holistic-query Occluded-Duke benchmark (ALL / NPO / NTP)")
     parser.add_argument("--weights", required=True, help="model_final.pth or checkpoint.pth of a fine-tuning run")
@@ -423,7 +423,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="auto")
     args = parser.parse_args(argv)
     model, cfg, _ = load_finetuned_model(args.weights)
-    device = resolve_device(args.device)
+    device = select_device(args.device)
     results = occlusion_benchmark(model.to(device), cfg, build_dataset("occluded_duke_tsd", args.data_root), device)
     for variant, result in results.items():
         print(f"{variant} ({result.num_valid_queries} valid queries)\n{result.format_table()}")

@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from passreid.config import ConfigError, TrainConfig
+from passreid.config import TrainConfig, require
 
 # Unlabeled sources: the two dataset-registry readers, plus the generated world's pool/ (demo, tests).
 PRETRAIN_DATASETS = ("image_folder", "luperson_lmdb", "synthetic_pool")
@@ -105,10 +105,8 @@ class PretrainTrainConfig(TrainConfig):
     seed: int = 0
     log_period: int = 200  # iterations between log lines / metrics.jsonl records
     checkpoint_period: int = 1  # epochs between end-of-epoch writes of checkpoint.pth
-    checkpoint_every_iters: int = 0  # also write checkpoint.pth every N iterations (0: epoch ends only)
-    saveckp_freq: int = 0  # keep a named copy checkpoint_<epoch:07d>.pth every N epochs (0: none)
-    stop_after_iters: int = 0  # stop after N iterations with checkpoint.pth written, as a pre-emption would (0: off)
-    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA when available
+    checkpoint_period_iters: int = 0  # also write checkpoint.pth every N iterations (0: epoch ends only)
+    keep_checkpoint_period: int = 0  # keep a named copy checkpoint_<epoch:07d>.pth every N epochs (0: none)
 
 
 @dataclass
@@ -144,48 +142,40 @@ class PretrainConfig:
 
 
 def validate_pretrain_config(cfg: PretrainConfig) -> None:
-    """Reject settings the stage cannot run with, naming the key and what is expected."""
-    problems: list[str] = []
-
-    def need(condition: bool, message: str) -> None:
-        if not condition:
-            problems.append(message)
-
-    need(cfg.data.dataset in PRETRAIN_DATASETS, f"data.dataset must be one of {PRETRAIN_DATASETS}")
-    need(cfg.data.dataset == "synthetic_pool" or bool(cfg.data.root),
-         f"data.root is empty: pass --data-root DIR (the {cfg.data.dataset} folder)")
-    need(not cfg.data.file_list or cfg.data.dataset == "image_folder",
-         "data.file_list applies to data.dataset=image_folder only")
-    need(not cfg.data.keys_file or cfg.data.dataset == "luperson_lmdb",
-         "data.keys_file applies to data.dataset=luperson_lmdb only")
-    need(cfg.data.batch_size_per_gpu >= 1, "data.batch_size_per_gpu must be >= 1")
-    need(cfg.data.num_workers >= 0, "data.num_workers must be >= 0")
-    need(cfg.crops.local_crops_number >= 0, "crops.local_crops_number must be >= 0")
-    need(cfg.crops.mode != "pass" or cfg.crops.local_crops_number == 9,
-         "crops.local_crops_number must be 9 in PASS mode (three crops per horizontal band, "
-         "pretrain-pass.md §7.1)")
+    """Reject settings the stage cannot run with: a :class:`ConfigError` naming the key and what is expected."""
+    data, crops, model, optim, train, monitor = cfg.data, cfg.crops, cfg.model, cfg.optim, cfg.train, cfg.monitor
+    require(data.dataset in PRETRAIN_DATASETS, "data.dataset", f"must be one of {PRETRAIN_DATASETS}")
+    require(data.dataset == "synthetic_pool" or bool(data.root), "data.root",
+            f"is empty: pass --data-root DIR (the {data.dataset} folder)")
+    require(not data.file_list or data.dataset == "image_folder", "data.file_list",
+            "applies to data.dataset=image_folder only")
+    require(not data.keys_file or data.dataset == "luperson_lmdb", "data.keys_file",
+            "applies to data.dataset=luperson_lmdb only")
+    require(data.batch_size_per_gpu >= 1, "data.batch_size_per_gpu", "must be >= 1")
+    require(data.num_workers >= 0, "data.num_workers", "must be >= 0")
+    require(crops.local_crops_number >= 0, "crops.local_crops_number", "must be >= 0")
+    require(crops.mode != "pass" or crops.local_crops_number == 9, "crops.local_crops_number",
+            "must be 9 in PASS mode (three crops in each of the three horizontal bands, as PASS-reID's main_pass.py)")
     for name in ("global_scale", "local_scale"):
-        low, high = getattr(cfg.crops, name)
-        need(0 < low <= high <= 1, f"crops.{name} must satisfy 0 < low <= high <= 1, got {(low, high)}")
-    need(cfg.model.out_dim >= 1 and cfg.model.hidden_dim >= 1 and cfg.model.bottleneck_dim >= 1,
-         "model.out_dim, model.hidden_dim and model.bottleneck_dim must be >= 1")
-    need(0 <= cfg.model.drop_path_rate < 1, "model.drop_path_rate must be in [0, 1)")
-    need(cfg.optim.lr > 0 and cfg.optim.min_lr >= 0, "optim.lr must be > 0 and optim.min_lr >= 0")
-    need(0 <= cfg.optim.warmup_epochs <= cfg.train.epochs,
-         f"optim.warmup_epochs must be in [0, train.epochs={cfg.train.epochs}]")
-    need(cfg.optim.clip_grad >= 0, "optim.clip_grad must be >= 0 (0 disables clipping)")
-    need(cfg.optim.freeze_last_layer >= 0, "optim.freeze_last_layer must be >= 0")
-    need(0 <= cfg.optim.momentum_teacher <= cfg.optim.momentum_teacher_end <= 1,
-         "need 0 <= optim.momentum_teacher <= optim.momentum_teacher_end <= 1")
-    need(cfg.loss.warmup_teacher_temp_epochs <= cfg.train.epochs,
-         "loss.warmup_teacher_temp_epochs must not exceed train.epochs")
-    need(cfg.train.epochs >= 1, "train.epochs must be >= 1")
-    need(cfg.train.log_period >= 1, "train.log_period must be >= 1")
-    for name in ("checkpoint_every_iters", "saveckp_freq", "stop_after_iters"):
-        need(getattr(cfg.train, name) >= 0, f"train.{name} must be >= 0")
-    need(cfg.train.checkpoint_period >= 1, "train.checkpoint_period must be >= 1 (epochs)")
-    need(cfg.monitor.period >= 0, "monitor.period must be >= 0 (0 disables the kNN monitor)")
-    need(cfg.monitor.world_seed >= 0, "monitor.world_seed must be >= 0")
-    need(cfg.monitor.batch_size >= 1, "monitor.batch_size must be >= 1")
-    if problems:
-        raise ConfigError("invalid pre-training config:\n  " + "\n  ".join(problems))
+        low, high = getattr(crops, name)
+        require(0 < low <= high <= 1, f"crops.{name}", f"must satisfy 0 < low <= high <= 1, got {(low, high)}")
+    for name in ("out_dim", "hidden_dim", "bottleneck_dim"):
+        require(getattr(model, name) >= 1, f"model.{name}", "must be >= 1")
+    require(0 <= model.drop_path_rate < 1, "model.drop_path_rate", "must be in [0, 1)")
+    require(optim.lr > 0, "optim.lr", "must be > 0")
+    require(optim.min_lr >= 0, "optim.min_lr", "must be >= 0")
+    require(0 <= optim.warmup_epochs <= train.epochs, "optim.warmup_epochs", f"must be in [0, train.epochs={train.epochs}]")
+    require(optim.clip_grad >= 0, "optim.clip_grad", "must be >= 0 (0 disables clipping)")
+    require(optim.freeze_last_layer >= 0, "optim.freeze_last_layer", "must be >= 0")
+    require(0 <= optim.momentum_teacher <= optim.momentum_teacher_end <= 1, "optim.momentum_teacher",
+            "needs 0 <= optim.momentum_teacher <= optim.momentum_teacher_end <= 1")
+    require(cfg.loss.warmup_teacher_temp_epochs <= train.epochs, "loss.warmup_teacher_temp_epochs",
+            "must not exceed train.epochs")
+    require(train.epochs >= 1, "train.epochs", "must be >= 1")
+    require(train.log_period >= 1, "train.log_period", "must be >= 1")
+    for name in ("checkpoint_period_iters", "keep_checkpoint_period", "max_iters"):
+        require(getattr(train, name) >= 0, f"train.{name}", "must be >= 0")
+    require(train.checkpoint_period >= 1, "train.checkpoint_period", "must be >= 1 (epochs)")
+    require(monitor.period >= 0, "monitor.period", "must be >= 0 (0 disables the kNN monitor)")
+    require(monitor.world_seed >= 0, "monitor.world_seed", "must be >= 0")
+    require(monitor.batch_size >= 1, "monitor.batch_size", "must be >= 1")

@@ -20,7 +20,7 @@ augmentation is seeded from ``(seed, epoch, index)``, so the views do not depend
 where a run was interrupted: a resumed run continues exactly (same losses), with workers too.
 
 Outputs in ``train.output_dir``: ``config.yaml``, ``log.txt``, ``metrics.jsonl`` + ``tb/``,
-``checkpoint.pth`` (full state; also written every ``train.checkpoint_every_iters`` iterations),
+``checkpoint.pth`` (full state; also written every ``train.checkpoint_period_iters`` iterations),
 ``backbone.pth`` (teacher backbone export after every epoch), ``backbone_final.pth`` (the same,
 written once training has finished: the hand-over to fine-tuning / USL / UDA).
 """
@@ -73,6 +73,7 @@ from passreid.engine import (
     restore_checkpoint,
     seed_everything,
     seeded_global_rngs,
+    select_device,
     setup_logging,
     worker_init_fn,
 )
@@ -94,7 +95,7 @@ logger = logging.getLogger(__name__)
 BACKBONE_FILE = "backbone.pth"
 BACKBONE_FINAL_FILE = "backbone_final.pth"
 # Keys that say how this invocation runs rather than what is trained: changing them on resume is expected.
-_RUN_CONTROL_KEYS = ("train.stop_after_iters", "train.output_dir")
+_RUN_CONTROL_KEYS = ("train.max_iters", "train.output_dir")
 Views = list[torch.Tensor]
 
 
@@ -288,7 +289,7 @@ class PretrainResult:
 
     output_dir: Path
     iteration: int  # optimizer steps completed
-    finished: bool  # all epochs done (False when stopped by train.stop_after_iters or pre-emption)
+    finished: bool  # all epochs done (False when stopped by train.max_iters or pre-emption)
     knn: list[dict[str, float]]  # every kNN evaluation of the run, in order (kept across resumes)
     backbone: Path | None  # latest backbone export (None before the first epoch end)
     preempted: bool = False  # stopped by SIGUSR1/SIGTERM with checkpoint.pth written: requeue and resume
@@ -303,7 +304,7 @@ class PretrainStage:
         self.cfg = cfg
         self.env = dist.init_distributed()
         self.rank, self.world_size = self.env.rank, self.env.world_size
-        self.device = self._select_device(cfg.train.device)
+        self.device = select_device(cfg.train.device, dist.get_local_rank())
         # PASS main_pass.py (--use_fp16, default True): fp16 autocast + GradScaler; the kNN monitor (not part of
         # the published code) extracts its features under the same autocast.
         self.precision = describe_precision(
@@ -343,7 +344,7 @@ class PretrainStage:
             device_ids = [self.device.index] if self.device.type == "cuda" else None
             self.meta.wrap_student(lambda network: DistributedDataParallel(network, device_ids=device_ids))
         self.checkpointer = Checkpointer(self.out, is_main=self.is_main,
-                                         keep_every=cfg.train.saveckp_freq or None)
+                                         keep_every=cfg.train.keep_checkpoint_period or None)
         self.epoch, self.iteration, self.corrupt_skipped = 0, 0, 0
         self.knn_history: list[dict[str, float]] = []  # every kNN evaluation of the run (kept across resumes)
         if resume:
@@ -364,13 +365,6 @@ class PretrainStage:
         self._log_summary()
 
     # ------------------------------------------------------------------ set-up
-    def _select_device(self, wanted: str) -> torch.device:
-        if wanted == "cuda" or (wanted == "auto" and torch.cuda.is_available()):
-            if not torch.cuda.is_available():
-                raise ConfigError("train.device=cuda but CUDA is not available")
-            return torch.device("cuda", dist.get_local_rank())
-        return torch.device("cpu")
-
     def _build_meta_arch(self) -> PASSMetaArch:
         cfg = self.cfg
         loss = cfg.loss
@@ -550,7 +544,7 @@ class PretrainStage:
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> PretrainResult:
-        """Train from the current state to the end (or to ``train.stop_after_iters``, or until a
+        """Train from the current state to the end (or to ``train.max_iters``, or until a
         pre-emption signal: then ``checkpoint.pth`` is written and the result says ``preempted``)."""
         with preemption_guard() as guard:
             return self._run(guard)
@@ -576,13 +570,13 @@ class PretrainStage:
                     elapsed = time.perf_counter() - window_start
                     self._log_iteration(loss, stats, window_images / max(elapsed, 1e-9))
                     window_start, window_images = time.perf_counter(), 0
-                every = cfg.train.checkpoint_every_iters
+                every = cfg.train.checkpoint_period_iters
                 saved = bool(every) and self.iteration % every == 0
                 if saved:
                     self.save_checkpoint()
                 preempted = guard.requested()
-                if preempted or (cfg.train.stop_after_iters and self.iteration >= cfg.train.stop_after_iters):
-                    return self._stop("pre-emption signal" if preempted else "train.stop_after_iters",
+                if preempted or (cfg.train.max_iters and self.iteration >= cfg.train.max_iters):
+                    return self._stop("pre-emption signal" if preempted else "train.max_iters",
                                       preempted=preempted, saved=saved)
             if self.iteration < (self.epoch + 1) * self.iters_per_epoch:  # the loader ended early: see
                 return self._stop("pre-emption signal", preempted=True, saved=False)  # batches_until_preempted
@@ -608,7 +602,7 @@ class PretrainStage:
         if self.monitor is not None and (self.epoch % self.cfg.monitor.period == 0 or last):
             self.run_monitor()
         if self.epoch % self.cfg.train.checkpoint_period == 0 or last:
-            keep = bool(self.cfg.train.saveckp_freq) and self.epoch % self.cfg.train.saveckp_freq == 0
+            keep = bool(self.cfg.train.keep_checkpoint_period) and self.epoch % self.cfg.train.keep_checkpoint_period == 0
             self.save_checkpoint(keep_copy=keep)
         self.metrics.flush()
         self.log.info("epoch %d/%d done (iteration %d)", finished_epoch + 1, self.cfg.train.epochs, self.iteration)
