@@ -98,6 +98,12 @@ def test_learning_rate_follows_the_configured_stepping(demo_run):
         expected = warmup_cosine_lr(t, cfg.optim.lr, cfg.train.epochs, cfg.optim.warmup_epochs,
                                     cfg.optim.lr * cfg.optim.warmup_lr_factor, cfg.optim.lr * cfg.optim.min_lr_factor)
         assert record["lr"] == pytest.approx(expected, rel=1e-12)
+    # schedules.npz holds the same curve for every param group, one row per iteration.
+    schedules = np.load(out / "schedules.npz")
+    train = _records(out, "train")
+    assert schedules["lr"].shape[0] == len(train) and schedules["lr"].shape[1] >= 1
+    assert [r["lr"] for r in train] == list(schedules["lr"][:, 0])
+    assert [r["epoch"] for r in train] == list(schedules["epoch"])
 
 
 @pytest.mark.slow
@@ -140,6 +146,9 @@ def test_resume_continues_with_the_same_losses(tmp_path, synthetic_world):
     for step in range(1, 7):
         for key in ("loss", "id", "triplet", "lr"):
             assert resumed[step][key] == pytest.approx(expected[step][key], rel=1e-6, abs=1e-9), (step, key)
+    # The run folder's per-iteration schedule is the rate each step ran at (train.max_iters=6: six rows).
+    lr = np.load(resumed_dir / "schedules.npz")["lr"]
+    assert lr.shape[0] == 6 and [resumed[step]["lr"] for step in range(1, 7)] == list(lr[:, 0])
 
 
 def test_sie_and_jpm_train_and_evaluate_with_camera_ids(tmp_path, synthetic_world):

@@ -258,6 +258,10 @@ def test_resume_after_preemption_continues_exactly(synthetic_world, tmp_path, mo
     assert (resumed.iteration, resumed.finished) == (6, True)
 
     reference, continued = _train_records(straight), _train_records(interrupted)
+    # schedules.npz keeps the per-iteration lr / wd / momentum the run stepped with (as logged).
+    schedules = np.load(straight / "schedules.npz")
+    assert [reference[step]["lr"] for step in range(1, 7)] == list(schedules["lr"])
+    assert [reference[step]["momentum"] for step in range(1, 7)] == list(schedules["momentum"])
     assert sorted(reference) == sorted(continued) == list(range(1, 7))  # step = optimizer steps done
     assert [continued[step]["epoch"] for step in range(1, 7)] == [1, 1, 1, 2, 2, 2]  # epochs from 1, as in the log
     log = (interrupted / "log.txt").read_text()

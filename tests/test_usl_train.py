@@ -15,7 +15,7 @@ from _ports import free_port
 from _spawn import start_workers, wait_for_workers
 from passreid.config import load_config
 from passreid.data.synthetic import SyntheticWorldSpec
-from passreid.usl import UslConfig, run_usl
+from passreid.usl import UslConfig, epoch_lr, run_usl
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -70,6 +70,12 @@ def test_outputs_resume_and_finetune_test_compatibility(tmp_path: Path, syntheti
     records = [json.loads(line) for line in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records if r["split"] == "cluster"] == [1, 2]
     assert len([r for r in records if r["split"] == "eval"]) == 2
+    # schedules.npz: the published per-epoch step schedule, one row per iteration, each group at its multiple.
+    lr = np.load(tmp_path / "full" / "schedules.npz")["lr"]
+    cfg = _config(tmp_path / "full", synthetic_world)
+    expected = np.repeat([epoch_lr(cfg.optim, epoch) for epoch in range(2)], 3)
+    assert lr.shape[0] == 6 and np.allclose(lr.min(axis=1), expected, rtol=1e-12, atol=0)
+    assert [r["lr"] for r in records if r["split"] == "train"] == list(lr[:, 0])
 
     # Mid-epoch stop (iteration 4 of 6: the checkpoint carries the epoch's pseudo labels and memory), resume.
     run_usl(_config(tmp_path / "mid", synthetic_world, "train.max_iters=4"), resume=False)

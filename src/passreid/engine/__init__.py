@@ -62,6 +62,7 @@ from passreid.engine.output import (
     FINAL_MODEL_FILE,
     LOG_FILE,
     METRICS_FILE,
+    SCHEDULES_FILE,
     TENSORBOARD_DIR,
     OutputLayout,
     make_output_dir,
@@ -75,7 +76,8 @@ from passreid.engine.preemption import (
     preemption_guard,
     requeue_current_job,
 )
-from passreid.engine.schedules import WarmupCosineLR, apply_schedule, cosine_schedule, warmup_cosine_lr
+from passreid.engine.schedules import (WarmupCosineLR, apply_schedule, cosine_schedule, save_schedules,
+                                       warmup_cosine_lr)
 from passreid.engine.seeding import (
     capture_rng_state,
     derive_seed,
@@ -97,6 +99,7 @@ __all__ = [
     "FINAL_MODEL_FILE",
     "LOG_FILE",
     "METRICS_FILE",
+    "SCHEDULES_FILE",
     "MetricsWriter",
     "NonFiniteLossError",
     "OutputLayout",
@@ -132,6 +135,7 @@ __all__ = [
     "run_precision",
     "restore_checkpoint",
     "restore_rng_state",
+    "save_schedules",
     "seed_everything",
     "select_device",
     "seeded_global_rngs",

@@ -5,6 +5,7 @@
   config.yaml       fully resolved config (written by passreid.config.save_config)
   log.txt           rank-0 log (setup_logging)
   metrics.jsonl     one JSON object per line (MetricsWriter)
+  schedules.npz     the per-iteration lr (and wd / momentum where scheduled) of the run (save_schedules)
   tb/               TensorBoard event files (MetricsWriter)
   checkpoint.pth    latest full training state, written atomically (Checkpointer)
   checkpoint.prev.pth  the checkpoint before it, read when checkpoint.pth cannot be (Checkpointer)
@@ -20,6 +21,7 @@ from pathlib import Path
 CONFIG_FILE = "config.yaml"
 LOG_FILE = "log.txt"
 METRICS_FILE = "metrics.jsonl"
+SCHEDULES_FILE = "schedules.npz"
 TENSORBOARD_DIR = "tb"
 CHECKPOINT_FILE = "checkpoint.pth"
 FINAL_MODEL_FILE = "model_final.pth"
@@ -42,6 +44,10 @@ class OutputLayout:
     @property
     def metrics(self) -> Path:
         return self.root / METRICS_FILE
+
+    @property
+    def schedules(self) -> Path:
+        return self.root / SCHEDULES_FILE
 
     @property
     def tensorboard(self) -> Path:

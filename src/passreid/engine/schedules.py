@@ -11,6 +11,8 @@ Two families, matching the two reference code bases:
 from __future__ import annotations
 
 import math
+import os
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -190,3 +192,14 @@ class WarmupMultiStepLR(WarmupCosineLR):
     def lrs_at(self, epoch: int) -> list[float]:
         return [warmup_multistep_lr(epoch, base, self.milestones, self.gamma, self.warmup_epochs, self.warmup_factor)
                 for base in self.base_lrs]
+
+
+def save_schedules(path: str | os.PathLike[str], **arrays: np.ndarray) -> Path:
+    """Write a run's per-iteration schedules (``lr=``, ``weight_decay=``, ...; row ``i`` is iteration ``i + 1``)
+    to an ``.npz`` file, atomically (temporary file, then rename). ``numpy.load`` reads them back."""
+    path = Path(path)
+    temporary = path.with_name(f".{path.name}.tmp")
+    with open(temporary, "wb") as handle:
+        np.savez(handle, **{name: np.asarray(values) for name, values in arrays.items()})
+    os.replace(temporary, path)
+    return path

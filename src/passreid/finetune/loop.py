@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -21,8 +22,8 @@ from passreid import dist
 from passreid.config import ConfigError, config_to_dict, save_config
 from passreid.engine import (Checkpointer, MetricsWriter, PreemptionGuard, ProgressLogger, autocast_for,
                              batches_until_preempted, build_checkpoint, gather_rng_states, make_output_dir,
-                             output_layout, preemption_guard, restore_checkpoint, run_precision, seed_everything,
-                             select_device, setup_logging)
+                             output_layout, preemption_guard, restore_checkpoint, run_precision, save_schedules,
+                             seed_everything, select_device, setup_logging)
 from passreid.engine.logger import run_position
 from passreid.finetune.data import build_train_loader
 
@@ -53,8 +54,10 @@ class EpochTrainer:
     - ``_build(resuming)``: data, ``model``, ``optimizer``, ``train_set`` and ``sampler`` (``None``
       until ``_prepare_epoch``), optionally ``scheduler``; when ``resuming`` no pretrained weight is read.
     - ``_wrap_distributed()``: wrap the trained module in DDP (``world_size > 1``); ``_log_setup()``.
-    - ``total_iterations()``: optimizer steps of the whole run, for the progress ETA.
-    - ``_set_epoch_lr(epoch)`` and ``_step(batch)`` (one optimizer step -> scalars with ``loss``, ``lr``).
+    - ``_epoch_lengths()``: optimizer steps of every epoch; ``_epoch_lrs(epoch)``: each param group's learning
+      rate in ``epoch``. From them the loop precomputes the run's per-iteration schedule (``lr_schedule``, kept in
+      the run folder as ``schedules.npz``) and sets every step's rates from it.
+    - ``_step(batch)`` (one optimizer step -> scalars with ``loss``, ``lr``).
     - ``_evaluate()`` (sets ``last_metrics`` / ``last_eval_iteration``), ``_save_final_model()`` and
       ``_result(final_path, preempted)``, the object :meth:`run` returns.
 
@@ -73,6 +76,7 @@ class EpochTrainer:
         self._init_loop_state()
         resuming = resume and self.checkpointer.has_checkpoint()
         self._build(resuming)
+        self.lr_schedule = self._build_lr_schedule()
         if resuming:
             self._resume()
         if self.world_size > 1:
@@ -144,6 +148,27 @@ class EpochTrainer:
 
     def _clamp_to_max_iters(self, total: int) -> int:
         return min(total, self.cfg.train.max_iters) if self.cfg.train.max_iters else total
+
+    def total_iterations(self) -> int:
+        """Optimizer steps of the whole run (``train.max_iters`` included)."""
+        return len(self.lr_schedule)
+
+    def _build_lr_schedule(self) -> np.ndarray:
+        """The learning rate of every param group at every iteration, ``(iterations, groups)``: constant within an
+        epoch, as the published recipes step per epoch. Rank 0 writes it (with each iteration's 1-based epoch) to
+        ``schedules.npz`` so the curve can be compared with the published code's."""
+        lengths = self._epoch_lengths()
+        epochs = np.repeat(np.arange(1, len(lengths) + 1), lengths)
+        rates = np.array([self._epoch_lrs(epoch) for epoch in range(len(lengths))], dtype=np.float64)
+        total = self._clamp_to_max_iters(int(sum(lengths)))
+        schedule = np.repeat(rates, lengths, axis=0)[:total]
+        if self.rank == 0:
+            save_schedules(output_layout(self.output_dir).schedules, lr=schedule, epoch=epochs[:total])
+        return schedule
+
+    def _apply_lrs(self, iteration: int) -> None:
+        for group, lr in zip(self.optimizer.param_groups, self.lr_schedule[iteration]):
+            group["lr"] = float(lr)
 
     # ------------------------------------------------------------------ resume
     def _resume(self) -> None:
@@ -223,11 +248,11 @@ class EpochTrainer:
     def _train_epoch(self, epoch: int, progress: ProgressLogger) -> bool:
         """One epoch (or its remainder after a resume); False when stopped mid-epoch (``max_iters`` or a
         pre-emption signal), after writing a checkpoint at the sampler's position."""
-        self._set_epoch_lr(epoch)
         loader = self._epoch_loader(epoch)
         self.train_module.train()
         batches = 0
         for batch in batches_until_preempted(loader):
+            self._apply_lrs(self.iteration)
             terms = self._step(batch)
             self.iteration += 1
             batches += 1
@@ -292,10 +317,10 @@ class EpochTrainer:
     def _log_setup(self) -> None:
         raise NotImplementedError
 
-    def total_iterations(self) -> int:
+    def _epoch_lengths(self) -> list[int]:
         raise NotImplementedError
 
-    def _set_epoch_lr(self, epoch: int) -> None:
+    def _epoch_lrs(self, epoch: int) -> list[float]:
         raise NotImplementedError
 
     def _step(self, batch: dict[str, Any]) -> dict[str, float]:

@@ -136,18 +136,16 @@ class FinetuneTrainer(EpochTrainer):
                         f"losses and BatchNorm statistics within each process's {self.sampler.per_rank_batch_size} "
                         f"images, gradients averaged")
 
-    def total_iterations(self) -> int:
-        """Optimizer steps of the whole run (the P x K epoch length varies slightly between epochs)."""
-        total = sum(len(self.sampler.global_batches(epoch)) for epoch in range(self.cfg.train.epochs))
-        total = self._clamp_to_max_iters(total)
-        if total == 0:
+    def _epoch_lengths(self) -> list[int]:
+        """Optimizer steps of each epoch (the P x K epoch length varies slightly between epochs)."""
+        lengths = [len(self.sampler.global_batches(epoch)) for epoch in range(self.cfg.train.epochs)]
+        if sum(lengths) == 0:
             raise ConfigError("the training set yields no P x K batch: fewer identities than batch_size / "
                               "num_instances; lower data.batch_size")
-        return total
+        return lengths
 
-    # ------------------------------------------------------------------ training
-    def _set_epoch_lr(self, epoch: int) -> None:
-        self.scheduler.step(schedule_epoch(epoch, self.cfg.optim.lr_stepping))
+    def _epoch_lrs(self, epoch: int) -> list[float]:
+        return self.scheduler.lrs_at(schedule_epoch(epoch, self.cfg.optim.lr_stepping))
 
     def _step(self, batch: dict[str, Any]) -> dict[str, float]:
         images = batch["img"].to(self.device, non_blocking=True)

@@ -68,9 +68,11 @@ from passreid.engine import (
     describe_precision,
     gather_rng_states,
     make_output_dir,
+    output_layout,
     preemption_guard,
     resolve_precision,
     restore_checkpoint,
+    save_schedules,
     seed_everything,
     seeded_global_rngs,
     select_device,
@@ -336,6 +338,9 @@ class PretrainStage:
         self.global_batch = cfg.data.batch_size_per_gpu * self.world_size
         self.schedules = build_schedules(cfg, self.iters_per_epoch, self.world_size)
         self.total_iters = len(self.schedules)
+        if self.is_main:
+            save_schedules(output_layout(self.out).schedules, lr=self.schedules.lr,
+                           weight_decay=self.schedules.weight_decay, momentum=self.schedules.momentum)
 
         self.optimizer = torch.optim.AdamW(self.meta.param_groups(), lr=0.0, **self._adamw_kernel())
         self.amp = autocast_for(self.device, cfg.train.precision)

@@ -42,7 +42,7 @@ from torch import nn
 from passreid import dist
 from passreid.config import config_to_dict
 from passreid.data import DatasetFormatError, ImageItem, ReIDDataset, build_dataset
-from passreid.engine import apply_schedule, atomic_save, check_finite, output_layout, preemption_guard
+from passreid.engine import atomic_save, check_finite, output_layout, preemption_guard
 from passreid.finetune.checkpoints import build_final_checkpoint
 from passreid.finetune.config import FinetuneConfig
 from passreid.finetune.data import _dataset_options, build_train_set, load_test_dataset, resolve_data_root
@@ -125,7 +125,7 @@ def epoch_lr(optim: UslOptimConfig, epoch: int) -> float:
 def _build_optimizer(model: nn.Module, optim: UslOptimConfig) -> torch.optim.Optimizer:
     groups = build_param_groups(model, optim.lr, optim.weight_decay, optim.weight_decay_bias, optim.bias_lr_factor)
     for group in groups:
-        group["lr_multiplier"] = group["lr"] / optim.lr  # apply_schedule scales every group from the base lr
+        group["lr_multiplier"] = group["lr"] / optim.lr  # _epoch_lrs scales every group from the base lr
     if optim.name == "sgd":
         return torch.optim.SGD(groups, lr=optim.lr, momentum=optim.momentum)
     if optim.name == "adam":
@@ -213,8 +213,13 @@ class ClusterContrastTrainer(EpochTrainer):
         return " (mid-epoch: pseudo labels and memory restored)" if self.pending_epoch_state else ""
 
     # ------------------------------------------------------------------ loop
-    def total_iterations(self) -> int:
-        return self._clamp_to_max_iters(self.cfg.train.epochs * self.cfg.train.iters)
+    def _epoch_lengths(self) -> list[int]:
+        return [self.cfg.train.iters] * self.cfg.train.epochs
+
+    def _epoch_lrs(self, epoch: int) -> list[float]:
+        """Every group at its multiple of :func:`epoch_lr` (biases may run at ``bias_lr_factor`` x)."""
+        rate = epoch_lr(self.cfg.optim, epoch)
+        return [rate * group.get("lr_multiplier", 1.0) for group in self.optimizer.param_groups]
 
     def _before_epochs(self) -> None:
         if self.cfg.train.eval_at_start and self.iteration == 0 and self.initial_metrics is None:
@@ -280,9 +285,6 @@ class ClusterContrastTrainer(EpochTrainer):
                                           seed=self.cfg.train.seed, rank=self.rank, world_size=self.world_size)
 
     # ------------------------------------------------------------------ training
-    def _set_epoch_lr(self, epoch: int) -> None:
-        apply_schedule(self.optimizer, lr=epoch_lr(self.cfg.optim, epoch))
-
     def _step(self, batch: dict[str, Any]) -> dict[str, float]:
         loss = self._memory_loss_step(batch)
         self.loss_sum += loss
