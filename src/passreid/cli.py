@@ -24,11 +24,12 @@ import sys
 import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from passreid.config import DEBUG_ENV, DEBUG_FLAG
 
-__all__ = ["USER_ERROR_EXIT_STATUS", "debug_requested", "describe_error", "error_boundary", "user_errors"]
+__all__ = ["USER_ERROR_EXIT_STATUS", "debug_requested", "describe_error", "error_boundary", "run_training_command",
+           "user_errors"]
 
 USER_ERROR_EXIT_STATUS = 2
 
@@ -125,3 +126,21 @@ def error_boundary(main: Main | None = None, *, extra: tuple[type[BaseException]
         return run  # type: ignore[return-value]
 
     return decorate(main) if main is not None else decorate
+
+
+def run_training_command(argv: Sequence[str] | None, description: str, schema: type,
+                         run: Callable[..., Any]) -> int:
+    """The body of a training stage's command: parse the command line into ``schema`` (``--print-config`` prints
+    it and stops), ``run(cfg, resume=...)`` the stage, and requeue the SLURM job when a pre-emption signal
+    stopped it (the result says ``preempted``; rank 0 requeues)."""
+    from passreid import dist
+    from passreid.config import default_argument_parser, parse_and_load, print_config
+    from passreid.engine import requeue_current_job
+
+    args, cfg = parse_and_load(schema, argv, default_argument_parser(description))
+    if args.print_config:
+        return print_config(cfg)
+    result = run(cfg, resume=not args.no_resume)
+    if result.preempted and dist.is_main_process():
+        requeue_current_job()
+    return 0

@@ -526,15 +526,9 @@ def load_published_checkpoint(
     depth = getattr(unwrap_model(model).backbone, "depth", 0)  # a ViT's; CNN backbones take no depth-based rule
     mapped, dropped, unknown = map_published_state_dict(state, depth, cfg.model.jpm, layout)
     expected = model.state_dict()
-    report = LoadReport(source=label, dropped=dropped, num_model_tensors=len(expected))
-    for key, target in expected.items():
-        if key not in mapped:
-            report.missing.append(key)
-        elif mapped[key].shape != target.shape:
-            report.shape_mismatched.append((key, tuple(mapped[key].shape), tuple(target.shape)))
-        else:
-            report.loaded.append(key)
-    report.unexpected = [k for k in mapped if k not in expected] + [f"{k} (no mapping rule)" for k in unknown]
+    report = LoadReport(source=label, dropped=dropped)
+    report.match(mapped, expected)
+    report.unexpected.extend(f"{k} (no mapping rule)" for k in unknown)
     refused = [k for k in report.missing if k not in layout.training_only and not matches_any(k, allow_missing)]
     refused += [k for k, _, _ in report.shape_mismatched if not matches_any(k, allow_missing)]
     refused += [k for k in report.unexpected if not matches_any(k.split(" ")[0], allow_unexpected)]

@@ -107,6 +107,19 @@ class LoadReport:
     dropped: list[str] = field(default_factory=list)
     num_model_tensors: int = 0
 
+    def match(self, state: Mapping[str, Tensor], model_state: Mapping[str, Tensor]) -> None:
+        """Sort every model tensor into loaded / missing / shape-mismatched against ``state`` (already mapped
+        to the model's names) and list the entries of ``state`` the model has no place for as unexpected."""
+        self.num_model_tensors = len(model_state)
+        for key, target in model_state.items():
+            if key not in state:
+                self.missing.append(key)
+            elif state[key].shape != target.shape:
+                self.shape_mismatched.append((key, tuple(state[key].shape), tuple(target.shape)))
+            else:
+                self.loaded.append(key)
+        self.unexpected.extend(k for k in state if k not in model_state)
+
     @property
     def is_exact(self) -> bool:
         """True when every model tensor was loaded and nothing in the checkpoint was left over."""
@@ -618,15 +631,8 @@ def load_pretrained(
         )
     resized = _resize_positions_if_needed(state, model, model_state, hw_ratio, _export_grid(obj))
 
-    report = LoadReport(source=label, dropped=dropped, resized=resized, num_model_tensors=len(model_state))
-    for key, target in model_state.items():
-        if key not in state:
-            report.missing.append(key)
-        elif state[key].shape != target.shape:
-            report.shape_mismatched.append((key, tuple(state[key].shape), tuple(target.shape)))
-        else:
-            report.loaded.append(key)
-    report.unexpected = [k for k in state if k not in model_state]
+    report = LoadReport(source=label, dropped=dropped, resized=resized)
+    report.match(state, model_state)
 
     refused = [k for k in report.missing if not matches_any(k, allow_missing)]
     refused += [k for k, _, _ in report.shape_mismatched if not matches_any(k, allow_missing)]

@@ -16,24 +16,14 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from passreid import dist
-from passreid.cli import error_boundary
-from passreid.config import default_argument_parser, parse_and_load, print_config
-from passreid.engine import requeue_current_job
+from passreid.cli import error_boundary, run_training_command
 from passreid.usl import UslConfig, run_usl
 
 
 @error_boundary(program="usl/train.py")
 def main(argv: Sequence[str] | None = None) -> int:
     """Train (or resume); on a pre-emption signal write the checkpoint and requeue the SLURM job."""
-    parser = default_argument_parser(__doc__)
-    args, cfg = parse_and_load(UslConfig, argv, parser)
-    if args.print_config:
-        return print_config(cfg)
-    result = run_usl(cfg, resume=not args.no_resume)
-    if result.preempted and dist.is_main_process():
-        requeue_current_job()
-    return 0
+    return run_training_command(argv, __doc__, UslConfig, run_usl)
 
 
 if __name__ == "__main__":
