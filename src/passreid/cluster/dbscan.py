@@ -25,7 +25,7 @@ from scipy.sparse.csgraph import connected_components
 
 from passreid.cluster.jaccard import check_k_parameters, jaccard_sparse, prepare_unit_features
 from passreid.cluster.knn import Backend
-from passreid.eval.distance import EvaluationInputError
+from passreid.feature_inputs import EvaluationInputError
 
 __all__ = ["dbscan_from_graph", "dbscan_pseudo_labels"]
 

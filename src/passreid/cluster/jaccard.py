@@ -38,7 +38,7 @@ from passreid.cluster.kreciprocal import (
     pair_dot_products,
     plan_row_chunks,
 )
-from passreid.eval.distance import EvaluationInputError, as_feature_tensor
+from passreid.feature_inputs import EvaluationInputError, as_feature_tensor
 
 __all__ = ["jaccard_sparse", "check_k_parameters", "prepare_unit_features"]
 

@@ -26,7 +26,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from passreid.eval.distance import EvaluationInputError, as_feature_tensor, resolve_device
+from passreid.feature_inputs import EvaluationInputError, as_feature_tensor, resolve_device
 
 __all__ = ["knn", "knn_with_farthest", "resolve_knn_backend", "DEFAULT_KNN_MEMORY_MB"]
 
