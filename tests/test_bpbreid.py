@@ -13,11 +13,11 @@ import torch.nn.functional as F
 from passreid.config import ConfigError, load_config
 from passreid.engine.schedules import WarmupMultiStepLR
 from passreid.eval import rank_metrics_from_distance
+from passreid.eval.evaluator import extract_split
 from passreid.eval.features import ExtractedFeatures
 from passreid.finetune import FinetuneConfig, build_criterion, build_model, get_method, run_training, validate_config
 from passreid.finetune.bpbreid import (BPBReIDModel, body_part_attention_loss, pack_part_rows,
                                        part_averaged_triplet_loss, unpack_part_rows)
-from passreid.finetune.evaluator import extract_split
 from passreid.finetune.methods import load_backbone_weights
 from passreid.finetune.optim import build_lr_scheduler
 from passreid.models import CheckpointMismatchError

@@ -10,15 +10,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-
-from _ports import free_port
-from _spawn import start_workers, wait_for_workers
 import torch
 import torch.nn.functional as F
+from _ports import free_port
+from _spawn import start_workers, wait_for_workers
 from torch import nn
 
 from passreid.dist import PortableSyncBatchNorm, convert_sync_batchnorm, gather_batch
-from passreid.finetune.losses import batch_hard_triplet_loss
+from passreid.losses.reid import batch_hard_triplet_loss
 
 GLOBAL_BATCH = 16  # 4 identities x 4 images; each of 2 ranks gets 2 whole identities, as the P x K sampler does
 NUM_CLASSES = 4

@@ -14,12 +14,11 @@ import torch.nn.functional as F
 from passreid.config import config_to_dict, load_config
 from passreid.engine import Checkpointer
 from passreid.eval import rank_metrics, rank_metrics_from_distance
+from passreid.eval.evaluator import extract_split
 from passreid.finetune import FinetuneConfig, FinetuneTrainer, load_finetuned_model, run_training
 from passreid.finetune.data import load_test_dataset
-from passreid.finetune.dpm import (DPMModel, QueryMaskedDistance, arcface_logits,
-                                   build_dpm_model, masked_prototype_cosine, orthogonality_loss,
-                                   query_masked_distance)
-from passreid.finetune.evaluator import extract_split
+from passreid.finetune.dpm import (DPMModel, QueryMaskedDistance, arcface_logits, build_dpm_model,
+                                   masked_prototype_cosine, orthogonality_loss, query_masked_distance)
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs" / "finetune"
@@ -146,7 +145,7 @@ def test_masked_prototype_cosine_matches_the_per_image_loop():
 
 def test_dpm_criterion_terms_and_weights():
     from passreid.finetune.dpm import DPMCriterion, DPMTrainOutput
-    from passreid.finetune.losses import batch_hard_triplet_loss
+    from passreid.losses.reid import batch_hard_triplet_loss
 
     generator = torch.Generator().manual_seed(2)
     labels = torch.tensor([0, 0, 1, 1, 2, 2])

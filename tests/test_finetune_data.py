@@ -10,7 +10,8 @@ import pytest
 from passreid.config import load_config
 from passreid.data import DamagedImagesError, DatasetLayoutError, build_dataset
 from passreid.finetune import FinetuneConfig, load_finetune_data
-from passreid.finetune.data import ShardSampler, resolve_data_root
+from passreid.data.samplers import ShardSampler
+from passreid.finetune.data import resolve_data_root
 
 
 def _cfg(tmp_path: Path, *overrides: str) -> FinetuneConfig:

@@ -5,8 +5,8 @@ import pytest
 from passreid.config.schema import EvalConfig
 from passreid.eval import rank_metrics
 from passreid.eval.distance import pairwise_distance
+from passreid.eval.evaluator import evaluate_features
 from passreid.eval.features import ExtractedFeatures
-from passreid.finetune.evaluator import evaluate_features
 
 
 def _split(rng: np.random.Generator, num: int, camid: int) -> ExtractedFeatures:

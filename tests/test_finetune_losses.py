@@ -6,8 +6,7 @@ import math
 import pytest
 import torch
 
-from passreid.finetune.losses import (ReIDCriterion, ReIDTrainOutput, batch_hard_triplet_loss, euclidean_dist,
-                                      identity_loss)
+from passreid.losses.reid import ReIDCriterion, ReIDTrainOutput, batch_hard_triplet_loss, euclidean_dist, identity_loss
 
 
 def brute_force_triplet(feats: torch.Tensor, labels: torch.Tensor, margin: float | None) -> float:

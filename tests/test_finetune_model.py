@@ -4,9 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from passreid.finetune.model import (JigsawBranches, ReIDModel, TokenHead, jigsaw_rearrange, make_bnneck,
-                                     make_classifier, split_equal_chunks)
 from passreid.models import build_vit
+from passreid.models.reid import (JigsawBranches, ReIDModel, TokenHead, jigsaw_rearrange, make_bnneck, make_classifier,
+                                  split_equal_chunks)
 
 DIM = 8
 

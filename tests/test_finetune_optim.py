@@ -6,10 +6,11 @@ import math
 import pytest
 import torch
 
+from passreid.engine.optim import build_param_groups
 from passreid.finetune.config import FinetuneOptimConfig
-from passreid.finetune.model import ReIDModel
-from passreid.finetune.optim import build_lr_scheduler, build_optimizer, build_param_groups, schedule_epoch
+from passreid.finetune.optim import build_lr_scheduler, build_optimizer, schedule_epoch
 from passreid.models import build_vit
+from passreid.models.reid import ReIDModel
 
 LR = 4e-4
 

@@ -9,21 +9,21 @@ import sys
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-from torch.utils.data import DataLoader
-
 from _inference_models import (REPO, demo_config, save_backbone_export, save_published_pass_checkpoint,
                                save_published_transreid_checkpoint, tiny_pass_vit, train_demo_model)
 from _released_checkpoints import (bpbreid_released_checkpoint, dpeformer_released_state, dpm_released_state,
                                    torchreid_config, tsd_released_state, yacs_config)
+from PIL import Image
+from torch.utils.data import DataLoader
+
 from passreid.config import load_config
 from passreid.data import build_dataset
 from passreid.data.multicrop import IMAGENET_MEAN, IMAGENET_STD
 from passreid.data.samplers import ImageDataset
 from passreid.data.transforms import build_test_transform
+from passreid.eval.evaluator import extract_split
 from passreid.eval.features import cls_feature, extract_features, pass_fusion_feature
 from passreid.finetune import FinetuneConfig, FinetuneMethod, build_model, get_method, list_methods, register_method
-from passreid.finetune.evaluator import extract_split
 from passreid.finetune.methods import build_bnneck_model, build_reid_criterion
 from passreid.inference import (FeatureExtractor, WeightsKindError, extracted, identify_weights, list_images,
                                 load_model, parse_market_names)

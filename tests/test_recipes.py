@@ -10,8 +10,8 @@ import torch
 
 from passreid.config import ConfigError, load_config
 from passreid.engine import autocast_for, resolve_precision, run_precision
+from passreid.eval import evaluator as finetune_evaluator
 from passreid.finetune import FinetuneConfig, run_training
-from passreid.finetune import evaluator as finetune_evaluator
 from passreid.finetune.methods import build_backbone, load_backbone_weights
 from passreid.pretrain import PretrainConfig
 from passreid.usl import UslConfig, run_usl, to_finetune_config

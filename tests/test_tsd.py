@@ -13,23 +13,23 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from _inference_models import untrained_final_model
 from PIL import Image
 from torchvision.ops import sigmoid_focal_loss as torchvision_focal
 
-from _inference_models import untrained_final_model
 from passreid.config import load_config
 from passreid.data import build_dataset
 from passreid.data.datasets import DatasetLayoutError, occlusion_labels_for, read_tsd_gallery_labels
 from passreid.data.masks import PART_GROUPINGS, num_parts, part_masks_from_fields
 from passreid.eval import rank_metrics_from_distance
 from passreid.eval.distance import EvaluationInputError
+from passreid.eval.evaluator import extract_split
 from passreid.eval.features import ExtractedFeatures
 from passreid.eval.occlusion_variants import occlusion_variant_metrics
 from passreid.finetune import FinetuneConfig, build_criterion, build_model, get_method, run_training
 from passreid.finetune.bpbreid import pack_part_rows, unpack_part_rows
-from passreid.finetune.evaluator import extract_split
-from passreid.finetune.tsd import (MaskedMultiheadAttention, TSDModel, diversity_loss,
-                                   part_averaged_soft_triplet_loss, parsing_loss, sigmoid_focal_loss)
+from passreid.finetune.tsd import (MaskedMultiheadAttention, TSDModel, diversity_loss, parsing_loss,
+                                   part_averaged_soft_triplet_loss, sigmoid_focal_loss)
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "finetune"
 

@@ -23,7 +23,8 @@ import torch
 
 from passreid.config import load_config
 from passreid.finetune import FinetuneConfig, evaluate_model, load_finetuned_model, run_training
-from passreid.usl import UslConfig, load_target_data, run_usl, to_finetune_config
+from passreid.uda import run_uda
+from passreid.usl import UslConfig, load_target_data, to_finetune_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -56,7 +57,7 @@ def test_uda_keeps_the_source_transfer_and_informative_pseudo_labels(tmp_path: P
     model, _, _ = load_finetuned_model(source)  # the source model with its own test feature
     direct = evaluate_model(model, target.test, tuple(cfg.model.img_size), to_finetune_config(cfg),
                             torch.device("cpu")).metrics["mAP"]
-    result = run_usl(cfg, resume=False)
+    result = run_uda(cfg, resume=False)
     adapted = result.final_metrics["mAP"]
     ari = [record["ari"] for record in result.history]
     print(f"UDA demo recipe: direct transfer mAP {direct:.4f}; adapted from {result.initial_metrics['mAP']:.4f} "

@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from passreid.config import load_config
+from passreid.config import ConfigError, load_config
 from passreid.finetune import FinetuneConfig, run_training
-from passreid.usl import UslConfig, build_usl_model, run_usl, to_finetune_config
+from passreid.uda import build_uda_model, run_uda
+from passreid.usl import UslConfig, run_usl, to_finetune_config
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = ["model.img_size=[64,32]", "model.drop_path_rate=0.0", "data.batch_size=16", "data.test_batch_size=64"]
@@ -42,7 +43,7 @@ def _uda_config(out: Path, source: Path, *extra: str) -> UslConfig:
 def test_source_backbone_loaded_exactly_and_heads_dropped(tmp_path: Path, source_model: Path, caplog):
     cfg = _uda_config(tmp_path, source_model)
     with caplog.at_level(logging.INFO, logger="passreid.models.checkpoint"):
-        model, source = build_usl_model(to_finetune_config(cfg), cfg.model.init_from)
+        model, source = build_uda_model(to_finetune_config(cfg), cfg.model.init_from)
     # The backbone load report (logged and kept) names the source file.
     assert f"from {source_model}" in caplog.text and "<in-memory checkpoint>" not in caplog.text
     assert source.backbone.source == str(source_model)
@@ -59,9 +60,16 @@ def test_source_backbone_loaded_exactly_and_heads_dropped(tmp_path: Path, source
     assert "source heads dropped (24 source classes)" in source.summary()
 
 
+def test_usl_refuses_a_source_model_and_names_the_uda_stage(tmp_path: Path):
+    # USL starts from model.pretrained; a source-domain start is the UDA stage, never silently ignored.
+    with pytest.raises(ConfigError, match="model.init_from.*UDA stage.*passreid-uda"):
+        run_usl(_uda_config(tmp_path, tmp_path / "source.pth"))
+    assert not (tmp_path / "checkpoint.pth").exists()
+
+
 @pytest.mark.slow
 def test_adaptation_runs_on_the_target_world(tmp_path: Path, source_model: Path):
-    result = run_usl(_uda_config(tmp_path / "uda", source_model, "train.epochs=1", "train.iters=2",
+    result = run_uda(_uda_config(tmp_path / "uda", source_model, "train.epochs=1", "train.iters=2",
                                  "train.eval_at_start=false", "cluster.eps=0.7"), resume=False)
     assert result.source is not None and result.source.source_classes == 24
     world = tmp_path / [p.name for p in tmp_path.iterdir() if p.name.startswith("world-")][0]

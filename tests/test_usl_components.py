@@ -10,9 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from passreid.config import ConfigError, load_config
-from passreid.finetune.model import TokenHead
 from passreid.models import build_vit
-from passreid.finetune.model import ReIDModel
+from passreid.models.reid import ReIDModel, TokenHead
 from passreid.usl import (ClusterConfig, ClusterContrastNet, PseudoLabelSampler, UslConfig, cluster_centroids,
                           cluster_features, cluster_statistics, epoch_lr, to_finetune_config, validate_usl_config)
 
@@ -178,8 +177,8 @@ def test_cluster_feat_norm_decides_what_reaches_the_jaccard_step(monkeypatch, fe
 def test_eval_feat_norm_decides_the_test_distance():
     from passreid.config.schema import EvalConfig
     from passreid.eval import rank_metrics_from_distance
+    from passreid.eval.evaluator import evaluate_features
     from passreid.eval.features import ExtractedFeatures
-    from passreid.finetune.evaluator import evaluate_features
 
     rng = np.random.default_rng(0)
     # Norms in [1, sqrt 2] (multi-neck cat): raw and normalised squared L2 rank the gallery differently.
@@ -316,7 +315,8 @@ def test_recipe_loaders_use_the_published_transforms(tmp_path: Path):
 
     from passreid.data import ImageItem
     from passreid.data.transforms import CLUSTER_CONTRAST_FILL, RandomErasing
-    from passreid.finetune.data import build_test_loader, build_train_set
+    from passreid.eval.evaluator import build_test_loader
+    from passreid.finetune.data import build_train_set
 
     path = tmp_path / "person.png"
     pixels = np.random.default_rng(0).integers(0, 256, size=(150, 60, 3), dtype=np.uint8)

@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from _ports import free_port
 from _spawn import start_workers, wait_for_workers
+
 from passreid.config import load_config
 from passreid.data.synthetic import SyntheticWorldSpec
 from passreid.usl import UslConfig, epoch_lr, run_usl
@@ -114,7 +114,7 @@ PUBLISHED = ["data.erasing=cluster_contrast", "data.test_interpolation=bicubic",
 @pytest.mark.slow
 def test_published_features_last_and_best_reported(tmp_path: Path, synthetic_world: Path, monkeypatch):
     import passreid.cluster.jaccard as jaccard
-    import passreid.finetune.evaluator as evaluator
+    import passreid.eval.evaluator as evaluator
 
     knn_inputs, eval_calls = [], []
     knn, rank_metrics = jaccard.knn, evaluator.rank_metrics

@@ -307,7 +307,7 @@ class SeededSamples(Dataset):
 
 
 def _default_reader(path: str):
-    from .images import read_image   # lazy: keeps LMDB support out of import time
+    from .images import read_image  # lazy: keeps LMDB support out of import time
     return read_image(path)
 
 
@@ -336,3 +336,19 @@ class ImageDataset(Dataset):
         if self.transform is not None:
             image = self.transform(image)
         return {"img": image, "pid": int(pid), "camid": int(camid), "index": int(index)}
+
+
+class ShardSampler(Sampler[int]):
+    """Indices ``rank, rank + world_size, ...`` of a dataset in order: disjoint shards, no padding, so an
+    order-restoring gather sees every sample exactly once (shards may differ in length by one)."""
+
+    def __init__(self, num_samples: int, rank: int = 0, world_size: int = 1) -> None:
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"invalid rank {rank} for world size {world_size}")
+        self.indices = list(range(rank, num_samples, world_size))
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)

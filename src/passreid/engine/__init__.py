@@ -1,6 +1,10 @@
 """Training-loop building blocks shared by every stage (pretrain, finetune, usl, uda).
 
-No trainer class: a stage's loop composes these pieces. The intended shape::
+:class:`passreid.engine.loop.EpochTrainer` is the epoch loop of fine-tuning and USL/UDA (set-up, resume,
+checkpoint and evaluation periods, pre-emption, per-iteration schedules); import it from
+:mod:`passreid.engine.loop` (it is not re-exported here, which keeps ``passreid.data`` -> ``passreid.engine``
+imports free of cycles). Pre-training's iteration loop (:mod:`passreid.pretrain.trainer`) composes the
+same pieces directly. The shape of such a loop::
 
     out = make_output_dir(args.output_dir)
     logger = setup_logging(out, rank=env.rank)

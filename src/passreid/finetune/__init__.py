@@ -10,19 +10,20 @@ Methods are selected by ``method:`` in the config (:func:`list_methods`; ``bnnec
 TransReID-family recipe with the PASS head, SIE and JPM options); new ones plug in with
 :func:`register_method`.
 """
+from passreid.engine.optim import build_param_groups
+from passreid.eval.evaluator import EvalResult, evaluate_features, evaluate_model, extract_split
 from passreid.finetune.checkpoints import (FINAL_FORMAT, build_final_checkpoint, load_finetuned_model,
                                            load_published_checkpoint, map_published_state_dict)
-from passreid.finetune.config import (FinetuneConfig, FinetuneDataConfig, FinetuneModelConfig,
-                                      FinetuneOptimConfig, FinetuneTrainConfig, LossConfig, validate_config)
+from passreid.finetune.config import (FinetuneConfig, FinetuneDataConfig, FinetuneModelConfig, FinetuneOptimConfig,
+                                      FinetuneTrainConfig, LossConfig, validate_config)
 from passreid.finetune.data import FinetuneData, load_finetune_data
-from passreid.finetune.evaluator import EvalResult, evaluate_features, evaluate_model, extract_split
-from passreid.finetune.losses import ReIDCriterion, ReIDTrainOutput, batch_hard_triplet_loss, euclidean_dist
 from passreid.finetune.methods import (FinetuneMethod, build_criterion, build_model, get_method, list_methods,
                                        register_method)
-from passreid.finetune.model import JigsawBranches, ReIDModel, TokenHead, jigsaw_rearrange
-from passreid.finetune.optim import build_lr_scheduler, build_optimizer, build_param_groups, schedule_epoch
+from passreid.finetune.optim import build_lr_scheduler, build_optimizer, schedule_epoch
 from passreid.finetune.testing import EvaluationOutputs, run_test
 from passreid.finetune.trainer import FinetuneTrainer, TrainResult, run_training
+from passreid.losses.reid import ReIDCriterion, ReIDTrainOutput, batch_hard_triplet_loss, euclidean_dist
+from passreid.models.reid import JigsawBranches, ReIDModel, TokenHead, jigsaw_rearrange
 
 __all__ = [
     "EvalResult",

@@ -38,11 +38,11 @@ from passreid.data.masks import num_parts
 from passreid.eval.distance import VisiblePartDistance
 from passreid.eval.features import ExtractedFeatures
 from passreid.finetune.config import FinetuneConfig
-from passreid.finetune.losses import identity_loss
 from passreid.finetune.methods import FinetuneMethod, build_backbone, load_backbone_weights, register_method
-from passreid.finetune.model import make_bnneck, make_classifier
+from passreid.losses.reid import identity_loss
 from passreid.models import VisionTransformer
 from passreid.models.cnn import build_cnn_backbone, is_cnn_arch
+from passreid.models.reid import make_bnneck, make_classifier
 
 __all__ = [
     "BNClassifier",

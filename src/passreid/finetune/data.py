@@ -4,9 +4,6 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-import numpy as np
-import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import transforms as T
 
 from passreid.config import ConfigError
@@ -14,17 +11,13 @@ from passreid.data import DatasetFormatError, ImageItem, ReIDDataset, SafeImageR
 from passreid.data.mask_transforms import MaskedTrainTransform
 from passreid.data.masks import DEFAULT_MASK_SUFFIX, PUBLISHED_MASK_SUFFIXES, MaskedImageDataset
 from passreid.data.occluders import OccluderPaste
-from passreid.data.samplers import BatchShardedSampler, ImageDataset, SampleSeeds, SeededSamples
+from passreid.data.samplers import ImageDataset
 from passreid.data.synthetic import generate_world
-from passreid.data.transforms import build_test_transform, build_train_transform
-from passreid.engine import PreemptibleDataLoader, worker_init_fn
+from passreid.data.transforms import build_train_transform
 from passreid.finetune.config import GENERATED_ROOT_PREFIX, FinetuneConfig, default_world_dir
 
 __all__ = [
     "FinetuneData",
-    "ShardSampler",
-    "build_test_loader",
-    "build_train_loader",
     "load_finetune_data",
     "load_test_dataset",
     "resolve_data_root",
@@ -143,32 +136,6 @@ def load_finetune_data(cfg: FinetuneConfig) -> FinetuneData:
     return FinetuneData(train_set, test_set, num_classes, num_cameras)
 
 
-def loader_generator(seed: int, rank: int, epoch: int) -> torch.Generator:
-    """The DataLoader's own generator for (seed, rank, epoch): creating an iterator must not draw from
-    the global RNG (exact resume), and workers of different ranks/epochs get different seeds."""
-    state = np.random.SeedSequence([seed, rank, epoch]).generate_state(1, dtype=np.uint64)[0]
-    return torch.Generator().manual_seed(int(state % (2**63)))
-
-
-def build_train_loader(dataset: Dataset, sampler: BatchShardedSampler, cfg: FinetuneConfig, epoch: int,
-                       rank: int, pin_memory: bool) -> DataLoader:
-    """One epoch's loader over ``sampler`` (set to ``epoch`` by the caller) with ``per_rank_batch_size`` batches.
-
-    Each sample's augmentation is seeded from its position in the epoch (``SampleSeeds``), so batches are
-    the same with any ``num_workers``, after a mid-epoch resume and on any number of processes.
-    """
-    return PreemptibleDataLoader(
-        SeededSamples(dataset),
-        batch_size=sampler.per_rank_batch_size,
-        sampler=SampleSeeds(sampler, cfg.train.seed),
-        num_workers=cfg.data.num_workers,
-        pin_memory=pin_memory,
-        drop_last=False,
-        worker_init_fn=worker_init_fn,
-        generator=loader_generator(cfg.train.seed, rank, epoch),
-    )
-
-
 def build_train_set(items: list[ImageItem], cfg: FinetuneConfig) -> ImageDataset:
     """Training images with the TransReID-family augmentation (finetune-occluded.md §4.4)."""
     data = cfg.data
@@ -237,37 +204,3 @@ def _with_optional_augmentation(transform: T.Compose, cfg: FinetuneConfig) -> T.
         logger.info("occluder paste: %r from %s", paste, folder)
         steps.insert(0, paste)
     return T.Compose(steps) if len(steps) != len(transform.transforms) else transform
-
-
-class ShardSampler(Sampler[int]):
-    """Indices ``rank, rank + world_size, ...`` of a dataset in order: disjoint shards, no padding, so an
-    order-restoring gather sees every sample exactly once (shards may differ in length by one)."""
-
-    def __init__(self, num_samples: int, rank: int = 0, world_size: int = 1) -> None:
-        if world_size < 1 or not 0 <= rank < world_size:
-            raise ValueError(f"invalid rank {rank} for world size {world_size}")
-        self.indices = list(range(rank, num_samples, world_size))
-
-    def __iter__(self):
-        return iter(self.indices)
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-
-def build_test_loader(items: list[ImageItem], img_size: tuple[int, int], cfg: FinetuneConfig, rank: int = 0,
-                      world_size: int = 1, pin_memory: bool = False) -> DataLoader:
-    """Ordered (sharded under DDP) loader with the test transform (resize + normalise)."""
-    data = cfg.data
-    dataset = ImageDataset(items, build_test_transform(tuple(img_size), mean=data.pixel_mean, std=data.pixel_std,
-                                                       interpolation=data.test_interpolation))
-    return PreemptibleDataLoader(
-        dataset,
-        batch_size=data.test_batch_size,
-        sampler=ShardSampler(len(dataset), rank, world_size),
-        num_workers=data.num_workers,
-        pin_memory=pin_memory,
-        worker_init_fn=worker_init_fn,
-        generator=torch.Generator().manual_seed(0),
-    )
-

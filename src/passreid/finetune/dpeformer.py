@@ -62,10 +62,10 @@ from passreid.data.occluders import OccluderPaste
 from passreid.data.samplers import ImageDataset
 from passreid.data.transforms import RandomErasing
 from passreid.finetune.config import FinetuneConfig
-from passreid.finetune.losses import identity_loss
 from passreid.finetune.methods import FinetuneMethod, build_backbone, load_backbone_weights, register_method
-from passreid.finetune.model import make_bnneck, make_classifier
+from passreid.losses.reid import identity_loss
 from passreid.models import VisionTransformer
+from passreid.models.reid import make_bnneck, make_classifier
 
 __all__ = [
     "ClassCentroidMemory",
@@ -397,8 +397,9 @@ def build_two_view_train_set(items: list[ImageItem], cfg: FinetuneConfig) -> Two
 @torch.no_grad()
 def initialise_memory(model: DPEFormerModel, cfg: FinetuneConfig) -> None:
     """Bank rows = class means of ``x1_bn`` over the training set (eval mode, test transform)."""
-    from passreid.finetune.data import build_test_loader, load_finetune_data
     from passreid.engine import select_device
+    from passreid.eval.evaluator import build_test_loader
+    from passreid.finetune.data import load_finetune_data
 
     device = select_device(cfg.train.device, dist.get_local_rank())
     train = load_finetune_data(cfg).train.train

@@ -41,15 +41,14 @@ from torch import Tensor, nn
 
 from passreid.config import ConfigError
 from passreid.engine import unwrap_model
+from passreid.engine.optim import build_param_groups
 from passreid.eval.distance import as_feature_tensor, resolve_device
 from passreid.eval.features import ExtractedFeatures
 from passreid.finetune.config import FinetuneConfig
-from passreid.finetune.losses import batch_hard_triplet_loss, identity_loss
-from passreid.finetune.methods import (FinetuneMethod, SecondPass, build_backbone, load_backbone_weights,
-                                       register_method)
-from passreid.finetune.model import ReIDModel
-from passreid.finetune.optim import build_param_groups
+from passreid.finetune.methods import FinetuneMethod, SecondPass, build_backbone, load_backbone_weights, register_method
+from passreid.losses.reid import batch_hard_triplet_loss, identity_loss
 from passreid.models import VisionTransformer
+from passreid.models.reid import ReIDModel
 
 __all__ = [
     "DPMCriterion",

@@ -7,7 +7,7 @@ SIE and JPM). An occluded method (e.g. DPM) registers itself the same way::
     register_method(FinetuneMethod("dpm", "Dynamic Prototype Mask", build_dpm_model, build_dpm_criterion))
 
 ``build_model(cfg, num_classes, num_cameras, load_weights)`` returns a module whose training forward
-gives a :class:`~passreid.finetune.losses.ReIDTrainOutput` (extra loss terms go in ``extra_losses``)
+gives a :class:`~passreid.losses.reid.ReIDTrainOutput` (extra loss terms go in ``extra_losses``)
 and whose eval forward gives the test feature; ``load_weights=False`` is used when the weights come
 from a fine-tuned checkpoint instead of ``model.pretrained``. The training forward receives the
 images, ``camids=`` and every extra field of the training batch as keyword arguments (e.g. ``masks=``
@@ -36,12 +36,11 @@ import torch
 from torch import nn
 
 from passreid.config import RANDOM_INIT, require
-from passreid.eval.distance import DistanceChunkFn
-from passreid.eval.features import ExtractedFeatures
+from passreid.eval.evaluator import TestDistanceBuilder
 from passreid.finetune.config import FinetuneConfig
-from passreid.finetune.losses import ReIDCriterion
-from passreid.finetune.model import ReIDModel
+from passreid.losses.reid import ReIDCriterion
 from passreid.models import LoadReport, VisionTransformer, build_vit, load_pretrained
+from passreid.models.reid import ReIDModel
 
 __all__ = [
     "FinetuneMethod",
@@ -58,8 +57,6 @@ logger = logging.getLogger(__name__)
 
 ModelBuilder = Callable[[FinetuneConfig, int, int, bool], nn.Module]
 CriterionBuilder = Callable[[FinetuneConfig], nn.Module]
-TestDistanceBuilder = Callable[[FinetuneConfig, ExtractedFeatures, ExtractedFeatures, torch.device | None],
-                               DistanceChunkFn]
 
 
 @dataclass(frozen=True)
@@ -226,8 +223,8 @@ register_method(
 )
 
 # Methods in their own modules register on import (they use the names defined above).
-from passreid.finetune import dpm as _dpm  # noqa: E402,F401
 from passreid.finetune import bpbreid as _bpbreid  # noqa: E402,F401
+from passreid.finetune import dpeformer as _dpeformer  # noqa: E402,F401
+from passreid.finetune import dpm as _dpm  # noqa: E402,F401
 from passreid.finetune import pass_parts as _pass_parts  # noqa: E402,F401
 from passreid.finetune import tsd as _tsd  # noqa: E402,F401
-from passreid.finetune import dpeformer as _dpeformer  # noqa: E402,F401

@@ -1,9 +1,5 @@
-"""Optimiser and learning-rate schedule of the fine-tuning recipes (finetune-occluded.md §4.3).
-
-Parameters whose name contains ``bias`` get ``lr x bias_lr_factor`` and ``weight_decay_bias``; all
-others (positions, tokens and LayerNorm weights included: the recipes have no no-decay list) get
-``lr`` and ``weight_decay``. Frozen parameters (the BNNeck biases) are left out. The published code
-makes one group per parameter; two groups with the same hyper-parameters are equivalent.
+"""Optimiser and learning-rate schedule of the fine-tuning recipes (TransReID: solver/make_optimizer.py,
+solver/cosine_lr.py and solver/lr_scheduler.py), over :func:`passreid.engine.optim.build_param_groups`.
 """
 from __future__ import annotations
 
@@ -13,40 +9,11 @@ import torch
 from torch import nn
 
 from passreid.engine import WarmupCosineLR
+from passreid.engine.optim import build_param_groups
 from passreid.engine.schedules import WarmupMultiStepLR
 from passreid.finetune.config import FinetuneOptimConfig
 
-__all__ = ["build_lr_scheduler", "build_optimizer", "build_param_groups", "schedule_epoch"]
-
-
-def build_param_groups(
-    model: nn.Module,
-    lr: float,
-    weight_decay: float,
-    weight_decay_bias: float,
-    bias_lr_factor: float = 2.0,
-    exclude: Collection[str] = (),
-) -> list[dict]:
-    """``[{"name": "default", ...}, {"name": "bias", ...}]`` over the trainable parameters (empty groups dropped).
-
-    ``exclude`` names parameters left to another optimizer (e.g. DPM's mask generator, stepped in a second pass).
-    """
-    unknown = set(exclude) - {name for name, _ in model.named_parameters()}
-    if unknown:
-        raise ValueError(f"cannot exclude unknown parameters from the optimizer: {sorted(unknown)}")
-    default, bias = [], []
-    for name, param in model.named_parameters():
-        if not param.requires_grad or name in exclude:
-            continue
-        (bias if "bias" in name else default).append(param)
-    groups = [
-        {"name": "default", "params": default, "lr": lr, "weight_decay": weight_decay},
-        {"name": "bias", "params": bias, "lr": lr * bias_lr_factor, "weight_decay": weight_decay_bias},
-    ]
-    groups = [group for group in groups if group["params"]]
-    if not groups:
-        raise ValueError("the model has no trainable parameters")
-    return groups
+__all__ = ["build_lr_scheduler", "build_optimizer", "schedule_epoch"]
 
 
 def build_optimizer(model: nn.Module, cfg: FinetuneOptimConfig, exclude: Collection[str] = ()) -> torch.optim.Optimizer:

@@ -31,11 +31,11 @@ from passreid.eval.distance import VisiblePartDistance
 from passreid.eval.features import ExtractedFeatures
 from passreid.finetune.bpbreid import pack_part_rows, unpack_part_rows
 from passreid.finetune.config import FinetuneConfig
-from passreid.finetune.losses import ReIDCriterion, ReIDTrainOutput
 from passreid.finetune.methods import (FinetuneMethod, build_backbone, build_reid_criterion, load_backbone_weights,
                                        register_method)
-from passreid.finetune.model import ReIDModel, make_classifier
+from passreid.losses.reid import ReIDCriterion, ReIDTrainOutput
 from passreid.models import VisionTransformer
+from passreid.models.reid import ReIDModel, make_classifier
 
 __all__ = ["PassPartsCriterion", "PassPartsModel", "PassPartsTrainOutput", "band_visibility_targets"]
 

@@ -21,10 +21,11 @@ from passreid.config import (Layer, build_config, default_argument_parser, overr
                              print_config)
 from passreid.engine import (autocast_for, describe_precision, make_output_dir, resolve_precision, select_device,
                              setup_logging)
+from passreid.eval.evaluator import EvalResult, evaluate_model, format_result
 from passreid.finetune.checkpoints import load_finetuned_model, stored_config
 from passreid.finetune.config import FinetuneConfig, validate_config
 from passreid.finetune.data import load_test_dataset
-from passreid.finetune.evaluator import EvalResult, evaluate_model, format_result
+from passreid.finetune.methods import get_method
 
 __all__ = ["EvaluationOutputs", "main", "run_test"]
 
@@ -73,7 +74,7 @@ def run_test(
     amp = autocast_for(device, precision)
     img_size = tuple(model_cfg.model.img_size)
     result = evaluate_model(model, dataset, img_size, cfg, device, autocast=amp.autocast, rank=env.rank,
-                            world_size=env.world_size)
+                            world_size=env.world_size, test_distance=get_method(cfg.method).build_test_distance)
     if result is None:
         return EvaluationOutputs(out, None, None, None, None)
     logger.info("%s on %s (%d query, %d gallery):\n%s", weights, dataset.name, len(dataset.query),

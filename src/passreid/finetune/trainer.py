@@ -29,11 +29,11 @@ from passreid.config import ConfigError
 from passreid.data.samplers import RandomIdentitySampler
 from passreid.engine import (CheckpointStateError, atomic_save, check_finite, output_layout, preemption_guard,
                              unwrap_model)
+from passreid.engine.loop import EpochTrainer, torch_threads
+from passreid.eval.evaluator import EvalResult, evaluate_model, format_result
 from passreid.finetune.checkpoints import build_final_checkpoint
 from passreid.finetune.config import FinetuneConfig, validate_config
 from passreid.finetune.data import FinetuneData, build_train_set, load_finetune_data
-from passreid.finetune.evaluator import EvalResult, evaluate_model, format_result
-from passreid.finetune.loop import EpochTrainer, torch_threads
 from passreid.finetune.methods import SecondPass, build_criterion, build_model, get_method
 from passreid.finetune.optim import build_lr_scheduler, build_optimizer, schedule_epoch
 
@@ -204,7 +204,8 @@ class FinetuneTrainer(EpochTrainer):
     def _evaluate(self) -> EvalResult | None:
         model = unwrap_model(self.model)
         result = evaluate_model(model, self.data.test, tuple(self.cfg.model.img_size), self.cfg, self.device,
-                                autocast=self.eval_amp.autocast, rank=self.rank, world_size=self.world_size)
+                                autocast=self.eval_amp.autocast, rank=self.rank, world_size=self.world_size,
+                                test_distance=get_method(self.cfg.method).build_test_distance)
         self.last_eval_iteration = self.iteration
         if result is not None:
             self.last_metrics = result.metrics

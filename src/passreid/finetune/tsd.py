@@ -4,7 +4,7 @@ finetune-occluded.md §5.3, checked against the official code (``tsd:``). On the
 
 * **Backbone split.** ``share`` = tokens after all blocks but the last (no LN). ``b1`` = the last block + the
   final LN (TransReID's ``b1`` is a copy of them; the backbone's own copies are otherwise unused, so they serve
-  as ``b1`` here, as in :class:`~passreid.finetune.model.ReIDModel` with JPM). Global ``g = b1(share)[:, 0]``
+  as ``b1`` here, as in :class:`~passreid.models.reid.ReIDModel` with JPM). Global ``g = b1(share)[:, 0]``
   with a BN neck; the patch tokens of ``b1(share)`` feed the parsing classifier.
 * **Parsing** (:class:`TokenPartClassifier`): BN1d + bias-free ``Linear(D, P+1)`` (N(0, 0.001)) per patch token,
   ``pi = softmax`` over [background, part_1..P]. Targets: the training masks resized bilinearly (corners
@@ -44,10 +44,10 @@ from passreid.eval.distance import VisiblePartDistance
 from passreid.eval.features import ExtractedFeatures
 from passreid.finetune.bpbreid import pack_part_rows, unpack_part_rows
 from passreid.finetune.config import FinetuneConfig
-from passreid.finetune.losses import batch_hard_triplet_loss, euclidean_dist, identity_loss
 from passreid.finetune.methods import FinetuneMethod, build_backbone, load_backbone_weights, register_method
-from passreid.finetune.model import make_bnneck, make_classifier
+from passreid.losses.reid import batch_hard_triplet_loss, euclidean_dist, identity_loss
 from passreid.models import VisionTransformer
+from passreid.models.reid import make_bnneck, make_classifier
 
 __all__ = [
     "DIVERSITY_PART_GROUPS",
@@ -259,7 +259,7 @@ class TSDModel(nn.Module):
 def part_averaged_soft_triplet_loss(parts: Tensor, labels: Tensor) -> Tensor:
     """TSD's ``part_weight_triplet_loss`` without weights: per-part Euclidean distances (sqrt, clamped at 1e-12)
     averaged over the P parts, then batch-hard mining (hardest positive itself included, as in
-    :func:`~passreid.finetune.losses.batch_hard_triplet_loss`) and the soft margin ``log(1 + exp(d_ap - d_an))``."""
+    :func:`~passreid.losses.reid.batch_hard_triplet_loss`) and the soft margin ``log(1 + exp(d_ap - d_an))``."""
     if parts.ndim != 3 or labels.shape != (parts.shape[0],):
         raise ValueError(f"expected parts (B, P, D) and labels (B,), got {tuple(parts.shape)}, {tuple(labels.shape)}")
     dist = torch.stack([euclidean_dist(parts[:, k], parts[:, k]) for k in range(parts.shape[1])]).mean(dim=0)
@@ -387,8 +387,8 @@ def occlusion_benchmark(model: nn.Module, cfg: FinetuneConfig, dataset, device: 
     ``occluded_duke_tsd`` (gallery labels from its ``new_gallery.txt``), with the method's own test distance."""
     from passreid.data.datasets import occlusion_labels_for, read_tsd_gallery_labels
     from passreid.eval.distance import FeatureDistance
+    from passreid.eval.evaluator import extract_split
     from passreid.eval.occlusion_variants import occlusion_variant_metrics
-    from passreid.finetune.evaluator import extract_split
     from passreid.finetune.methods import get_method
 
     size = tuple(cfg.model.img_size)

@@ -23,24 +23,22 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader
 
 from passreid import dist
 from passreid.data import DatasetLayoutError, ImageItem, ReIDDataset, build_dataset
 from passreid.data.multicrop import IMAGENET_MEAN, IMAGENET_STD
-from passreid.data.samplers import ImageDataset
+from passreid.data.samplers import ImageDataset, ShardSampler
 from passreid.data.synthetic import generate_world
 from passreid.data.transforms import build_test_transform
-from passreid.eval import rank_metrics
 from passreid.engine import PreemptibleDataLoader
+from passreid.eval import rank_metrics
 from passreid.eval.features import cls_feature, extract_features, pass_fusion_feature
 from passreid.pretrain.config import KnnMonitorConfig
-
 
 GENERATED_WORLD_DIR = "world"
 
@@ -111,19 +109,6 @@ def generated_pool_identities(pool_dir: str | os.PathLike) -> ReIDDataset:
                        notes=["query: first shot of each pool person; gallery: the other shots"])
 
 
-class _ShardSampler(Sampler[int]):
-    """Indices ``rank, rank + world, ...`` in order: disjoint shards, no padding, no randomness."""
-
-    def __init__(self, num_samples: int, rank: int, world_size: int) -> None:
-        self.indices = list(range(rank, num_samples, world_size))
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(self.indices)
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-
 class KnnMonitor:
     """Rank-based kNN evaluation of a backbone on one labeled query/gallery set.
 
@@ -154,7 +139,7 @@ class KnnMonitor:
         self._feature_fn = pass_fusion_feature if cfg.feature == "pass_fusion" else cls_feature
 
     def _loader(self, items: list[ImageItem], transform, num_workers: int) -> DataLoader:
-        sampler = _ShardSampler(len(items), dist.get_rank(), dist.get_world_size())
+        sampler = ShardSampler(len(items), dist.get_rank(), dist.get_world_size())
         # A private generator: creating the iterator must not draw from the global torch RNG, or
         # evaluating would shift the training's random streams (and break exact resume).
         return PreemptibleDataLoader(ImageDataset(items, transform), batch_size=self.cfg.batch_size,

@@ -7,13 +7,12 @@ As a library::
     result = run_usl(cfg)          # clusters, trains, evaluates, writes model_final.pth (fine-tuning format)
     model, ft_cfg, _ = passreid.finetune.load_finetuned_model(result.final_model)
 
-UDA is the same loop with ``model.init_from`` set to a source-trained ``finetune/`` model (see
-cluster-contrast.md §4 and uda/README.md).
+UDA is the same loop started from a source-trained ``finetune/`` model: :mod:`passreid.uda`.
 """
-from passreid.usl.config import (ClusterConfig, MemoryConfig, UslConfig, UslDataConfig, UslModelConfig,
-                                 UslOptimConfig, UslTrainConfig, to_finetune_config, validate_usl_config)
+from passreid.usl.config import (ClusterConfig, MemoryConfig, UslConfig, UslDataConfig, UslModelConfig, UslOptimConfig,
+                                 UslTrainConfig, to_finetune_config, validate_usl_config)
 from passreid.usl.memory import ClusterMemory, hard_momentum_update, momentum_update
-from passreid.usl.model import ClusterContrastNet, SourceLoad, build_usl_model, load_source_backbone
+from passreid.usl.model import ClusterContrastNet, build_usl_model
 from passreid.usl.pseudo_labels import (ClusterStats, PseudoLabels, cluster_centroids, cluster_features,
                                         cluster_statistics)
 from passreid.usl.sampler import PseudoLabelSampler
@@ -28,7 +27,6 @@ __all__ = [
     "MemoryConfig",
     "PseudoLabelSampler",
     "PseudoLabels",
-    "SourceLoad",
     "TargetData",
     "UslConfig",
     "UslDataConfig",
@@ -42,7 +40,6 @@ __all__ = [
     "cluster_statistics",
     "epoch_lr",
     "hard_momentum_update",
-    "load_source_backbone",
     "load_target_data",
     "momentum_update",
     "run_usl",

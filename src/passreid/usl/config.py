@@ -20,8 +20,8 @@ from typing import Literal
 
 from passreid.config import RANDOM_INIT, require
 from passreid.config.schema import EvalConfig
-from passreid.finetune.config import (FinetuneConfig, FinetuneDataConfig, FinetuneModelConfig,
-                                      FinetuneOptimConfig, FinetuneTrainConfig, validate_config)
+from passreid.finetune.config import (FinetuneConfig, FinetuneDataConfig, FinetuneModelConfig, FinetuneOptimConfig,
+                                      FinetuneTrainConfig, validate_config)
 
 __all__ = [
     "ClusterConfig",

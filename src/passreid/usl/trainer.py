@@ -40,23 +40,24 @@ import torch
 from torch import nn
 
 from passreid import dist
-from passreid.config import config_to_dict
+from passreid.config import ConfigError, config_to_dict
 from passreid.data import DatasetFormatError, ImageItem, ReIDDataset, build_dataset
 from passreid.engine import atomic_save, check_finite, output_layout, preemption_guard
+from passreid.engine.loop import EpochTrainer, torch_threads
+from passreid.engine.optim import build_param_groups
+from passreid.eval.evaluator import EvalResult, evaluate_model, extract_split, format_result
 from passreid.finetune.checkpoints import build_final_checkpoint
 from passreid.finetune.config import FinetuneConfig
 from passreid.finetune.data import _dataset_options, build_train_set, load_test_dataset, resolve_data_root
-from passreid.finetune.evaluator import EvalResult, evaluate_model, extract_split, format_result
-from passreid.finetune.loop import EpochTrainer, torch_threads
-from passreid.finetune.model import make_classifier
-from passreid.finetune.optim import build_param_groups
+from passreid.models.reid import ReIDModel, make_classifier
 from passreid.usl.config import UslConfig, UslOptimConfig, to_finetune_config, validate_usl_config
 from passreid.usl.memory import ClusterMemory
-from passreid.usl.model import ClusterContrastNet, SourceLoad, build_usl_model
+from passreid.usl.model import ClusterContrastNet, build_usl_model
 from passreid.usl.pseudo_labels import ClusterStats, PseudoLabels, cluster_centroids, cluster_features
 from passreid.usl.sampler import PseudoLabelSampler
 
-__all__ = ["ClusterContrastTrainer", "TargetData", "UslResult", "epoch_lr", "load_target_data", "run_usl"]
+__all__ = ["ClusterContrastTrainer", "TargetData", "UslResult", "epoch_lr", "load_target_data", "run_cluster_contrast",
+           "run_usl"]
 
 logger = logging.getLogger("passreid.usl")
 
@@ -72,7 +73,7 @@ class UslResult:
     final_model: Path | None
     history: list[dict[str, Any]] = field(default_factory=list)  # one record per clustering step
     initial_metrics: dict[str, float] | None = None  # train.eval_at_start
-    source: SourceLoad | None = None  # UDA: how the source model was read
+    source: Any = None  # UDA: how the source model was read (passreid.uda.SourceLoad)
     preempted: bool = False
     # "best (test-set selected)": the evaluation with the highest test mAP and its epoch, as the published
     # numbers are selected (module docstring). Not a held-out estimate.
@@ -138,6 +139,7 @@ class ClusterContrastTrainer(EpochTrainer):
 
     log = logger
     stage_name = "Cluster Contrast"
+    stage_label = "USL"  # in the set-up log line
 
     def __init__(self, cfg: UslConfig, resume: bool = True) -> None:
         cfg = validate_usl_config(cfg)
@@ -157,7 +159,7 @@ class ClusterContrastTrainer(EpochTrainer):
         cfg = self.cfg
         self.data = load_target_data(cfg)
         # A resumed run takes every weight from the checkpoint: model.pretrained / init_from are not read again.
-        self.model, self.source = build_usl_model(self.ft_cfg, cfg.model.init_from, load_weights=not resuming)
+        self.model, self.source = self._build_model(load_weights=not resuming)
         self.model.to(self.device)
         self.memory = ClusterMemory(self.model.head.feature_dim, 0, cfg.memory.temperature, cfg.memory.momentum,
                                     cfg.memory.use_hard).to(self.device)
@@ -172,6 +174,10 @@ class ClusterContrastTrainer(EpochTrainer):
         self.initial_metrics: dict[str, float] | None = None
         self.best: dict[str, Any] | None = None  # {"epoch", "iteration", "metrics"} of the highest test mAP
 
+    def _build_model(self, load_weights: bool) -> tuple[ReIDModel, Any]:
+        """The network and how its start was read (``None`` for USL: ``model.pretrained``); UDA overrides it."""
+        return build_usl_model(self.ft_cfg, load_weights=load_weights), None
+
     def _wrap_distributed(self) -> None:
         # A [CLS]-only head leaves the part tokens without gradient.
         unused = self.cfg.model.head == "cls" and self.cfg.model.num_part_tokens > 0
@@ -181,7 +187,7 @@ class ClusterContrastTrainer(EpochTrainer):
         cfg = self.cfg
         logger.info("Cluster Contrast (%s) %s %dx%d, head %s/%s%s, feature dim %d; eps %.2f, k1 %d, k2 %d, "
                     "min_samples %d; memory tau %.3g momentum %.2f %s; %d process(es) on %s, %s",
-                    "UDA" if cfg.model.init_from else "USL", cfg.model.arch, *cfg.model.img_size, cfg.model.head,
+                    self.stage_label, cfg.model.arch, *cfg.model.img_size, cfg.model.head,
                     cfg.model.feat_fusion, " multi-neck" if cfg.model.multi_neck else " single-neck",
                     self.model.feature_dim, cfg.cluster.eps, cfg.cluster.k1, cfg.cluster.k2, cfg.cluster.min_samples,
                     cfg.memory.temperature, cfg.memory.momentum, "hard" if cfg.memory.use_hard else "all-sample",
@@ -381,8 +387,16 @@ def _headline(metrics: dict[str, float]) -> str:
 
 
 def run_usl(cfg: UslConfig, resume: bool = True) -> UslResult:
-    """Cluster-Contrast USL/UDA with ``cfg`` (auto-resuming from ``<output_dir>/checkpoint.pth`` unless
-    ``resume=False``)."""
+    """Cluster-Contrast USL with ``cfg`` (auto-resuming from ``<output_dir>/checkpoint.pth`` unless
+    ``resume=False``). A run started from a source-domain model is UDA: :func:`passreid.uda.run_uda`."""
+    if cfg.model.init_from:
+        raise ConfigError("config key 'model.init_from': starting from a source-domain model is the UDA stage; "
+                          "run passreid-uda (uda/train.py) or passreid.uda.run_uda")
+    return run_cluster_contrast(ClusterContrastTrainer, cfg, resume)
+
+
+def run_cluster_contrast(trainer_class: type[ClusterContrastTrainer], cfg: UslConfig, resume: bool = True) -> UslResult:
+    """Run ``trainer_class`` on ``cfg`` with its thread count and the pre-emption guard."""
     # The guard goes in before the set-up: a pre-emption signal while data and model load is not lost.
     with torch_threads(cfg.train.num_threads), preemption_guard():
-        return ClusterContrastTrainer(cfg, resume=resume).run()
+        return trainer_class(cfg, resume=resume).run()

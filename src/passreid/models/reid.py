@@ -20,7 +20,7 @@ import torch
 from timm.layers import trunc_normal_
 from torch import Tensor, nn
 
-from passreid.finetune.losses import ReIDTrainOutput
+from passreid.losses.reid import ReIDTrainOutput
 from passreid.models import VisionTransformer
 
 __all__ = [

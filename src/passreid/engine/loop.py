@@ -17,17 +17,20 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, Dataset
 
 from passreid import dist
-from passreid.config import ConfigError, config_to_dict, save_config
+from passreid.config import config_to_dict, save_config
+from passreid.data.samplers import BatchShardedSampler, SampleSeeds, SeededSamples
 from passreid.engine import (Checkpointer, MetricsWriter, PreemptionGuard, ProgressLogger, autocast_for,
                              batches_until_preempted, build_checkpoint, gather_rng_states, make_output_dir,
                              output_layout, preemption_guard, restore_checkpoint, run_precision, save_schedules,
                              seed_everything, select_device, setup_logging)
 from passreid.engine.logger import run_position
-from passreid.finetune.data import build_train_loader
+from passreid.engine.preemption import PreemptibleDataLoader
+from passreid.engine.seeding import worker_init_fn
 
-__all__ = ["EpochTrainer", "torch_threads"]
+__all__ = ["EpochTrainer", "build_train_loader", "loader_generator", "torch_threads"]
 
 
 @contextmanager
@@ -40,6 +43,33 @@ def torch_threads(count: int) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(previous)
+
+
+def loader_generator(seed: int, rank: int, epoch: int) -> torch.Generator:
+    """The DataLoader's own generator for (seed, rank, epoch): creating an iterator must not draw from
+    the global RNG (exact resume), and workers of different ranks/epochs get different seeds."""
+    state = np.random.SeedSequence([seed, rank, epoch]).generate_state(1, dtype=np.uint64)[0]
+    return torch.Generator().manual_seed(int(state % (2**63)))
+
+
+def build_train_loader(dataset: Dataset, sampler: BatchShardedSampler, seed: int, num_workers: int, epoch: int,
+                       rank: int, pin_memory: bool) -> DataLoader:
+    """One epoch's loader over ``sampler`` (set to ``epoch`` by the caller) with ``per_rank_batch_size`` batches.
+
+    Each sample's augmentation is seeded from its position in the epoch (``SampleSeeds``), so batches are
+    the same with any ``num_workers``, after a mid-epoch resume and on any number of processes.
+    """
+    return PreemptibleDataLoader(
+        SeededSamples(dataset),
+        batch_size=sampler.per_rank_batch_size,
+        sampler=SampleSeeds(sampler, seed),
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        drop_last=False,
+        worker_init_fn=worker_init_fn,
+        generator=loader_generator(seed, rank, epoch),
+    )
+
 
 
 class EpochTrainer:
@@ -116,7 +146,7 @@ class EpochTrainer:
     # ------------------------------------------------------------------ hooks with defaults
     @property
     def loader_config(self) -> Any:
-        """The config :func:`build_train_loader` reads (``data.*``, ``train.seed``)."""
+        """The config whose ``train.seed`` and ``data.num_workers`` the training loader uses."""
         return self.cfg
 
     @property
@@ -282,8 +312,9 @@ class EpochTrainer:
         if self.pending_sampler_state is not None and self.pending_sampler_state["epoch"] == epoch:
             self.sampler.load_state_dict(self.pending_sampler_state)
         self.pending_sampler_state = None
-        return build_train_loader(self.train_set, self.sampler, self.loader_config, epoch, self.rank,
-                                  pin_memory=self.device.type == "cuda")
+        cfg = self.loader_config
+        return build_train_loader(self.train_set, self.sampler, cfg.train.seed, cfg.data.num_workers, epoch,
+                                  self.rank, pin_memory=self.device.type == "cuda")
 
     def _backward_and_step(self, loss: torch.Tensor) -> None:
         """Zero the gradients, back-propagate ``loss`` and step the optimizer (through the AMP scaler)."""

@@ -18,15 +18,22 @@ from torch.utils.data import DataLoader
 
 from passreid.config.schema import EvalConfig
 from passreid.data import ImageItem, ReIDDataset
-from passreid.eval import RankResult, rank_metrics, rank_metrics_from_distance
+from passreid.data.samplers import ImageDataset, ShardSampler
+from passreid.data.transforms import build_test_transform
+from passreid.engine.preemption import PreemptibleDataLoader
+from passreid.engine.seeding import worker_init_fn
+from passreid.eval.distance import DistanceChunkFn
 from passreid.eval.features import ExtractedFeatures, extract_features
-from passreid.finetune.config import FinetuneConfig
-from passreid.finetune.data import build_test_loader
-from passreid.finetune.methods import TestDistanceBuilder, get_method
+from passreid.eval.rank import RankResult, rank_metrics, rank_metrics_from_distance
 
-__all__ = ["EvalResult", "evaluate_features", "evaluate_model", "extract_split", "format_result", "summarize"]
+__all__ = ["EvalResult", "TestDistanceBuilder", "build_test_loader", "evaluate_features", "evaluate_model",
+           "extract_split", "format_result", "summarize"]
 
 logger = logging.getLogger(__name__)
+
+# A method's own test distance: (config, query features, gallery features, device) -> a function giving the
+# distances of query rows [start, end) to the whole gallery (e.g. DPM's visible-part distance).
+TestDistanceBuilder = Callable[[Any, ExtractedFeatures, ExtractedFeatures, torch.device], DistanceChunkFn]
 
 
 @dataclass
@@ -63,6 +70,27 @@ def summarize(result: RankResult) -> dict[str, float]:
     return scalars
 
 
+def build_test_loader(items: list[ImageItem], img_size: tuple[int, int], cfg: Any, rank: int = 0,
+                      world_size: int = 1, pin_memory: bool = False) -> DataLoader:
+    """Ordered (sharded under DDP) loader with the test transform (resize + normalise).
+
+    ``cfg`` is a stage config whose ``data`` section holds ``pixel_mean, pixel_std, test_interpolation,
+    test_batch_size, num_workers`` (fine-tuning's and USL's both do).
+    """
+    data = cfg.data
+    dataset = ImageDataset(items, build_test_transform(tuple(img_size), mean=data.pixel_mean, std=data.pixel_std,
+                                                       interpolation=data.test_interpolation))
+    return PreemptibleDataLoader(
+        dataset,
+        batch_size=data.test_batch_size,
+        sampler=ShardSampler(len(dataset), rank, world_size),
+        num_workers=data.num_workers,
+        pin_memory=pin_memory,
+        worker_init_fn=worker_init_fn,
+        generator=torch.Generator().manual_seed(0),
+    )
+
+
 class _CameraFeed:
     """Iterates a test loader and exposes the current batch's camera ids to the feature function.
 
@@ -94,7 +122,7 @@ def _uses_cameras(model: nn.Module) -> bool:
     return getattr(model, "sie_embed", None) is not None
 
 
-def extract_split(model: nn.Module, items: list[ImageItem], img_size: tuple[int, int], cfg: FinetuneConfig,
+def extract_split(model: nn.Module, items: list[ImageItem], img_size: tuple[int, int], cfg: Any,
                   device: torch.device, autocast: Callable | None = None, rank: int = 0,
                   world_size: int = 1, split: str = "test") -> ExtractedFeatures:
     """Test features of ``items`` (the model's eval forward) in item order, on every rank; a long extraction
@@ -115,7 +143,7 @@ def evaluate_features(query: ExtractedFeatures, gallery: ExtractedFeatures, eval
     """Rank metrics of saved/extracted features (plus re-ranking when ``eval_cfg.rerank``).
 
     ``distance`` is a method's own query-chunked test distance over these features (see
-    :class:`~passreid.finetune.methods.FinetuneMethod`); ``None`` uses ``eval_cfg.metric``.
+    :class:`~passreid.finetune.methods.FinetuneMethod`'s ``build_test_distance``); ``None`` uses ``eval_cfg.metric``.
     """
     labels = (query.pids, gallery.pids, query.camids, gallery.camids)
     if distance is not None:
@@ -137,18 +165,17 @@ def evaluate_features(query: ExtractedFeatures, gallery: ExtractedFeatures, eval
     return EvalResult(query, gallery, plain, reranked, params)
 
 
-def evaluate_model(model: nn.Module, dataset: ReIDDataset, img_size: tuple[int, int], cfg: FinetuneConfig,
+def evaluate_model(model: nn.Module, dataset: ReIDDataset, img_size: tuple[int, int], cfg: Any,
                    device: torch.device, autocast: Callable | None = None, rank: int = 0,
-                   world_size: int = 1) -> EvalResult | None:
+                   world_size: int = 1, test_distance: TestDistanceBuilder | None = None) -> EvalResult | None:
     """Extract query and gallery features of ``dataset`` (a collective under DDP) and compute the rank
-    metrics on rank 0 (with ``cfg.method``'s own test distance when it has one); other ranks return
-    ``None``."""
+    metrics on rank 0 (with ``test_distance``, a method's own test distance, when given); other ranks
+    return ``None``. ``cfg`` is a stage config with ``data`` (:func:`build_test_loader`) and ``eval``."""
     query = extract_split(model, dataset.query, img_size, cfg, device, autocast, rank, world_size, split="query")
     gallery = extract_split(model, dataset.gallery, img_size, cfg, device, autocast, rank, world_size, split="gallery")
     if rank != 0:
         return None
-    builder: TestDistanceBuilder | None = get_method(cfg.method).build_test_distance
-    distance = builder(cfg, query, gallery, device) if builder is not None else None
+    distance = test_distance(cfg, query, gallery, device) if test_distance is not None else None
     return evaluate_features(query, gallery, cfg.eval, device=device, distance=distance)
 
 
