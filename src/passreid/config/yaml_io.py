@@ -114,8 +114,27 @@ def load_yaml_layers(path: str | os.PathLike) -> list[Layer]:
     applied in list order (later ones win), then the file's own keys win over all bases.
     """
     layers: list[Layer] = []
-    _collect_layers(Path(path).expanduser().absolute(), (), layers)
+    _collect_layers(resolve_recipe_path(path).absolute(), (), layers)
     return layers
+
+
+RECIPES_PREFIX = "configs"
+
+
+def packaged_recipes_dir() -> Path:
+    """The recipes shipped inside the package (``passreid/configs``, the repository's ``configs/``)."""
+    return Path(__file__).resolve().parent.parent / RECIPES_PREFIX
+
+
+def resolve_recipe_path(path: str | os.PathLike) -> Path:
+    """``path`` itself when it exists; else a relative ``configs/...`` path is looked up among the recipes
+    shipped with the package, so ``--config-file configs/finetune/market/pass_vit_s.yaml`` works from any
+    directory and with a non-editable install. Anything else is returned unchanged (the reader reports it)."""
+    given = Path(path).expanduser()
+    if given.exists() or given.is_absolute() or not given.parts or given.parts[0] != RECIPES_PREFIX:
+        return given
+    packaged = packaged_recipes_dir().joinpath(*given.parts[1:])
+    return packaged if packaged.is_file() else given
 
 
 def load_yaml_with_bases(path: str | os.PathLike) -> dict[str, Any]:
@@ -133,7 +152,8 @@ def _collect_layers(path: Path, chain: tuple[Path, ...], layers: list[Layer]) ->
         raise ConfigError(f"circular _base_ chain: {cycle}")
     if not path.is_file():
         where = f" (named in _base_ of {chain[-1]})" if chain else ""
-        raise ConfigError(f"config file not found: {path}{where}")
+        shipped = "" if chain else f"; the recipes shipped with passreid are under {packaged_recipes_dir()}"
+        raise ConfigError(f"config file not found: {path}{where}{shipped}")
     data = read_yaml_mapping(path)
     bases = data.pop(BASE_KEY, [])
     if isinstance(bases, str):
