@@ -298,6 +298,18 @@ DDP_GLOBAL_BATCH = 8
 DDP_STEPS = 2
 
 
+class FixedBatches:
+    """A batch source of the same pre-made view batches every epoch: identical inputs whatever the process count."""
+
+    def __init__(self, batches: list[list[torch.Tensor]]) -> None:
+        self._batches = batches
+        self.iters_per_epoch = len(batches)
+
+    def batches(self, epoch: int, start: int):
+        for views in self._batches[start:]:
+            yield {"views": views, "skipped": 0}
+
+
 def _fixed_global_batches() -> list[list[torch.Tensor]]:
     generator = torch.Generator().manual_seed(2024)
     batches = []
@@ -325,7 +337,7 @@ def _ddp_worker(rank: int, world_size: int, port: int, output_dir: str) -> None:
     share = DDP_GLOBAL_BATCH // world_size
     shard = [[view[rank * share:(rank + 1) * share] for view in views] for views in _fixed_global_batches()]
     try:
-        run_pretraining(_ddp_config(Path(output_dir), share), fixed_batches=shard)
+        run_pretraining(_ddp_config(Path(output_dir), share), batch_source=FixedBatches(shard))
     finally:
         dist.destroy()
 
@@ -335,7 +347,7 @@ def _ddp_worker(rank: int, world_size: int, port: int, output_dir: str) -> None:
 def test_two_process_ddp_matches_one_process_on_the_same_global_batch(tmp_path):
     single_dir, ddp_dir = tmp_path / "single", tmp_path / "ddp"
     context = start_workers(_ddp_worker, (2, free_port(), str(ddp_dir)))
-    run_pretraining(_ddp_config(single_dir, DDP_GLOBAL_BATCH), fixed_batches=_fixed_global_batches())
+    run_pretraining(_ddp_config(single_dir, DDP_GLOBAL_BATCH), batch_source=FixedBatches(_fixed_global_batches()))
     wait_for_workers(context, 300, "2-process pre-training")
 
     single, ddp = _train_records(single_dir), _train_records(ddp_dir)

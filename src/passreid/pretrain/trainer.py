@@ -32,7 +32,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -267,19 +267,16 @@ class _EpochLoader:
         return ({**batch, "views": device_sample_views(batch, self.on_device, self.device)} for batch in loader)
 
 
-class _FixedBatches:
-    """The same pre-made view batches every epoch (tests: identical inputs whatever the process count)."""
+class BatchSource(Protocol):
+    """What the stage reads its batches from: the folder/LMDB pipeline (:class:`_EpochLoader`) by default, or
+    a pipeline of one's own passed to :func:`run_pretraining` (e.g. another decoder, or pre-made batches)."""
 
-    def __init__(self, batches: Sequence[Views]) -> None:
-        if not batches:
-            raise ValueError("fixed_batches is empty")
-        self._batches = [list(views) for views in batches]
-        self.iters_per_epoch = len(self._batches)
+    iters_per_epoch: int  # optimizer steps per epoch
 
     def batches(self, epoch: int, start: int) -> Iterator[dict[str, Any]]:
-        del epoch
-        for views in self._batches[start:]:
-            yield {"views": views, "skipped": 0}
+        """Batches of ``epoch`` from batch ``start`` on, each ``{"views": [2 + local_crops_number tensors of this
+        process], "skipped": <corrupt images replaced>}``; the same for the same (epoch, start) for exact resume."""
+        ...
 
 
 # ============================================================================ the stage
@@ -300,8 +297,7 @@ class PretrainResult:
 class PretrainStage:
     """State and steps of one pre-training run; :func:`run_pretraining` drives it."""
 
-    def __init__(self, cfg: PretrainConfig, *, resume: bool = True,
-                 fixed_batches: Sequence[Views] | None = None) -> None:
+    def __init__(self, cfg: PretrainConfig, *, resume: bool = True, batch_source: BatchSource | None = None) -> None:
         validate_pretrain_config(cfg)
         self.cfg = cfg
         self.env = dist.init_distributed()
@@ -323,8 +319,8 @@ class PretrainStage:
         self.meta = self._build_meta_arch().to(self.device)
         seed_everything(cfg.train.seed + self.rank)
 
-        if fixed_batches is not None:
-            self.source: _EpochLoader | _FixedBatches = _FixedBatches(fixed_batches)
+        if batch_source is not None:
+            self.source: BatchSource = batch_source
             self.num_images = None
         else:
             augmentation = build_multicrop(cfg)
@@ -628,20 +624,19 @@ class PretrainStage:
 
 
 def run_pretraining(cfg: PretrainConfig, *, resume: bool = True,
-                    fixed_batches: Sequence[Views] | None = None) -> PretrainResult:
+                    batch_source: BatchSource | None = None) -> PretrainResult:
     """Run (or resume) the pre-training described by ``cfg``; see the module docstring.
 
-    ``fixed_batches`` replaces the data pipeline by pre-made view batches, the same every epoch
-    (each a list of ``2 + local_crops_number`` tensors for this process): used by tests that need
-    identical inputs whatever the process count.
+    ``batch_source`` replaces the ``data.*`` pipeline by one's own (:class:`BatchSource`).
     """
     with preemption_guard():  # before the set-up: a pre-emption signal while data and model load is not lost
-        return PretrainStage(cfg, resume=resume, fixed_batches=fixed_batches).run()
+        return PretrainStage(cfg, resume=resume, batch_source=batch_source).run()
 
 
 __all__ = [
     "BACKBONE_FILE",
     "BACKBONE_FINAL_FILE",
+    "BatchSource",
     "MultiCropDataset",
     "PretrainResult",
     "PretrainStage",
