@@ -5,7 +5,7 @@
 What one pre-training sample costs the data loader: read a JPEG from disk, decode it, and build the
 published multi-crop views (2 x 256x128 globals, 9 x 128x64 band locals, colour jitter, grayscale,
 blur, solarisation, ImageNet normalisation: ``MultiCropAugmentation(mode="pass")``), exactly as
-``passreid.pretrain.trainer.MultiCropDataset`` does, seeded per sample.
+``passreid.pretrain.data.MultiCropDataset`` does, seeded per sample.
 
 The images are the generated world's unlabeled pool upscaled to ``--size`` (W x H; LUPerson crops are
 person boxes of roughly this size) and written as JPEG (quality 95) to a temporary folder, so decoding
@@ -41,7 +41,7 @@ from torch.utils.data import DataLoader
 from passreid.data import ImageItem, build_dataset, read_image
 from passreid.data.multicrop import MultiCropAugmentation
 from passreid.data.synthetic import generate_world
-from passreid.pretrain.trainer import MultiCropDataset, collate_views
+from passreid.pretrain.data import MultiCropDataset, collate_views
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 

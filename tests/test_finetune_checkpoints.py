@@ -18,7 +18,8 @@ from _tool_loading import load_tool_module
 from passreid.config import load_config
 from passreid.engine import atomic_save
 from passreid.finetune import FinetuneConfig, build_final_checkpoint, build_model, load_finetuned_model
-from passreid.finetune.checkpoints import PUBLISHED_LAYOUTS, map_published_state_dict, published_layout, stored_config
+from passreid.finetune.checkpoints import stored_config
+from passreid.finetune.published_checkpoints import PUBLISHED_LAYOUTS, map_published_state_dict, published_layout
 from passreid.models import CheckpointFormatError, CheckpointMismatchError
 
 REPO = Path(__file__).resolve().parents[1]

@@ -23,14 +23,8 @@ from passreid.engine import seed_everything
 from passreid.models import build_vit, load_pretrained
 from passreid.pretrain.config import PretrainConfig
 from passreid.pretrain.meta_arch import PASSMetaArch
-from passreid.pretrain.trainer import (
-    MultiCropDataset,
-    PretrainStage,
-    build_schedules,
-    collate_views,
-    peak_learning_rate,
-    run_pretraining,
-)
+from passreid.pretrain.data import MultiCropDataset, collate_views
+from passreid.pretrain.trainer import PretrainStage, build_schedules, peak_learning_rate, run_pretraining
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RECIPES = REPO_ROOT / "configs" / "pretrain"

@@ -38,7 +38,7 @@ import torch
 from passreid.cli import error_boundary
 from passreid.config import add_debug_flag
 from passreid.engine import atomic_save
-from passreid.finetune.checkpoints import published_layout
+from passreid.finetune.published_checkpoints import published_layout
 from passreid.models import (
     VIT_ARCHS,
     ArchitectureError,

@@ -1,5 +1,9 @@
 """Use a trained model on your own images: load any supported weights file, extract features.
 
+One file of ~570 lines on purpose: it is the public API of ``passreid`` for users (recognise a file, build the
+model, read images, extract), and every tool's ``--weights`` argument goes through it; the parts are the
+steps of that one path.
+
 Two calls::
 
     from passreid import FeatureExtractor
@@ -15,7 +19,7 @@ Two calls::
 * ``finetune_checkpoint``: a fine-tuning run's ``checkpoint.pth`` (config stored inside);
 * ``published_finetuned``: a released fine-tuned checkpoint of TransReID / PASS-reID (``base.*``,
   ``bottleneck*``, ``classifier*``), DPM, TSD, DPEFormer or BPBReID (torchreid, HRNet-W32 / ResNet-50)
-  (``passreid.finetune.checkpoints.PUBLISHED_LAYOUTS``); needs the fine-tuning config that describes its
+  (``passreid.finetune.published_checkpoints.PUBLISHED_LAYOUTS``); needs the fine-tuning config that describes its
   architecture;
 * ``backbone_export``: a pre-training backbone export (``backbone.pth`` / ``backbone_final.pth``,
   ``tools/convert_checkpoint.py`` output);
@@ -115,7 +119,8 @@ def identify_weights(obj: Any, label: str = "the checkpoint") -> str:
     if not isinstance(obj, Mapping):
         raise WeightsKindError(f"{label} holds a {type(obj).__name__}, not a checkpoint dict; expected one of: "
                                f"{_EXPECTED}")
-    from passreid.finetune.checkpoints import FINAL_FORMAT, published_layout
+    from passreid.finetune.checkpoints import FINAL_FORMAT
+    from passreid.finetune.published_checkpoints import published_layout
 
     meta = obj.get("meta")
     if isinstance(meta, Mapping) and meta.get("format") == FINAL_FORMAT:

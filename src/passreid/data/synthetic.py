@@ -1,5 +1,9 @@
 """A small, deterministic re-ID world rendered with numpy + PIL: the embedded default dataset.
 
+One file of ~1,150 lines on purpose: it renders one coherent world (identities, cameras, bodies, occluders,
+parsing masks, keypoint fields) whose pieces share the body layout and the seeded random streams; it is the
+demo's and the tests' data set, not part of the training stages' algorithms.
+
 ``generate_world(out_dir)`` writes, with no download:
 
 * ``market/``          Market-1501 layout and file names (``bounding_box_train``, ``query``,

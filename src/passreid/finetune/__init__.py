@@ -12,8 +12,8 @@ TransReID-family recipe with the PASS head, SIE and JPM options); new ones plug 
 """
 from passreid.engine.optim import build_param_groups
 from passreid.eval.evaluator import EvalResult, evaluate_features, evaluate_model, extract_split
-from passreid.finetune.checkpoints import (FINAL_FORMAT, build_final_checkpoint, load_finetuned_model,
-                                           load_published_checkpoint, map_published_state_dict)
+from passreid.finetune.checkpoints import FINAL_FORMAT, build_final_checkpoint, load_finetuned_model
+from passreid.finetune.published_checkpoints import load_published_checkpoint, map_published_state_dict
 from passreid.finetune.config import (FinetuneConfig, FinetuneDataConfig, FinetuneModelConfig, FinetuneOptimConfig,
                                       FinetuneTrainConfig, LossConfig, validate_config)
 from passreid.finetune.data import FinetuneData, load_finetune_data

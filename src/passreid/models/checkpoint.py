@@ -1,5 +1,9 @@
 """Backbone checkpoint reading, conversion and loud, reported loading into :class:`VisionTransformer`.
 
+One file of ~650 lines on purpose: safe reading, backbone extraction from every published layout, position
+resizing and the reported load are one pipeline that every stage and tool goes through, and each step's
+error message reports what the earlier steps found.
+
 Accepted inputs (``extract_backbone_state_dict``):
 
 (a) a PASS/DINO pre-training ``checkpoint.pth``: ``{"student": {"module.backbone.*", "module.head.*"},

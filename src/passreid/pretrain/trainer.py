@@ -11,7 +11,7 @@ One iteration (pretrain-pass.md §3.2, "per-iteration order"):
    ``< optim.freeze_last_layer``, optimizer step, scaler update;
 5. EMA update of the teacher with this iteration's momentum.
 
-Data: unlabeled items -> :class:`MultiCropDataset` (``MultiCropAugmentation`` on each image)
+Data (:mod:`passreid.pretrain.data`): unlabeled items -> :class:`MultiCropDataset` (``MultiCropAugmentation`` on each image)
 -> ``ResumableDistributedSampler`` (shuffled, sharded, drop_last) -> DataLoader -> a list of
 ``2 + local_crops_number`` batched tensors. With ``data.augment_on=gpu`` the workers hand over the
 decoded images and the drawn parameters instead, and the views are made batched on the training device
@@ -29,67 +29,29 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import Dataset
 
 from passreid import dist
 from passreid.config import ConfigError, config_to_dict, save_config
-from passreid.data import ImageItem, SafeImageReader, build_dataset
-from passreid.data.device_multicrop import (
-    BatchedMultiCrop,
-    MultiCropParamSampler,
-    collate_device_samples,
-    device_sample_views,
-)
-from passreid.data.multicrop import MultiCropAugmentation
-from passreid.data.samplers import ResumableDistributedSampler
-from passreid.engine import (
-    CheckpointStateError,
-    Checkpointer,
-    MetricsWriter,
-    PreemptibleDataLoader,
-    PreemptionGuard,
-    ProgressLogger,
-    apply_schedule,
-    atomic_save,
-    autocast_for,
-    batches_until_preempted,
-    build_checkpoint,
-    check_finite,
-    cosine_schedule,
-    derive_seed,
-    describe_precision,
-    gather_rng_states,
-    make_output_dir,
-    output_layout,
-    preemption_guard,
-    resolve_precision,
-    restore_checkpoint,
-    save_schedules,
-    seed_everything,
-    seeded_global_rngs,
-    select_device,
-    setup_logging,
-    worker_init_fn,
-)
+from passreid.data.device_multicrop import BatchedMultiCrop, MultiCropParamSampler
+from passreid.engine import (CheckpointStateError, Checkpointer, MetricsWriter, PreemptionGuard, ProgressLogger,
+                             apply_schedule, atomic_save, autocast_for, batches_until_preempted, build_checkpoint,
+                             check_finite, cosine_schedule, describe_precision, gather_rng_states, make_output_dir,
+                             output_layout, preemption_guard, resolve_precision, restore_checkpoint, save_schedules,
+                             seed_everything, select_device, setup_logging)
 from passreid.engine.logger import run_position
 from passreid.models import export_backbone
 from passreid.pretrain.config import PretrainConfig, validate_pretrain_config
-from passreid.pretrain.knn_monitor import (
-    GENERATED_POOL,
-    MONITOR_WORLD_DIR,
-    KnnMonitor,
-    ensure_generated_world,
-    generated_world_dir,
-    resolve_generated_world,
-)
+from passreid.pretrain.knn_monitor import (GENERATED_POOL, MONITOR_WORLD_DIR, KnnMonitor, ensure_generated_world,
+                                           generated_world_dir, resolve_generated_world)
+from passreid.pretrain.data import (BatchSource, EpochLoader, MultiCropDataset, Views, build_multicrop,
+                                    resolve_data_items)
 from passreid.pretrain.meta_arch import PASSMetaArch, to_published_layout
 
 logger = logging.getLogger(__name__)
@@ -98,7 +60,6 @@ BACKBONE_FILE = "backbone.pth"
 BACKBONE_FINAL_FILE = "backbone_final.pth"
 # Keys that say how this invocation runs rather than what is trained: changing them on resume is expected.
 _RUN_CONTROL_KEYS = ("train.max_iters", "train.output_dir")
-Views = list[torch.Tensor]
 
 
 # ============================================================================ schedules
@@ -137,146 +98,6 @@ def build_schedules(cfg: PretrainConfig, iters_per_epoch: int, world_size: int) 
         momentum=cosine_schedule(optim.momentum_teacher, optim.momentum_teacher_end, total),
         peak_lr=peak,
     )
-
-
-# ============================================================================ data
-
-
-_PURPOSE_SAMPLE, _PURPOSE_LOADER = 0, 1  # keep the derived streams of different uses apart
-
-
-def sample_seed(seed: int, epoch: int, index: int) -> int:
-    """The augmentation seed of sample ``index`` in ``epoch``."""
-    return derive_seed(_PURPOSE_SAMPLE, seed, epoch, index)
-
-
-class MultiCropDataset(Dataset):
-    """Unlabeled images -> ``{"views": [2 + n_local tensors], "index", "skipped"}`` (with a
-    ``MultiCropParamSampler`` transform, ``"views"`` holds its ``DeviceSample`` instead).
-
-    The augmentation of sample ``i`` in epoch ``e`` is seeded from ``(seed, e, i)`` (call
-    :meth:`set_epoch` before creating each epoch's DataLoader iterator). With ``skip_corrupt``
-    an undecodable image is replaced by the next readable one in the list; ``skipped`` counts
-    the replaced files (the reader logs each by name).
-    """
-
-    def __init__(self, items: Sequence[ImageItem], transform: Callable[[Any], Views], seed: int,
-                 skip_corrupt: bool = False) -> None:
-        if not items:
-            raise ValueError("MultiCropDataset: no images")
-        self.items = list(items)
-        self.transform = transform
-        self.seed = seed
-        self.epoch = 0
-        self.reader = SafeImageReader(skip_corrupt=skip_corrupt)
-
-    def set_epoch(self, epoch: int) -> None:
-        """Select the epoch whose augmentation streams :meth:`__getitem__` uses."""
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def _read(self, index: int) -> tuple[Any, int]:
-        for offset in range(len(self.items)):
-            image = self.reader(self.items[(index + offset) % len(self.items)].path)
-            if image is not None:
-                return image, offset
-        raise RuntimeError(f"MultiCropDataset: none of the {len(self.items)} images could be decoded")
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        image, skipped = self._read(index)
-        with seeded_global_rngs(sample_seed(self.seed, self.epoch, index)):
-            views = self.transform(image)
-        return {"views": views, "index": index, "skipped": skipped}
-
-
-def collate_views(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Stack per-sample view lists into one list of batched tensors (view order kept)."""
-    num_views = len(samples[0]["views"])
-    if any(len(sample["views"]) != num_views for sample in samples):
-        raise ValueError("collate_views: samples carry different numbers of views")
-    return {
-        "views": [torch.stack([sample["views"][v] for sample in samples]) for v in range(num_views)],
-        "index": torch.tensor([sample["index"] for sample in samples]),
-        "skipped": sum(sample["skipped"] for sample in samples),
-    }
-
-
-def resolve_data_items(cfg: PretrainConfig) -> list[ImageItem]:
-    """The unlabeled items of ``data.dataset`` (generated pool rendered first if needed)."""
-    data = cfg.data
-    checks = {"skip_corrupt": data.skip_corrupt, "check_images": data.check_images}
-    if data.dataset == "synthetic_pool":
-        world = resolve_generated_world(data.root, generated_world_dir(cfg.train.output_dir))
-        dataset = build_dataset("image_folder", world / "pool", **checks)
-    elif data.dataset == "image_folder":
-        dataset = build_dataset("image_folder", data.root, **checks,
-                                **({"file_list": data.file_list} if data.file_list else {}))
-    else:
-        dataset = build_dataset("luperson_lmdb", data.root, **checks,
-                                **({"keys_file": data.keys_file} if data.keys_file else {}))
-    logger.info("pre-training data: %s at %s, %d images", data.dataset, dataset.root, len(dataset.train))
-    return dataset.train
-
-
-def build_multicrop(cfg: PretrainConfig) -> MultiCropAugmentation:
-    """The multi-crop transform described by ``cfg.crops``."""
-    crops = cfg.crops
-    return MultiCropAugmentation(
-        global_size=tuple(crops.global_size), local_size=tuple(crops.local_size),
-        global_scale=tuple(crops.global_scale), local_scale=tuple(crops.local_scale),
-        local_crops_number=crops.local_crops_number, mode=crops.mode,
-    )
-
-
-class _EpochLoader:
-    """Builds each epoch's DataLoader from one dataset + resumable sampler."""
-
-    def __init__(self, cfg: PretrainConfig, dataset: MultiCropDataset, rank: int, world_size: int,
-                 device: torch.device, on_device: BatchedMultiCrop | None = None) -> None:
-        self.cfg = cfg
-        self.dataset = dataset
-        self.device = device
-        self.on_device = on_device  # data.augment_on=gpu: the views are made here, batched on the device
-        self.batch_size = cfg.data.batch_size_per_gpu
-        self.sampler = ResumableDistributedSampler(len(dataset), shuffle=True, seed=cfg.train.seed, rank=rank,
-                                                   world_size=world_size, drop_last=True)
-        self.iters_per_epoch = len(self.sampler) // self.batch_size
-        if self.iters_per_epoch < 1:
-            raise ValueError(
-                f"pre-training data has {len(dataset)} images, fewer than one global batch "
-                f"({self.batch_size} per GPU x {world_size} processes); lower data.batch_size_per_gpu")
-        self.pin_memory = cfg.data.pin_memory and device.type == "cuda"
-
-    def batches(self, epoch: int, start: int) -> Iterator[dict[str, Any]]:
-        """Batches of ``epoch`` from batch ``start`` on (the sampler skips what was consumed)."""
-        self.sampler.load_state_dict({"epoch": epoch, "position": start * self.batch_size})
-        self.dataset.set_epoch(epoch)
-        workers = self.cfg.data.num_workers
-        loader = PreemptibleDataLoader(
-            self.dataset, batch_size=self.batch_size, sampler=self.sampler, num_workers=workers,
-            collate_fn=collate_views if self.on_device is None else collate_device_samples,
-            pin_memory=self.pin_memory, drop_last=True,
-            worker_init_fn=worker_init_fn if workers else None,
-            generator=torch.Generator().manual_seed(derive_seed(_PURPOSE_LOADER, self.cfg.train.seed, epoch)),
-            prefetch_factor=2 if workers else None, persistent_workers=False,
-        )
-        if self.on_device is None:
-            return iter(loader)
-        return ({**batch, "views": device_sample_views(batch, self.on_device, self.device)} for batch in loader)
-
-
-class BatchSource(Protocol):
-    """What the stage reads its batches from: the folder/LMDB pipeline (:class:`_EpochLoader`) by default, or
-    a pipeline of one's own passed to :func:`run_pretraining` (e.g. another decoder, or pre-made batches)."""
-
-    iters_per_epoch: int  # optimizer steps per epoch
-
-    def batches(self, epoch: int, start: int) -> Iterator[dict[str, Any]]:
-        """Batches of ``epoch`` from batch ``start`` on, each ``{"views": [2 + local_crops_number tensors of this
-        process], "skipped": <corrupt images replaced>}``; the same for the same (epoch, start) for exact resume."""
-        ...
 
 
 # ============================================================================ the stage
@@ -328,7 +149,7 @@ class PretrainStage:
             dataset = MultiCropDataset(resolve_data_items(cfg),
                                        augmentation if on_device is None else MultiCropParamSampler(augmentation),
                                        seed=cfg.train.seed, skip_corrupt=cfg.data.skip_corrupt)
-            self.source = _EpochLoader(cfg, dataset, self.rank, self.world_size, self.device, on_device)
+            self.source = EpochLoader(cfg, dataset, self.rank, self.world_size, self.device, on_device)
             self.num_images = len(dataset)
         self.iters_per_epoch = self.source.iters_per_epoch
         self.global_batch = cfg.data.batch_size_per_gpu * self.world_size
@@ -636,16 +457,10 @@ def run_pretraining(cfg: PretrainConfig, *, resume: bool = True,
 __all__ = [
     "BACKBONE_FILE",
     "BACKBONE_FINAL_FILE",
-    "BatchSource",
-    "MultiCropDataset",
     "PretrainResult",
     "PretrainStage",
     "Schedules",
-    "build_multicrop",
     "build_schedules",
-    "collate_views",
     "peak_learning_rate",
-    "resolve_data_items",
     "run_pretraining",
-    "sample_seed",
 ]

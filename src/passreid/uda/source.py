@@ -14,7 +14,8 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from passreid.finetune.checkpoints import FINAL_FORMAT, map_published_state_dict
+from passreid.finetune.checkpoints import FINAL_FORMAT
+from passreid.finetune.published_checkpoints import map_published_state_dict
 from passreid.finetune.config import FinetuneConfig
 from passreid.models import CheckpointFormatError, LoadReport, load_pretrained, read_checkpoint
 from passreid.models.reid import ReIDModel
