@@ -65,3 +65,21 @@ def test_generated_world_location(tmp_path: Path):
     assert default_world_dir(other).parent == tmp_path / "runs" and default_world_dir(other).name.startswith("world-")
     explicit = load_config(FinetuneConfig, None, [f"data.world_dir={tmp_path / 'w'}"])
     assert default_world_dir(explicit) == tmp_path / "w"
+
+
+def test_a_method_section_is_checked_only_when_that_method_runs():
+    # The plain recipe does not read tsd.* / dpeformer.* / pass_parts.*: their values cannot stop it ...
+    plain = load_config(FinetuneConfig, None, ["tsd.id_weight=-1", "dpeformer.min_selected=0",
+                                               "pass_parts.visibility_threshold=2"])
+    validate_config(plain)
+    # ... and each method checks its own section, naming the key.
+    for method, bad, key in (("tsd", "tsd.id_weight=-1", "tsd.id_weight"),
+                             ("dpeformer", "dpeformer.min_selected=0", "dpeformer.min_selected"),
+                             ("pass_parts", "pass_parts.visibility_threshold=2", "pass_parts.visibility_threshold")):
+        with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+            validate_config(load_config(FinetuneConfig, None, [f"method={method}", bad]))
+
+
+def test_an_unknown_method_names_the_registered_ones():
+    with pytest.raises(ConfigError, match=r"method.*'nope'.*bnneck"):
+        validate_config(load_config(FinetuneConfig, None, ["method=nope"]))

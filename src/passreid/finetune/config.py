@@ -294,18 +294,6 @@ def validate_config(cfg: FinetuneConfig) -> FinetuneConfig:
     require(0.0 < data.occluder_area[0] <= data.occluder_area[1] <= 1.0, "data.occluder_area",
              f"must be (min, max) with 0 < min <= max <= 1, got {data.occluder_area}")
     require(data.mask_scale >= 1, "data.mask_scale", f"must be >= 1, got {data.mask_scale}")
-    require(0.0 <= cfg.pass_parts.visibility_threshold <= 1.0, "pass_parts.visibility_threshold",
-             f"must be in [0, 1], got {cfg.pass_parts.visibility_threshold}")
-    require(all(w >= 0 for w in (cfg.tsd.id_weight, cfg.tsd.triplet_weight, cfg.tsd.visibility_weight,
-                                  cfg.tsd.mimic_weight, cfg.tsd.parsing_weight, cfg.tsd.diversity_weight)),
-             "tsd.id_weight", "TSD loss weights must be >= 0")
-    dpe = cfg.dpeformer
-    require(dpe.num_parts >= 1 and dpe.min_selected >= dpe.num_parts, "dpeformer.min_selected",
-             f"must be >= dpeformer.num_parts ({dpe.num_parts}), got {dpe.min_selected}")
-    require(0.0 < dpe.erasing_area[0] <= dpe.erasing_area[1] <= 1.0, "dpeformer.erasing_area",
-             f"must be (min, max) with 0 < min <= max <= 1, got {dpe.erasing_area}")
-    require(dpe.memory_temperature > 0 and 0.0 <= dpe.memory_momentum <= 1.0, "dpeformer.memory_momentum",
-             "memory temperature must be > 0 and momentum in [0, 1]")
     require(list(optim.milestones) == sorted(optim.milestones), "optim.milestones",
              f"must be increasing epochs, got {optim.milestones}")
     require(0.0 <= loss.label_smoothing < 1.0, "loss.label_smoothing",
@@ -318,6 +306,12 @@ def validate_config(cfg: FinetuneConfig) -> FinetuneConfig:
     require(cfg.train.num_threads >= 0, "train.num_threads", "must be >= 0 (0 = torch's default)")
     require(cfg.eval.period > 0, "eval.period", f"must be positive, got {cfg.eval.period}")
     require(cfg.train.checkpoint_period > 0, "train.checkpoint_period", "must be positive")
+    from passreid.finetune.methods import get_method, list_methods  # the registry imports the method modules
+
+    require(cfg.method in list_methods(), "method", f"unknown method {cfg.method!r}; one of {', '.join(list_methods())}")
+    method_checks = get_method(cfg.method).validate
+    if method_checks is not None:  # the method's own config section, checked only when the method runs
+        method_checks(cfg)
     return cfg
 
 

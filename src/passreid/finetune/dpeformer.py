@@ -56,7 +56,7 @@ from torch.utils.data import Dataset
 from torchvision import transforms as T
 
 from passreid import dist
-from passreid.config import ConfigError
+from passreid.config import ConfigError, require
 from passreid.data import ImageItem
 from passreid.data.occluders import OccluderPaste
 from passreid.data.samplers import ImageDataset
@@ -440,6 +440,17 @@ def build_dpeformer_criterion(cfg: FinetuneConfig) -> DPEFormerCriterion:
                               gather_memory_update=cfg.train.ddp_batch == "local")
 
 
+def validate_dpeformer_config(cfg: FinetuneConfig) -> None:
+    """The ``dpeformer`` section's ranges (a :class:`ConfigError` naming the key)."""
+    dpe = cfg.dpeformer
+    require(dpe.num_parts >= 1 and dpe.min_selected >= dpe.num_parts, "dpeformer.min_selected",
+            f"must be >= dpeformer.num_parts ({dpe.num_parts}), got {dpe.min_selected}")
+    require(0.0 < dpe.erasing_area[0] <= dpe.erasing_area[1] <= 1.0, "dpeformer.erasing_area",
+            f"must be (min, max) with 0 < min <= max <= 1, got {dpe.erasing_area}")
+    require(dpe.memory_temperature > 0 and 0.0 <= dpe.memory_momentum <= 1.0, "dpeformer.memory_momentum",
+            "memory temperature must be > 0 and momentum in [0, 1]")
+
+
 register_method(
     FinetuneMethod(
         name="dpeformer",
@@ -448,5 +459,6 @@ register_method(
         build_model=build_dpeformer_model,
         build_criterion=build_dpeformer_criterion,
         build_train_set=build_two_view_train_set,
+        validate=validate_dpeformer_config,
     )
 )

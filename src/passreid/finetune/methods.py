@@ -90,6 +90,9 @@ class FinetuneMethod:
     # Optional own training set ``(items, cfg) -> Dataset`` (e.g. DPEFormer's two views per sample, returned as
     # ``img`` and ``view2``); None: the shared pipeline of passreid.finetune.data.build_train_set.
     build_train_set: Callable[[list, FinetuneConfig], object] | None = None
+    # Checks of the method's own config section (raise ConfigError naming the key); run by validate_config
+    # only when this method is selected.
+    validate: Callable[[FinetuneConfig], None] | None = None
 
 
 _METHODS: dict[str, FinetuneMethod] = {}

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from passreid.config import require
 from passreid.eval.distance import VisiblePartDistance
 from passreid.eval.features import ExtractedFeatures
 from passreid.finetune.bpbreid import pack_part_rows, unpack_part_rows
@@ -168,6 +169,12 @@ def build_pass_parts_test_distance(cfg: FinetuneConfig, query: ExtractedFeatures
                                normalize=True, always_visible=(0,), device=device)
 
 
+def validate_pass_parts_config(cfg: FinetuneConfig) -> None:
+    """The ``pass_parts`` section's ranges (a :class:`ConfigError` naming the key)."""
+    require(0.0 <= cfg.pass_parts.visibility_threshold <= 1.0, "pass_parts.visibility_threshold",
+            f"must be in [0, 1], got {cfg.pass_parts.visibility_threshold}")
+
+
 register_method(
     FinetuneMethod(
         name="pass_parts",
@@ -176,5 +183,6 @@ register_method(
         build_criterion=build_pass_parts_criterion,
         build_test_distance=build_pass_parts_test_distance,
         train_masks=lambda cfg: "parsing" if cfg.pass_parts.visibility_target == "masks" else "constant",
+        validate=validate_pass_parts_config,
     )
 )

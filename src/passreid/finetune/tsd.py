@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from timm.layers import trunc_normal_
 from torch import Tensor, nn
 
+from passreid.config import require
 from passreid.data.masks import num_parts
 from passreid.eval.distance import VisiblePartDistance
 from passreid.eval.features import ExtractedFeatures
@@ -430,6 +431,14 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def validate_tsd_config(cfg: FinetuneConfig) -> None:
+    """The ``tsd`` section's ranges (a :class:`ConfigError` naming the key)."""
+    tsd = cfg.tsd
+    require(all(w >= 0 for w in (tsd.id_weight, tsd.triplet_weight, tsd.visibility_weight, tsd.mimic_weight,
+                                 tsd.parsing_weight, tsd.diversity_weight)), "tsd.id_weight",
+            "TSD loss weights must be >= 0")
+
+
 # ``python -m passreid.finetune.tsd`` runs this file as __main__ after the package registered the method.
 if __name__ != "__main__":
     register_method(
@@ -441,6 +450,7 @@ if __name__ != "__main__":
             build_criterion=build_tsd_criterion,
             build_test_distance=build_tsd_test_distance,
             train_masks=lambda cfg: "parsing",
+            validate=validate_tsd_config,
         )
     )
 
