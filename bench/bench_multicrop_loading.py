@@ -40,7 +40,7 @@ from torch.utils.data import DataLoader
 
 from passreid.data import ImageItem, build_dataset, read_image
 from passreid.data.multicrop import MultiCropAugmentation
-from passreid.data.synthetic import generate_world
+from passreid.demo.world import generate_world
 from passreid.pretrain.data import MultiCropDataset, collate_views
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"

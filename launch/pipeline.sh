@@ -8,8 +8,10 @@
 #                      [-- extra sbatch options for every job]
 #
 # Defaults: profile launch/profiles/default.yaml (edit it, or copy it and pass --profile), run directory
-# runs/pipeline-<date-time>, stages pretrain,finetune,usl,uda, the demo config of each stage. Stage <s> writes
-# <run-dir>/<s>; SLURM logs go to <run-dir>/logs. Prints one line per job: "<stage> <job id> <output dir>".
+# runs/pipeline-<date-time>, stages pretrain,finetune,usl,uda, the demo config of each stage. A demo config
+# with no --data-root (nor data.root in its opts) reads the demo worlds, rendered first into <run-dir>/worlds
+# (python -m passreid.demo). Stage <s> writes <run-dir>/<s>; SLURM logs go to <run-dir>/logs. Prints one line
+# per job: "<stage> <job id> <output dir>".
 # Environment: PROFILE, RUN_DIR, STAGES, DATA_ROOT, PYTHON; <STAGE>_CONFIG and <STAGE>_OPTS (e.g. FINETUNE_OPTS).
 set -euo pipefail
 
@@ -56,7 +58,7 @@ while [ $# -gt 0 ]; do
             need_value "$1" $#; name="${1#--}"; config["${name%-config}"]="$2"; shift ;;
         --pretrain-opts|--finetune-opts|--usl-opts|--uda-opts)
             need_value "$1" $#; name="${1#--}"; opts["${name%-opts}"]="$2"; shift ;;
-        -h|--help) sed -n '2,14p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,16p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
         --) shift; extra_sbatch=("$@"); break ;;
         *) die "unknown argument '$1' (see --help)" ;;
     esac
@@ -73,6 +75,7 @@ IFS=',' read -r -a stage_list <<< "$stages"
 [ "${#stage_list[@]}" -gt 0 ] || die "no stages given"
 
 submitted=()   # stages submitted so far, for the dependency lookup
+worlds_ready=""
 declare -A job_id=()
 [ "$dry_run" = 1 ] || mkdir -p "$run_dir/logs"
 
@@ -85,6 +88,15 @@ for stage in "${stage_list[@]}"; do
              "${profile_options[@]}")
     stage_args=("${config[$stage]}" --output-dir "$run_dir/$stage")
     [ -z "$data_root" ] || stage_args+=(--data-root "$data_root")
+    if [ -z "$data_root" ] && [ "${config[$stage]}" = "$root/configs/$stage/demo.yaml" ] \
+            && [[ " ${opts[$stage]} " != *" data.root="* ]]; then
+        if [ "$dry_run" = 0 ] && [ -z "$worlds_ready" ]; then   # the demo worlds, before any job starts
+            "$python" -m passreid.demo --out "$run_dir/worlds" >&2 || die "could not render the demo worlds"
+            worlds_ready=1
+        fi
+        mapfile -t demo_args < <("$python" -m passreid.demo --out "$run_dir/worlds" --arguments-for "$stage")
+        stage_args+=("${demo_args[@]}")
+    fi
     if [ -n "${starts_from[$stage]+set}" ]; then
         read -r upstream key file <<< "${starts_from[$stage]}"
         stage_args+=("$key=$run_dir/$upstream/$file")

@@ -63,6 +63,7 @@ STAGES: dict[str, Stage] = {
     "uda": Stage("uda/train.py", "model_final.pth", ("finetune", "model.init_from")),
 }
 DEMO_CONFIGS = {stage: str(REPO_ROOT / "configs" / stage / "demo.yaml") for stage in STAGES}
+DEMO_WORLDS_DIR = "worlds"  # <run-dir>/worlds: the demo worlds a pipeline of demo recipes reads
 
 
 # ---------------------------------------------------------------------------------------------- profiles
@@ -313,6 +314,13 @@ def submit_stage(stage: str, argv: Sequence[str], profile: Profile, folder: str 
     return executor.submit(StageTask(stage, argv))
 
 
+def reads_the_demo_worlds(stage: str, config: str, data_root: str | None, opts: Sequence[str]) -> bool:
+    """Whether ``stage`` runs its demo recipe with no folder given: the pipeline then points it at the demo worlds
+    (rendered once into ``<run-dir>/worlds`` by :mod:`passreid.demo`)."""
+    demo = Path(config).resolve() == Path(DEMO_CONFIGS[stage]).resolve() if Path(config).exists() else False
+    return demo and not data_root and not any(opt.startswith("data.root=") for opt in opts)
+
+
 def pipeline_argv(stage: str, run_dir: Path, config: str, data_root: str | None, opts: Sequence[str]) -> list[str]:
     """Arguments of ``stage`` in a pipeline under ``run_dir`` (it starts from its upstream stage's export)."""
     if not Path(config).is_absolute() and not Path(config).is_file() and (REPO_ROOT / config).is_file():
@@ -320,6 +328,10 @@ def pipeline_argv(stage: str, run_dir: Path, config: str, data_root: str | None,
     argv = ["--config-file", config, "--output-dir", str(run_dir / stage)]
     if data_root:
         argv += ["--data-root", data_root]
+    elif reads_the_demo_worlds(stage, config, data_root, opts):
+        from passreid.demo import demo_data_arguments
+
+        argv += demo_data_arguments(stage, run_dir / DEMO_WORLDS_DIR)
     upstream = STAGES[stage].starts_from
     if upstream is not None:
         source, key = upstream
@@ -332,6 +344,12 @@ def submit_pipeline(stages: Sequence[str], run_dir: Path, profile: Profile, conf
                     ) -> dict[str, submitit.Job]:
     """Submit ``stages`` chained by their exports; SLURM jobs wait with ``afterok``, local ones run in turn."""
     _check_stage_order(stages)
+    if any(reads_the_demo_worlds(stage, configs.get(stage, DEMO_CONFIGS[stage]), data_root, (opts or {}).get(stage, ()))
+           for stage in stages):
+        from passreid.demo import DEMO_WORLDS, render_demo_world
+
+        for name in DEMO_WORLDS:  # before any job starts; kept when already there
+            render_demo_world(name, run_dir / DEMO_WORLDS_DIR)
     jobs: dict[str, submitit.Job] = {}
     for stage in stages:
         argv = pipeline_argv(stage, run_dir, configs.get(stage, DEMO_CONFIGS[stage]), data_root,

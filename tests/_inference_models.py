@@ -23,7 +23,7 @@ DEMO = REPO / "configs" / "finetune" / "demo.yaml"
 
 def demo_config(output_dir: Path, world: Path, *overrides: str) -> FinetuneConfig:
     """configs/finetune/demo.yaml on the test session's generated world."""
-    return load_config(FinetuneConfig, DEMO, [f"train.output_dir={output_dir}", f"data.world_dir={world}", *overrides])
+    return load_config(FinetuneConfig, DEMO, [f"train.output_dir={output_dir}", f"data.root={world}/market", *overrides])
 
 
 def train_demo_model(output_dir: Path, world: Path, iterations: int = 6) -> tuple[Path, FinetuneConfig]:

@@ -38,6 +38,30 @@ def market1501_root() -> Path:
 @pytest.fixture(scope="session")
 def synthetic_world(tmp_path_factory) -> Path:
     """The default generated world (seed 0), rendered once per test session."""
-    from passreid.data.synthetic import generate_world
+    from passreid.demo import render_demo_world
 
-    return generate_world(tmp_path_factory.mktemp("synthetic_world"))
+    return render_demo_world("world", tmp_path_factory.mktemp("synthetic_world"))
+
+
+def _demo_world(name: str, tmp_path_factory) -> Path:
+    from passreid.demo import render_demo_world
+
+    return render_demo_world(name, tmp_path_factory.mktemp(name))
+
+
+@pytest.fixture(scope="session")
+def monitor_world(tmp_path_factory) -> Path:
+    """The pre-training demo's kNN-monitor world (seed 1: persons training has not seen)."""
+    return _demo_world("monitor_world", tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def usl_world(tmp_path_factory) -> Path:
+    """The USL demo's larger world (100 train ids)."""
+    return _demo_world("usl_world", tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def uda_world(tmp_path_factory) -> Path:
+    """The UDA demo's target world (style b, 6 cameras)."""
+    return _demo_world("uda_world", tmp_path_factory)

@@ -228,7 +228,7 @@ def test_test_feature_uses_the_default_normalised_distance():
 @pytest.mark.slow
 def test_short_training_on_the_generated_occluded_world(tmp_path):
     world = tmp_path / "world"
-    common = [f"data.world_dir={world}", "train.epochs=4", "eval.period=4", "optim.warmup_epochs=1"]
+    common = [f"data.root={world}/market_occluded", "train.epochs=4", "eval.period=4", "optim.warmup_epochs=1"]
     result = run_training(_cfg(f"train.output_dir={tmp_path / 'dpeformer'}", *common))
     assert result.final_model is not None and 0.0 < result.final_metrics["mAP"] <= 1.0
     from passreid.finetune import load_finetuned_model

@@ -39,7 +39,7 @@ def one_thread():
 
 
 def _cfg(output_dir: Path, world: Path, *overrides: str, path: Path = DEMO_DPM) -> FinetuneConfig:
-    return load_config(FinetuneConfig, path, [f"train.output_dir={output_dir}", f"data.world_dir={world}", *overrides])
+    return load_config(FinetuneConfig, path, [f"train.output_dir={output_dir}", f"data.root={world}/market_occluded", *overrides])
 
 
 def _records(output_dir: Path, split: str) -> list[dict]:
@@ -207,7 +207,7 @@ def test_query_masked_distance_matches_brute_force_and_chunks():
 
 
 def test_second_pass_steps_only_the_mask_generator(tmp_path, synthetic_world):
-    trainer = FinetuneTrainer(_cfg(tmp_path / "run", synthetic_world, *SMALL, "data.occluder_dir=generated"),
+    trainer = FinetuneTrainer(_cfg(tmp_path / "run", synthetic_world, *SMALL, f"data.occluder_dir={synthetic_world / 'occluders'}"),
                               resume=False)
     model, optimizer = trainer.model, trainer.optimizer
     mask_names = {n for n, _ in model.named_parameters() if n.startswith("mask_generator.")}

@@ -58,7 +58,7 @@ def _assert_user_error(code: int, err: str, *fragments: str) -> None:
 
 
 def _finetune_args(out: Path, world: Path, *overrides: str) -> list:
-    return ["--config-file", REPO / CONFIGS["finetune"], "--output-dir", out, f"data.world_dir={world}", *FAST,
+    return ["--config-file", REPO / CONFIGS["finetune"], "--output-dir", out, f"data.root={world}/market", *FAST,
             *overrides]
 
 
@@ -69,7 +69,7 @@ def _finetune_args(out: Path, world: Path, *overrides: str) -> list:
 def test_each_script_answers_a_mistake_with_one_message_and_exit_status_2(tmp_path):
     """Five real processes (started together): stderr holds the message, not a traceback."""
     cases = {
-        "pretrain": (["train.epochs=-1"], "train.epochs"),
+        "pretrain": (["train.epochs=-1", "--data-root", tmp_path], "train.epochs"),
         # an option after an override (argparse used to take "--output-dir" for an override)
         "finetune": (["optim.lrr=1", "--output-dir", tmp_path / "ft"], "unknown config key 'optim.lrr' (did you "
                                                                        "mean 'optim.lr'?)"),
@@ -133,6 +133,8 @@ def test_config_mistakes_are_one_message(scripts, name, mistake, tmp_path, capsy
         argv += ["--weights", tmp_path / "weights.pth"]
     if name == "uda":
         argv += [f"model.init_from={tmp_path / 'source.pth'}"]
+    if name == "pretrain":  # the demo recipe names no folder: the command line does
+        argv += ["--data-root", tmp_path]
     code, _, err = _run(scripts, name, argv + args, capsys)
     _assert_user_error(code, err, fragment)
 
@@ -231,7 +233,7 @@ def test_bad_pretrained_weights_are_one_message(scripts, kind, tmp_path, capsys,
 def test_bad_weights_for_test_py_are_one_message(scripts, kind, tmp_path, capsys, synthetic_world):
     weights = _bad_weights(kind, tmp_path)
     code, _, err = _run(scripts, "test", ["--weights", weights, "--config-file", REPO / CONFIGS["test"],
-                                          f"data.world_dir={synthetic_world}", *FAST], capsys)
+                                          f"data.root={synthetic_world}/market", *FAST], capsys)
     _assert_user_error(code, err)
 
 

@@ -150,7 +150,7 @@ def test_published_pass_checkpoint_maps_exactly(tmp_path: Path):
 def test_finetune_test_py_evaluates_a_released_checkpoint_without_extra_flags(tmp_path: Path, synthetic_world):
     """finetune/test.py --config-file <recipe> --weights <released TransReID file with base.fc.*>: evaluated, and the
     dropped keys are named in the log and in metrics.json."""
-    overrides = ["model.head=cls", "model.num_part_tokens=0", f"data.world_dir={synthetic_world}"]
+    overrides = ["model.head=cls", "model.num_part_tokens=0", f"data.root={synthetic_world}/market"]
     cfg = load_config(FinetuneConfig, REPO / "configs" / "finetune" / "demo.yaml", overrides)
     torch.manual_seed(0)
     path = save_published_transreid_checkpoint(tmp_path / "transformer_120.pth",

@@ -5,9 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from passreid.config import ConfigError, load_config
+from passreid.config import ConfigError, config_from_dict, load_config
 from passreid.finetune import FinetuneConfig, validate_config
-from passreid.finetune.config import default_world_dir
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "finetune"
 RECIPES = sorted(p for p in CONFIG_DIR.rglob("*.yaml") if "_base_" not in p.parts)
@@ -24,7 +23,7 @@ def test_recipe_loads_and_states_its_target(path: Path):
     cfg = validate_config(load_config(FinetuneConfig, path))
     text = path.read_text()
     if path.parent == CONFIG_DIR:  # demos
-        assert cfg.data.root.startswith("generated:") and cfg.train.device == "cpu"
+        assert cfg.data.root == "" and cfg.train.device == "cpu"  # the demo world's folder comes from the command
         return
     assert "Published target" in text or "No published" in text, path
     if path.parent.name.startswith("msmt17"):
@@ -49,22 +48,24 @@ def test_recipe_loads_and_states_its_target(path: Path):
 def test_validation_names_the_offending_key():
     with pytest.raises(ConfigError, match="model.head"):
         validate_config(load_config(FinetuneConfig, None, ["model.num_part_tokens=0"]))
-    with pytest.raises(ConfigError, match="data.root.*generated:market"):
-        validate_config(load_config(FinetuneConfig, None, ["data.root=generated:duke"]))
     with pytest.raises(ConfigError, match="data.batch_size"):
         validate_config(load_config(FinetuneConfig, None, ["data.batch_size=30"]))
     with pytest.raises(ConfigError, match="did you mean 'model.feat_fusion'"):
         load_config(FinetuneConfig, None, ["model.feat_fusoin=cat"])
 
 
-def test_generated_world_location(tmp_path: Path):
-    cfg = load_config(FinetuneConfig, None, [f"train.output_dir={tmp_path / 'runs' / 'demo'}"])
-    assert default_world_dir(cfg) == tmp_path / "runs" / "world"
-    other = load_config(FinetuneConfig, None, [f"train.output_dir={tmp_path / 'runs' / 'demo'}",
-                                               "data.world_options={num_train_ids: 64}"])
-    assert default_world_dir(other).parent == tmp_path / "runs" and default_world_dir(other).name.startswith("world-")
-    explicit = load_config(FinetuneConfig, None, [f"data.world_dir={tmp_path / 'w'}"])
-    assert default_world_dir(explicit) == tmp_path / "w"
+@pytest.mark.parametrize("key", ["data.world_dir=/w", "data.world_seed=3", "data.world_options={style: b}"])
+def test_the_demo_world_keys_are_gone_with_what_to_do_instead(key: str):
+    with pytest.raises(ConfigError, match=r"was removed: the stages read folders: .*python -m passreid.demo"):
+        load_config(FinetuneConfig, None, [key])
+
+
+def test_a_config_stored_by_an_older_version_still_loads():
+    from passreid.config.loader import without_removed_keys
+
+    stored = {"data": {"root": "/d/market", "world_dir": "/w", "world_seed": 0, "world_options": {}}}
+    cfg = config_from_dict(FinetuneConfig, without_removed_keys(stored))
+    assert cfg.data.root == "/d/market"
 
 
 def test_a_method_section_is_checked_only_when_that_method_runs():

@@ -1,4 +1,4 @@
-"""Fine-tuning data: generated roots, separate test sets, subsets, explicit corrupt-image skipping."""
+"""Fine-tuning data: data set folders, separate test sets, subsets, explicit corrupt-image skipping."""
 from __future__ import annotations
 
 import logging
@@ -11,7 +11,8 @@ from passreid.config import load_config
 from passreid.data import DamagedImagesError, DatasetLayoutError, build_dataset
 from passreid.finetune import FinetuneConfig, load_finetune_data
 from passreid.data.samplers import ShardSampler
-from passreid.finetune.data import resolve_data_root
+from passreid.config import ConfigError
+from passreid.data import check_data_root
 
 
 def _cfg(tmp_path: Path, *overrides: str) -> FinetuneConfig:
@@ -19,14 +20,17 @@ def _cfg(tmp_path: Path, *overrides: str) -> FinetuneConfig:
                                               *overrides])
 
 
-def test_generated_root_reads_the_world_subset(tmp_path: Path, synthetic_world: Path):
-    cfg = _cfg(tmp_path, "data.root=generated:market_occluded", f"data.world_dir={synthetic_world}")
-    assert resolve_data_root(cfg.data.root, cfg) == str(synthetic_world / "market_occluded")
+def test_the_data_root_is_a_folder_and_the_stage_never_renders_one(tmp_path: Path, synthetic_world: Path):
+    cfg = _cfg(tmp_path, f"data.root={synthetic_world}/market_occluded")
     data = load_finetune_data(cfg)
     assert data.train.root == str(synthetic_world / "market_occluded")
     assert data.num_classes == 24 and data.num_cameras == 4 and data.test is data.train
-    with pytest.raises(ValueError, match="data.root is empty"):
-        resolve_data_root("", cfg)
+    with pytest.raises(ConfigError, match="'data.root' is empty: pass --data-root DIR"):
+        check_data_root("")
+    # The generated: names of older demo recipes say what to pass instead; nothing is rendered.
+    with pytest.raises(ConfigError, match=r"'generated:market'.*python -m passreid.demo --out DIR.*data.root=DIR/world/market"):
+        load_finetune_data(_cfg(tmp_path, "data.root=generated:market"))
+    assert not (tmp_path / "world").exists()
 
 
 def test_market_layout_with_empty_folders_is_an_error_naming_the_folder(tmp_path: Path):

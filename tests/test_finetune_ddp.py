@@ -26,7 +26,7 @@ def _ddp_worker(rank: int, world_size: int, port: int, out_dir: str, world_dir: 
     from passreid.finetune import FinetuneConfig, FinetuneTrainer
 
     cfg = load_config(FinetuneConfig, REPO / "configs" / "finetune" / "demo.yaml", [
-        f"train.output_dir={out_dir}/run", f"data.world_dir={world_dir}", "model.img_size=[64,32]",
+        f"train.output_dir={out_dir}/run", f"data.root={world_dir}/market", "model.img_size=[64,32]",
         "train.max_iters=2", "train.log_period=1", "data.batch_size=32",
     ])
     try:
@@ -88,7 +88,7 @@ def _batch_worker(rank: int, world_size: int, port: int, out_dir: str, world_dir
             # SGD without warm-up: the update is linear in the gradient, so weights compare like gradients do
             # (Adam's first steps are ~lr * sign(gradient), which flips on round-off for gradients near zero).
             cfg = load_config(FinetuneConfig, REPO / "configs" / "finetune" / "demo.yaml", [
-                f"train.output_dir={run}", f"data.world_dir={world_dir}", "model.img_size=[64,32]",
+                f"train.output_dir={run}", f"data.root={world_dir}/market", "model.img_size=[64,32]",
                 f"train.max_iters={STEPS}", "train.log_period=1", f"data.batch_size={GLOBAL_BATCH}",
                 "optim.name=sgd", "optim.lr=0.01", "optim.warmup_epochs=0", f"train.ddp_batch={mode}",
             ])
@@ -181,7 +181,7 @@ def test_every_method_output_can_be_gathered_into_the_global_batch(demo: str, tm
     from passreid.finetune import FinetuneConfig, FinetuneTrainer
 
     cfg = load_config(FinetuneConfig, REPO / "configs" / "finetune" / f"{demo}.yaml", [
-        f"train.output_dir={tmp_path / 'run'}", f"data.world_dir={synthetic_world}", "data.batch_size=8"])
+        f"train.output_dir={tmp_path / 'run'}", f"data.root={synthetic_world}/market", "data.batch_size=8"])
     trainer = FinetuneTrainer(cfg, resume=False)
     batch = next(iter(trainer._epoch_loader(0)))
     extras = {key: value for key, value in batch.items() if key not in ("img", "pid", "camid", "index")}

@@ -26,7 +26,7 @@ DEMO_MIN_MAP = 0.25
 
 
 def _cfg(output_dir: Path, world: Path, *overrides: str) -> FinetuneConfig:
-    return load_config(FinetuneConfig, DEMO, [f"train.output_dir={output_dir}", f"data.world_dir={world}",
+    return load_config(FinetuneConfig, DEMO, [f"train.output_dir={output_dir}", f"data.root={world}/market",
                                               *FAST, *overrides])
 
 
@@ -46,7 +46,7 @@ def _load_script(name: str):
 def demo_run(tmp_path_factory, synthetic_world):
     """configs/finetune/demo.yaml as shipped (only the log period changed), on the default generated world."""
     out = tmp_path_factory.mktemp("finetune") / "demo"
-    cfg = load_config(FinetuneConfig, DEMO, [f"train.output_dir={out}", f"data.world_dir={synthetic_world}",
+    cfg = load_config(FinetuneConfig, DEMO, [f"train.output_dir={out}", f"data.root={synthetic_world}/market",
                                              "train.log_period=1"])
     return out, run_training(cfg, resume=False)
 
@@ -171,7 +171,7 @@ def test_a_pretrain_backbone_export_initialises_the_demo_model(tmp_path, synthet
     torch.manual_seed(3)
     backbone = build_vit("vit_tiny", img_size=(128, 64), pass_interp_quirk=True)
     export = atomic_save(export_backbone(backbone, "vit_tiny", epoch=100), tmp_path / "backbone.pth")
-    cfg = load_config(FinetuneConfig, DEMO, [f"train.output_dir={tmp_path / 'run'}", f"data.world_dir={synthetic_world}",
+    cfg = load_config(FinetuneConfig, DEMO, [f"train.output_dir={tmp_path / 'run'}", f"data.root={synthetic_world}/market",
                                              f"model.pretrained={export}", "train.max_iters=1",
                                              "optim.lr=1e-12"])  # a negligible step: weights stay as loaded
     run_training(cfg, resume=False)

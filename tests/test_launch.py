@@ -179,11 +179,25 @@ def test_pipeline_dry_run_prints_chained_sbatch_commands(profile_file, tmp_path)
     assert len(lines) == 4 and all(line.startswith("sbatch --parsable") for line in lines)
     pretrain, finetune, usl, uda = lines
     assert "--dependency" not in pretrain and "--partition=debug" in pretrain and "launch/pretrain.sh" in pretrain
+    # The demo recipes read the demo worlds (rendered into RUN/worlds when not a dry run); a real recipe does not.
+    assert "--data-root RUN/worlds/world/pool monitor.root=RUN/worlds/monitor_world/pool" in pretrain
+    assert "--data-root RUN/worlds/usl_world/market" in usl and "RUN/worlds" not in uda
     assert "--dependency=afterok:\\<pretrain-job-id\\>" in finetune
     assert "model.pretrained=RUN/pretrain/backbone_final.pth" in finetune and "train.max_iters=4" in finetune
     assert "--dependency=afterok:\\<pretrain-job-id\\>" in usl and "launch/usl.sh" in usl
     assert "--dependency=afterok:\\<finetune-job-id\\>" in uda and "model.init_from=RUN/finetune/model_final.pth" in uda
     assert not (tmp_path / "RUN").exists()  # a dry run creates nothing
+
+
+def test_submitit_pipeline_points_the_demo_recipes_at_the_demo_worlds(submit_module, tmp_path):
+    run = tmp_path / "run"
+    demo = submit_module.DEMO_CONFIGS["finetune"]
+    argv = submit_module.pipeline_argv("finetune", run, demo, None, [])
+    assert argv[argv.index("--data-root") + 1] == str(run / "worlds" / "world" / "market")
+    # A folder given on the command line or in the stage's overrides wins; nothing points at the worlds then.
+    assert "--data-root" not in submit_module.pipeline_argv("finetune", run, demo, None, ["data.root=/d"])
+    given = submit_module.pipeline_argv("finetune", run, demo, "/data", [])
+    assert given[given.index("--data-root") + 1] == "/data" and str(run / "worlds") not in " ".join(given)
 
 
 # ---------------------------------------------------------------------------------------------- real cluster
@@ -195,8 +209,8 @@ def test_pipeline_runs_pretrain_then_finetune_and_usl_as_chained_jobs(slurm, pro
     if not (REPO / "usl" / "train.py").is_file():
         pytest.skip("usl/train.py is absent: the USL stage is not in this checkout")
     pretrain_opts = [*PRETRAIN_TINY, f"data.root={synthetic_world / 'pool'}", f"data.file_list={pool_list}"]
-    finetune_opts = [*FINETUNE_FAST, "train.max_iters=4", f"data.world_dir={synthetic_world}"]
-    usl_opts = [*USL_TINY, f"data.world_dir={synthetic_world}"]
+    finetune_opts = [*FINETUNE_FAST, "train.max_iters=4", f"data.root={synthetic_world}/market"]
+    usl_opts = [*USL_TINY, f"data.root={synthetic_world}/market"]
     done = subprocess.run([str(LAUNCH / "pipeline.sh"), "--profile", str(profile_file), "--run-dir", "run",
                            "--stages", ",".join(stages), "--pretrain-opts", " ".join(pretrain_opts),
                            "--finetune-opts", " ".join(finetune_opts), "--usl-opts", " ".join(usl_opts)],
@@ -230,7 +244,7 @@ def test_pipeline_runs_pretrain_then_finetune_and_usl_as_chained_jobs(slurm, pro
 def test_job_array_runs_each_list_entry_in_its_own_output_dir(slurm, synthetic_world, tmp_path):
     array_id = _sbatch(slurm, tmp_path, *SMALL_JOB, "--array=0-1", f"--output={tmp_path}/%x-%A_%a.out",
                        str(LAUNCH / "finetune.sh"), str(REPO / "configs" / "finetune" / "sweep_demo.txt"),
-                       "--output-dir", "sweep", *FINETUNE_FAST, "train.max_iters=3", f"data.world_dir={synthetic_world}")
+                       "--output-dir", "sweep", *FINETUNE_FAST, "train.max_iters=3", f"data.root={synthetic_world}/market")
     # the list names its configs relative to the checkout; the jobs run in tmp_path
     deadline = time.monotonic() + JOB_TIMEOUT_S
     tasks = slurm.array_jobs(array_id)
@@ -254,7 +268,7 @@ def test_two_task_srun_job_trains_with_ddp_over_gloo(slurm, synthetic_world, tmp
     options = [o for o in SMALL_JOB if not o.startswith("--ntasks-per-node")] + ["--ntasks-per-node=2"]
     job_id = _sbatch(slurm, tmp_path, *options, f"--output={tmp_path}/ddp-%j.out", str(LAUNCH / "finetune.sh"),
                      str(REPO / "configs" / "finetune" / "demo.yaml"), "--output-dir", "ddp", *FINETUNE_FAST,
-                     "train.max_iters=3", "data.batch_size=16", f"data.world_dir={synthetic_world}")
+                     "train.max_iters=3", "data.batch_size=16", f"data.root={synthetic_world}/market")
     info = _finished_ok(slurm, job_id)
     log = (tmp_path / "ddp" / "log.txt").read_text()
     assert "2 process(es) on cpu" in log  # world size from SLURM_STEP_NUM_TASKS; CPU -> gloo
@@ -268,7 +282,7 @@ def test_two_task_srun_job_trains_with_ddp_over_gloo(slurm, synthetic_world, tmp
 @pytest.mark.slow
 def test_preempted_job_is_requeued_and_its_loss_curve_continues_exactly(slurm, synthetic_world, tmp_path):
     # Two loader workers: SIGTERM reaches every process of the job step, the workers included.
-    common = [*FINETUNE_FAST, "train.max_iters=14", "data.num_workers=2", f"data.world_dir={synthetic_world}"]
+    common = [*FINETUNE_FAST, "train.max_iters=14", "data.num_workers=2", f"data.root={synthetic_world}/market"]
     script, config = str(LAUNCH / "finetune.sh"), str(REPO / "configs" / "finetune" / "demo.yaml")
     reference = _sbatch(slurm, tmp_path, *SMALL_JOB, f"--output={tmp_path}/reference-%j.out", script, config,
                         "--output-dir", "reference", *common)
@@ -303,7 +317,7 @@ def test_time_limit_warning_signal_checkpoints_requeues_and_the_job_continues(sl
     # less than 60 s plus its 30 s check period are left, i.e. 30-40 s in, long before this run could end
     # (the set-up is over by then); the requeued job resumes. Once it has trained past the checkpoint the
     # test cancels it (loss exactness after a SIGTERM is the test above).
-    overrides = [*FINETUNE_FAST, "train.epochs=1000", "data.num_workers=2", f"data.world_dir={synthetic_world}"]
+    overrides = [*FINETUNE_FAST, "train.epochs=1000", "data.num_workers=2", f"data.root={synthetic_world}/market"]
     small_job = [option for option in SMALL_JOB if not option.startswith("--time=")]
     job = _sbatch(slurm, tmp_path, *small_job, "--time=2", "--signal=TERM@60", f"--output={tmp_path}/job-%j.out",
                   str(LAUNCH / "finetune.sh"), str(REPO / "configs" / "finetune" / "demo.yaml"),
@@ -335,7 +349,7 @@ def test_submitit_runs_a_stage_on_the_cluster_through_a_preemption(slurm, submit
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "submitit_finetune"
     argv = ["--config-file", str(REPO / "configs" / "finetune" / "demo.yaml"), "--output-dir", str(out),
-            *FINETUNE_FAST, "train.max_iters=12", f"data.world_dir={synthetic_world}"]
+            *FINETUNE_FAST, "train.max_iters=12", f"data.root={synthetic_world}/market"]
     job = submit_module.submit_stage("finetune", argv, submit_module.load_profile(profile_file), tmp_path / "logs")
     info = slurm.job(job.job_id)
     assert info["JobName"] == "passreid-finetune" and info["Requeue"] == "1"

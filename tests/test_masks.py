@@ -10,12 +10,12 @@ import pytest
 import torch
 from PIL import Image
 
-from passreid.data import synthetic
+from passreid.demo import world as synthetic
 from passreid.data.mask_transforms import MaskedTrainTransform
 from passreid.data.masks import (PART_GROUPINGS, PIFPAF_FIELDS, MaskedImageDataset, MaskFileError, add_background,
                                  check_masks_exist, group_fields, mask_path, num_parts, part_masks_from_fields,
                                  read_pifpaf_fields, write_pifpaf_fields)
-from passreid.data.synthetic import SyntheticWorldSpec, render_image, render_occluder, sample_camera, sample_identity
+from passreid.demo.world import SyntheticWorldSpec, render_image, render_occluder, sample_camera, sample_identity
 
 # SHA-256 over (relative path, bytes) of every .jpg of market/, market_occluded/ and pool/ of the default world,
 # computed with generator version 1 (before masks existed): adding masks must not change a single image.

@@ -116,8 +116,8 @@ def test_generated_occluders_feed_the_finetune_train_transform(tmp_path, synthet
     occluders = load_occluders(synthetic_world / "occluders")
     assert len(occluders) >= 5 and all(o.mode == "RGBA" for o in occluders)
     cfg = load_config(FinetuneConfig, REPO / "configs" / "finetune" / "demo_occluded.yaml",
-                      [f"train.output_dir={tmp_path / 'run'}", f"data.world_dir={synthetic_world}",
-                       "data.occluder_dir=generated", "data.occluder_p=1.0", "data.color_jitter=[0.3,0.3,0.2,0.2]"])
+                      [f"train.output_dir={tmp_path / 'run'}", f"data.root={synthetic_world}/market_occluded",
+                       f"data.occluder_dir={synthetic_world / 'occluders'}", "data.occluder_p=1.0", "data.color_jitter=[0.3,0.3,0.2,0.2]"])
     steps = build_train_set([], cfg).transform.transforms
     assert isinstance(steps[0], OccluderPaste) and len(steps[0].occluders) == len(occluders)
     assert isinstance(steps[1], T.Resize) and isinstance(steps[2], T.ColorJitter)

@@ -87,8 +87,8 @@ def test_test_distance_via_the_method_equals_brute_force():
             assert float(got[i, j]) == pytest.approx(expected, abs=1e-5)
 
 
-def test_erasing_target_needs_no_parsing_masks(tmp_path):
-    cfg = _cfg(f"data.world_dir={tmp_path / 'world'}", f"train.output_dir={tmp_path / 'run'}",
+def test_erasing_target_needs_no_parsing_masks(tmp_path, synthetic_world):
+    cfg = _cfg(f"data.root={synthetic_world}/market_occluded", f"train.output_dir={tmp_path / 'run'}",
                "pass_parts.visibility_target=erasing", "data.masks_dir=does_not_exist")
     data = load_finetune_data(cfg)
     train_set = build_train_set(data.train.train, cfg)
@@ -100,8 +100,8 @@ def test_erasing_target_needs_no_parsing_masks(tmp_path):
 
 
 @pytest.mark.slow
-def test_short_training_on_the_generated_occluded_world(tmp_path):
-    cfg = _cfg(f"data.world_dir={tmp_path / 'world'}", f"train.output_dir={tmp_path / 'run'}", "train.epochs=4",
+def test_short_training_on_the_generated_occluded_world(tmp_path, synthetic_world):
+    cfg = _cfg(f"data.root={synthetic_world}/market_occluded", f"train.output_dir={tmp_path / 'run'}", "train.epochs=4",
                "eval.period=4", "optim.warmup_epochs=1")
     result = run_training(cfg)
     assert result.final_model is not None and 0.0 <= result.final_metrics["mAP"] <= 1.0

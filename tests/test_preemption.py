@@ -21,7 +21,7 @@ COMMON = ["model.img_size=[64,32]", "train.log_period=1", "data.test_batch_size=
 
 def _cfg(output_dir: Path, world: Path, *overrides: str) -> FinetuneConfig:
     return load_config(FinetuneConfig, REPO / "configs" / "finetune" / "demo.yaml",
-                       [f"train.output_dir={output_dir}", f"data.world_dir={world}", *COMMON, *overrides])
+                       [f"train.output_dir={output_dir}", f"data.root={world}/market", *COMMON, *overrides])
 
 
 def _train_losses(output_dir: Path) -> dict[int, float]:

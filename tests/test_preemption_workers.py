@@ -44,17 +44,6 @@ STAGES = {
 }
 
 
-def _default_world_override() -> str:
-    """``data.world_options`` putting back the default world spec for every key the USL demo recipe changes,
-    so the run uses the session's shared default world instead of rendering the demo's larger one."""
-    from passreid.data.synthetic import SyntheticWorldSpec
-    from passreid.usl import UslConfig
-
-    demo_keys = load_config(UslConfig, REPO / "configs" / "usl" / "demo.yaml", []).data.world_options
-    defaults = SyntheticWorldSpec()
-    return "data.world_options=" + json.dumps({key: getattr(defaults, key) for key in demo_keys})
-
-
 def _pool_list(world: Path) -> Path:
     """The first 96 images of the generated pool: six pre-training iterations of 16."""
     path = world / "pool_96.txt"
@@ -65,8 +54,8 @@ def _pool_list(world: Path) -> Path:
 
 
 def _stage_overrides(stage: str, world: Path) -> list[str]:
-    data = {"finetune": [f"data.world_dir={world}"],
-            "usl": [f"data.world_dir={world}", _default_world_override()],
+    data = {"finetune": [f"data.root={world}/market"],
+            "usl": [f"data.root={world}/market"],
             "pretrain": ["data.dataset=image_folder", f"data.root={world / 'pool'}",
                          f"data.file_list={_pool_list(world)}"]}[stage]
     return [*STAGES[stage][2], *data]

@@ -89,7 +89,7 @@ def test_recipes_carry_the_published_settings():
     # --use_fp16 defaults to True in PASS main_pass.py and TransReID-SSL main_dino.py: fp16 + GradScaler.
     assert pass_s.train.precision == pass_b.train.precision == dino.train.precision == "fp16"
     demo = _load(DEMO)
-    assert (demo.model.arch, demo.data.dataset, tuple(demo.crops.global_size)) == ("vit_tiny", "synthetic_pool", (128, 64))
+    assert (demo.model.arch, demo.data.dataset, tuple(demo.crops.global_size)) == ("vit_tiny", "image_folder", (128, 64))
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -168,10 +168,10 @@ DEMO_TEST_OVERRIDES = ["data.num_workers=0"]
 
 
 @pytest.fixture(scope="module")
-def demo_run(synthetic_world, tmp_path_factory) -> Path:
+def demo_run(synthetic_world, monitor_world, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("pretrain_demo")
-    _run_train_script(["--config-file", str(DEMO), "--output-dir", str(out), "--data-root", str(synthetic_world),
-                       *DEMO_TEST_OVERRIDES])
+    _run_train_script(["--config-file", str(DEMO), "--output-dir", str(out), "--data-root", str(synthetic_world / "pool"),
+                       f"monitor.root={monitor_world / 'pool'}", *DEMO_TEST_OVERRIDES])
     return out
 
 
@@ -316,7 +316,8 @@ def _fixed_global_batches() -> list[list[torch.Tensor]]:
 
 def _ddp_config(output_dir: Path, batch_per_process: int) -> PretrainConfig:
     # No drop-path: its per-sample masks would differ between the 1- and 2-process runs.
-    return _load(None, *TINY, "data.dataset=synthetic_pool", f"data.batch_size_per_gpu={batch_per_process}",
+    # data.root is not read: the batches come from the batch source.
+    return _load(None, *TINY, f"data.root={output_dir}", f"data.batch_size_per_gpu={batch_per_process}",
                  "train.epochs=1", "optim.warmup_epochs=0", "optim.freeze_last_layer=0", "model.drop_path_rate=0",
                  f"train.output_dir={output_dir}")
 

@@ -112,7 +112,7 @@ def test_finetune_evaluates_in_eval_precision_not_under_the_training_autocast(
     states = _record_autocast_in_feature_extraction(monkeypatch)
     out = tmp_path / "run"
     cfg = load_config(FinetuneConfig, CONFIGS / "finetune" / "demo.yaml", [
-        f"train.output_dir={out}", f"data.world_dir={synthetic_world}", "model.img_size=[64,32]",
+        f"train.output_dir={out}", f"data.root={synthetic_world}/market", "model.img_size=[64,32]",
         "data.test_batch_size=256", "train.max_iters=1", "train.precision=bf16", f"eval.precision={eval_precision}"])
     run_training(cfg, resume=False)
     assert states and set(states) == {autocast_on}
@@ -127,7 +127,7 @@ def test_cluster_contrast_clusters_and_evaluates_in_eval_precision(tmp_path: Pat
                                                                    monkeypatch):
     states = _record_autocast_in_feature_extraction(monkeypatch)
     cfg = load_config(UslConfig, CONFIGS / "usl" / "demo.yaml", [
-        f"train.output_dir={tmp_path}", f"data.world_dir={synthetic_world}", "data.world_options={}",
+        f"train.output_dir={tmp_path}", f"data.root={synthetic_world}/market",
         "model.pretrained=none", "model.img_size=[64,32]", "data.batch_size=16", "data.test_batch_size=256",
         "cluster.k1=10", "cluster.k2=3", "cluster.eps=0.7", "train.epochs=1", "train.iters=1",
         "train.eval_at_start=false", "train.precision=bf16", "eval.precision=fp32"])

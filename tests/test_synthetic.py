@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from passreid.data import synthetic
-from passreid.data.synthetic import (
+from passreid.demo import world as synthetic
+from passreid.demo.world import (
     OCCLUDER_KINDS,
     SyntheticWorldSpec,
     generate_world,

@@ -45,14 +45,16 @@ def _one_thread():
 
 
 @pytest.mark.slow
-def test_uda_keeps_the_source_transfer_and_informative_pseudo_labels(tmp_path: Path, synthetic_world: Path):
+def test_uda_keeps_the_source_transfer_and_informative_pseudo_labels(tmp_path: Path, synthetic_world: Path,
+                                                                     uda_world: Path):
     source_cfg = load_config(FinetuneConfig, REPO / "configs" / "finetune" / "demo.yaml",
-                             [f"train.output_dir={tmp_path / 'source'}", f"data.world_dir={synthetic_world}",
+                             [f"train.output_dir={tmp_path / 'source'}", f"data.root={synthetic_world}/market",
                               "eval.period=100"])
     source = run_training(source_cfg, resume=False).final_model
 
     cfg = load_config(UslConfig, REPO / "configs" / "uda" / "demo.yaml",
-                      [f"train.output_dir={tmp_path / 'uda'}", f"model.init_from={source}", "eval.period=100"])
+                      [f"train.output_dir={tmp_path / 'uda'}", f"data.root={uda_world / 'market'}",
+                       f"model.init_from={source}", "eval.period=100"])
     target = load_target_data(cfg)
     model, _, _ = load_finetuned_model(source)  # the source model with its own test feature
     direct = evaluate_model(model, target.test, tuple(cfg.model.img_size), to_finetune_config(cfg),

@@ -30,18 +30,24 @@ def source_model(tmp_path_factory, synthetic_world: Path) -> Path:
     """A (barely) trained fine-tuning demo model on the default world: 2 iterations."""
     out = tmp_path_factory.mktemp("source")
     cfg = load_config(FinetuneConfig, REPO / "configs" / "finetune" / "demo.yaml",
-                      [f"train.output_dir={out}", f"data.world_dir={synthetic_world}", *SMALL, "train.max_iters=2",
+                      [f"train.output_dir={out}", f"data.root={synthetic_world}/market", *SMALL, "train.max_iters=2",
                        "eval.period=100"])
     return run_training(cfg, resume=False).final_model
 
 
-def _uda_config(out: Path, source: Path, *extra: str) -> UslConfig:
+@pytest.fixture(scope="module")
+def target_root(uda_world: Path) -> Path:
+    return uda_world / "market"
+
+
+def _uda_config(out: Path, source: Path, target: Path, *extra: str) -> UslConfig:
     return load_config(UslConfig, REPO / "configs" / "uda" / "demo.yaml",
-                       [f"train.output_dir={out}", f"model.init_from={source}", *SMALL, *extra])
+                       [f"train.output_dir={out}", f"data.root={target}", f"model.init_from={source}", *SMALL, *extra])
 
 
-def test_source_backbone_loaded_exactly_and_heads_dropped(tmp_path: Path, source_model: Path, caplog):
-    cfg = _uda_config(tmp_path, source_model)
+def test_source_backbone_loaded_exactly_and_heads_dropped(tmp_path: Path, source_model: Path, target_root: Path,
+                                                         caplog):
+    cfg = _uda_config(tmp_path, source_model, target_root)
     with caplog.at_level(logging.INFO, logger="passreid.models.checkpoint"):
         model, source = build_uda_model(to_finetune_config(cfg), cfg.model.init_from)
     # The backbone load report (logged and kept) names the source file.
@@ -63,17 +69,17 @@ def test_source_backbone_loaded_exactly_and_heads_dropped(tmp_path: Path, source
 def test_usl_refuses_a_source_model_and_names_the_uda_stage(tmp_path: Path):
     # USL starts from model.pretrained; a source-domain start is the UDA stage, never silently ignored.
     with pytest.raises(ConfigError, match="model.init_from.*UDA stage.*passreid-uda"):
-        run_usl(_uda_config(tmp_path, tmp_path / "source.pth"))
+        run_usl(_uda_config(tmp_path, tmp_path / "source.pth", tmp_path / "target"))
     assert not (tmp_path / "checkpoint.pth").exists()
 
 
 @pytest.mark.slow
-def test_adaptation_runs_on_the_target_world(tmp_path: Path, source_model: Path):
-    result = run_uda(_uda_config(tmp_path / "uda", source_model, "train.epochs=1", "train.iters=2",
+def test_adaptation_runs_on_the_target_world(tmp_path: Path, source_model: Path, target_root: Path):
+    result = run_uda(_uda_config(tmp_path / "uda", source_model, target_root, "train.epochs=1", "train.iters=2",
                                  "train.eval_at_start=false", "cluster.eps=0.7"), resume=False)
     assert result.source is not None and result.source.source_classes == 24
-    world = tmp_path / [p.name for p in tmp_path.iterdir() if p.name.startswith("world-")][0]
-    assert '"style": "b"' in (world / "world.json").read_text()  # the target is the style-b world
+    assert '"style": "b"' in (target_root.parent / "world.json").read_text()  # the target is the style-b world
+    assert f"root: {target_root}" in (tmp_path / "uda" / "config.yaml").read_text()
     assert result.history[0]["samples"] > 125 and result.final_model.is_file()
 
 

@@ -6,8 +6,7 @@ every machine: float rounding differs with the CPU's vector kernels, and the clu
 with ``ATEN_CPU_CAPABILITY=default`` equals the AVX2 run through epoch 5, then its clusters differ). The
 assertions are sized by the measured spread over seeds and CPU kernels (below); the ARI rise, the mechanism,
 is the robust claim; the mAP rise is small and noisy at this budget, so only its direction is asserted.
-The demo recipe renders its own, larger world (configs/usl/demo.yaml, ``data.world_options``) next to the
-output folder, so the session's default world is neither used nor touched here.
+The demo recipe reads the demo's larger world (passreid.demo's ``usl_world``), as ``make demo`` does.
 """
 from __future__ import annotations
 
@@ -36,7 +35,7 @@ def pretrain_export(tmp_path_factory) -> Path:
 
     The pool is rendered into a folder of this module (the same 400 images as the default world's: pool
     images depend on the seed and style only), so other tests' worlds are irrelevant here."""
-    from passreid.data.synthetic import generate_world
+    from passreid.demo.world import generate_world
     from passreid.pretrain.config import PretrainConfig
     from passreid.pretrain.trainer import run_pretraining
 
@@ -44,7 +43,7 @@ def pretrain_export(tmp_path_factory) -> Path:
                            images_per_id_per_camera=1, occluded=False, num_distractors=0, num_junk=0)
     out = tmp_path_factory.mktemp("pretrain")
     cfg = load_config(PretrainConfig, REPO / "configs" / "pretrain" / "demo.yaml",
-                      [f"train.output_dir={out}", f"data.root={world}", "train.epochs=1",
+                      [f"train.output_dir={out}", f"data.root={world / 'pool'}", "train.epochs=1",
                        "optim.warmup_epochs=1", "monitor.period=0", "data.num_workers=0", "train.device=cpu",
                        "train.precision=fp32"])
     result = run_pretraining(cfg, resume=False)
@@ -52,9 +51,10 @@ def pretrain_export(tmp_path_factory) -> Path:
 
 
 @pytest.mark.slow
-def test_usl_from_the_pretrain_export_raises_map_and_ari(tmp_path: Path, pretrain_export: Path):
+def test_usl_from_the_pretrain_export_raises_map_and_ari(tmp_path: Path, pretrain_export: Path, usl_world: Path):
     cfg = load_config(UslConfig, REPO / "configs" / "usl" / "demo.yaml",
-                      [f"train.output_dir={tmp_path / 'usl'}", f"model.pretrained={pretrain_export}",
+                      [f"train.output_dir={tmp_path / 'usl'}", f"data.root={usl_world / 'market'}",
+                       f"model.pretrained={pretrain_export}",
                        "eval.period=100"])
     result = run_usl(cfg, resume=False)
     start, end = result.initial_metrics["mAP"], result.final_metrics["mAP"]

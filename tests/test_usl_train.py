@@ -14,23 +14,15 @@ from _ports import free_port
 from _spawn import start_workers, wait_for_workers
 
 from passreid.config import load_config
-from passreid.data.synthetic import SyntheticWorldSpec
 from passreid.usl import UslConfig, epoch_lr, run_usl
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _default_world_override() -> str:
-    """``data.world_options`` that put back the default world spec for every key the demo recipe changes, so
-    these runs use the session's shared default world instead of re-rendering it as the demo's larger one."""
-    demo_keys = load_config(UslConfig, REPO / "configs" / "usl" / "demo.yaml", []).data.world_options
-    defaults = SyntheticWorldSpec()
-    return "data.world_options=" + json.dumps({key: getattr(defaults, key) for key in demo_keys})
-
 # A tiny, fast run: vit_tiny at 64x32, random init, 2 epochs of 3 iterations, batches of 16.
 FAST = ["model.pretrained=none", "model.img_size=[64,32]", "model.drop_path_rate=0.0", "data.batch_size=16", "data.num_instances=4",
         "data.test_batch_size=64", "train.epochs=2", "train.iters=3", "train.log_period=1", "eval.period=1",
-        "train.eval_at_start=false", "cluster.k1=10", "cluster.k2=3", "cluster.eps=0.7", _default_world_override()]
+        "train.eval_at_start=false", "cluster.k1=10", "cluster.k2=3", "cluster.eps=0.7"]
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -43,7 +35,7 @@ def _one_thread():
 
 def _config(out: Path, world: Path, *extra: str) -> UslConfig:
     return load_config(UslConfig, REPO / "configs" / "usl" / "demo.yaml",
-                       [f"train.output_dir={out}", f"data.world_dir={world}", *FAST, *extra])
+                       [f"train.output_dir={out}", f"data.root={world}/market", *FAST, *extra])
 
 
 def _model_state(path: Path) -> dict[str, torch.Tensor]:
@@ -186,7 +178,7 @@ def _ddp_worker(rank: int, world_size: int, port: int, out_dir: str, world_dir: 
     from passreid.usl import ClusterContrastTrainer
 
     cfg = load_config(UslConfig, REPO / "configs" / "usl" / "demo.yaml",
-                      [f"train.output_dir={out_dir}/ddp", f"data.world_dir={world_dir}", *FAST, *_DETERMINISTIC,
+                      [f"train.output_dir={out_dir}/ddp", f"data.root={world_dir}/market", *FAST, *_DETERMINISTIC,
                        "train.epochs=1"])
     try:
         trainer = ClusterContrastTrainer(cfg, resume=False)

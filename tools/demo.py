@@ -14,8 +14,10 @@ Each stage runs through its own entry point, exactly as a user would run it, int
 6. ``uda``  Cluster-Contrast domain adaptation of the fine-tuned model to a second generated world whose
    cameras and style differ (``configs/uda/demo.yaml``).
 
-The generated world is rendered once into ``<output-dir>/world`` and shared by the stages that use the
-default world (the UDA target world, and demo worlds with other sizes, go to ``world-<hash>``). The summary
+The stages read folders. The generated worlds they read are rendered first, once, by :mod:`passreid.demo`
+(``python -m passreid.demo --out <output-dir>``): ``world/`` (pre-training's ``pool/``, fine-tuning's
+``market/``), ``monitor_world/`` (the kNN monitor's held-out pool), ``usl_world/`` and ``uda_world/`` (larger
+worlds; the UDA target in another style). The summary
 (``demo_metrics.json``) collects each stage's final numbers. ``--quick`` cuts every budget to a few
 iterations (what the test suite runs); the numbers it prints are not meaningful.
 """
@@ -29,6 +31,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from passreid.demo import demo_data_arguments
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -79,7 +83,7 @@ def build_stages() -> list[Stage]:
     pretrain = Stage(
         "pretrain", "pretrain/train.py",
         lambda root: ["--config-file", "configs/pretrain/demo.yaml", "--output-dir", str(root / "pretrain"),
-                      f"data.root={root / 'world'}"],
+                      *demo_data_arguments("pretrain", root)],
         quick=["train.epochs=1", "optim.warmup_epochs=1", "data.num_workers=0"],
         summarize=_pretrain_summary,
     )
@@ -87,7 +91,7 @@ def build_stages() -> list[Stage]:
     finetune_quick = ["train.max_iters=8", "eval.period=100"]
     finetune = Stage(
         "finetune", "finetune/train.py",
-        lambda root: [*finetune_common, "--output-dir", str(root / "finetune"), f"data.world_dir={root / 'world'}",
+        lambda root: [*finetune_common, "--output-dir", str(root / "finetune"), *demo_data_arguments("finetune", root),
                       f"model.pretrained={root / 'pretrain' / 'backbone_final.pth'}"],
         quick=finetune_quick,
         summarize=lambda out: _rank_scalars(last_record(out / "metrics.jsonl", "eval")),
@@ -95,20 +99,21 @@ def build_stages() -> list[Stage]:
     finetune_random = Stage(
         "finetune_random", "finetune/train.py",
         lambda root: [*finetune_common, "--output-dir", str(root / "finetune_random"),
-                      f"data.world_dir={root / 'world'}", "model.pretrained=none"],
+                      *demo_data_arguments("finetune", root), "model.pretrained=none"],
         quick=finetune_quick,
         summarize=lambda out: _rank_scalars(last_record(out / "metrics.jsonl", "eval")),
     )
     test = Stage(
         "test", "finetune/test.py",
         lambda root: ["--weights", str(root / "finetune" / "model_final.pth"), "--output-dir", str(root / "test"),
-                      f"data.world_dir={root / 'world'}"],
+                      *demo_data_arguments("test", root)],
         summarize=lambda out: {key: value for key, value in json.loads((out / "metrics.json").read_text()).items()
                                if key in ("mAP", "rank1", "rank5", "mINP")},
     )
     usl = Stage(
         "usl", "usl/train.py",
         lambda root: ["--config-file", "configs/usl/demo.yaml", "--output-dir", str(root / "usl"),
+                      *demo_data_arguments("usl", root),
                       f"model.pretrained={root / 'pretrain' / 'backbone_final.pth'}"],
         quick=["train.epochs=1", "train.iters=3"],
         summarize=_cluster_summary,
@@ -116,6 +121,7 @@ def build_stages() -> list[Stage]:
     uda = Stage(
         "uda", "uda/train.py",
         lambda root: ["--config-file", "configs/uda/demo.yaml", "--output-dir", str(root / "uda"),
+                      *demo_data_arguments("uda", root),
                       f"model.init_from={root / 'finetune' / 'model_final.pth'}"],
         quick=["train.epochs=1", "train.iters=3"],
         summarize=_cluster_summary,
@@ -147,6 +153,15 @@ def format_summary(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def render_worlds(root: Path) -> None:
+    """Render the demo's generated worlds into ``root`` (each is kept when already there)."""
+    command = [sys.executable, "-m", "passreid.demo", "--out", str(root)]
+    print(f"\n=== demo worlds: {' '.join(command)}", flush=True)
+    start = time.time()
+    subprocess.run(command, cwd=REPO_ROOT, check=True)
+    print(f"=== demo worlds ready ({time.time() - start:.0f} s)", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output-dir", default="runs/demo", help="root of every stage's output folder")
@@ -156,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     root.mkdir(parents=True, exist_ok=True)
 
     summary: dict = {"output_dir": str(root), "quick": args.quick, "stages": {}}
+    render_worlds(root)
     for stage in build_stages():
         summary["stages"][stage.name] = run_stage(stage, root, args.quick)
         (root / "demo_metrics.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -65,6 +65,17 @@ def config_from_dict(schema: type[T], data: Mapping[str, Any], source: str = "di
     return build_config(schema, [Layer(source, data)])
 
 
+def without_removed_keys(data: Mapping[str, Any]) -> dict[str, Any]:
+    """``data`` without the keys of :data:`REMOVED_KEYS`: a config stored by an older version (e.g. in a model
+    file) still loads, since those keys only said where the demo world was rendered."""
+    result = dict(data)
+    for dotted in REMOVED_KEYS:
+        section, _, name = dotted.partition(".")
+        if isinstance(result.get(section), Mapping) and name in result[section]:
+            result[section] = {key: value for key, value in result[section].items() if key != name}
+    return result
+
+
 def build_config(schema: type[T], layers: Sequence[Layer]) -> T:
     """Merge ``layers`` (lowest precedence first) over the defaults and validate the result."""
     _require_dataclass_type(schema)
@@ -361,12 +372,24 @@ RENAMED_KEYS = {
     "train.checkpoint_every_iters": "train.checkpoint_period_iters",
     "train.stop_after_iters": "train.max_iters",
 }
+_RENDER_THE_DEMO_WORLD = ("the stages read folders: render the demo world with `python -m passreid.demo --out DIR` "
+                          "and pass data.root=DIR/world/market (pre-training: DIR/world/pool)")
+# Keys that no longer exist, with what to do instead.
+REMOVED_KEYS = {
+    "data.world_dir": _RENDER_THE_DEMO_WORLD,
+    "data.world_seed": _RENDER_THE_DEMO_WORLD,
+    "data.world_options": _RENDER_THE_DEMO_WORLD,
+    "monitor.world_seed": "the kNN monitor reads a folder: pass monitor.root=DIR/monitor_world/pool after "
+                          "`python -m passreid.demo --out DIR`",
+}
 
 
 def _unknown_key_error(schema: type, prefix: str, name: Any, root: type, where: str) -> ConfigError:
     full_key = _join(prefix, str(name))
     if full_key in RENAMED_KEYS:
         return ConfigError(f"config key '{full_key}' is now called '{RENAMED_KEYS[full_key]}'{where}")
+    if full_key in REMOVED_KEYS:
+        return ConfigError(f"config key '{full_key}' was removed: {REMOVED_KEYS[full_key]}{where}")
     suggestion = _closest_key(schema, prefix, str(name), root)
     if suggestion:
         hint = f" (did you mean '{suggestion}'?)"

@@ -1,7 +1,7 @@
 """Data: dataset readers (one registry), image decoding, LMDB access.
 
-Samplers, transforms and the synthetic generator live in sibling modules
-(``passreid.data.samplers``, ``.transforms``, ``.synthetic``) and are imported from there.
+Samplers and transforms live in sibling modules (``passreid.data.samplers``, ``.transforms``) and are imported
+from there. The demo's generated world is not here: :mod:`passreid.demo` renders folders that these readers read.
 """
 from .datasets import (
     DatasetFormatError,
@@ -9,6 +9,7 @@ from .datasets import (
     ImageItem,
     ReIDDataset,
     build_dataset,
+    check_data_root,
     list_datasets,
     parse_market_name,
     register_dataset,
@@ -24,6 +25,7 @@ __all__ = [
     "ReIDDataset",
     "SafeImageReader",
     "build_dataset",
+    "check_data_root",
     "check_image_files",
     "list_datasets",
     "parse_market_name",

@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, NamedTuple
 
+from passreid.config.errors import ConfigError
+
 from .images import drop_damaged_images
 from .lmdb_folder import KEY_FILE_NAME, lmdb_entry_count, load_key_file, make_lmdb_uri, scan_lmdb_keys
 
@@ -165,6 +167,19 @@ def build_dataset(name: str, root: str | os.PathLike, *, skip_corrupt: bool = Fa
         dataset = _without_damaged_images(dataset, skip_corrupt)
     logger.info("\n%s", dataset.split_table())
     return dataset
+
+
+def check_data_root(root: str, key: str = "data.root") -> str:
+    """``root``, a data set folder; an empty root or a ``generated:`` name of older demos is a ``ConfigError``."""
+    if not root:
+        raise ConfigError(f"config key '{key}' is empty: pass --data-root DIR (or {key}=DIR); the demo's generated "
+                          "world is rendered with `python -m passreid.demo --out DIR`")
+    if root.startswith("generated:"):
+        subset = root.split(":", 1)[1]
+        raise ConfigError(f"config key '{key}': '{root}' is no longer rendered by the stages, which read folders: "
+                          f"render the demo world with `python -m passreid.demo --out DIR` and pass "
+                          f"{key}=DIR/world/{subset}")
+    return root
 
 
 def _without_damaged_images(dataset: ReIDDataset, skip_corrupt: bool) -> ReIDDataset:

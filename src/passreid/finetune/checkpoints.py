@@ -26,6 +26,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from passreid.config import config_from_dict, config_to_dict
+from passreid.config.loader import without_removed_keys
 from passreid.engine import unwrap_model
 from passreid.finetune.config import FinetuneConfig, validate_config
 from passreid.finetune.methods import build_model
@@ -98,7 +99,8 @@ def _load_strict(model: nn.Module, state: Mapping[str, Tensor], label: str) -> N
 def _config_of(raw: Any, label: str) -> FinetuneConfig:
     if not isinstance(raw, Mapping):
         raise CheckpointFormatError(f"{label}: no fine-tuning config stored in the file")
-    return validate_config(config_from_dict(FinetuneConfig, raw, source=f"{label} (stored config)"))
+    stored = without_removed_keys(raw)  # files written before the demo world left the stages
+    return validate_config(config_from_dict(FinetuneConfig, stored, source=f"{label} (stored config)"))
 
 
 def _counts_from_state(state: Mapping[str, Tensor], label: str) -> tuple[int, int]:

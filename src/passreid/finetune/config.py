@@ -7,11 +7,8 @@ end-of-epoch scheduler stepping. Recipes in ``configs/finetune/`` change only wh
 """
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 from passreid.config import require
 from passreid.config.schema import DataConfig, EvalConfig, ModelConfig, OptimConfig, TrainConfig
@@ -23,8 +20,6 @@ __all__ = [
     "FinetuneModelConfig",
     "FinetuneOptimConfig",
     "FinetuneTrainConfig",
-    "GENERATED_ROOT_PREFIX",
-    "GENERATED_SUBSETS",
     "DPMConfig",
     "BPBReIDConfig",
     "PassPartsConfig",
@@ -33,11 +28,6 @@ __all__ = [
     "LossConfig",
     "validate_config",
 ]
-
-#: ``data.root: "generated:market"`` renders the built-in world and reads its ``market/`` folder.
-GENERATED_ROOT_PREFIX = "generated:"
-GENERATED_SUBSETS = ("market", "market_occluded")
-
 
 @dataclass
 class FinetuneModelConfig(ModelConfig):
@@ -74,11 +64,6 @@ class FinetuneDataConfig(DataConfig):
 
     test_dataset: str = ""  # "" = evaluate on `dataset`; e.g. occluded_reid after training on market1501
     test_root: str = ""  # "" = `root` (the reader accepts the dataset folder or its parent)
-    world_dir: str = ""  # where `root: generated:<subset>` renders the world; "" = <output_dir>/../world
-    world_seed: int = 0
-    # Spec overrides of the generated world (passreid.data.synthetic.SyntheticWorldSpec fields), e.g.
-    # {num_train_ids: 100}; a non-default world goes to its own folder <world_dir>-<hash> by default.
-    world_options: dict[str, Any] = field(default_factory=dict)
     max_train_ids: int = 0  # >0: train on the first N (relabelled) identities only (debugging)
     max_test_ids: int = 0  # >0: evaluate on the first N query identities only (debugging)
     test_batch_size: int = 128
@@ -97,8 +82,8 @@ class FinetuneDataConfig(DataConfig):
     # ColorJitter(brightness, contrast, saturation, hue) right after the resize; [] = off. DPM's Occluded-REID
     # recipe uses [0.3, 0.3, 0.2, 0.2] (finetune-occluded.md §4.4).
     color_jitter: list[float] = field(default_factory=list)
-    # Occluder paste (passreid.data.occluders): a folder of RGBA cut-outs (*.png), or "generated" for the
-    # occluders/ folder of the generated world (data.world_dir); "" = off. Pasted with probability occluder_p,
+    # Occluder paste (passreid.data.occluders): a folder of RGBA cut-outs (*.png; the demo world's occluders/,
+    # or tools/prepare_occluders.py's output); "" = off. Pasted with probability occluder_p,
     # covering occluder_area (min, max) of the image (its bounding box), before every other augmentation.
     occluder_dir: str = ""
     occluder_p: float = 0.5
@@ -283,11 +268,6 @@ def validate_config(cfg: FinetuneConfig) -> FinetuneConfig:
     require(data.max_train_ids >= 0 and data.max_test_ids >= 0, "data.max_train_ids",
              "max_train_ids / max_test_ids must be >= 0 (0 = all)")
     require(data.test_batch_size > 0, "data.test_batch_size", "must be positive")
-    if data.root.startswith(GENERATED_ROOT_PREFIX):
-        subset = data.root[len(GENERATED_ROOT_PREFIX):]
-        require(subset in GENERATED_SUBSETS, "data.root",
-                 f"'{data.root}': the generated world has the subsets {list(GENERATED_SUBSETS)} "
-                 f"(write e.g. 'generated:market')")
     require(len(data.color_jitter) in (0, 4) and all(v >= 0 for v in data.color_jitter), "data.color_jitter",
              f"must be [] or [brightness, contrast, saturation, hue] (>= 0), got {data.color_jitter}")
     require(0.0 <= data.occluder_p <= 1.0, "data.occluder_p", f"must be a probability, got {data.occluder_p}")
@@ -313,20 +293,3 @@ def validate_config(cfg: FinetuneConfig) -> FinetuneConfig:
     if method_checks is not None:  # the method's own config section, checked only when the method runs
         method_checks(cfg)
     return cfg
-
-
-def default_world_dir(cfg: FinetuneConfig) -> Path:
-    """Where ``data.root: generated:<subset>`` renders the world.
-
-    ``data.world_dir`` if set, else ``<output_dir>/../world`` (shared by the runs next to each other, and
-    by the other stages' demos: generation is idempotent). Worlds with ``data.world_options`` get a
-    suffix derived from the options (``world-<hash>``), so differently shaped worlds never overwrite
-    each other.
-    """
-    if cfg.data.world_dir:
-        return Path(cfg.data.world_dir).expanduser()
-    name = "world"
-    if cfg.data.world_options:
-        text = json.dumps(cfg.data.world_options, sort_keys=True)
-        name += "-" + hashlib.sha1(text.encode()).hexdigest()[:8]
-    return Path(cfg.train.output_dir).expanduser().absolute().parent / name

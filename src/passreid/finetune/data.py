@@ -1,4 +1,4 @@
-"""Datasets and loaders of a fine-tuning run: train set, test set, generated world, subsets."""
+"""Datasets of a fine-tuning run: train set, test set, subsets, training augmentation."""
 from __future__ import annotations
 
 import logging
@@ -7,20 +7,18 @@ from dataclasses import dataclass
 from torchvision import transforms as T
 
 from passreid.config import ConfigError
-from passreid.data import DatasetFormatError, ImageItem, ReIDDataset, SafeImageReader, build_dataset
+from passreid.data import DatasetFormatError, ImageItem, ReIDDataset, SafeImageReader, build_dataset, check_data_root
 from passreid.data.mask_transforms import MaskedTrainTransform
 from passreid.data.masks import DEFAULT_MASK_SUFFIX, PUBLISHED_MASK_SUFFIXES, MaskedImageDataset
 from passreid.data.occluders import OccluderPaste
 from passreid.data.samplers import ImageDataset
-from passreid.data.synthetic import generate_world
 from passreid.data.transforms import build_train_transform
-from passreid.finetune.config import GENERATED_ROOT_PREFIX, FinetuneConfig, default_world_dir
+from passreid.finetune.config import FinetuneConfig
 
 __all__ = [
     "FinetuneData",
     "load_finetune_data",
     "load_test_dataset",
-    "resolve_data_root",
 ]
 
 logger = logging.getLogger(__name__)
@@ -34,19 +32,6 @@ class FinetuneData:
     test: ReIDDataset  # its query/gallery splits are what the run evaluates on
     num_classes: int
     num_cameras: int  # training cameras (camids 0..num_cameras-1): the SIE table size
-
-
-def resolve_data_root(root: str, cfg: FinetuneConfig) -> str:
-    """``root`` itself, or for ``generated:<subset>`` the subset of the (rendered on demand) generated world."""
-    if not root.startswith(GENERATED_ROOT_PREFIX):
-        if not root:
-            raise ConfigError("data.root is empty: pass --data-root DIR (or data.root=..., or generated:market "
-                              "for the built-in generated world)")
-        return root
-    subset = root[len(GENERATED_ROOT_PREFIX):]
-    world = generate_world(default_world_dir(cfg), seed=cfg.data.world_seed, **cfg.data.world_options)
-    logger.info("generated world (seed %d) at %s; reading %s/", cfg.data.world_seed, world, subset)
-    return str(world / subset)
 
 
 def _dataset_options(name: str, cfg: FinetuneConfig) -> dict:
@@ -91,13 +76,13 @@ def load_test_dataset(cfg: FinetuneConfig, train_set: ReIDDataset | None = None)
     options applied."""
     data = cfg.data
     if data.test_dataset:
-        test_root = resolve_data_root(data.test_root or data.root, cfg)
+        test_root = check_data_root(data.test_root or data.root, "data.test_root" if data.test_root else "data.root")
         test_set = build_dataset(data.test_dataset, test_root, skip_corrupt=data.skip_corrupt,
                                  **_dataset_options(data.test_dataset, cfg))
     elif train_set is not None:
         test_set = train_set
     else:
-        test_set = build_dataset(data.dataset, resolve_data_root(data.root, cfg), skip_corrupt=data.skip_corrupt,
+        test_set = build_dataset(data.dataset, check_data_root(data.root), skip_corrupt=data.skip_corrupt,
                                  **_dataset_options(data.dataset, cfg))
     if not test_set.query or not test_set.gallery:
         raise ValueError(f"test dataset {test_set.name!r} has an empty query or gallery split")
@@ -113,7 +98,7 @@ def load_test_dataset(cfg: FinetuneConfig, train_set: ReIDDataset | None = None)
 def load_finetune_data(cfg: FinetuneConfig) -> FinetuneData:
     """Read the training set and the test set (``data.test_dataset`` or the training set's own query/gallery)."""
     data = cfg.data
-    train_set = build_dataset(data.dataset, resolve_data_root(data.root, cfg), skip_corrupt=data.skip_corrupt,
+    train_set = build_dataset(data.dataset, check_data_root(data.root), skip_corrupt=data.skip_corrupt,
                               **_dataset_options(data.dataset, cfg))
     if not train_set.train or train_set.unlabeled:
         why = "its images are unlabelled" if train_set.unlabeled else "its train split is empty"
@@ -178,16 +163,14 @@ def build_masked_train_set(items: list[ImageItem], cfg: FinetuneConfig, masks_so
     return MaskedImageDataset(items, transform, masks_dir=data.masks_dir, suffix=suffix, masks_source=masks_source)
 
 
-#: ``data.occluder_dir`` value naming the ``occluders/`` folder of the generated world.
-GENERATED_OCCLUDERS = "generated"
-
-
 def resolve_occluder_dir(cfg: FinetuneConfig) -> str:
-    """``data.occluder_dir``, or for ``"generated"`` the generated world's ``occluders/`` (rendered on demand)."""
-    if cfg.data.occluder_dir != GENERATED_OCCLUDERS:
-        return cfg.data.occluder_dir
-    world = generate_world(default_world_dir(cfg), seed=cfg.data.world_seed, **cfg.data.world_options)
-    return str(world / "occluders")
+    """``data.occluder_dir``, a folder of cut-outs; ``generated`` (older demos) is a ``ConfigError`` naming the
+    folder to pass instead."""
+    if cfg.data.occluder_dir == "generated":
+        raise ConfigError("config key 'data.occluder_dir': 'generated' is no longer rendered by the stages: render "
+                          "the demo world with `python -m passreid.demo --out DIR` and pass "
+                          "data.occluder_dir=DIR/world/occluders")
+    return cfg.data.occluder_dir
 
 
 def _with_optional_augmentation(transform: T.Compose, cfg: FinetuneConfig) -> T.Compose:

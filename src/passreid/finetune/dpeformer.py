@@ -363,7 +363,8 @@ OCCLUDER_DIR_HELP = (
     "SA-1B-crop (linked from the README of zhangxin06/DPEFormer: sub-folders of RGB crops, black outside the "
     "segment), unpack it and run `python tools/prepare_occluders.py --source <SA-1B-crop> --output <dir>`, then "
     "set data.occluder_dir=<dir>. Without crops: dpeformer.view2=erasing (the released code's view 2) or "
-    "data.occluder_dir=generated (the generated world's cut-outs, for demos)"
+    "data.occluder_dir=<world>/occluders (the demo world's cut-outs: `python -m passreid.demo --out DIR`, then "
+    "DIR/world/occluders)"
 )
 
 

@@ -17,8 +17,8 @@ from typing import Literal
 
 from passreid.config import TrainConfig, require
 
-# Unlabeled sources: the two dataset-registry readers, plus the generated world's pool/ (demo, tests).
-PRETRAIN_DATASETS = ("image_folder", "luperson_lmdb", "synthetic_pool")
+# Unlabeled sources: the two dataset-registry readers.
+PRETRAIN_DATASETS = ("image_folder", "luperson_lmdb")
 
 
 @dataclass
@@ -26,10 +26,8 @@ class PretrainDataConfig:
     """Where the unlabeled person crops come from and how they are batched."""
 
     # image_folder: every image under root (recursively) or the paths in file_list;
-    # luperson_lmdb: the LUPerson LMDB release (keys_file optional);
-    # synthetic_pool: the generated world's pool/ (root = world folder, rendered there when missing;
-    # empty root = <output_dir>/world).
-    dataset: Literal["image_folder", "luperson_lmdb", "synthetic_pool"] = "image_folder"
+    # luperson_lmdb: the LUPerson LMDB release (keys_file optional).
+    dataset: Literal["image_folder", "luperson_lmdb"] = "image_folder"
     root: str = ""  # --data-root on the command line fills it
     file_list: str = ""  # image_folder only: text file of image paths relative to root
     keys_file: str = ""  # luperson_lmdb only: pickled key list (default: keys.pkl next to the LMDB)
@@ -114,14 +112,12 @@ class KnnMonitorConfig:
     """kNN retrieval of the teacher's features on a labeled set, to watch learning happen."""
 
     period: int = 10  # epochs between evaluations (also at the start and the end); 0 disables
-    # A labeled name of passreid.data.list_datasets() (e.g. market1501), or "generated_pool": the
-    # persons of a generated pool, each seen in several shots (see passreid.pretrain.knn_monitor).
+    # A labeled name of passreid.data.list_datasets() (e.g. market1501), or "generated_pool": the persons of
+    # a pool folder named <video>/<video>_<person>_<shot>.jpg (as the demo world writes), each seen in several
+    # shots (see passreid.pretrain.knn_monitor).
     dataset: str = "market1501"
-    # market1501: the dataset folder; empty = the generated world's market/ (the training world for
-    # synthetic_pool data, else <output_dir>/world). generated_pool: a generated world folder (its pool/
-    # is read as it is); empty = a world rendered with world_seed into <output_dir>/monitor_world.
+    # The folder of that set (generated_pool: the pool folder itself). Empty: no monitor (logged at start).
     root: str = ""
-    world_seed: int = 1  # generated_pool with empty root: a seed other than the training world's (0)
     img_size: tuple[int, int] = (256, 128)
     batch_size: int = 128
     metric: Literal["euclidean", "cosine"] = "cosine"
@@ -145,7 +141,7 @@ def validate_pretrain_config(cfg: PretrainConfig) -> None:
     """Reject settings the stage cannot run with: a :class:`ConfigError` naming the key and what is expected."""
     data, crops, model, optim, train, monitor = cfg.data, cfg.crops, cfg.model, cfg.optim, cfg.train, cfg.monitor
     require(data.dataset in PRETRAIN_DATASETS, "data.dataset", f"must be one of {PRETRAIN_DATASETS}")
-    require(data.dataset == "synthetic_pool" or bool(data.root), "data.root",
+    require(bool(data.root), "data.root",
             f"is empty: pass --data-root DIR (the {data.dataset} folder)")
     require(not data.file_list or data.dataset == "image_folder", "data.file_list",
             "applies to data.dataset=image_folder only")
@@ -177,5 +173,4 @@ def validate_pretrain_config(cfg: PretrainConfig) -> None:
         require(getattr(train, name) >= 0, f"train.{name}", "must be >= 0")
     require(train.checkpoint_period >= 1, "train.checkpoint_period", "must be >= 1 (epochs)")
     require(monitor.period >= 0, "monitor.period", "must be >= 0 (0 disables the kNN monitor)")
-    require(monitor.world_seed >= 0, "monitor.world_seed", "must be >= 0")
     require(monitor.batch_size >= 1, "monitor.batch_size", "must be >= 1")

@@ -16,8 +16,6 @@ from passreid.data.multicrop import MultiCropAugmentation
 from passreid.data.samplers import ResumableDistributedSampler
 from passreid.engine import PreemptibleDataLoader, derive_seed, seeded_global_rngs, worker_init_fn
 from passreid.pretrain.config import PretrainConfig
-from passreid.pretrain.knn_monitor import generated_world_dir, resolve_generated_world
-
 logger = logging.getLogger(__name__)
 
 Views = list[torch.Tensor]
@@ -85,13 +83,10 @@ def collate_views(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 
 def resolve_data_items(cfg: PretrainConfig) -> list[ImageItem]:
-    """The unlabeled items of ``data.dataset`` (generated pool rendered first if needed)."""
+    """The unlabeled items of ``data.dataset`` under ``data.root``."""
     data = cfg.data
     checks = {"skip_corrupt": data.skip_corrupt, "check_images": data.check_images}
-    if data.dataset == "synthetic_pool":
-        world = resolve_generated_world(data.root, generated_world_dir(cfg.train.output_dir))
-        dataset = build_dataset("image_folder", world / "pool", **checks)
-    elif data.dataset == "image_folder":
+    if data.dataset == "image_folder":
         dataset = build_dataset("image_folder", data.root, **checks,
                                 **({"file_list": data.file_list} if data.file_list else {}))
     else:

@@ -8,11 +8,10 @@ Rank-1 of the raw features, i.e. a nearest-neighbour probe.
 
 Sets:
 
-* any labeled dataset of the registry (``monitor.dataset=market1501``, ``monitor.root=...``); with an
-  empty root, the generated world's ``market/`` (rendered into the run folder on first use);
-* ``generated_pool``: the persons of a generated pool that training has not seen (another world
-  seed). Each pool person is rendered in several shots in one scene, so the task is to tell a person
-  from the others of the same scene: query = each person's first shot, gallery = the other shots,
+* any labeled dataset of the registry (``monitor.dataset=market1501``, ``monitor.root=...``);
+* ``generated_pool``: the persons of a pool folder that training has not seen (the demo's
+  ``monitor_world/pool``, another world seed than the training pool's). Each pool person is rendered in
+  several shots in one scene, so the task is to tell a person from the others of the same scene: query = each person's first shot, gallery = the other shots,
   camid = shot index. This is the set on which short CPU runs show learning (pretrain/README.md):
   the generated ``market/`` split also needs invariance to its cameras' lighting and backgrounds,
   which the pool (one scene per video) does not teach.
@@ -33,55 +32,16 @@ from passreid import dist
 from passreid.data import DatasetLayoutError, ImageItem, ReIDDataset, build_dataset
 from passreid.data.multicrop import IMAGENET_MEAN, IMAGENET_STD
 from passreid.data.samplers import ImageDataset, ShardSampler
-from passreid.data.synthetic import generate_world
 from passreid.data.transforms import build_test_transform
 from passreid.engine import PreemptibleDataLoader
 from passreid.eval import rank_metrics
 from passreid.eval.features import cls_feature, extract_features, pass_fusion_feature
 from passreid.pretrain.config import KnnMonitorConfig
 
-GENERATED_WORLD_DIR = "world"
-
-
-def generated_world_dir(output_dir: str | os.PathLike) -> Path:
-    """Where the stage renders the generated world when no folder is given: ``<output_dir>/world``."""
-    return Path(output_dir) / GENERATED_WORLD_DIR
-
-
 GENERATED_POOL = "generated_pool"
-MONITOR_WORLD_DIR = "monitor_world"
-# Pool file names written by passreid.data.synthetic: <video>/<video:03d>_<person:02d>_<shot:02d>.jpg
+
+# Pool file names written by passreid.demo.world: <video>/<video:03d>_<person:02d>_<shot:02d>.jpg
 _POOL_NAME = re.compile(r"^(\d+)_(\d+)_(\d+)\.jpg$")
-
-
-def ensure_generated_world(world_dir: str | os.PathLike, **spec_overrides: int | bool) -> Path:
-    """Render a generated world (default spec plus ``spec_overrides``) into ``world_dir`` unless it is there.
-
-    Idempotent. Rank 0 renders while the others wait, so several processes never compete for the CPU.
-    """
-    world_dir = Path(world_dir)
-    if dist.is_main_process():
-        generate_world(world_dir, **spec_overrides)
-    dist.barrier()
-    return generate_world(world_dir, **spec_overrides)  # no-op once rendered; every rank gets the same path
-
-
-def resolve_generated_world(root: str | os.PathLike, default_dir: str | os.PathLike, **spec_overrides: int | bool) -> Path:
-    """The generated world to use: ``root`` as it is when given, else one rendered into ``default_dir``.
-
-    A given ``root`` holding a world (``world.json``) is never re-rendered, whatever its spec; an
-    empty or missing ``root`` gets the world rendered there. ``default_dir`` belongs to the run, so
-    it is re-rendered when its spec differs from ``spec_overrides``.
-    """
-    if not root:
-        return ensure_generated_world(default_dir, **spec_overrides)
-    world = Path(root)
-    if (world / "world.json").is_file():
-        return world
-    if world.is_dir() and any(world.iterdir()):
-        raise DatasetLayoutError(f"{world} is not a generated world (no world.json) and not empty; point to a "
-                                 f"folder written by passreid.data.synthetic.generate_world, or to an empty one")
-    return ensure_generated_world(world, **spec_overrides)
 
 
 def generated_pool_identities(pool_dir: str | os.PathLike) -> ReIDDataset:
@@ -103,7 +63,7 @@ def generated_pool_identities(pool_dir: str | os.PathLike) -> ReIDDataset:
     if not query or not gallery or others:
         raise DatasetLayoutError(
             f"{GENERATED_POOL}: {pool_dir} is not a generated pool (expected <video>/<video>_<person>_<shot>.jpg "
-            f"as written by passreid.data.synthetic, with shots 0 and 1+; found {len(query)} first shots, "
+            f"as written by passreid.demo.world, with shots 0 and 1+; found {len(query)} first shots, "
             f"{len(gallery)} other shots, {len(others)} other files)")
     return ReIDDataset(GENERATED_POOL, str(pool_dir), [], query, gallery,
                        notes=["query: first shot of each pool person; gallery: the other shots"])
@@ -114,7 +74,7 @@ class KnnMonitor:
 
     Args:
         cfg: the ``monitor`` config section.
-        root: the labeled set's folder (for ``generated_pool``: the generated world folder).
+        root: the labeled set's folder (for ``generated_pool``: the pool folder).
         device: where the backbone runs.
         num_workers: DataLoader workers for decoding the images.
     """
@@ -124,7 +84,7 @@ class KnnMonitor:
         self.cfg = cfg
         self.device = device
         if cfg.dataset == GENERATED_POOL:
-            dataset = generated_pool_identities(Path(root) / "pool")
+            dataset = generated_pool_identities(root)
         else:
             dataset = build_dataset(cfg.dataset, root)
         if not dataset.query or not dataset.gallery:

@@ -48,8 +48,7 @@ from passreid.engine import (CheckpointStateError, Checkpointer, MetricsWriter, 
 from passreid.engine.logger import run_position
 from passreid.models import export_backbone
 from passreid.pretrain.config import PretrainConfig, validate_pretrain_config
-from passreid.pretrain.knn_monitor import (GENERATED_POOL, MONITOR_WORLD_DIR, KnnMonitor, ensure_generated_world,
-                                           generated_world_dir, resolve_generated_world)
+from passreid.pretrain.knn_monitor import KnnMonitor
 from passreid.pretrain.data import (BatchSource, EpochLoader, MultiCropDataset, Views, build_multicrop,
                                     resolve_data_items)
 from passreid.pretrain.meta_arch import PASSMetaArch, to_published_layout
@@ -209,22 +208,14 @@ class PretrainStage:
         cfg = self.cfg
         if cfg.monitor.period == 0:
             return None
-        training_world = Path(cfg.data.root or generated_world_dir(self.out))
         root = cfg.monitor.root
-        if cfg.monitor.dataset == GENERATED_POOL:
-            root = resolve_generated_world(root, self.out / MONITOR_WORLD_DIR, seed=cfg.monitor.world_seed,
-                                           occluded=False)
-            if cfg.data.dataset == "synthetic_pool" and root.resolve() == training_world.resolve():
-                raise ConfigError(f"monitor.root {root} is the training world: the kNN monitor would rank the "
-                                  f"training images; use another world (empty monitor.root renders one)")
-        elif not root:
-            if cfg.monitor.dataset not in ("market1501", "market_naming"):
-                raise ConfigError(f"monitor.root is empty but monitor.dataset={cfg.monitor.dataset!r}: only the "
-                                  f"market-layout generated world can stand in; set monitor.root")
-            if cfg.data.dataset == "synthetic_pool":
-                root = resolve_generated_world(cfg.data.root, generated_world_dir(self.out)) / "market"
-            else:
-                root = ensure_generated_world(generated_world_dir(self.out)) / "market"
+        if not root:
+            self.log.info("kNN monitor off: monitor.root is empty (set it to a labeled folder, e.g. Market-1501, "
+                          "to watch the teacher's kNN mAP)")
+            return None
+        if Path(root).resolve() == Path(cfg.data.root).resolve():
+            raise ConfigError(f"config key 'monitor.root': {root} is the training data (data.root): the kNN monitor "
+                              f"would rank the training images; point it to a held-out labeled folder")
         monitor = KnnMonitor(cfg.monitor, root, self.device, num_workers=min(cfg.data.num_workers, 4))
         self.log.info("kNN monitor: %s, %d query / %d gallery images, every %d epoch(s)", monitor.dataset_label,
                       monitor.num_query, monitor.num_gallery, cfg.monitor.period)

@@ -48,7 +48,8 @@ from passreid.engine.optim import build_param_groups
 from passreid.eval.evaluator import EvalResult, evaluate_model, extract_split, format_result
 from passreid.finetune.checkpoints import build_final_checkpoint
 from passreid.finetune.config import FinetuneConfig
-from passreid.finetune.data import _dataset_options, build_train_set, load_test_dataset, resolve_data_root
+from passreid.data.datasets import check_data_root
+from passreid.finetune.data import _dataset_options, build_train_set, load_test_dataset
 from passreid.models.reid import ReIDModel, make_classifier
 from passreid.usl.config import UslConfig, UslOptimConfig, to_finetune_config, validate_usl_config
 from passreid.usl.memory import ClusterMemory
@@ -96,7 +97,7 @@ def load_target_data(cfg: UslConfig) -> TargetData:
     query/gallery it is evaluated on."""
     ft_cfg = to_finetune_config(cfg)
     name = cfg.data.dataset
-    dataset = build_dataset(name, resolve_data_root(cfg.data.root, ft_cfg), skip_corrupt=cfg.data.skip_corrupt,
+    dataset = build_dataset(name, check_data_root(cfg.data.root), skip_corrupt=cfg.data.skip_corrupt,
                             **_dataset_options(name, ft_cfg))
     items = dataset.train
     if not items:

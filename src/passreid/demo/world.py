@@ -2,7 +2,7 @@
 
 One file of ~1,150 lines on purpose: it renders one coherent world (identities, cameras, bodies, occluders,
 parsing masks, keypoint fields) whose pieces share the body layout and the seeded random streams; it is the
-demo's and the tests' data set, not part of the training stages' algorithms.
+demo's and the tests' data set (:mod:`passreid.demo`); the training stages never import it.
 
 ``generate_world(out_dir)`` writes, with no download:
 
@@ -1128,7 +1128,7 @@ def write_occlusion_split(spec: SyntheticWorldSpec, target: Path) -> dict[str, i
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command line: ``python -m passreid.data.synthetic --out DIR [--seed N] [--style b] ...``."""
+    """Command line: ``python -m passreid.demo.world --out DIR [--seed N] [--style b] ...``."""
     parser = argparse.ArgumentParser(description="Render the synthetic re-ID world (Market-1501 layout).")
     parser.add_argument("--out", required=True, help="output folder (market/, market_occluded/, pool/, ...)")
     parser.add_argument("--seed", type=int, default=0)
