@@ -11,6 +11,7 @@ from .datasets import (
     build_dataset,
     check_data_root,
     list_datasets,
+    reader_options,
     parse_market_name,
     register_dataset,
 )
@@ -30,5 +31,6 @@ __all__ = [
     "list_datasets",
     "parse_market_name",
     "read_image",
+    "reader_options",
     "register_dataset",
 ]

@@ -28,7 +28,7 @@ import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 from passreid.config.errors import ConfigError
 
@@ -167,6 +167,16 @@ def build_dataset(name: str, root: str | os.PathLike, *, skip_corrupt: bool = Fa
         dataset = _without_damaged_images(dataset, skip_corrupt)
     logger.info("\n%s", dataset.split_table())
     return dataset
+
+
+def reader_options(name: str, data: Any) -> dict:
+    """The reader options of data set ``name`` taken from a stage's ``data`` config section: MSMT17's
+    ``version`` (never guessed: a missing one is a ``ConfigError``) and ``train_split``; none for the others."""
+    if name != "msmt17":
+        return {}
+    if not data.version:
+        raise ConfigError("config key 'data.version': msmt17 needs v1 or v2 (it is never guessed)")
+    return {"version": data.version, "train_split": data.train_split}
 
 
 def check_data_root(root: str, key: str = "data.root") -> str:

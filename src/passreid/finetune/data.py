@@ -7,7 +7,8 @@ from dataclasses import dataclass
 from torchvision import transforms as T
 
 from passreid.config import ConfigError
-from passreid.data import DatasetFormatError, ImageItem, ReIDDataset, SafeImageReader, build_dataset, check_data_root
+from passreid.data import (DatasetFormatError, ImageItem, ReIDDataset, SafeImageReader, build_dataset,
+                           check_data_root, reader_options)
 from passreid.data.mask_transforms import MaskedTrainTransform
 from passreid.data.masks import DEFAULT_MASK_SUFFIX, PUBLISHED_MASK_SUFFIXES, MaskedImageDataset
 from passreid.data.occluders import OccluderPaste
@@ -32,14 +33,6 @@ class FinetuneData:
     test: ReIDDataset  # its query/gallery splits are what the run evaluates on
     num_classes: int
     num_cameras: int  # training cameras (camids 0..num_cameras-1): the SIE table size
-
-
-def _dataset_options(name: str, cfg: FinetuneConfig) -> dict:
-    if name != "msmt17":
-        return {}
-    if not cfg.data.version:
-        raise ConfigError("msmt17 needs data.version: v1 or v2 (it is never guessed)")
-    return {"version": cfg.data.version, "train_split": cfg.data.train_split}
 
 
 def _first_train_ids(dataset: ReIDDataset, max_ids: int) -> ReIDDataset:
@@ -78,12 +71,12 @@ def load_test_dataset(cfg: FinetuneConfig, train_set: ReIDDataset | None = None)
     if data.test_dataset:
         test_root = check_data_root(data.test_root or data.root, "data.test_root" if data.test_root else "data.root")
         test_set = build_dataset(data.test_dataset, test_root, skip_corrupt=data.skip_corrupt,
-                                 **_dataset_options(data.test_dataset, cfg))
+                                 **reader_options(data.test_dataset, data))
     elif train_set is not None:
         test_set = train_set
     else:
         test_set = build_dataset(data.dataset, check_data_root(data.root), skip_corrupt=data.skip_corrupt,
-                                 **_dataset_options(data.dataset, cfg))
+                                 **reader_options(data.dataset, data))
     if not test_set.query or not test_set.gallery:
         raise ValueError(f"test dataset {test_set.name!r} has an empty query or gallery split")
     if data.max_test_ids:
@@ -99,7 +92,7 @@ def load_finetune_data(cfg: FinetuneConfig) -> FinetuneData:
     """Read the training set and the test set (``data.test_dataset`` or the training set's own query/gallery)."""
     data = cfg.data
     train_set = build_dataset(data.dataset, check_data_root(data.root), skip_corrupt=data.skip_corrupt,
-                              **_dataset_options(data.dataset, cfg))
+                              **reader_options(data.dataset, data))
     if not train_set.train or train_set.unlabeled:
         why = "its images are unlabelled" if train_set.unlabeled else "its train split is empty"
         raise DatasetFormatError(f"dataset {data.dataset!r} at {train_set.root} has no labelled train split to "

@@ -48,8 +48,8 @@ from passreid.engine.optim import build_param_groups
 from passreid.eval.evaluator import EvalResult, evaluate_model, extract_split, format_result
 from passreid.finetune.checkpoints import build_final_checkpoint
 from passreid.finetune.config import FinetuneConfig
-from passreid.data.datasets import check_data_root
-from passreid.finetune.data import _dataset_options, build_train_set, load_test_dataset
+from passreid.data.datasets import check_data_root, reader_options
+from passreid.finetune.data import build_train_set, load_test_dataset
 from passreid.models.reid import ReIDModel, make_classifier
 from passreid.usl.config import UslConfig, UslOptimConfig, to_finetune_config, validate_usl_config
 from passreid.usl.memory import ClusterMemory
@@ -98,7 +98,7 @@ def load_target_data(cfg: UslConfig) -> TargetData:
     ft_cfg = to_finetune_config(cfg)
     name = cfg.data.dataset
     dataset = build_dataset(name, check_data_root(cfg.data.root), skip_corrupt=cfg.data.skip_corrupt,
-                            **_dataset_options(name, ft_cfg))
+                            **reader_options(name, ft_cfg.data))
     items = dataset.train
     if not items:
         raise DatasetFormatError(f"dataset {name!r} at {dataset.root} has no train images to cluster (its train "
