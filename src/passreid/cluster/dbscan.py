@@ -1,4 +1,5 @@
-"""DBSCAN on a sparse distance graph, and Cluster-Contrast pseudo labels (reference cluster-contrast §1, §7).
+"""DBSCAN on a sparse distance graph, and Cluster-Contrast pseudo labels (PASS-reID:
+PASS_cluster_contrast_reid/examples/cluster_contrast_train_usl.py).
 
 The published loop runs ``sklearn.cluster.DBSCAN(eps, min_samples=4, metric="precomputed")`` on the
 dense ``N x N`` Jaccard matrix. Here DBSCAN runs on the sparse graph of the entries ``<= eps``,

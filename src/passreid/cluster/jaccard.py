@@ -1,4 +1,4 @@
-"""Cluster-Contrast k-reciprocal Jaccard distance as a sparse matrix (reference cluster-contrast §1.1).
+"""Cluster-Contrast k-reciprocal Jaccard distance as a sparse matrix (PASS-reID: PASS_cluster_contrast_reid/clustercontrast/utils/faiss_rerank.py).
 
 The published ``compute_jaccard_distance(features, k1=30, k2=6)`` (faiss_rerank.py) returns a dense
 ``N x N`` float32 matrix; this returns only the entries below 1 (or ``<= max_distance``), which is

@@ -2,8 +2,8 @@
 
 Defaults are the published recipes: PASS ViT-S/16 fine-tuning in the TransReID family
 (256x128 input, P=16 x K=4 batches of 64, SGD lr 4e-4 with 20 warm-up epochs, cosine to
-0.002x, 120 epochs, Euclidean distance on the normalised feature, no re-ranking); see
-``docs/reference/finetune-occluded.md`` §0 and §4.3. A stage schema looks like::
+0.002x, 120 epochs, Euclidean distance on the normalised feature, no re-ranking; PASS-reID:
+PASS_transreid/configs/market/vit_small.yml). A stage schema looks like::
 
     @dataclass
     class FinetuneConfig:

@@ -411,7 +411,8 @@ def read_market_style(name: str, root: Path, layout: FolderLayout, max_camera: i
     return dataset
 
 
-# Published split sizes (finetune-occluded reference §1): split -> (ids, images, cameras or None).
+# The split sizes each data set's release states (the statistics its published loaders print, e.g. TransReID:
+# datasets/market1501.py): split -> (ids, images, cameras or None).
 OFFICIAL_SPLIT_SIZES: dict[str, dict[str, tuple[int, int, int | None]]] = {
     "market1501": {"train": (751, 12936, 6), "query": (750, 3368, 6), "gallery": (751, 15913, 6)},
     "dukemtmcreid": {"train": (702, 16522, 8), "query": (702, 2228, 8), "gallery": (1110, 17661, 8)},
@@ -483,7 +484,8 @@ def read_occluded_duke(root: Path) -> ReIDDataset:
                              max_camera=8, official=OFFICIAL_SPLIT_SIZES["occluded_duke"])
 
 
-# TSD's holistic-query split of Occluded-Duke (finetune-occluded.md §1.3): list files in the dataset folder.
+# TSD's holistic-query split of Occluded-Duke (TSD: new_query.txt / new_gallery.txt at the repository root, read by
+# datasets/occ_duke_new.py): list files in the dataset folder.
 TSD_QUERY_LIST, TSD_GALLERY_LIST = "new_query.txt", "new_gallery.txt"
 TSD_SPLIT_TREE = """<root>/Occluded_Duke/
   bounding_box_train/0001_c2_f0046182.jpg   training images (as occluded_duke)
@@ -512,7 +514,7 @@ def _tsd_item(folder: Path, list_file: Path, number: int, relative: str) -> Imag
 
 
 def read_tsd_gallery_labels(folder: str | os.PathLike) -> dict[str, int]:
-    """``{absolute image path: occlusion label}`` from ``<folder>/new_gallery.txt`` (labels 0-3, §2.5)."""
+    """``{absolute image path: occlusion label}`` from ``<folder>/new_gallery.txt`` (labels 0-3, TSD: utils/metrics_new.py)."""
     folder = Path(folder)
     list_file = folder / TSD_GALLERY_LIST
     if not list_file.is_file():

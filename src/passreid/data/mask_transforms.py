@@ -1,6 +1,6 @@
 """Mask-aware training augmentation: one geometric transform applied to an image and its parsing masks.
 
-BPBReID's pipeline (``torchreid/data/transforms.py``, finetune-occluded.md §5.1) on (image, 36 fields):
+BPBReID's pipeline (bpbreid: ``torchreid/data/transforms.py``) on (image, 36 fields):
 
 1. resize the image to (H, W) and the fields to the same size (nearest);
 2. horizontal flip (same draw for both; channels are not swapped left/right, as published);

@@ -1,6 +1,6 @@
 """Human-parsing masks in BPBReID's published format: read, write, group into body parts, pair with images.
 
-On disk (finetune-occluded.md §1.3, §5.1; BPBReID ``torchreid/data/datasets/dataset.py`` ``infer_masks_path``):
+On disk (bpbreid: ``torchreid/data/datasets/dataset.py``, ``infer_masks_path``):
 one ``.npy`` file per image, a float array ``(36, h, w)`` in [0, 1] at low resolution: the 17 PifPaf keypoint
 confidence fields (COCO order, :data:`PIFPAF_KEYPOINTS`) followed by the 19 PifPaf joint (PAF) fields
 (:data:`PIFPAF_JOINTS`). The file lives in a ``masks`` folder that mirrors the dataset::
@@ -9,7 +9,7 @@ confidence fields (COCO order, :data:`PIFPAF_KEYPOINTS`) followed by the 19 PifP
     e.g. Market-1501-v15.09.15/masks/pifpaf_maskrcnn_filtering/bounding_box_train/0002_c1s1_000451_03.npy
 
 ``suffix`` is ``.npy`` for Market-1501 / Occluded-REID and ``.jpg.confidence_fields.npy`` for Occluded-Duke
-(:data:`PUBLISHED_MASK_SUFFIXES`). Training targets (§5.1): group the 36 fields into K body parts by a
+(:data:`PUBLISHED_MASK_SUFFIXES`). Training targets (bpbreid: ``torchreid/data/masks_transforms/``): group the 36 fields into K body parts by a
 channel-wise **max** (:data:`PART_GROUPINGS`, ``five_v`` and ``eight`` as published), add a background channel
 (``threshold``: ``bg = max_k m_k < 0.5``) and take ``softmax(15 * [bg, m_1..m_K])`` over the K+1 channels
 (:func:`part_masks_from_fields`).
@@ -95,7 +95,7 @@ PART_GROUPINGS: dict[str, dict[str, tuple[str, ...]]] = {
         "left_foot": ("left_ankle",),
         "right_foot": ("right_ankle",),
     },
-    # TSD's groupings (``datasets/mask_config.py``; finetune-occluded.md §5.3): both arms in one part, both legs
+    # TSD's groupings (TSD: ``datasets/mask_config.py``): both arms in one part, both legs
     # in another, the torso from the hips and shoulder joints; ``three`` = head / upper body / lower body.
     "five": {
         "head": _HEAD,

@@ -1,6 +1,6 @@
 """PASS / DINO multi-crop augmentation: 2 global views plus local views cut from horizontal bands.
 
-Published PASS recipe (pre-training reference §1.3): for an input of H x W pixels,
+Published PASS recipe (PASS-reID: PASS/main_pass.py, ``DataAugmentationDINO``): for an input of H x W pixels,
 
 * global view 1: ``RandomResizedCrop((256, 128), scale=(0.4, 1.0), bicubic)`` -> flip / colour
   jitter / grayscale -> Gaussian blur (p=1.0) -> normalise;
@@ -17,7 +17,7 @@ the meta-architecture slices by band. ``mode="dino"`` cuts the locals from the w
 Every random draw comes from torch's global generator (torchvision transforms, and the blur and
 solarize below), so ``torch.manual_seed`` or a DataLoader worker seed makes the views reproducible.
 The torchvision ``RandomResizedCrop`` aspect-ratio range is kept at its default ``(3/4, 4/3)``:
-on tall person crops many global crops fall back to a centre crop (reference §1.3/§7.12); that is
+on tall person crops many global crops fall back to a centre crop (torchvision's RandomResizedCrop after 10 failed draws); that is
 the published behaviour and is reproduced on purpose.
 """
 from __future__ import annotations
@@ -43,7 +43,8 @@ __all__ = [
     "crop_bands",
 ]
 
-# Pre-training normalises with ImageNet statistics; fine-tuning uses 0.5/0.5 (reference §7.11).
+# Pre-training normalises with ImageNet statistics (PASS/main_pass.py); fine-tuning uses 0.5/0.5
+# (PASS_transreid/configs/*/vit_*.yml, INPUT.PIXEL_MEAN / PIXEL_STD).
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 

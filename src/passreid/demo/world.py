@@ -1076,7 +1076,7 @@ def generate_world(out_dir: str | os.PathLike, spec: SyntheticWorldSpec | None =
 
 
 # ----------------------------------------------------------------------------------------------
-# TSD-style occlusion labels (finetune-occluded.md §1.3, §2.5): derived from the plan, nothing rendered
+# TSD-style occlusion labels (TSD: utils/metrics_new.py): derived from the plan, nothing rendered
 
 
 TSD_SPLIT_FILES = ("new_query.txt", "new_gallery.txt")

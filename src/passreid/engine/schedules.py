@@ -1,12 +1,12 @@
 """Learning-rate / weight-decay / momentum schedules.
 
-Two families, matching the two reference code bases:
+Two families, matching the two published code bases:
 
 - :func:`cosine_schedule`: a per-iteration array (dinov2 / DINO / PASS pre-training,
-  pretrain-pass.md §3.2). The loop reads ``schedule[iteration]``, so resuming needs nothing
+  PASS-reID: PASS/utils.py ``cosine_scheduler``). The loop reads ``schedule[iteration]``, so resuming needs nothing
   but the iteration counter.
 - :func:`warmup_cosine_lr` / :class:`WarmupCosineLR`: the per-epoch timm ``CosineLRScheduler``
-  with ``cycle_limit=1`` used by PASS / TransReID fine-tuning (finetune-occluded.md §4.3).
+  with ``cycle_limit=1`` used by PASS / TransReID fine-tuning (TransReID: solver/scheduler_factory.py).
 """
 from __future__ import annotations
 
@@ -81,7 +81,7 @@ class WarmupCosineLR:
     ``initial_lr``, as torch schedulers do). Like timm, construction sets the epoch-0 rate.
     Call ``step(epoch)`` with the epoch index whose rate to set: TransReID calls it at the
     start of epochs 1..E, PASS at the end of epoch e (so epoch 1 runs at ``warmup_lr_init``);
-    the stage picks its convention (finetune-occluded.md §4.3).
+    the stage picks its convention (TransReID: train.py; PASS-reID: PASS_transreid/processor/processor.py).
     """
 
     def __init__(
@@ -155,7 +155,7 @@ def warmup_multistep_lr(
     warmup_epochs: int = 0,
     warmup_factor: float = 0.01,
 ) -> float:
-    """Learning rate at ``epoch`` of torchreid's ``WarmupMultiStepLR`` (linear warm-up; BPBReID, §5.1).
+    """Learning rate at ``epoch`` of torchreid's ``WarmupMultiStepLR`` (linear warm-up; bpbreid: torchreid/optim/lr_scheduler.py).
 
     ``base_lr * f(epoch) * gamma ** (number of milestones <= epoch)`` with
     ``f = warmup_factor + (1 - warmup_factor) * epoch / warmup_epochs`` during the warm-up, else 1.

@@ -146,7 +146,7 @@ def pairwise_distance(
 
 
 class VisiblePartDistance:
-    """Chunk function for BPBReID's visibility-aware part distance (reference §5.1, §8.2 item 9).
+    """Chunk function for BPBReID's visibility-aware part distance (bpbreid: ``torchreid/metrics/distance.py``).
 
     For query ``q`` and gallery ``g`` with part features ``q_k``, ``g_k`` (``K`` parts) and
     visibility scores ``v_k``::
@@ -168,7 +168,7 @@ class VisiblePartDistance:
     by gallery index like every tie).
 
     ``always_visible`` lists part indices (e.g. the global or foreground embedding) whose visibility
-    is forced to 1, as the reference requires.
+    is forced to 1, as the published distance does (bpbreid: ``torchreid/metrics/distance.py``).
     """
 
     def __init__(

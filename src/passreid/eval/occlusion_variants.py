@@ -1,6 +1,6 @@
 """TSD's holistic-query Occluded-Duke benchmark: the ALL / NPO / NTP evaluation variants.
 
-finetune-occluded.md §1.3, §2.5, §8.2 item 11 (TSD ``utils/metrics_new.py``). Every gallery image carries an
+TSD: ``utils/metrics_new.py``. Every gallery image carries an
 occlusion label: ``0`` holistic, ``1`` occluded by another pedestrian (non-target pedestrian, NTP), ``2``
 occluded by an object (non-pedestrian occlusion, NPO), ``3`` excluded (the holistic query images themselves,
 which are also in the gallery). On top of the usual same-pid-same-camera removal, the ranking of a query drops

@@ -1,6 +1,7 @@
 """Exact, query-chunked CMC / mAP / mINP under the Market-1501 protocol.
 
-Protocol (reference finetune-occluded.md §2.2, §2.3, §8.2), per query with pid ``p`` and camera ``c``:
+Protocol (TransReID / PASS-reID: utils/metrics.py ``eval_func``; mINP as fast-reid's
+``fastreid/evaluation/rank.py``), per query with pid ``p`` and camera ``c``:
 
 1. Rank the gallery by ascending distance. **Tie rule:** equal distances are ordered by gallery
    index (a stable sort by distance, then gallery index), so results are reproducible.
@@ -11,7 +12,7 @@ Protocol (reference finetune-occluded.md §2.2, §2.3, §8.2), per query with pi
    no numerator or denominator. If every query is skipped, :class:`EvaluationInputError` is raised.
 4. CMC: ``cmc[k] = 1`` if the first positive is within the top ``k + 1`` of the kept ranking, for
    ``k < min(max_rank, num_gallery)`` (truncated to the gallery size when the gallery is smaller
-   than ``max_rank``, as in the reference evaluators), averaged over valid queries.
+   than ``max_rank``, as in the published evaluators), averaged over valid queries.
 5. AP over the whole kept ranking: the mean of precision@position over the positives.
 6. INP = #positives / (1 + position of the last positive in the kept ranking); mINP = mean.
 

@@ -1,7 +1,7 @@
 """k-reciprocal re-ranking (Zhong et al., CVPR'17), sparse: ``O(N k)`` memory instead of ``O(N²)``.
 
-Reproduces the published ``re_ranking(probFea, galFea, k1=20, k2=6, lambda_value=0.3)`` (reference
-finetune-occluded §2.4; PASS ``utils/reranking.py``, Zhong's ``re_ranking_ranklist.py``). With
+Reproduces the published ``re_ranking(probFea, galFea, k1=20, k2=6, lambda_value=0.3)`` (PASS-reID:
+PASS_transreid/utils/reranking.py; Zhong's ``re_ranking_ranklist.py``). With
 ``N = Q + G`` rows (queries first) and ``D`` their squared Euclidean distances:
 
 1. The published code divides every column of ``D`` by its maximum and transposes. ``D`` is

@@ -8,8 +8,8 @@ Accepted inputs (``extract_backbone_state_dict``):
 
 (a) a PASS/DINO pre-training ``checkpoint.pth``: ``{"student": {"module.backbone.*", "module.head.*"},
     "teacher": {"backbone.*", "head.*"}, "optimizer", "epoch", "args", "dino_loss", ...}``
-    (pre-training reference §4.1); the ``teacher`` (default) or ``student`` backbone is taken;
-(b) a converted flat backbone state dict (``convert_model_dino.py`` output, reference §4.2);
+    (PASS-reID: PASS/main_pass.py, ``save_dict``); the ``teacher`` (default) or ``student`` backbone is taken;
+(b) a converted flat backbone state dict (PASS-reID: PASS/convert_model_dino.py output);
 (c) a passreid backbone export ``{"backbone": state_dict, "arch": ..., "img_size": ...,
     "patch_size": ..., "stride_size": ..., "num_part_tokens": ...}`` (see :func:`export_backbone`);
 (d) a timm / DINO / TransReID-SSL ViT state dict whose ``pos_embed`` (1, 1+N, D) has a [CLS] slot:
@@ -419,7 +419,7 @@ def export_backbone(model: nn.Module, arch: str, /, **metadata: Any) -> dict[str
 def infer_pretrain_grid(num_patches: int, hw_ratio: int = 2) -> tuple[int, int]:
     """Grid of a pretrained patch-only ``pos_embed`` with ``num_patches`` rows.
 
-    PASS/TransReID-SSL convention (fine-tuning reference §3.2): ``gs_h = int(sqrt(N * hw_ratio))``,
+    PASS/TransReID-SSL convention (PASS-reID: PASS_transreid/model/backbones/vit_pytorch.py, ``resize_pos_embed``): ``gs_h = int(sqrt(N * hw_ratio))``,
     ``gs_w = gs_h // hw_ratio`` (16x8 for N=128, hw_ratio=2). When that does not multiply back to N,
     a square grid (timm/ImageNet, e.g. 14x14) is tried.
     """

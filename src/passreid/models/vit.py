@@ -1,6 +1,6 @@
 """The one Vision Transformer of passreid: timm blocks plus the PASS [CLS]/[PART] token layout.
 
-Token layout (pre-training reference §2.1, fine-tuning reference §3.2):
+Token layout (PASS-reID: PASS/vision_transformer.py and PASS_transreid/model/backbones/vit_pytorch.py):
 
 * learnable tokens ``cls_token`` and ``part_token1..K`` (each ``(1, 1, D)``), each with its own
   learnable position vector ``cls_pos`` / ``part1_pos..partK_pos`` (each ``(1, 1, D)``);
@@ -50,7 +50,7 @@ class ViTArch:
 VIT_ARCHS: dict[str, ViTArch] = {
     # Small enough for unit tests and CPU demos; not a published architecture.
     "vit_tiny": ViTArch(embed_dim=192, depth=4, num_heads=3),
-    # DeiT-S / DINO / PASS ViT-S/16 (not TransReID's 768-d "vit_small", finetune reference §7.6).
+    # DeiT-S / DINO / PASS ViT-S/16 (not TransReID's 768-d "vit_small" of model/backbones/vit_pytorch.py).
     "vit_small": ViTArch(embed_dim=384, depth=12, num_heads=6),
     "vit_base": ViTArch(embed_dim=768, depth=12, num_heads=12),
 }
@@ -85,8 +85,8 @@ def interpolate_pos_grid(
 ) -> Tensor:
     """Resample patch position embeddings ``(1, h*w, D)`` to another grid, as PASS/DINO do.
 
-    Bicubic, ``align_corners=False``, driven by ``scale_factor=((new+0.1)/old)`` per axis (pre-training
-    reference §2.1): PyTorch maps output index i to source ``(i + 0.5) / scale - 0.5``, so even
+    Bicubic, ``align_corners=False``, driven by ``scale_factor=((new+0.1)/old)`` per axis (PASS-reID:
+    PASS/vision_transformer.py, ``interpolate_pos_encoding``): PyTorch maps output index i to source ``(i + 0.5) / scale - 0.5``, so even
     ``new_grid == old_grid`` gives a slightly shifted, not identical, grid.
     """
     old_h, old_w = old_grid
@@ -146,7 +146,7 @@ class VisionTransformer(nn.Module):
         num_part_tokens: number of [PART] tokens (PASS: 3; 0: plain [CLS]-only ViT).
         pass_interp_quirk: reproduce the published PASS pre-training behaviour of *always* resampling
             ``pos_embed`` (bicubic, scale ``(h+0.1)/h``), even when the token grid already matches
-            (pre-training reference §2.1/§7.8). Use ``True`` for pre-training fidelity. With ``False``
+            (PASS-reID: PASS/vision_transformer.py). Use ``True`` for pre-training fidelity. With ``False``
             (default; what the published fine-tuning code and TransReID-SSL do) positions are added
             unchanged when the grid matches ``pos_grid`` and resampled only when it differs.
         norm_eps: LayerNorm epsilon (1e-6 in all published PASS/DINO/TransReID ViTs).

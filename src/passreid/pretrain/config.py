@@ -1,6 +1,6 @@
 """Typed configuration of the PASS / DINO pre-training stage.
 
-Defaults are the published PASS recipe (pretrain-pass.md §1-§3, §5.1): ViT-S/16 on 256x128
+Defaults are the published PASS recipe (PASS-reID: PASS/script/vit-s_full_lup-pass.sh and PASS/main_pass.py): ViT-S/16 on 256x128
 globals and 128x64 locals, 2 + 9 views, four 65,536-way heads, AdamW with lr 5e-4 per 256
 images (linear warm-up over 10 epochs, cosine to 1e-6), weight decay 0.04 -> 0.4, teacher EMA
 0.996 -> 1, per-tensor clipping at 3.0, last layer frozen in epoch 0, 100 epochs, 128 images

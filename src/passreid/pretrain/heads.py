@@ -1,4 +1,5 @@
-"""DINO projection heads and the PASS four-head module (pre-training reference §2.2).
+"""DINO projection heads and the PASS four-head module (PASS-reID: PASS/vision_transformer.py,
+``DINOHead``).
 
 One head maps a token ``(.., D)`` to ``out_dim`` logits:
 ``Linear(D, 2048) -> GELU -> Linear(2048, 2048) -> GELU -> Linear(2048, 256)`` (no BatchNorm), L2

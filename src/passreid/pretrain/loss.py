@@ -1,4 +1,5 @@
-"""The PASS loss: DINO cross-entropy per token type, 44 equally weighted terms (reference §3.1).
+"""The PASS loss: DINO cross-entropy per token type, 44 equally weighted terms (PASS-reID: PASS/main_pass.py,
+``DINOLoss``).
 
 Notation: B images, K = ``out_dim`` logits, student temperature ``ts`` (0.1), teacher temperature
 ``tt(epoch)`` (0.04 constant by default), one centre ``c`` per token type (``cls``, ``pt1..3``).
@@ -230,7 +231,7 @@ class PASSLoss(nn.Module):
 
         ``stats`` (detached 0-d tensors unless noted): ``loss_<tok>`` (mean of that token type's
         terms), ``teacher_entropy_<tok>`` (mean per-image entropy of P_t), ``teacher_batch_entropy_<tok>``
-        (entropy of the batch-mean P_t; collapse diagnostics, reference §8.2), ``num_terms`` (int),
+        (entropy of the batch-mean P_t; collapse diagnostics, not in the published code), ``num_terms`` (int),
         ``teacher_temp`` (float).
         """
         self._check_inputs(student, teacher)

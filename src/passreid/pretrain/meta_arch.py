@@ -80,7 +80,7 @@ class PASSMetaArch(nn.Module):
     Args:
         arch: ViT name for :func:`passreid.models.build_vit` (``vit_tiny``, ``vit_small``, ``vit_base``).
         img_size: (H, W) of the global views (the position grid).
-        out_dim, hidden_dim, bottleneck_dim, norm_last_layer: head settings (reference §2.2).
+        out_dim, hidden_dim, bottleneck_dim, norm_last_layer: head settings (PASS/vision_transformer.py, ``DINOHead``).
         drop_path_rate: student stochastic depth (teacher: 0).
         mode: ``"pass"`` (3 part tokens, band locals) or ``"dino"`` (no part tokens, whole-image locals).
         loss_kwargs: extra :class:`PASSLoss` arguments (temperatures, ``total_epochs``, ...).
@@ -309,7 +309,7 @@ _LOSS_PREFIX = "loss."
 def to_published_layout(meta_state: Mapping[str, Tensor]) -> dict[str, dict[str, Tensor]]:
     """``PASSMetaArch.state_dict()`` -> ``{"student": {"module.<k>"}, "teacher": {k}, "dino_loss": {center_*}}``.
 
-    That is the published ``checkpoint.pth`` layout (reference §4.1) without optimizer/epoch/args.
+    That is the published ``checkpoint.pth`` layout (PASS-reID: PASS/main_pass.py, ``save_dict``) without optimizer/epoch/args.
     """
     out: dict[str, dict[str, Tensor]] = {"student": {}, "teacher": {}, "dino_loss": {}}
     for key, value in meta_state.items():

@@ -1,6 +1,6 @@
 """The PASS / DINO pre-training loop (dinov2-style: schedules indexed by iteration, one meta-architecture).
 
-One iteration (pretrain-pass.md §3.2, "per-iteration order"):
+One iteration, in the published order (PASS-reID: PASS/main_pass.py, ``train_one_epoch``):
 
 1. write this iteration's lr and weight decay into the AdamW groups (wd only where ``wd_multiplier`` is 1);
 2. ``PASSMetaArch.forward_backward`` under autocast: teacher on the 2 globals, student on all views,
@@ -85,7 +85,7 @@ def peak_learning_rate(cfg: PretrainConfig, world_size: int) -> float:
 def build_schedules(cfg: PretrainConfig, iters_per_epoch: int, world_size: int) -> Schedules:
     """lr: linear warm-up from 0 over ``optim.warmup_epochs``, then cosine to ``optim.min_lr``;
     weight decay: cosine ``weight_decay -> weight_decay_end``; teacher momentum: cosine
-    ``momentum_teacher -> momentum_teacher_end`` (pretrain-pass.md §3.2)."""
+    ``momentum_teacher -> momentum_teacher_end`` (PASS/utils.py ``cosine_scheduler``, as PASS/main_pass.py uses it)."""
     if iters_per_epoch < 1:
         raise ValueError(f"build_schedules: iters_per_epoch must be >= 1, got {iters_per_epoch}")
     total = cfg.train.epochs * iters_per_epoch

@@ -1,6 +1,7 @@
 """The Cluster-Contrast config (USL and UDA): the fine-tuning model/data sections plus clustering and memory.
 
-Defaults are the PASS ViT-S/16 Cluster-Contrast recipe for Market-1501 USL (cluster-contrast.md §3, §5):
+Defaults are the PASS ViT-S/16 Cluster-Contrast recipe for Market-1501 USL (PASS-reID: PASS_cluster_contrast_reid/market_usl_cat_singleneck.sh and
+examples/cluster_contrast_train_usl.py):
 single-neck ``cat`` head with L2-normalised BN-neck output, drop-path 0.3, P x K = 32 x 8 = 256, 200
 iterations per epoch, 50 epochs, SGD (momentum 0.9) lr 3.5e-4, weight decay 5e-4 on every trainable
 parameter, StepLR(20, 0.1) per epoch, no warm-up; k-reciprocal Jaccard (k1 30, k2 6) + DBSCAN (eps 0.6,
@@ -11,7 +12,7 @@ Recipes in ``configs/usl/`` and ``configs/uda/`` change only what differs (eps 0
 for MSMT17, multi-neck and a source model for UDA).
 
 UDA is the same loop started from a supervised model trained on the source domain (``model.init_from``,
-a ``finetune/`` ``model_final.pth``): no source images are read during adaptation (§4).
+a ``finetune/`` ``model_final.pth``): no source images are read during adaptation (PASS-reID's market_uda_cat.sh / msmt_uda_mean.sh).
 """
 from __future__ import annotations
 
@@ -68,7 +69,7 @@ class UslDataConfig(FinetuneDataConfig):
 
 @dataclass
 class ClusterConfig:
-    """Pseudo labels: k-reciprocal Jaccard distance + DBSCAN on the eval-mode train features (§1)."""
+    """Pseudo labels: k-reciprocal Jaccard distance + DBSCAN on the eval-mode train features."""
 
     eps: float = 0.6  # 0.6 Market-1501, 0.7 MSMT17 (PASS scripts)
     min_samples: int = 4
@@ -87,7 +88,7 @@ class ClusterConfig:
 
 @dataclass
 class MemoryConfig:
-    """Cluster memory: cross-entropy over all normalised centroids, momentum update inside backward (§2)."""
+    """Cluster memory: cross-entropy over all normalised centroids, momentum update inside backward (PASS-reID: PASS_cluster_contrast_reid/clustercontrast/models/cm.py)."""
 
     temperature: float = 0.05
     momentum: float = 0.2
@@ -96,7 +97,7 @@ class MemoryConfig:
 
 @dataclass
 class UslOptimConfig:
-    """SGD/Adam over every trainable parameter with a per-epoch step schedule (PASS cluster-contrast §3)."""
+    """SGD/Adam over every trainable parameter with a per-epoch step schedule (examples/cluster_contrast_train_usl.py)."""
 
     name: Literal["sgd", "adam", "adamw"] = "sgd"
     lr: float = 3.5e-4
@@ -120,7 +121,7 @@ class UslTrainConfig(FinetuneTrainConfig):
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "fp32"  # published: no AMP
     # >0: the BN necks normalise chunks of this many consecutive samples of the per-process batch, and only
     # the first chunk updates the running statistics: what nn.DataParallel did on the published 4-GPU
-    # (Market, 64 per GPU) / 2-GPU (MSMT17, 128) runs (cluster-contrast.md §8-4). 0 = the whole batch of
+    # (Market, 64 per GPU) / 2-GPU (MSMT17, 128) runs, whose BN statistics follow the GPU count. 0 = the whole batch of
     # this process (DDP: per rank, which is DataParallel's behaviour already).
     ghost_bn_size: int = 0
     log_period: int = 50

@@ -1,4 +1,4 @@
-"""Cluster memory of Cluster Contrast (cluster-contrast.md §2).
+"""Cluster memory of Cluster Contrast (PASS-reID: PASS_cluster_contrast_reid/clustercontrast/models/cm.py).
 
 The memory ``M`` (K x D) holds one L2-normalised prototype per pseudo-label cluster, rebuilt from the
 cluster centroids every epoch (:meth:`ClusterMemory.reset`). For a batch of features ``f`` with pseudo

@@ -2,7 +2,7 @@
 from a source-trained model is :mod:`passreid.uda.source`).
 
 The model is :class:`passreid.finetune.ReIDModel` (PASS head, ``normalize_necks`` on, ``neck_feat``
-``after``), so its eval forward is the published Cluster-Contrast feature (cluster-contrast.md §5) and a
+``after``), so its eval forward is the published Cluster-Contrast feature (PASS-reID: PASS_cluster_contrast_reid/clustercontrast/models/vision_transformer.py) and a
 ``model_final.pth`` written with the fine-tuning format loads in ``finetune/test.py``. During training it
 has no classifier (the cluster memory plays that role); the final file stores the last memory as the
 classifier of the final clusters.

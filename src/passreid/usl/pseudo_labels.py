@@ -1,6 +1,6 @@
 """One clustering step of Cluster Contrast: features -> Jaccard + DBSCAN -> pseudo labels and centroids.
 
-cluster-contrast.md §1: the eval-mode features of the whole target train set (in sample order) go through
+As the published loop (PASS-reID: PASS_cluster_contrast_reid/examples/cluster_contrast_train_usl.py): the eval-mode features of the whole target train set (in sample order) go through
 the k-reciprocal Jaccard distance and DBSCAN (:func:`passreid.cluster.dbscan_pseudo_labels`, the sparse,
 memory-bounded implementation, exact for ``eps < 1``); outliers (``-1``) are dropped for the epoch; the
 memory starts from the L2-normalised mean feature of every cluster, in label order.
@@ -38,7 +38,7 @@ class ClusterStats:
     num_outliers: int
     num_samples: int
     purity: float | None = None  # share of clustered samples whose true id is their cluster's majority id
-    ari: float | None = None  # adjusted Rand index over all samples, outliers as one class (reference §9)
+    ari: float | None = None  # adjusted Rand index over all samples, outliers as one class (passreid's own diagnostic; the published code logs no ARI)
     ari_clustered: float | None = None  # adjusted Rand index over the clustered samples only
     num_true_ids: int | None = None
 

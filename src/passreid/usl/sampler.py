@@ -1,6 +1,6 @@
 """P x K batches over pseudo labels with camera-diverse positives (the published RandomMultipleGallerySampler).
 
-cluster-contrast.md §3. One *pass* visits every pseudo identity once, in random order; for each identity:
+PASS-reID: PASS_cluster_contrast_reid/clustercontrast/utils/data/sampler.py. One *pass* visits every pseudo identity once, in random order; for each identity:
 
 1. a random anchor image is emitted;
 2. the identity's images from *other cameras* than the anchor's are candidates; if there are any, K − 1 of

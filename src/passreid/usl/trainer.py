@@ -1,4 +1,4 @@
-"""The Cluster-Contrast loop for USL and UDA (cluster-contrast.md §1, §4, §9).
+"""The Cluster-Contrast loop for USL and UDA (PASS-reID: PASS_cluster_contrast_reid/examples/cluster_contrast_train_usl.py).
 
 Per epoch: eval-mode features of the target train set (gathered in sample order under DDP) -> Jaccard +
 DBSCAN on rank 0 -> pseudo labels broadcast -> outliers dropped -> a fresh cluster memory from the
