@@ -1,7 +1,7 @@
 """Checkpoint conversion/loading, and the ViT forward pinned against a slow manual re-computation.
 
-A checkpoint is written in the published PASS pre-training key layout (pre-training reference §4.1)
-from random tensors whose shapes come from the reference, not from our model; after loading, the
+A checkpoint is written in the published PASS pre-training key layout (PASS-reID: PASS/main_pass.py,
+``save_dict``) from random tensors whose shapes are written out from the published code, not taken from our model; after loading, the
 model's outputs must equal a plain-torch forward computed directly from those tensors.
 """
 from __future__ import annotations
@@ -38,7 +38,7 @@ BLOCK_LAYERS = ("norm1", "attn.qkv", "attn.proj", "norm2", "mlp.fc1", "mlp.fc2")
 
 # --------------------------------------------------------------------- fixtures
 def pass_backbone_shapes(num_patches: int = 128) -> dict[str, tuple[int, ...]]:
-    """Backbone tensor shapes of a PASS ViT (reference §2.1/§4.1), written out independently."""
+    """Backbone tensor shapes of a PASS ViT (PASS-reID: PASS/vision_transformer.py), written out independently."""
     shapes: dict[str, tuple[int, ...]] = {
         "cls_token": (1, 1, DIM), "cls_pos": (1, 1, DIM), "pos_embed": (1, num_patches, DIM),
         "patch_embed.proj.weight": (DIM, 3, PATCH, PATCH), "patch_embed.proj.bias": (DIM,),

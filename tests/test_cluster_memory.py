@@ -1,4 +1,4 @@
-"""Cluster memory (cluster-contrast.md §2) against brute-force loops: update rules, update order, gradients."""
+"""Cluster memory (PASS-reID: PASS_cluster_contrast_reid/clustercontrast/models/cm.py) against brute-force loops: update rules, update order, gradients."""
 from __future__ import annotations
 
 import pytest

@@ -675,7 +675,8 @@ def test_cosine_schedule_matches_formula(total: int, warmup: int, start: float) 
 
 
 def test_cosine_schedule_pass_endpoints() -> None:
-    # pretrain-pass.md §3.2 / §8.2: lr 0 -> peak at the end of warm-up -> ~min_lr; wd 0.04 -> ~0.4
+    # PASS-reID: PASS/utils.py cosine_scheduler as PASS/main_pass.py calls it: lr 0 -> peak at the end of
+    # warm-up -> ~min_lr; wd 0.04 -> ~0.4
     niter, epochs, warmup_epochs = 10, 100, 10
     lr = cosine_schedule(2e-3, 1e-6, epochs * niter, warmup_iters=warmup_epochs * niter)
     assert lr[0] == 0.0 and lr[warmup_epochs * niter - 1] == 2e-3 and lr[warmup_epochs * niter] == 2e-3

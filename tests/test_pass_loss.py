@@ -29,7 +29,7 @@ def random_outputs(batch: int, out_dim: int, num_local: int, num_parts: int = 3,
 
 
 def slow_reference_loss(student, teacher, centers, student_temp, teacher_temp):
-    """The published double loop, written out term by term from the formula (reference §3.1)."""
+    """The published double loop, written out term by term from the formula (PASS-reID: PASS/main_pass.py, ``DINOLoss``)."""
     batch = student.batch_size
     total, count = 0.0, 0
     per_token_counts = []

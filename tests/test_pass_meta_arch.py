@@ -101,7 +101,7 @@ def test_pass_head_has_published_key_layout():
         assert set(PASSHead(32, OUT_DIM, num_parts=0).state_dict()) == {k for k in keys if "cls" in k}
         head = PASSHead(384, 65536, num_parts=1)
     per_token = sum(p.numel() for n, p in head.named_parameters() if n.endswith("cls") or "_cls." in n)
-    assert per_token == 22_352_128  # reference §2.2, ViT-S
+    assert per_token == 22_352_128  # one DINOHead branch of PASS-reID: PASS/vision_transformer.py, ViT-S
 
 
 def test_head_mlp_shape_and_normalisation():
@@ -181,7 +181,7 @@ def test_student_outputs_match_the_published_slicing(meta):
     torch.testing.assert_close(cls, torch.cat([r[0] for r in reference]), rtol=1e-4, atol=1e-5)
     for k in range(3):
         torch.testing.assert_close(parts[k], torch.cat([reference[0][k + 1], reference[k + 1][1]]), rtol=1e-4, atol=1e-5)
-    # Teacher: 4 tensors of (2B, K) (reference §8.2 A, B = 4).
+    # Teacher: one (2B, K) tensor per token type, [CLS] and the 3 parts, for the two global views.
     with torch.no_grad():
         t_cls, t_parts = meta.teacher([(torch.cat(views[:2]), None)])
     assert [t.shape for t in [t_cls, *t_parts]] == [(2 * batch, OUT_DIM)] * 4
@@ -205,7 +205,7 @@ def _grad_is_zero(param: torch.Tensor) -> bool:
 
 def test_band_view_gradient_reaches_only_its_part_token(meta):
     """Backpropagate only the outputs of band-0 local views: part tokens 2 and 3 and their heads
-    must get no gradient (reference §8.2 A)."""
+    must get no gradient: a band view carries only its own part token."""
     batch = 2
     cls, parts = meta.student(meta.student_view_groups(make_views(batch)))
     band0 = slice(2 * batch, 5 * batch)  # rows of the band-0 views in cls and in pt1

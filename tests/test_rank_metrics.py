@@ -1,7 +1,8 @@
 """Exactness of the chunked rank metrics and of the visibility-aware part distance.
 
 The fast evaluator is compared with ``reference_rank_metrics``, a slow per-query numpy version
-written straight from the Market-1501 protocol (finetune-occluded reference §2.2, §2.3, §8.2).
+written straight from the Market-1501 protocol (as PASS-reID: PASS_transreid/utils/metrics.py ``eval_func``;
+mINP as fast-reid: fastreid/evaluation/rank.py).
 """
 from __future__ import annotations
 

@@ -119,7 +119,7 @@ def test_sampler_rejects_outliers():
 
 
 def _blobs(num_ids=30, per_id=10, dim=64, noise=1.0, seed=0):
-    """Reference §9 sanity test A: unit centres plus isotropic noise of norm ~noise, normalised."""
+    """Well-separated identity blobs: unit centres plus isotropic noise of norm ~noise, normalised."""
     gen = torch.Generator().manual_seed(seed)
     centres = F.normalize(torch.randn(num_ids, dim, generator=gen), dim=1)
     ids = torch.arange(num_ids).repeat_interleave(per_id)
@@ -142,7 +142,8 @@ def test_clustering_step_recovers_blobs():
 
 
 def _multi_neck_like(seed: int = 0) -> tuple[torch.Tensor, np.ndarray]:
-    """Blobs with the row norms of the multi-neck ``cat`` feature (in [1, sqrt 2], cluster-contrast.md §5)."""
+    """Blobs with the row norms of the multi-neck ``cat`` feature (in [1, sqrt 2]; PASS-reID:
+    PASS_cluster_contrast_reid/clustercontrast/models/vision_transformer.py with ``--multi-neck``)."""
     feats, ids = _blobs()
     scale = torch.empty(len(feats), 1).uniform_(1.0, 2 ** 0.5, generator=torch.Generator().manual_seed(seed))
     return feats * scale, ids
@@ -226,7 +227,8 @@ def test_centroids_ignore_outliers():
 
 
 def _published_feature(tokens, head, fusion, multi_neck):
-    """cluster-contrast.md §5 table, written out."""
+    """The published feature of each neck / fusion mode, written out (PASS-reID:
+    PASS_cluster_contrast_reid/clustercontrast/models/vision_transformer.py)."""
     cls, parts = tokens[:, 0], tokens[:, 1:4]
     p_mean = parts.mean(1)
     if not multi_neck:

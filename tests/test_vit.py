@@ -19,7 +19,8 @@ def tiny(**kwargs) -> VisionTransformer:
 
 
 def pass_parameter_names(depth: int, num_part_tokens: int = 3) -> set[str]:
-    """Backbone parameter names of the published PASS ViT (pre-training reference §4.1)."""
+    """Backbone parameter names of the published PASS ViT (PASS-reID: PASS/vision_transformer.py, as
+    PASS/convert_model_dino.py writes them)."""
     names = {"cls_token", "cls_pos", "pos_embed", "patch_embed.proj.weight", "patch_embed.proj.bias",
              "norm.weight", "norm.bias"}
     for i in range(1, num_part_tokens + 1):
@@ -38,7 +39,8 @@ def count_parameters(arch: str, **kwargs) -> int:
 
 # ------------------------------------------------------------------ architecture
 def test_parameter_counts_match_reference_values():
-    # Pre-training reference §2.1 [computed]: backbone with 3 part tokens at 256x128, patch 16.
+    # Counted from the parameter shapes of PASS-reID: PASS/vision_transformer.py (vit_small / vit_base):
+    # backbone with 3 part tokens at 256x128, patch 16.
     assert count_parameters("vit_small") == 21_641_856
     assert count_parameters("vit_base") == 85_751_040
     # Dropping the 3 part tokens and their positions removes 6 * D parameters.

@@ -2,7 +2,8 @@
 
 Features come from :func:`passreid.eval.features.extract_features` (eval mode, gathered by sample
 index under DDP), metrics from :func:`passreid.eval.rank_metrics` (Rank-k, mAP, mINP on L2-normalised
-features unless ``eval.feat_norm`` is false, squared Euclidean distance: finetune-occluded.md §2.1)
+features unless ``eval.feat_norm`` is false, squared Euclidean distance, as
+PASS-reID: PASS_transreid/utils/metrics.py, ``R1_mAP_eval``)
 and, when ``eval.rerank`` is set, from k-reciprocal re-ranking with the configured ``k1, k2, lambda``.
 """
 from __future__ import annotations

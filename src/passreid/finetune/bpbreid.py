@@ -1,4 +1,5 @@
-"""BPBReID (Somers et al., WACV'23): ``method: bpbreid`` (finetune-occluded.md §5.1).
+"""BPBReID (Somers et al., WACV'23): ``method: bpbreid`` (bpbreid: torchreid/models/bpbreid.py,
+torchreid/losses/GiLt_loss.py, torchreid/metrics/distance.py).
 
 * **Spatial features** ``F (N, C, h, w)``, from ``model.arch``:
   - ``hrnet_w32`` / ``resnet50``: the published backbones (:mod:`passreid.models.cnn`): HRNet-W32's four

@@ -1,6 +1,7 @@
 """The fine-tuning config: the shared sections plus what supervised re-ID fine-tuning adds.
 
-Defaults are the PASS ViT-S/16 recipe (finetune-occluded.md §0, §3.3, §4): PASS head with four BN
+Defaults are the PASS ViT-S/16 recipe (PASS-reID: PASS_transreid/configs/market/vit_small.yml and
+model/make_model.py, ``build_transformer_pass``): PASS head with four BN
 necks and ``cat`` fusion, pre-BN test feature, CE (no label smoothing) + soft-margin batch-hard
 triplet 1:1, SGD lr 4e-4 with 20 warm-up epochs and cosine to 0.002x over 120 epochs, PASS's
 end-of-epoch scheduler stepping. Recipes in ``configs/finetune/`` change only what differs.
@@ -41,7 +42,8 @@ class FinetuneModelConfig(ModelConfig):
     feat_fusion: Literal["cat", "mean"] = "cat"  # PASS: cat(CLS, mean(P)) (2D) or (CLS + mean(P)) / 2 (D)
     multi_neck: bool = True  # PASS: one BN per token (MULTI_NECK); false: one BN over the fused vector
     # L2-normalise every BN-neck output before fusing them (the post-BN feature of PASS Cluster Contrast,
-    # cluster-contrast.md §5); false: fuse the raw BN outputs (supervised PASS/TransReID).
+    # PASS-reID: PASS_cluster_contrast_reid/clustercontrast/models/vision_transformer.py); false: fuse the raw
+    # BN outputs (supervised PASS/TransReID).
     normalize_necks: bool = False
     neck_feat: Literal["before", "after"] = "before"  # test feature: pre-BN (all ViT recipes) or post-BN
     sie_camera: bool = False  # TransReID side information embedding of the camera id
@@ -80,7 +82,7 @@ class FinetuneDataConfig(DataConfig):
     pixel_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     pixel_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
     # ColorJitter(brightness, contrast, saturation, hue) right after the resize; [] = off. DPM's Occluded-REID
-    # recipe uses [0.3, 0.3, 0.2, 0.2] (finetune-occluded.md §4.4).
+    # recipe uses [0.3, 0.3, 0.2, 0.2] (DPM: datasets/make_dataloader.py, a line to un-comment for Occluded-REID).
     color_jitter: list[float] = field(default_factory=list)
     # Occluder paste (passreid.data.occluders): a folder of RGBA cut-outs (*.png; the demo world's occluders/,
     # or tools/prepare_occluders.py's output); "" = off. Pasted with probability occluder_p,
@@ -114,7 +116,7 @@ class LossConfig:
 
 @dataclass
 class DPMConfig:
-    """Dynamic Prototype Mask (``method: dpm``; finetune-occluded.md §5.2). Unused by other methods."""
+    """Dynamic Prototype Mask (``method: dpm``; DPM: configs/OCC_Duke/dpm.yml). Unused by other methods."""
 
     mask_blocks: list[int] = field(default_factory=lambda: [2, 4, 10, 12])  # 1-based blocks feeding the mask generator
     orth_weight: float = 0.1  # weight of the orthogonality loss (0.01 for the Occluded-REID recipe)
@@ -125,7 +127,8 @@ class DPMConfig:
 
 @dataclass
 class BPBReIDConfig:
-    """BPBReID (``method: bpbreid``; finetune-occluded.md §5.1). Defaults are the published GiLt recipe."""
+    """BPBReID (``method: bpbreid``). Defaults are the published GiLt recipe (bpbreid:
+    configs/bpbreid/bpbreid_occ_duke_train.yaml over torchreid/scripts/default_config.py)."""
 
     dim_reduce: int = 512  # Linear(C, 512) + BN + ReLU after pooling, one per embedding type
     id_weight_global: float = 1.0  # GiLt: identity (CE, label smoothing) on global, foreground, concat-parts
@@ -154,7 +157,7 @@ class PassPartsConfig:
 
 @dataclass
 class TSDConfig:
-    """Teacher-Student Decoder (``method: tsd``; finetune-occluded.md §5.3). Defaults are the published recipe."""
+    """Teacher-Student Decoder (``method: tsd``). Defaults are the published recipe (TSD: run_tsd.sh)."""
 
     decoder_heads: int = 8  # heads of the decoder's self- and cross-attention
     ffn_ratio: int = 4  # decoder FFN width = ffn_ratio x D
@@ -176,7 +179,7 @@ class TSDConfig:
 
 @dataclass
 class DPEFormerConfig:
-    """DPEFormer (``method: dpeformer``; finetune-occluded.md §5.4). Defaults are the paper's method."""
+    """DPEFormer (``method: dpeformer``; arXiv 2402.10435). Defaults are the paper's method."""
 
     # Global token g of DPSM/FBM and of the global classifier: "cls" = [CLS] (paper); "first_patch" = the first
     # patch token x[:, 1] after the final LN (what the released code takes).
@@ -203,7 +206,11 @@ class DPEFormerConfig:
 
 @dataclass
 class FinetuneOptimConfig(OptimConfig):
-    """Shared optimiser fields plus the scheduler stepping convention (finetune-occluded.md §4.3)."""
+    """Shared optimiser fields plus the scheduler stepping convention.
+
+    TransReID steps the scheduler at the start of each epoch (TransReID: processor/processor.py), PASS at its
+    end (PASS-reID: PASS_transreid/processor/processor.py).
+    """
 
     # "pass": epoch e (0-based) runs at the schedule value of e (step at epoch end; epoch 1 at warmup_lr_init).
     # "transreid": epoch e runs at the value of e + 1 (step(epoch) at the start of epochs 1..E).

@@ -115,7 +115,8 @@ def load_finetune_data(cfg: FinetuneConfig) -> FinetuneData:
 
 
 def build_train_set(items: list[ImageItem], cfg: FinetuneConfig) -> ImageDataset:
-    """Training images with the TransReID-family augmentation (finetune-occluded.md §4.4)."""
+    """Training images with the TransReID-family augmentation (PASS-reID:
+    PASS_transreid/datasets/make_dataloader.py; the same in TransReID and DPM)."""
     data = cfg.data
     from passreid.finetune.methods import get_method  # the registry imports the method modules
 

@@ -1,6 +1,7 @@
 """DPEFormer (Zhang et al., arXiv 2402.10435), as the fine-tuning method ``method: dpeformer``.
 
-finetune-occluded.md §5.4, checked against the released code (``dpe:``). The paper's method is the default;
+Checked against the released code (DPEFormer, zhangxin06/DPEFormer: model/make_model_zx.py,
+model/backbones/vit_pytorch.py, model/hm.py, datasets/bases.py). The paper's method is the default;
 three switches reproduce the released code where it differs:
 
 * ``dpeformer.global_token``: ``cls`` (paper: the [CLS] token) or ``first_patch`` (the released code's ``x[:, 1]``,

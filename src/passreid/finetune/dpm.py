@@ -1,6 +1,7 @@
 """DPM, Dynamic Prototype Mask (Tan et al., ACM MM 2022), as the fine-tuning method ``method: dpm``.
 
-finetune-occluded.md §5.2 (checked against the official code, ``dpm:``). On the TransReID-style ViT
+Follows the official code (DPM, stone96123/DPM: model/backbones/vit_pytorch.py, model/make_model.py,
+loss/make_loss.py, processor/processor.py, utils/metrics.py). On the TransReID-style ViT
 (plain [CLS] head, optional camera SIE, no JPM):
 
 * **Hierarchical mask generator** (:class:`HierarchicalMaskGenerator`): the patch tokens after the blocks
@@ -314,7 +315,7 @@ def build_dpm_model(cfg: FinetuneConfig, num_classes: int, num_cameras: int, loa
     """DPM on the ViT of ``cfg.model`` (plain [CLS] head; SIE when ``model.sie_camera``; JPM not supported)."""
     model = cfg.model
     if model.jpm:
-        raise ValueError("method dpm runs without JPM (finetune-occluded.md §5.2): set model.jpm=false")
+        raise ValueError("method dpm runs without JPM (the published DPM model has no JPM branch): set model.jpm=false")
     if model.head != "cls":
         raise ValueError("method dpm uses the plain [CLS] head: set model.head=cls (and num_part_tokens: 0 for the "
                          "published TransReID layout)")

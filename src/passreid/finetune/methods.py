@@ -64,7 +64,8 @@ class SecondPass:
     """Parameters the main optimizer leaves alone, stepped by ``optimizer`` in a second pass of each iteration.
 
     After the main step the trainer recomputes the forward and the loss and steps only these parameters
-    (gradients of the same loss, no learning-rate schedule); DPM's mask generator (finetune-occluded.md §5.2).
+    (gradients of the same loss, no learning-rate schedule); DPM's mask generator (DPM: processor/processor.py,
+    solver/make_optimizer.py).
     """
 
     names: frozenset[str]  # parameter names of the (unwrapped) model

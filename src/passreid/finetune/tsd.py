@@ -1,6 +1,7 @@
 """TSD, Teacher-Student Decoder (Gao et al., ICASSP'24), as the fine-tuning method ``method: tsd``.
 
-finetune-occluded.md §5.3, checked against the official code (``tsd:``). On the passreid ViT (plain [CLS]):
+Checked against the official code (TSD, hh23333/TSD: model/tsd.py, model/neck/decoder.py,
+processor/processor_tsd.py, loss/make_loss.py). On the passreid ViT (plain [CLS]):
 
 * **Backbone split.** ``share`` = tokens after all blocks but the last (no LN). ``b1`` = the last block + the
   final LN (TransReID's ``b1`` is a copy of them; the backbone's own copies are otherwise unused, so they serve

@@ -1,4 +1,5 @@
-"""Fine-tuning losses: identity cross-entropy and batch-hard triplet (finetune-occluded.md §4.1).
+"""Fine-tuning losses: identity cross-entropy and batch-hard triplet (PASS-reID:
+PASS_transreid/loss/make_loss.py, loss/triplet_loss.py; the same in TransReID).
 
 A model's training output is a :class:`ReIDTrainOutput`: one or more *branches* (the global head,
 plus e.g. JPM's local heads), each with classifier logits (computed on post-BN features) and the

@@ -1,6 +1,8 @@
 """Re-ID model for fine-tuning: the passreid ViT, BNNeck heads, optional SIE and JPM.
 
-finetune-occluded.md §3.3 (necks), §3.4 (SIE, JPM), §2.1 (test features). Module names, used by the
+Necks and test features as PASS-reID: PASS_transreid/model/make_model.py (``build_transformer_pass``) and
+TransReID: model/make_model.py (BNNeck, JPM's ``build_transformer_local``); SIE as TransReID:
+model/backbones/vit_pytorch.py. Module names, used by the
 published-checkpoint mapping (:mod:`passreid.finetune.checkpoints`):
 
 * ``backbone``: :class:`passreid.models.VisionTransformer`;

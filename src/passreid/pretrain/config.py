@@ -38,7 +38,8 @@ class PretrainDataConfig:
     # open + two reads each, on every (re)start; false leaves it out (damaged files then fail when sampled).
     check_images: bool = True
     pin_memory: bool = True  # only used on CUDA
-    # Where the multi-crop runs. cpu: the published PIL pipeline in the loader workers (the reference).
+    # Where the multi-crop runs. cpu: the published PIL pipeline in the loader workers (PASS-reID: PASS/main_pass.py,
+    # DataAugmentationDINO).
     # gpu: workers only decode and draw the random parameters (the same draws); crops, colour, blur and
     # normalisation run batched on train.device (passreid.data.device_multicrop; on a CPU device, on the CPU).
     augment_on: Literal["cpu", "gpu"] = "cpu"
