@@ -37,7 +37,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import numpy as np
 from torch.utils.data import Dataset, Sampler
 
-from passreid.engine.seeding import derive_seed, seeded_global_rngs
+from passreid.seeding import derive_seed, seeded_global_rngs
 
 # Keeps the per-sample augmentation streams apart from other streams derived from the same base seed.
 _SAMPLE_SEED_PURPOSE = 2

@@ -82,7 +82,7 @@ from passreid.engine.preemption import (
 )
 from passreid.engine.schedules import (WarmupCosineLR, apply_schedule, cosine_schedule, save_schedules,
                                        warmup_cosine_lr)
-from passreid.engine.seeding import (
+from passreid.seeding import (
     capture_rng_state,
     derive_seed,
     gather_rng_states,

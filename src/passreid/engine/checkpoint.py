@@ -16,7 +16,7 @@ key            content
 ``scaler``     ``GradScaler.state_dict()`` (fp16 runs only)
 ``epoch``      the epoch in progress, 0-based
 ``iteration``  optimizer steps completed so far = index of the next step
-``rng``        list of :func:`~passreid.engine.seeding.capture_rng_state` dicts, index = rank
+``rng``        list of :func:`~passreid.seeding.capture_rng_state` dicts, index = rank
 ``sampler``    the sampler position (its ``state_dict()``, or a plain dict from the loop)
 ``config``     the resolved config as a plain dict (``passreid.config.config_to_dict(cfg)``)
 ``extra``      stage-specific picklable state (teacher temperature, pseudo labels, best mAP, ...)
@@ -53,7 +53,7 @@ import torch
 from torch import nn
 
 from passreid.engine.output import CHECKPOINT_FILE
-from passreid.engine.seeding import capture_rng_state, restore_rng_state, seed_everything
+from passreid.seeding import capture_rng_state, restore_rng_state, seed_everything
 
 logger = logging.getLogger(__name__)
 
@@ -415,7 +415,7 @@ def build_checkpoint(
     """Assemble the checkpoint dict described in the module docstring.
 
     ``rng_states`` defaults to this process's state only. For exact multi-rank resume pass
-    :func:`~passreid.engine.seeding.gather_rng_states()` (a collective: call it on every rank).
+    :func:`~passreid.seeding.gather_rng_states()` (a collective: call it on every rank).
     """
     if config is not None and not isinstance(config, Mapping):
         raise TypeError(

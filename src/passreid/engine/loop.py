@@ -28,7 +28,7 @@ from passreid.engine import (Checkpointer, MetricsWriter, PreemptionGuard, Progr
                              seed_everything, select_device, setup_logging)
 from passreid.engine.logger import run_position
 from passreid.engine.preemption import PreemptibleDataLoader
-from passreid.engine.seeding import worker_init_fn
+from passreid.seeding import worker_init_fn
 
 __all__ = ["EpochTrainer", "build_train_loader", "loader_generator", "torch_threads"]
 

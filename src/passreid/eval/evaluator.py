@@ -22,7 +22,7 @@ from passreid.data import ImageItem, ReIDDataset
 from passreid.data.samplers import ImageDataset, ShardSampler
 from passreid.data.transforms import build_test_transform
 from passreid.engine.preemption import PreemptibleDataLoader
-from passreid.engine.seeding import worker_init_fn
+from passreid.seeding import worker_init_fn
 from passreid.eval.distance import DistanceChunkFn
 from passreid.eval.features import ExtractedFeatures, extract_features
 from passreid.eval.rank import RankResult, rank_metrics, rank_metrics_from_distance
