@@ -23,6 +23,7 @@ ROWS: list[tuple[str, list[str]]] = [
     ("cluster_market", ["bench_cluster.py", "--scale", "market"]),
     ("cluster_msmt17", ["bench_cluster.py", "--scale", "msmt17"]),
     ("cluster_200k", ["bench_cluster.py", "--scale", "200k"]),
+    ("knn", ["bench_knn.py"]),
     ("pretrain_step", ["bench_pretrain_step.py"]),
     ("multicrop_loading", ["bench_multicrop_loading.py"]),
     ("finetune_vit_small_256x128_cpu", ["bench_finetune.py"]),

@@ -8,12 +8,18 @@ Two backends give the same neighbours (exact search, float32):
   above the row's current k-th best. The squared Euclidean distance is ``||x_i||² − score``, so the
   largest scores are the nearest points. Memory is a few ``block x block`` arrays, never ``N x N``.
   Runs on ``device`` (CUDA when available).
-* ``"faiss"``: ``faiss.IndexFlatL2`` / ``IndexFlatIP``, moved to all GPUs when faiss was built with
-  GPU support and CUDA is available. faiss is imported only here, so it stays optional.
+* ``"faiss"``: ``faiss.IndexFlatL2`` / ``IndexFlatIP``, moved to all GPUs when ``device`` is CUDA and
+  faiss was built with GPU support (the ``gpu`` extra installs ``faiss-gpu``); on the CPU it runs
+  with torch's thread count. faiss is imported only here, so it stays optional.
 
-``backend="auto"`` picks faiss only when faiss has GPUs, torch otherwise: on CPU, torch's matmul +
-``topk`` measured about 4x faster than ``IndexFlatL2`` (12,936 x 768, 2 cores: 0.46 s vs 1.7 s per
-4,096 queries), and on GPU the two are comparable.
+``backend="auto"`` (:func:`resolve_knn_backend`): faiss when it is installed and either has GPUs
+(and the search is not pinned to the CPU) or the search runs on the CPU with more than one torch
+thread; torch otherwise (faiss missing, one CPU thread, or a CUDA device that faiss cannot use).
+Measured with ``bench/bench_knn.py`` on the 2-core development machine (faiss-cpu 1.15.1, k = 30,
+exact same neighbour sets from both): with one thread torch is slightly faster (12,936 x 768:
+2.96 s vs 3.16 s; 32,621 x 384: 8.3 s vs 10.3 s); with two threads on the shared machine torch
+degrades to 8.4 s and 46 s while faiss takes 3.8 s and 13.4 s (2.2-3.7x faster). The figures and the
+command are in ``bench/README.md``.
 
 **Ties.** Neighbours at exactly equal distance may come back in a different order from the two
 backends (and the order of equal distances is unspecified in both); the sets of distances agree up
@@ -59,9 +65,10 @@ def knn(
     k = _checked_k(k, x.shape[0])
     if metric not in _METRICS:
         raise EvaluationInputError(f"unknown kNN metric {metric!r}; expected one of {_METRICS}")
-    if resolve_knn_backend(backend) == "faiss":
-        return _faiss_knn(x, k, metric)
-    dist, idx, _ = _torch_knn(x, k, metric, resolve_device(device), memory_budget_mb, want_farthest=False)
+    target = resolve_device(device)
+    if resolve_knn_backend(backend, target) == "faiss":
+        return _faiss_knn(x, k, metric, use_gpus=target.type == "cuda")
+    dist, idx, _ = _torch_knn(x, k, metric, target, memory_budget_mb, want_farthest=False)
     return dist, idx
 
 
@@ -86,8 +93,11 @@ def knn_with_farthest(
     return dist, idx, farthest
 
 
-def resolve_knn_backend(backend: Backend) -> Literal["faiss", "torch"]:
-    """Resolve ``"auto"`` (faiss only when it has GPUs and CUDA is available) and check the name."""
+def resolve_knn_backend(backend: Backend, device: str | torch.device | None = None) -> Literal["faiss", "torch"]:
+    """Check the backend name and resolve ``"auto"`` for a search on ``device`` (``None``: CUDA when
+    available, else the CPU), as the module docstring says: faiss when it is installed and has GPUs
+    (unless ``device`` is the CPU), or when the search runs on the CPU with more than one torch thread;
+    torch otherwise."""
     if backend not in _BACKENDS:
         raise EvaluationInputError(f"unknown kNN backend {backend!r}; expected one of {_BACKENDS}")
     if backend != "auto":
@@ -96,8 +106,20 @@ def resolve_knn_backend(backend: Backend) -> Literal["faiss", "torch"]:
         import faiss
     except ImportError:
         return "torch"
-    has_gpu = hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0 and torch.cuda.is_available()
-    return "faiss" if has_gpu else "torch"
+    target = resolve_device(device)
+    if target.type == "cuda":
+        return "faiss" if _faiss_gpus(faiss) > 0 else "torch"
+    if target.type == "cpu":
+        # faiss-cpu loses ~5-20 % to torch on one thread and wins 2-4x on two (bench/bench_knn.py).
+        return "faiss" if torch.get_num_threads() > 1 else "torch"
+    return "torch"  # another accelerator (e.g. mps): torch runs there, faiss does not
+
+
+def _faiss_gpus(faiss) -> int:
+    """GPUs faiss can use: 0 for a CPU build (no ``get_num_gpus``) or when CUDA is unavailable."""
+    if not hasattr(faiss, "get_num_gpus") or not torch.cuda.is_available():
+        return 0
+    return int(faiss.get_num_gpus())
 
 
 def _checked_k(k: int, num_rows: int) -> int:
@@ -228,17 +250,27 @@ def _torch_knn(
     return best_score.cpu(), top.index.cpu(), farthest
 
 
-def _faiss_knn(x: torch.Tensor, k: int, metric: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _faiss_knn(x: torch.Tensor, k: int, metric: str, *, use_gpus: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact search with a flat faiss index; on all of faiss's GPUs when ``use_gpus`` and it has any."""
     try:
         import faiss
     except ImportError as exc:
         raise ImportError("backend='faiss' needs the faiss package (pip install faiss-cpu or faiss-gpu)") from exc
     data = np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32)
     index = faiss.IndexFlatL2(data.shape[1]) if metric == "sqeuclidean" else faiss.IndexFlatIP(data.shape[1])
-    if hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0 and torch.cuda.is_available():
+    on_gpu = use_gpus and _faiss_gpus(faiss) > 0
+    if on_gpu:
         index = faiss.index_cpu_to_all_gpus(index)
-    index.add(data)
-    dist, idx = index.search(data, k)
+    # On the CPU faiss uses as many threads as torch does (its own default is every core).
+    previous_threads = None if on_gpu else faiss.omp_get_max_threads()
+    if previous_threads is not None:
+        faiss.omp_set_num_threads(torch.get_num_threads())
+    try:
+        index.add(data)
+        dist, idx = index.search(data, k)
+    finally:
+        if previous_threads is not None:
+            faiss.omp_set_num_threads(previous_threads)
     if metric == "sqeuclidean":
         dist = np.maximum(dist, 0.0)
     return torch.from_numpy(np.ascontiguousarray(dist, dtype=np.float32)), torch.from_numpy(idx.astype(np.int64))
