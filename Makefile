@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 DEMO_DIR ?= runs/demo
 
-.PHONY: venv demo test bench clean
+.PHONY: venv demo test bench gpu-check clean
 
 venv: $(VENV)/.installed
 
@@ -23,6 +23,11 @@ test: venv
 
 bench: venv
 	$(PY) bench/run_all.py
+
+# On a GPU machine, with the interpreter that has the CUDA build of torch (not .venv): under 8 minutes.
+# GPU_CHECK_ARGS, e.g. --dry-run, --wheels DIR, --archive FILE.tar.gz (bench/README.md).
+gpu-check:
+	PYTHON="$(PYTHON)" bash bench/gpu_check.sh $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf $(VENV) runs

@@ -24,7 +24,8 @@ with other load on the machine), after one untimed pass over the files (page cac
 * ``cpu_share_ratio``: published / device_worker CPU-ms per sample (issue 16 asks for >= 5).
 
 Then the wall-clock samples/s of each path through a ``DataLoader`` with ``--workers`` worker
-processes and the trainer's collate functions (``loader_samples_s``); for the device path the views
+processes and the trainer's collate functions (``loader`` in the JSON): with ``--loader-epochs`` N > 1
+the first pass is untimed (worker start-up) and passes 2..N are timed; for the device path the views
 are made by ``BatchedMultiCrop`` on ``--device`` (on the CPU that runs in this process and is not what
 a GPU run sees: use ``--device cuda`` for the GPU figure). Writes ``bench/results/multicrop_loading.json``.
 """
@@ -106,16 +107,19 @@ def profile_shares(function, count: int, top: int = 8) -> dict[str, float]:
     return {f"{Path(file).name}:{name}": round(values[2] / total, 3) for (file, _, name), values in ranked}
 
 
-def loader_rate(dataset: MultiCropDataset, collate, workers: int, batch: int, on_batch=None) -> float:
-    """Wall-clock samples/s of one pass through a DataLoader (worker start-up included)."""
+def loader_rate(dataset: MultiCropDataset, collate, workers: int, batch: int, epochs: int, on_batch=None) -> float:
+    """Wall-clock samples/s through a DataLoader with persistent workers: with ``epochs`` > 1 the first pass
+    is untimed (worker start-up) and the others are timed; with 1 the single pass is timed, start-up included."""
     loader = DataLoader(dataset, batch_size=batch, num_workers=workers, collate_fn=collate, shuffle=False,
-                        persistent_workers=False, pin_memory=torch.cuda.is_available())
-    start = time.perf_counter()
-    seen = 0
-    for item in loader:
-        if on_batch is not None:
-            on_batch(item)
-        seen += len(item["index"])
+                        persistent_workers=workers > 0, pin_memory=torch.cuda.is_available())
+    seen, start = 0, time.perf_counter()
+    for epoch in range(epochs):
+        if epoch == 1:
+            seen, start = 0, time.perf_counter()
+        for item in loader:
+            if on_batch is not None:
+                on_batch(item)
+            seen += len(item["index"])
     return seen / (time.perf_counter() - start)
 
 
@@ -147,9 +151,10 @@ def measure_size(items: list[ImageItem], augmentation: MultiCropAugmentation, ar
             torch.cuda.synchronize(device)
 
     torch.set_num_threads(args.device_threads)
-    loader = {"published_samples_s": round(loader_rate(published, collate_views, args.workers, args.batch), 1),
+    loader = {"published_samples_s": round(loader_rate(published, collate_views, args.workers, args.batch,
+                                                       args.loader_epochs), 1),
               "device_path_samples_s": round(loader_rate(device_side, collate_device_samples, args.workers,
-                                                         args.batch, make_views), 1)}
+                                                         args.batch, args.loader_epochs, make_views), 1)}
     torch.set_num_threads(1)
     return {
         "image_size_wh": [width, height],
@@ -159,7 +164,8 @@ def measure_size(items: list[ImageItem], augmentation: MultiCropAugmentation, ar
         "device_worker": {**gpu_path, "samples_per_core_s": round(1000 / gpu_path["total_ms"], 1),
                           "top_ops": top_ops},
         "cpu_share_ratio": round(cpu_path["total_ms"] / gpu_path["total_ms"], 2),
-        "loader": {"workers": args.workers, "batch": args.batch, "device_side_on": str(device), **loader},
+        "loader": {"workers": args.workers, "batch": args.batch, "epochs": args.loader_epochs,
+                   "device_side_on": str(device), **loader},
     }
 
 
@@ -169,14 +175,15 @@ def main() -> int:
     parser.add_argument("--sizes", default="native,128x256", help="'native' and/or WxH, comma separated")
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers for the wall-clock figures")
     parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--loader-epochs", type=int, default=1, help="passes over the images for the loader figures")
     parser.add_argument("--device", default="cpu", help="where BatchedMultiCrop runs in the loader figure")
     parser.add_argument("--device-threads", type=int, default=1,
                         help="torch threads of this process while the loader runs (the device side on a CPU)")
     parser.add_argument("--market", type=Path, default=None, help="Market-1501 root (has bounding_box_train/)")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR / "multicrop_loading.json")
     args = parser.parse_args()
-    if args.images < args.batch:
-        raise SystemExit(f"--images ({args.images}) must be at least --batch ({args.batch})")
+    if args.images < args.batch or args.loader_epochs < 1:
+        raise SystemExit(f"--images ({args.images}) must be at least --batch ({args.batch}) and --loader-epochs >= 1")
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: CUDA is not available")

@@ -600,7 +600,7 @@ def test_autocast_for_cuda_without_cuda_is_an_error() -> None:
         autocast_for("cuda", "auto")
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.cuda  # skipped without CUDA (tests/conftest.py)
 def test_autocast_for_cuda_auto_and_fp16() -> None:
     a, b = torch.randn(4, 4, device="cuda"), torch.randn(4, 4, device="cuda")
     auto = autocast_for("cuda", "auto")

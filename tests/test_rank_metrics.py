@@ -296,7 +296,7 @@ def test_deterministic():
     assert (first.mAP, first.mINP) == (second.mAP, second.mINP)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.cuda  # skipped without CUDA (tests/conftest.py)
 def test_cuda_matches_cpu():
     case = make_case(6, distractors=50, duplicates=20)
     q_feats, g_feats, q_pids, g_pids, q_cams, g_cams = case
