@@ -24,10 +24,12 @@ test: venv
 bench: venv
 	$(PY) bench/run_all.py
 
-# On a GPU machine, with the interpreter that has the CUDA build of torch (not .venv): under 8 minutes.
-# GPU_CHECK_ARGS, e.g. --dry-run, --wheels DIR, --archive FILE.tar.gz (bench/README.md).
+# On a GPU machine: under 8 minutes, with .venv when there is one (its torch is a CUDA build), else with
+# $(PYTHON), the machine's interpreter that has torch. GPU_CHECK_ARGS, e.g. --dry-run, --wheels DIR,
+# --archive FILE.tar.gz (bench/README.md).
+GPU_PYTHON ?= $(if $(wildcard $(PY)),$(PY),$(PYTHON))
 gpu-check:
-	PYTHON="$(PYTHON)" bash bench/gpu_check.sh $(GPU_CHECK_ARGS)
+	PYTHON="$(GPU_PYTHON)" bash bench/gpu_check.sh $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf $(VENV) runs
