@@ -162,8 +162,8 @@ def test_warmup_multistep_schedule_as_published():
 
 
 @pytest.mark.slow
-def test_short_training_on_the_generated_occluded_world_uses_the_part_distance(tmp_path):
-    world = tmp_path / "world"
+def test_short_training_on_the_generated_occluded_world_uses_the_part_distance(tmp_path, synthetic_world):
+    world = synthetic_world
     common = [f"data.root={world}/market_occluded", "train.epochs=8", "eval.period=8", "optim.warmup_epochs=1"]
     cfg = _cfg(f"train.output_dir={tmp_path / 'bpbreid'}", *common)
     result = run_training(cfg)

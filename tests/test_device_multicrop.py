@@ -43,16 +43,26 @@ from passreid.engine import seeded_global_rngs
 LEVELS = 255.0
 
 
+class Photos(list):
+    """Person crops and where they come from: ``"market"`` (photographs) or ``"generated"`` (the demo world's
+    renderings: flat colours and hard edges, which stress PIL's 8-bit rounding and clipping more)."""
+
+    def __init__(self, images: list[Image.Image], source: str) -> None:
+        super().__init__(images)
+        self.source = source
+
+
 @pytest.fixture(scope="module")
-def photos(request) -> list[Image.Image]:
+def photos(request) -> Photos:
     """Four person crops: real Market-1501 ones when available, else the generated pool's."""
     try:
         root = request.getfixturevalue("market1501_root")
-        paths = sorted((root / "bounding_box_train").glob("*.jpg"))[::3000][:4]
+        paths, source = sorted((root / "bounding_box_train").glob("*.jpg"))[::3000][:4], "market"
     except pytest.skip.Exception:
         world = request.getfixturevalue("synthetic_world")
         paths = [item.path for item in build_dataset("image_folder", str(world / "pool")).train[:4]]
-    return [read_image(path) for path in paths]
+        source = "generated"
+    return Photos([read_image(path) for path in paths], source)
 
 
 def as_batch(*images: Image.Image) -> torch.Tensor:
@@ -85,8 +95,10 @@ def test_resized_crop_matches_pil_bicubic(photos, box, size):
     batch[1] = as_batch(other)[0]
     boxes = torch.tensor([[box], [(0, 0, other.height, other.width)]])
     mean, worst = levels(resized_crops(batch, boxes, size)[0, 0], reference[0])
-    # PIL rounds to uint8 after its horizontal and its vertical pass: measured mean 0.28-0.32, max 2.6.
-    assert mean < 0.5 and worst < 3.5
+    # PIL rounds to uint8 after its horizontal and its vertical pass: measured mean 0.28-0.32, max 2.6 on
+    # photographs. On the generated crops' hard edges PIL also clips the first pass's bicubic overshoot to
+    # [0, 255] before the second: mean 0.27-0.30 as well, but up to 9.0 levels at edge pixels.
+    assert mean < 0.5 and worst < (3.5 if photos.source == "market" else 12.0)
 
 
 @pytest.mark.parametrize("factor", [0.6, 1.0, 1.37])
@@ -107,9 +119,11 @@ def test_blend_adjustments_match_pil(photos, op, reference_op, factor):
 def test_hue_matches_pil(photos, factor):
     for image in photos[:3]:
         mean, worst = levels(adjust_hue(as_batch(image), torch.tensor([factor])), as_batch(TF.adjust_hue(image, factor)))
-        # PIL's HSV is 8-bit (hue and saturation truncated) and the shift is int(255 factor):
-        # measured mean 0.08-0.27, max 5.0 levels.
-        assert mean < 0.5 and worst < 8.0
+        # PIL's HSV is 8-bit (hue and saturation truncated) and the shift is int(255 factor): measured mean
+        # 0.08-0.27, max 5.0 levels on photographs; on the generated crops' saturated flat colours the
+        # truncation costs more, mean 0.28-0.73, max 8.7.
+        mean_bound, worst_bound = (0.5, 8.0) if photos.source == "market" else (1.0, 12.0)
+        assert mean < mean_bound and worst < worst_bound
 
 
 def test_grayscale_and_solarize_match_pil(photos):

@@ -226,10 +226,11 @@ def test_test_feature_uses_the_default_normalised_distance():
 
 
 @pytest.mark.slow
-def test_short_training_on_the_generated_occluded_world(tmp_path):
-    world = tmp_path / "world"
+def test_short_training_on_the_generated_occluded_world(tmp_path, synthetic_world):
+    world = synthetic_world
     common = [f"data.root={world}/market_occluded", "train.epochs=4", "eval.period=4", "optim.warmup_epochs=1"]
-    result = run_training(_cfg(f"train.output_dir={tmp_path / 'dpeformer'}", *common))
+    result = run_training(_cfg(f"train.output_dir={tmp_path / 'dpeformer'}", f"data.occluder_dir={world / 'occluders'}",
+                               *common))
     assert result.final_model is not None and 0.0 < result.final_metrics["mAP"] <= 1.0
     from passreid.finetune import load_finetuned_model
 

@@ -181,7 +181,9 @@ def test_every_method_output_can_be_gathered_into_the_global_batch(demo: str, tm
     from passreid.finetune import FinetuneConfig, FinetuneTrainer
 
     cfg = load_config(FinetuneConfig, REPO / "configs" / "finetune" / f"{demo}.yaml", [
-        f"train.output_dir={tmp_path / 'run'}", f"data.root={synthetic_world}/market", "data.batch_size=8"])
+        f"train.output_dir={tmp_path / 'run'}", f"data.root={synthetic_world}/market", "data.batch_size=8",
+        # DPEFormer's second view pastes the world's occluder cut-outs (the folder its demo is given).
+        *([f"data.occluder_dir={synthetic_world / 'occluders'}"] if demo == "demo_dpeformer" else [])])
     trainer = FinetuneTrainer(cfg, resume=False)
     batch = next(iter(trainer._epoch_loader(0)))
     extras = {key: value for key, value in batch.items() if key not in ("img", "pid", "camid", "index")}

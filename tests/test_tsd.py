@@ -340,8 +340,8 @@ def test_documented_benchmark_command_runs_on_the_generated_world(synthetic_worl
 
 
 @pytest.mark.slow
-def test_short_training_on_the_generated_occluded_world(tmp_path):
-    world = tmp_path / "world"
+def test_short_training_on_the_generated_occluded_world(tmp_path, synthetic_world):
+    world = synthetic_world
     common = [f"data.root={world}/market_occluded", "train.epochs=4", "eval.period=4", "optim.warmup_epochs=1"]
     result = run_training(_cfg(f"train.output_dir={tmp_path / 'tsd'}", *common))
     assert result.final_model is not None and 0.0 < result.final_metrics["mAP"] <= 1.0
