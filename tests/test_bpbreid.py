@@ -179,10 +179,8 @@ def test_short_training_on_the_generated_occluded_world_uses_the_part_distance(t
     distance = get_method("bpbreid").build_test_distance(stored, q, g, None)
     manual = rank_metrics_from_distance(distance, q.pids, g.pids, q.camids, g.camids, device="cpu")
     assert manual.mAP == pytest.approx(result.final_metrics["mAP"], abs=1e-6)
-    baseline = run_training(load_config(FinetuneConfig, CONFIGS / "demo_occluded.yaml",
-                                        [f"train.output_dir={tmp_path / 'baseline'}", *common]))
-    print(f"\ngenerated market_occluded, 8 epochs: bpbreid mAP {result.final_metrics['mAP']:.3f}, "
-          f"demo_occluded baseline mAP {baseline.final_metrics['mAP']:.3f}")
+    # The comparison with the baseline at the demo's budget is finetune/README.md's table (one run each).
+    print(f"\ngenerated market_occluded, 8 epochs: bpbreid mAP {result.final_metrics['mAP']:.3f}")
 
 
 # ------------------------------------------------------------- published CNN backbones

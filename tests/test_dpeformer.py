@@ -236,10 +236,8 @@ def test_short_training_on_the_generated_occluded_world(tmp_path, synthetic_worl
 
     model, _, _ = load_finetuned_model(result.final_model)
     assert float(model.memory.features.norm(dim=1).min()) == pytest.approx(1.0, abs=1e-4)  # saved and restored
-    baseline = run_training(load_config(FinetuneConfig, CONFIGS / "demo_occluded.yaml",
-                                        [f"train.output_dir={tmp_path / 'baseline'}", *common]))
-    print(f"\ngenerated market_occluded, 4 epochs: dpeformer mAP {result.final_metrics['mAP']:.3f}, "
-          f"demo_occluded baseline mAP {baseline.final_metrics['mAP']:.3f}")
+    # The comparison with the baseline at the demo's budget is finetune/README.md's table (one run each).
+    print(f"\ngenerated market_occluded, 4 epochs: dpeformer mAP {result.final_metrics['mAP']:.3f}")
 
 
 def test_prepare_occluders_turns_the_released_crop_layout_into_an_occluder_folder(tmp_path, capsys):

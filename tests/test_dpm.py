@@ -276,17 +276,15 @@ def _random_feature_map(dataset) -> float:
 
 @pytest.mark.slow
 def test_demo_dpm_trains_on_the_occluded_world_with_its_own_test_distance(tmp_path, synthetic_world, capsys):
-    # Both demos as shipped (same budget: 60 epochs, 180 iterations).
+    # The demo as shipped (60 epochs, 180 iterations); its comparison with the demo_occluded baseline at the same
+    # budget is finetune/README.md's table.
     dpm = run_training(_cfg(tmp_path / "dpm", synthetic_world), resume=False)
-    baseline = run_training(_cfg(tmp_path / "baseline", synthetic_world, path=CONFIGS / "demo_occluded.yaml"),
-                            resume=False)
     cfg = load_config(FinetuneConfig, tmp_path / "dpm" / "config.yaml")
     dataset = load_test_dataset(cfg)
     random_map = _random_feature_map(dataset)
     with capsys.disabled():
         print(f"\ngenerated market_occluded, {dpm.iterations} iterations: DPM mAP {dpm.final_metrics['mAP']:.3f} "
-              f"R1 {dpm.final_metrics['rank1']:.3f}; demo_occluded baseline mAP {baseline.final_metrics['mAP']:.3f} "
-              f"R1 {baseline.final_metrics['rank1']:.3f}; random features mAP {random_map:.3f}")
+              f"R1 {dpm.final_metrics['rank1']:.3f}; random features mAP {random_map:.3f}")
     # The demo's mAP (0.098-0.13 across machines, random features 0.057) moves with the CPU kernels by
     # about as much as it sits above chance, so it is printed, not asserted. What holds on every run is
     # that the DPM objective is learnt: on 24 identities (chance accuracy 0.04) the batches logged at

@@ -360,7 +360,5 @@ def test_short_training_on_the_generated_occluded_world(tmp_path, synthetic_worl
         ap, rank1, valid = _variant_brute_force(dist, q.pids, g.pids, q.camids, g.camids, np.array(labels), ignored)
         assert variants[variant].mAP == pytest.approx(ap, abs=1e-6) and variants[variant].num_valid_queries == valid
     print("\n" + ", ".join(f"{k} mAP {v.mAP:.3f}" for k, v in variants.items()))
-    baseline = run_training(load_config(FinetuneConfig, CONFIGS / "demo_occluded.yaml",
-                                        [f"train.output_dir={tmp_path / 'baseline'}", *common]))
-    print(f"\ngenerated market_occluded, 4 epochs: tsd mAP {result.final_metrics['mAP']:.3f}, "
-          f"demo_occluded baseline mAP {baseline.final_metrics['mAP']:.3f}")
+    # The comparison with the baseline at the demo's budget is finetune/README.md's table (one run each).
+    print(f"\ngenerated market_occluded, 4 epochs: tsd mAP {result.final_metrics['mAP']:.3f}")
