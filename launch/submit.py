@@ -314,17 +314,23 @@ def submit_stage(stage: str, argv: Sequence[str], profile: Profile, folder: str 
     return executor.submit(StageTask(stage, argv))
 
 
+def _recipe_path(config: str) -> str:
+    """``config`` as the sbatch scripts find it: the working directory first, then the checkout."""
+    if not Path(config).is_absolute() and not Path(config).is_file() and (REPO_ROOT / config).is_file():
+        return str(REPO_ROOT / config)
+    return config
+
+
 def reads_the_demo_worlds(stage: str, config: str, data_root: str | None, opts: Sequence[str]) -> bool:
     """Whether ``stage`` runs its demo recipe with no folder given: the pipeline then points it at the demo worlds
     (rendered once into ``<run-dir>/worlds`` by :mod:`passreid.demo`)."""
-    demo = Path(config).resolve() == Path(DEMO_CONFIGS[stage]).resolve() if Path(config).exists() else False
-    return demo and not data_root and not any(opt.startswith("data.root=") for opt in opts)
+    is_demo = Path(_recipe_path(config)).resolve() == Path(DEMO_CONFIGS[stage]).resolve()
+    return is_demo and not data_root and not any(opt.startswith("data.root=") for opt in opts)
 
 
 def pipeline_argv(stage: str, run_dir: Path, config: str, data_root: str | None, opts: Sequence[str]) -> list[str]:
     """Arguments of ``stage`` in a pipeline under ``run_dir`` (it starts from its upstream stage's export)."""
-    if not Path(config).is_absolute() and not Path(config).is_file() and (REPO_ROOT / config).is_file():
-        config = str(REPO_ROOT / config)  # like the sbatch scripts: the working directory, then the checkout
+    config = _recipe_path(config)
     argv = ["--config-file", config, "--output-dir", str(run_dir / stage)]
     if data_root:
         argv += ["--data-root", data_root]

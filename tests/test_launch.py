@@ -196,6 +196,9 @@ def test_submitit_pipeline_points_the_demo_recipes_at_the_demo_worlds(submit_mod
     assert argv[argv.index("--data-root") + 1] == str(run / "worlds" / "world" / "market")
     # A folder given on the command line or in the stage's overrides wins; nothing points at the worlds then.
     assert "--data-root" not in submit_module.pipeline_argv("finetune", run, demo, None, ["data.root=/d"])
+    # The demo recipe named relative to the checkout (as the sbatch scripts accept it) is recognised too.
+    relative = submit_module.pipeline_argv("finetune", run, "configs/finetune/demo.yaml", None, [])
+    assert str(run / "worlds" / "world" / "market") in relative
     given = submit_module.pipeline_argv("finetune", run, demo, "/data", [])
     assert given[given.index("--data-root") + 1] == "/data" and str(run / "worlds") not in " ".join(given)
 
