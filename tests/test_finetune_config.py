@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from passreid.config import ConfigError, config_from_dict, load_config
+from passreid.config import ConfigError, load_config
 from passreid.finetune import FinetuneConfig, validate_config
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "finetune"
@@ -60,12 +60,21 @@ def test_the_demo_world_keys_are_gone_with_what_to_do_instead(key: str):
         load_config(FinetuneConfig, None, [key])
 
 
-def test_a_config_stored_by_an_older_version_still_loads():
-    from passreid.config.loader import without_removed_keys
+def test_a_model_file_written_by_an_older_version_still_loads(tmp_path: Path):
+    import torch
 
-    stored = {"data": {"root": "/d/market", "world_dir": "/w", "world_seed": 0, "world_options": {}}}
-    cfg = config_from_dict(FinetuneConfig, without_removed_keys(stored))
-    assert cfg.data.root == "/d/market"
+    from passreid.finetune import build_final_checkpoint, build_model, load_finetuned_model
+    from passreid.finetune.checkpoints import stored_config
+
+    cfg = load_config(FinetuneConfig, CONFIG_DIR / "demo.yaml", ["data.root=/d/market"])
+    final = build_final_checkpoint(build_model(cfg, 4, 2, load_weights=False), cfg, 4, 2)
+    # What model_final.pth held before the demo world left the stages.
+    final["meta"]["config"]["data"].update(world_dir="/w", world_seed=0, world_options={})
+    path = tmp_path / "model_final.pth"
+    torch.save(final, path)
+    assert "world_dir" not in stored_config(path)["data"]  # finetune/test.py builds its config from this dict
+    _, loaded, _ = load_finetuned_model(path)
+    assert loaded.data.root == "/d/market"
 
 
 def test_a_method_section_is_checked_only_when_that_method_runs():

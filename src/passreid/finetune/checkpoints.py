@@ -175,13 +175,14 @@ def _read(source: str | os.PathLike | Mapping[str, Any], label: str | None) -> t
 
 
 def stored_config(source: str | os.PathLike | Mapping[str, Any]) -> dict[str, Any]:
-    """The config dict stored in a passreid ``model_final.pth`` or training ``checkpoint.pth``."""
+    """The config dict stored in a passreid ``model_final.pth`` or training ``checkpoint.pth`` (keys an older
+    version wrote and this one removed are left out, so the dict builds a current config)."""
     label, obj = _read(source, None)
     meta = obj.get("meta")
     if isinstance(meta, Mapping) and meta.get("format") == FINAL_FORMAT and isinstance(meta.get("config"), Mapping):
-        return dict(meta["config"])
+        return without_removed_keys(meta["config"])
     if isinstance(obj.get("config"), Mapping) and "iteration" in obj:
-        return dict(obj["config"])
+        return without_removed_keys(obj["config"])
     raise CheckpointFormatError(f"{label} stores no passreid fine-tuning config (a released checkpoint?); "
                                 "pass --config-file describing its architecture and test set")
 
