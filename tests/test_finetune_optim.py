@@ -8,7 +8,7 @@ import torch
 
 from passreid.engine.optim import build_param_groups
 from passreid.finetune.config import FinetuneOptimConfig
-from passreid.finetune.optim import build_lr_scheduler, build_optimizer, schedule_epoch
+from passreid.finetune.optim import build_optimizer, epoch_learning_rates, schedule_epoch
 from passreid.models import build_vit
 from passreid.models.reid import ReIDModel
 
@@ -55,13 +55,10 @@ def expected_lr(t: int, base: float, warmup: int = 20, epochs: int = 120) -> flo
 
 
 def _scheduled_lrs(stepping: str, epochs: list[int]) -> list[list[float]]:
-    optimizer = build_optimizer(_model(), FinetuneOptimConfig(lr=LR, warmup_epochs=20))
-    scheduler = build_lr_scheduler(optimizer, FinetuneOptimConfig(lr=LR, warmup_epochs=20), epochs=120)
-    lrs = []
-    for epoch in epochs:
-        scheduler.step(schedule_epoch(epoch, stepping))
-        lrs.append([g["lr"] for g in optimizer.param_groups])
-    return lrs
+    cfg = FinetuneOptimConfig(lr=LR, warmup_epochs=20, lr_stepping=stepping)
+    optimizer = build_optimizer(_model(), cfg)
+    base_lrs = [g["lr"] for g in optimizer.param_groups]  # the weights' and the biases' (2x) rates
+    return [epoch_learning_rates(cfg, epoch, 120, base_lrs) for epoch in epochs]
 
 
 @pytest.mark.parametrize("stepping,offset", [("pass", 0), ("transreid", 1)])

@@ -24,7 +24,7 @@ from passreid.models import build_vit, load_pretrained
 from passreid.pretrain.config import PretrainConfig
 from passreid.pretrain.meta_arch import PASSMetaArch
 from passreid.pretrain.data import MultiCropDataset, collate_views
-from passreid.pretrain.trainer import PretrainStage, build_schedules, peak_learning_rate, run_pretraining
+from passreid.pretrain.trainer import PretrainTrainer, build_schedules, peak_learning_rate, run_pretraining
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RECIPES = REPO_ROOT / "configs" / "pretrain"
@@ -232,18 +232,18 @@ def test_resume_after_preemption_continues_exactly(synthetic_world, tmp_path, mo
     run_pretraining(_load(None, *common, f"train.output_dir={straight}"))
 
     if stop_by == "signal":  # SLURM's SIGUSR1 arrives during iteration 4
-        original_step = PretrainStage.train_step
+        original_step = PretrainTrainer._step
 
-        def step_then_signal(self, views):
-            result = original_step(self, views)
-            if self.iteration == 4:
+        def step_then_signal(self, batch):
+            result = original_step(self, batch)
+            if self.iteration + 1 == 4:  # the loop counts the step after _step returns
                 os.kill(os.getpid(), signal.SIGUSR1)
             return result
 
-        monkeypatch.setattr(PretrainStage, "train_step", step_then_signal)
+        monkeypatch.setattr(PretrainTrainer, "_step", step_then_signal)
         stopped = run_pretraining(_load(None, *common, f"train.output_dir={interrupted}"))
         assert stopped.preempted
-        monkeypatch.setattr(PretrainStage, "train_step", original_step)
+        monkeypatch.setattr(PretrainTrainer, "_step", original_step)
     else:
         stopped = run_pretraining(_load(None, *common, f"train.output_dir={interrupted}", "train.max_iters=4"))
     assert (stopped.iteration, stopped.finished) == (4, False)  # mid-epoch 2: only checkpoint.pth is on disk
@@ -259,7 +259,8 @@ def test_resume_after_preemption_continues_exactly(synthetic_world, tmp_path, mo
     assert sorted(reference) == sorted(continued) == list(range(1, 7))  # step = optimizer steps done
     assert [continued[step]["epoch"] for step in range(1, 7)] == [1, 1, 1, 2, 2, 2]  # epochs from 1, as in the log
     log = (interrupted / "log.txt").read_text()
-    assert "stopping after iteration 4 in epoch 2" in log
+    reason = "a pre-emption signal" if stop_by == "signal" else "train.max_iters"
+    assert f"stopped at iteration 4 ({reason}) in epoch 2; checkpoint saved" in log
     assert f"resumed from {interrupted / 'checkpoint.pth'} at iteration 4, in epoch 2" in log
     losses = {step: (reference[step]["loss"], continued[step]["loss"]) for step in range(1, 7)}
     print("losses (uninterrupted, interrupted+resumed):", losses)

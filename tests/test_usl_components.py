@@ -10,10 +10,11 @@ import torch
 import torch.nn.functional as F
 
 from passreid.config import ConfigError, load_config
+from passreid.engine import warmup_step_lr
 from passreid.models import build_vit
 from passreid.models.reid import ReIDModel, TokenHead
 from passreid.usl import (ClusterConfig, ClusterContrastNet, PseudoLabelSampler, UslConfig, cluster_centroids,
-                          cluster_features, cluster_statistics, epoch_lr, to_finetune_config, validate_usl_config)
+                          cluster_features, cluster_statistics, to_finetune_config, validate_usl_config)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -277,7 +278,8 @@ def test_ghost_batch_norm_matches_per_chunk_heads_and_keeps_first_chunk_statisti
 
 def test_step_schedule_of_the_pass_scripts():
     optim = UslConfig().optim
-    assert [epoch_lr(optim, e) for e in (0, 19, 20, 39, 40, 49)] == pytest.approx(
+    assert (optim.step_size, optim.gamma, optim.warmup_epochs) == (20, 0.1, 0)
+    assert [warmup_step_lr(e, optim.lr, optim.step_size, optim.gamma) for e in (0, 19, 20, 39, 40, 49)] == pytest.approx(
         [3.5e-4, 3.5e-4, 3.5e-5, 3.5e-5, 3.5e-6, 3.5e-6])
 
 

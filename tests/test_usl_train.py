@@ -14,7 +14,8 @@ from _ports import free_port
 from _spawn import start_workers, wait_for_workers
 
 from passreid.config import load_config
-from passreid.usl import UslConfig, epoch_lr, run_usl
+from passreid.engine import warmup_step_lr
+from passreid.usl import UslConfig, run_usl
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -65,7 +66,9 @@ def test_outputs_resume_and_finetune_test_compatibility(tmp_path: Path, syntheti
     # schedules.npz: the published per-epoch step schedule, one row per iteration, each group at its multiple.
     lr = np.load(tmp_path / "full" / "schedules.npz")["lr"]
     cfg = _config(tmp_path / "full", synthetic_world)
-    expected = np.repeat([epoch_lr(cfg.optim, epoch) for epoch in range(2)], 3)
+    optim = cfg.optim
+    expected = np.repeat([warmup_step_lr(epoch, optim.lr, optim.step_size, optim.gamma, optim.warmup_epochs,
+                                         optim.lr * optim.warmup_lr_factor) for epoch in range(2)], 3)
     assert lr.shape[0] == 6 and np.allclose(lr.min(axis=1), expected, rtol=1e-12, atol=0)
     assert [r["lr"] for r in records if r["split"] == "train"] == list(lr[:, 0])
 

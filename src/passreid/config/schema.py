@@ -96,6 +96,7 @@ class TrainConfig:
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     log_period: int = 50  # iterations between log lines
     checkpoint_period: int = 1  # epochs between writes of checkpoint.pth (the resume point)
+    checkpoint_period_iters: int = 0  # also write checkpoint.pth every N iterations (0: epoch ends only)
     # >0: stop after this many iterations in total with checkpoint.pth written (a longer run resumes from it);
     # fine-tuning and USL/UDA also evaluate and write model_final.pth there. 0: run every epoch.
     max_iters: int = 0

@@ -1,10 +1,10 @@
 """Training-loop building blocks shared by every stage (pretrain, finetune, usl, uda).
 
-:class:`passreid.engine.loop.EpochTrainer` is the epoch loop of fine-tuning and USL/UDA (set-up, resume,
-checkpoint and evaluation periods, pre-emption, per-iteration schedules); import it from
-:mod:`passreid.engine.loop` (it is not re-exported here, which keeps ``passreid.data`` -> ``passreid.engine``
-imports free of cycles). Pre-training's iteration loop (:mod:`passreid.pretrain.trainer`) composes the
-same pieces directly. The shape of such a loop::
+:class:`passreid.engine.trainer.Trainer` is the one training loop of every stage (set-up, per-iteration
+schedules, checkpoint and evaluation periods, pre-emption, exact resume); import it from
+:mod:`passreid.engine.trainer` (it is not re-exported here, which keeps ``passreid.data`` -> ``passreid.engine``
+imports free of cycles). It composes the pieces below; a loop of one's own would use them
+like this::
 
     out = make_output_dir(args.output_dir)
     logger = setup_logging(out, rank=env.rank)
@@ -80,8 +80,8 @@ from passreid.engine.preemption import (
     preemption_guard,
     requeue_current_job,
 )
-from passreid.engine.schedules import (WarmupCosineLR, apply_schedule, cosine_schedule, save_schedules,
-                                       warmup_cosine_lr)
+from passreid.engine.schedules import (apply_schedule, cosine_schedule, save_schedules, warmup_cosine_lr,
+                                       warmup_multistep_lr, warmup_step_lr)
 from passreid.seeding import (
     capture_rng_state,
     derive_seed,
@@ -117,7 +117,6 @@ __all__ = [
     "SmoothedValue",
     "TENSORBOARD_DIR",
     "ThroughputLogger",
-    "WarmupCosineLR",
     "apply_schedule",
     "atomic_save",
     "autocast_for",
@@ -146,5 +145,7 @@ __all__ = [
     "setup_logging",
     "unwrap_model",
     "warmup_cosine_lr",
+    "warmup_multistep_lr",
+    "warmup_step_lr",
     "worker_init_fn",
 ]

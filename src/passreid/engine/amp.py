@@ -85,10 +85,12 @@ def resolve_precision(device: str | torch.device, precision: str, key: str = "pr
     return precision
 
 
-def run_precision(device: str | torch.device, train_precision: str, eval_precision: str) -> RunPrecision:
-    """Resolve a run's training and evaluation precision for ``device`` (errors name the config key)."""
+def run_precision(device: str | torch.device, train_precision: str, eval_precision: str,
+                  eval_key: str = "eval.precision") -> RunPrecision:
+    """Resolve a run's training and evaluation precision for ``device`` (errors name the config key; the
+    evaluation one is ``eval_key``)."""
     return RunPrecision(train_precision, resolve_precision(device, train_precision, "train.precision"),
-                        eval_precision, resolve_precision(device, eval_precision, "eval.precision"))
+                        eval_precision, resolve_precision(device, eval_precision, eval_key))
 
 
 def autocast_for(device: str | torch.device, precision: str = "auto") -> AmpSetup:

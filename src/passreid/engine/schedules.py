@@ -1,19 +1,21 @@
 """Learning-rate / weight-decay / momentum schedules.
 
-Two families, matching the two published code bases:
+Every stage trains from precomputed per-iteration arrays (:class:`passreid.engine.trainer.Trainer` reads
+``schedule[iteration]``, so resuming needs nothing but the iteration counter, and the run folder keeps them in
+``schedules.npz``). They are built from:
 
-- :func:`cosine_schedule`: a per-iteration array (dinov2 / DINO / PASS pre-training,
-  PASS-reID: PASS/utils.py ``cosine_scheduler``). The loop reads ``schedule[iteration]``, so resuming needs nothing
-  but the iteration counter.
-- :func:`warmup_cosine_lr` / :class:`WarmupCosineLR`: the per-epoch timm ``CosineLRScheduler``
-  with ``cycle_limit=1`` used by PASS / TransReID fine-tuning (TransReID: solver/scheduler_factory.py).
+- :func:`cosine_schedule`: per-iteration values (dinov2 / DINO / PASS pre-training, PASS-reID: PASS/utils.py
+  ``cosine_scheduler``);
+- the per-epoch rules of the published recipes that step once per epoch, repeated over each epoch's
+  iterations: :func:`warmup_cosine_lr` (timm ``CosineLRScheduler`` with ``cycle_limit=1``, PASS / TransReID
+  fine-tuning, TransReID: solver/scheduler_factory.py), :func:`warmup_multistep_lr` (torchreid, BPBReID) and
+  :func:`warmup_step_lr` (StepLR, Cluster-Contrast).
 """
 from __future__ import annotations
 
 import math
 import os
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -74,61 +76,6 @@ def warmup_cosine_lr(
     return lr_min + 0.5 * (base_lr - lr_min) * (1 + math.cos(math.pi * epoch / total_epochs))
 
 
-class WarmupCosineLR:
-    """Per-epoch :func:`warmup_cosine_lr` applied to every param group of an optimizer.
-
-    Each group's ``base_lr`` is its ``lr`` when the scheduler is created (kept in
-    ``initial_lr``, as torch schedulers do). Like timm, construction sets the epoch-0 rate.
-    Call ``step(epoch)`` with the epoch index whose rate to set: TransReID calls it at the
-    start of epochs 1..E, PASS at the end of epoch e (so epoch 1 runs at ``warmup_lr_init``);
-    the stage picks its convention (TransReID: train.py; PASS-reID: PASS_transreid/processor/processor.py).
-    """
-
-    def __init__(
-        self,
-        optimizer: torch.optim.Optimizer,
-        total_epochs: int,
-        warmup_epochs: int = 0,
-        warmup_lr_init: float = 0.0,
-        lr_min: float = 0.0,
-    ) -> None:
-        self.optimizer = optimizer
-        self.total_epochs = total_epochs
-        self.warmup_epochs = warmup_epochs
-        self.warmup_lr_init = warmup_lr_init
-        self.lr_min = lr_min
-        for group in optimizer.param_groups:
-            group.setdefault("initial_lr", group["lr"])
-        self.base_lrs = [group["initial_lr"] for group in optimizer.param_groups]
-        self.last_epoch = 0
-        self.step(0)
-
-    def lrs_at(self, epoch: int) -> list[float]:
-        """The rate of every param group at ``epoch`` (nothing is changed)."""
-        return [
-            warmup_cosine_lr(epoch, base, self.total_epochs, self.warmup_epochs, self.warmup_lr_init, self.lr_min)
-            for base in self.base_lrs
-        ]
-
-    def step(self, epoch: int) -> None:
-        """Set every group's ``lr`` to its value at ``epoch``."""
-        for group, lr in zip(self.optimizer.param_groups, self.lrs_at(epoch)):
-            group["lr"] = lr
-        self.last_epoch = epoch
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"base_lrs": list(self.base_lrs), "last_epoch": self.last_epoch}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if len(state["base_lrs"]) != len(self.optimizer.param_groups):
-            raise ValueError(
-                f"WarmupCosineLR: state has {len(state['base_lrs'])} param groups, "
-                f"the optimizer has {len(self.optimizer.param_groups)}"
-            )
-        self.base_lrs = list(state["base_lrs"])
-        self.step(state["last_epoch"])
-
-
 def apply_schedule(
     optimizer: torch.optim.Optimizer,
     lr: float | None = None,
@@ -172,26 +119,24 @@ def warmup_multistep_lr(
     return base_lr * factor * gamma**decays
 
 
-class WarmupMultiStepLR(WarmupCosineLR):
-    """Per-epoch :func:`warmup_multistep_lr` for every param group; same interface as :class:`WarmupCosineLR`
-    (``step(epoch)`` sets the rate of ``epoch``, state dicts, ``lrs_at``)."""
-
-    def __init__(
-        self,
-        optimizer: torch.optim.Optimizer,
-        milestones: list[int] | tuple[int, ...],
-        gamma: float = 0.1,
-        warmup_epochs: int = 0,
-        warmup_factor: float = 0.01,
-    ) -> None:
-        self.milestones = list(milestones)
-        self.gamma = gamma
-        self.warmup_factor = warmup_factor
-        super().__init__(optimizer, total_epochs=max(self.milestones + [1]), warmup_epochs=warmup_epochs)
-
-    def lrs_at(self, epoch: int) -> list[float]:
-        return [warmup_multistep_lr(epoch, base, self.milestones, self.gamma, self.warmup_epochs, self.warmup_factor)
-                for base in self.base_lrs]
+def warmup_step_lr(
+    epoch: int,
+    base_lr: float,
+    step_size: int,
+    gamma: float = 0.1,
+    warmup_epochs: int = 0,
+    warmup_lr_init: float = 0.0,
+) -> float:
+    """Learning rate at ``epoch`` of a StepLR stepped at the end of every epoch, after an optional linear warm-up:
+    ``warmup_lr_init + (base_lr - warmup_lr_init) epoch / warmup_epochs`` during the warm-up, then
+    ``base_lr x gamma ** (epoch // step_size)`` (Cluster-Contrast: examples/cluster_contrast_train_usl.py).
+    """
+    if epoch < 0 or warmup_epochs < 0 or step_size < 1:
+        raise ValueError(f"warmup_step_lr: need epoch >= 0, warmup_epochs >= 0 and step_size >= 1, got {epoch}, "
+                         f"{warmup_epochs}, {step_size}")
+    if epoch < warmup_epochs:
+        return warmup_lr_init + (base_lr - warmup_lr_init) * epoch / warmup_epochs
+    return base_lr * gamma ** (epoch // step_size)
 
 
 def save_schedules(path: str | os.PathLike[str], **arrays: np.ndarray) -> Path:

@@ -19,7 +19,7 @@ from passreid.finetune.config import (FinetuneConfig, FinetuneDataConfig, Finetu
 from passreid.finetune.data import FinetuneData, load_finetune_data
 from passreid.finetune.methods import (FinetuneMethod, build_criterion, build_model, get_method, list_methods,
                                        register_method)
-from passreid.finetune.optim import build_lr_scheduler, build_optimizer, schedule_epoch
+from passreid.finetune.optim import build_optimizer, epoch_learning_rates, schedule_epoch
 from passreid.finetune.testing import EvaluationOutputs, run_test
 from passreid.finetune.trainer import FinetuneTrainer, TrainResult, run_training
 from passreid.losses.reid import ReIDCriterion, ReIDTrainOutput, batch_hard_triplet_loss, euclidean_dist
@@ -47,11 +47,11 @@ __all__ = [
     "batch_hard_triplet_loss",
     "build_criterion",
     "build_final_checkpoint",
-    "build_lr_scheduler",
     "build_model",
     "build_optimizer",
     "build_param_groups",
     "euclidean_dist",
+    "epoch_learning_rates",
     "evaluate_features",
     "evaluate_model",
     "extract_split",

@@ -293,6 +293,7 @@ def validate_config(cfg: FinetuneConfig) -> FinetuneConfig:
     require(cfg.train.num_threads >= 0, "train.num_threads", "must be >= 0 (0 = torch's default)")
     require(cfg.eval.period > 0, "eval.period", f"must be positive, got {cfg.eval.period}")
     require(cfg.train.checkpoint_period > 0, "train.checkpoint_period", "must be positive")
+    require(cfg.train.checkpoint_period_iters >= 0, "train.checkpoint_period_iters", "must be >= 0 (0: epoch ends only)")
     from passreid.finetune.methods import get_method, list_methods  # the registry imports the method modules
 
     require(cfg.method in list_methods(), "method", f"unknown method {cfg.method!r}; one of {', '.join(list_methods())}")

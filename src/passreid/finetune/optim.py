@@ -3,17 +3,16 @@ solver/cosine_lr.py and solver/lr_scheduler.py), over :func:`passreid.engine.opt
 """
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 
 import torch
 from torch import nn
 
-from passreid.engine import WarmupCosineLR
 from passreid.engine.optim import build_param_groups
-from passreid.engine.schedules import WarmupMultiStepLR
+from passreid.engine.schedules import warmup_cosine_lr, warmup_multistep_lr
 from passreid.finetune.config import FinetuneOptimConfig
 
-__all__ = ["build_lr_scheduler", "build_optimizer", "schedule_epoch"]
+__all__ = ["build_optimizer", "epoch_learning_rates", "schedule_epoch"]
 
 
 def build_optimizer(model: nn.Module, cfg: FinetuneOptimConfig, exclude: Collection[str] = ()) -> torch.optim.Optimizer:
@@ -28,26 +27,26 @@ def build_optimizer(model: nn.Module, cfg: FinetuneOptimConfig, exclude: Collect
     raise ValueError(f"optim.name must be sgd, adam or adamw, got {cfg.name!r}")
 
 
-def build_lr_scheduler(optimizer: torch.optim.Optimizer, cfg: FinetuneOptimConfig, epochs: int) -> WarmupCosineLR:
-    """Per-epoch linear warm-up from ``lr x warmup_lr_factor``, then cosine to ``lr x min_lr_factor``.
+def epoch_learning_rates(cfg: FinetuneOptimConfig, epoch: int, total_epochs: int,
+                         base_lrs: Sequence[float]) -> list[float]:
+    """Every param group's learning rate in 0-based ``epoch`` of ``total_epochs`` (``base_lrs``: each group's
+    rate as built).
 
-    ``warmup_lr_init`` and ``lr_min`` derive from the base lr for every group (timm semantics, so the
-    bias group warms up from the same value and ends at the same minimum).
-    ``cfg.scheduler: warmup_multistep`` gives torchreid's warm-up multi-step schedule instead (BPBReID):
-    warm-up from ``lr x warmup_lr_factor`` over ``warmup_epochs``, ``x gamma`` at each of ``milestones``.
+    ``cfg.scheduler: cosine`` (PASS / TransReID): per-epoch linear warm-up from ``lr x warmup_lr_factor``, then
+    cosine to ``lr x min_lr_factor`` (timm's ``CosineLRScheduler``; TransReID: solver/cosine_lr.py). The warm-up
+    start and the minimum derive from the base ``lr`` for every group (timm semantics), so the bias group warms
+    up from the same value and ends at the same minimum. ``warmup_multistep`` (BPBReID): torchreid's warm-up from
+    ``lr x warmup_lr_factor`` over ``warmup_epochs``, ``x gamma`` at each of ``milestones``. The value index
+    follows the recipe's stepping convention (:func:`schedule_epoch`).
     """
+    index = schedule_epoch(epoch, cfg.lr_stepping)
     if cfg.scheduler == "warmup_multistep":
-        return WarmupMultiStepLR(optimizer, milestones=cfg.milestones, gamma=cfg.gamma,
-                                 warmup_epochs=cfg.warmup_epochs, warmup_factor=cfg.warmup_lr_factor)
+        return [warmup_multistep_lr(index, base, cfg.milestones, cfg.gamma, cfg.warmup_epochs, cfg.warmup_lr_factor)
+                for base in base_lrs]
     if cfg.scheduler != "cosine":
         raise ValueError(f"optim.scheduler must be cosine or warmup_multistep, got {cfg.scheduler!r}")
-    return WarmupCosineLR(
-        optimizer,
-        total_epochs=epochs,
-        warmup_epochs=cfg.warmup_epochs,
-        warmup_lr_init=cfg.lr * cfg.warmup_lr_factor,
-        lr_min=cfg.lr * cfg.min_lr_factor,
-    )
+    return [warmup_cosine_lr(index, base, total_epochs, cfg.warmup_epochs, cfg.lr * cfg.warmup_lr_factor,
+                             cfg.lr * cfg.min_lr_factor) for base in base_lrs]
 
 
 def schedule_epoch(epoch: int, stepping: str) -> int:

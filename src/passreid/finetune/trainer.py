@@ -5,11 +5,10 @@ One run writes into ``train.output_dir``: ``config.yaml``, ``log.txt``, ``metric
 ``tb/``, ``checkpoint.pth`` (full training state, every ``train.checkpoint_period`` epochs and when the
 run stops) and ``model_final.pth`` (see :mod:`passreid.finetune.checkpoints`).
 
-Exact resume: the checkpoint holds model, optimizer, scheduler, AMP scaler, epoch, iteration, every
-rank's RNG state and the sampler position; each epoch's DataLoader draws from its own generator seeded
-by (seed, rank, epoch). With ``data.num_workers > 0`` the augmentation of a run resumed *mid-epoch*
-restarts from fresh worker seeds (see :mod:`passreid.engine`); at epoch boundaries, or with
-``num_workers=0``, the continuation is exact.
+Exact resume: the checkpoint holds model, optimizer, AMP scaler, epoch, iteration, every rank's RNG state
+and the sampler position; each epoch's DataLoader draws from its own generator seeded by (seed, rank, epoch)
+and each sample's augmentation from its place in the epoch, so a resumed run continues with the same
+batches, with loader workers too (:class:`passreid.engine.trainer.Trainer`).
 
 With N > 1 processes ``train.ddp_batch: global`` (default) gathers the model outputs of every process before the
 loss and synchronises BatchNorm, so the run computes the 1-process loss and gradient of the global batch;
@@ -29,13 +28,13 @@ from passreid.config import ConfigError
 from passreid.data.samplers import RandomIdentitySampler
 from passreid.engine import (CheckpointStateError, atomic_save, check_finite, output_layout, preemption_guard,
                              unwrap_model)
-from passreid.engine.loop import EpochTrainer, torch_threads
+from passreid.engine.trainer import Trainer, torch_threads
 from passreid.eval.evaluator import EvalResult, evaluate_model, format_result
 from passreid.finetune.checkpoints import build_final_checkpoint
 from passreid.finetune.config import FinetuneConfig, validate_config
 from passreid.finetune.data import FinetuneData, build_train_set, load_finetune_data
 from passreid.finetune.methods import SecondPass, build_criterion, build_model, get_method
-from passreid.finetune.optim import build_lr_scheduler, build_optimizer, schedule_epoch
+from passreid.finetune.optim import build_optimizer, epoch_learning_rates
 
 __all__ = ["FinetuneTrainer", "TrainResult", "run_training"]
 
@@ -57,7 +56,7 @@ class TrainResult:
     preempted: bool = False  # stopped by SIGUSR1/SIGTERM with checkpoint.pth written: requeue and resume
 
 
-class FinetuneTrainer(EpochTrainer):
+class FinetuneTrainer(Trainer):
     """Builds everything a run needs from the config, then :meth:`run` trains, evaluates and saves."""
 
     log = logger
@@ -77,7 +76,7 @@ class FinetuneTrainer(EpochTrainer):
         self.second_pass = self._build_second_pass()
         self.optimizer = build_optimizer(self.model, cfg.optim,
                                          exclude=self.second_pass.names if self.second_pass is not None else ())
-        self.scheduler = build_lr_scheduler(self.optimizer, cfg.optim, cfg.train.epochs)
+        self.base_lrs = [group["lr"] for group in self.optimizer.param_groups]  # what the schedule scales
         self.train_set = build_train_set(self.data.train.train, cfg)
         self.sampler = RandomIdentitySampler([item.pid for item in self.data.train.train], cfg.data.batch_size,
                                              cfg.data.num_instances, seed=cfg.train.seed, rank=self.rank,
@@ -145,7 +144,10 @@ class FinetuneTrainer(EpochTrainer):
         return lengths
 
     def _epoch_lrs(self, epoch: int) -> list[float]:
-        return self.scheduler.lrs_at(schedule_epoch(epoch, self.cfg.optim.lr_stepping))
+        return epoch_learning_rates(self.cfg.optim, epoch, self.cfg.train.epochs, self.base_lrs)
+
+    def _build_schedules(self) -> dict[str, Any]:
+        return self.epoch_schedules()
 
     def _step(self, batch: dict[str, Any]) -> dict[str, float]:
         images = batch["img"].to(self.device, non_blocking=True)

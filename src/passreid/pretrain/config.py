@@ -104,7 +104,6 @@ class PretrainTrainConfig(TrainConfig):
     seed: int = 0
     log_period: int = 200  # iterations between log lines / metrics.jsonl records
     checkpoint_period: int = 1  # epochs between end-of-epoch writes of checkpoint.pth
-    checkpoint_period_iters: int = 0  # also write checkpoint.pth every N iterations (0: epoch ends only)
     keep_checkpoint_period: int = 0  # keep a named copy checkpoint_<epoch:07d>.pth every N epochs (0: none)
 
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,27 +39,21 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from passreid import dist
-from passreid.config import ConfigError, config_to_dict, save_config
+from passreid.config import ConfigError
 from passreid.data.device_multicrop import BatchedMultiCrop, MultiCropParamSampler
-from passreid.engine import (CheckpointStateError, Checkpointer, MetricsWriter, PreemptionGuard, ProgressLogger,
-                             apply_schedule, atomic_save, autocast_for, batches_until_preempted, build_checkpoint,
-                             check_finite, cosine_schedule, describe_precision, gather_rng_states, make_output_dir,
-                             output_layout, preemption_guard, resolve_precision, restore_checkpoint, save_schedules,
-                             seed_everything, select_device, setup_logging)
-from passreid.engine.logger import run_position
+from passreid.engine import (CheckpointStateError, apply_schedule, atomic_save, check_finite, cosine_schedule,
+                             preemption_guard, seed_everything)
+from passreid.engine.trainer import StopReason, Trainer
 from passreid.models import export_backbone
 from passreid.pretrain.config import PretrainConfig, validate_pretrain_config
 from passreid.pretrain.knn_monitor import KnnMonitor
-from passreid.pretrain.data import (BatchSource, EpochLoader, MultiCropDataset, Views, build_multicrop,
-                                    resolve_data_items)
+from passreid.pretrain.data import BatchSource, EpochLoader, MultiCropDataset, build_multicrop, resolve_data_items
 from passreid.pretrain.meta_arch import PASSMetaArch, to_published_layout
 
 logger = logging.getLogger(__name__)
 
 BACKBONE_FILE = "backbone.pth"
 BACKBONE_FINAL_FILE = "backbone_final.pth"
-# Keys that say how this invocation runs rather than what is trained: changing them on resume is expected.
-_RUN_CONTROL_KEYS = ("train.max_iters", "train.output_dir")
 
 
 # ============================================================================ schedules
@@ -114,33 +109,43 @@ class PretrainResult:
     preempted: bool = False  # stopped by SIGUSR1/SIGTERM with checkpoint.pth written: requeue and resume
 
 
-class PretrainStage:
-    """State and steps of one pre-training run; :func:`run_pretraining` drives it."""
+class PretrainTrainer(Trainer):
+    """PASS / DINO pre-training on :class:`~passreid.engine.trainer.Trainer`: the meta-architecture's step,
+    per-iteration lr / weight decay / teacher momentum, the kNN monitor and the backbone export as hooks."""
+
+    log = logger
+    stage_name = "pre-training"
 
     def __init__(self, cfg: PretrainConfig, *, resume: bool = True, batch_source: BatchSource | None = None) -> None:
         validate_pretrain_config(cfg)
-        self.cfg = cfg
-        self.env = dist.init_distributed()
-        self.rank, self.world_size = self.env.rank, self.env.world_size
-        self.device = select_device(cfg.train.device, dist.get_local_rank())
+        self.batch_source = batch_source
+        self.corrupt_skipped = 0
+        self.knn_history: list[dict[str, float]] = []  # every kNN evaluation of the run (kept across resumes)
+        super().__init__(cfg, resume)
+
+    # ------------------------------------------------------------------ set-up
+    def _eval_precision_key(self) -> str:
         # PASS main_pass.py (--use_fp16, default True): fp16 autocast + GradScaler; the kNN monitor (not part of
         # the published code) extracts its features under the same autocast.
-        self.precision = describe_precision(
-            cfg.train.precision, resolve_precision(self.device, cfg.train.precision, "train.precision"))
-        self.out = make_output_dir(cfg.train.output_dir)
-        self.log = setup_logging(self.out, rank=self.rank)
-        self.is_main = self.rank == 0
-        self.log.info("pre-training (%s mode, %s) on %d process(es), device %s, precision %s, output %s",
-                      cfg.crops.mode, cfg.model.arch, self.world_size, self.device, self.precision, self.out)
+        return "train.precision"
 
-        # Same initial weights on every rank: the teacher is a copy of the student and is not
-        # broadcast by DDP. Then a per-rank stream for drop-path and anything else random.
+    def _keep_checkpoint_every(self) -> int | None:
+        return self.cfg.train.keep_checkpoint_period or None
+
+    def _keep_checkpoint_copy(self) -> bool:
+        every = self.cfg.train.keep_checkpoint_period
+        return bool(every) and self.epoch % every == 0
+
+    def _build(self, resuming: bool) -> None:
+        cfg = self.cfg
+        # Same initial weights on every rank: the teacher is a copy of the student and is not broadcast by DDP.
+        # Then a per-rank stream for drop-path and anything else random.
         seed_everything(cfg.train.seed)
         self.meta = self._build_meta_arch().to(self.device)
+        self.model = self.meta  # what the checkpoint stores (DDP wraps the student inside, not the module tree)
         seed_everything(cfg.train.seed + self.rank)
-
-        if batch_source is not None:
-            self.source: BatchSource = batch_source
+        if self.batch_source is not None:
+            self.source: BatchSource = self.batch_source
             self.num_images = None
         else:
             augmentation = build_multicrop(cfg)
@@ -152,40 +157,17 @@ class PretrainStage:
             self.num_images = len(dataset)
         self.iters_per_epoch = self.source.iters_per_epoch
         self.global_batch = cfg.data.batch_size_per_gpu * self.world_size
-        self.schedules = build_schedules(cfg, self.iters_per_epoch, self.world_size)
-        self.total_iters = len(self.schedules)
-        if self.is_main:
-            save_schedules(output_layout(self.out).schedules, lr=self.schedules.lr,
-                           weight_decay=self.schedules.weight_decay, momentum=self.schedules.momentum)
-
         self.optimizer = torch.optim.AdamW(self.meta.param_groups(), lr=0.0, **self._adamw_kernel())
-        self.amp = autocast_for(self.device, cfg.train.precision)
-        if self.world_size > 1:
-            # The student alone is trained by gradients; the teacher (EMA, no BN) stays unwrapped.
-            device_ids = [self.device.index] if self.device.type == "cuda" else None
-            self.meta.wrap_student(lambda network: DistributedDataParallel(network, device_ids=device_ids))
-        self.checkpointer = Checkpointer(self.out, is_main=self.is_main,
-                                         keep_every=cfg.train.keep_checkpoint_period or None)
-        self.epoch, self.iteration, self.corrupt_skipped = 0, 0, 0
-        self.knn_history: list[dict[str, float]] = []  # every kNN evaluation of the run (kept across resumes)
-        if resume:
-            self._resume()
-        elif self.checkpointer.has_checkpoint():
-            self.log.warning("--no-resume: ignoring %s; it will be overwritten", self.checkpointer.path())
-        self._already_complete = self.iteration >= self.total_iters
-        stale_final = self.out / BACKBONE_FINAL_FILE
-        if self.is_main and not self._already_complete and stale_final.is_file():
-            # Its presence means "pre-training completed"; one from an earlier run must not say so now.
-            self.log.warning("removing %s left by an earlier run", stale_final)
-            stale_final.unlink()
-        if self.is_main:
-            save_config(cfg, self.out / "config.yaml", comment=f"precision that ran on {self.device}: {self.precision}")
-        self.metrics = MetricsWriter(self.out, enabled=self.is_main,
-                                     purge_step=self.iteration + 1 if self.iteration else None)
         self.monitor = self._build_monitor()
-        self._log_summary()
 
-    # ------------------------------------------------------------------ set-up
+    def _build_schedules(self) -> dict[str, np.ndarray]:
+        schedules = build_schedules(self.cfg, self.iters_per_epoch, self.world_size)
+        self.peak_lr = schedules.peak_lr
+        return {"lr": schedules.lr, "weight_decay": schedules.weight_decay, "momentum": schedules.momentum}
+
+    def total_iterations(self) -> int:
+        return len(self.schedules["lr"])  # train.max_iters pauses a pre-training run; the schedules span every epoch
+
     def _build_meta_arch(self) -> PASSMetaArch:
         cfg = self.cfg
         loss = cfg.loss
@@ -204,6 +186,11 @@ class PretrainStage:
         # fused kernels on CUDA (one launch for all tensors); the default foreach path elsewhere.
         return {"fused": True} if self.device.type == "cuda" else {"foreach": True}
 
+    def _wrap_distributed(self) -> None:
+        # The student alone is trained by gradients; the teacher (EMA, no BN) stays unwrapped.
+        device_ids = [self.device.index] if self.device.type == "cuda" else None
+        self.meta.wrap_student(lambda network: DistributedDataParallel(network, device_ids=device_ids))
+
     def _build_monitor(self) -> KnnMonitor | None:
         cfg = self.cfg
         if cfg.monitor.period == 0:
@@ -221,53 +208,46 @@ class PretrainStage:
                       monitor.num_query, monitor.num_gallery, cfg.monitor.period)
         return monitor
 
-    def _log_summary(self) -> None:
+    def _log_setup(self) -> None:
         cfg = self.cfg
+        self.already_complete = self.iteration >= self.total_iterations()
+        stale_final = self.output_dir / BACKBONE_FINAL_FILE
+        if self.rank == 0 and not self.already_complete and stale_final.is_file():
+            # Its presence means "pre-training completed"; one from an earlier run must not say so now.
+            self.log.warning("removing %s left by an earlier run", stale_final)
+            stale_final.unlink()
         images = f"{self.num_images} images, " if self.num_images is not None else ""
         self.log.info(
-            "%s%d iterations/epoch x %d epochs = %d iterations; global batch %d (%d x %d); peak lr %.3g "
-            "(%.3g x %d / 256); precision %s", images, self.iters_per_epoch, cfg.train.epochs, self.total_iters,
-            self.global_batch, cfg.data.batch_size_per_gpu, self.world_size, self.schedules.peak_lr, cfg.optim.lr,
-            self.global_batch, self.precision)
+            "pre-training (%s mode, %s) on %d process(es), device %s, output %s; %s%d iterations/epoch x %d epochs "
+            "= %d iterations; global batch %d (%d x %d); peak lr %.3g (%.3g x %d / 256)", cfg.crops.mode,
+            cfg.model.arch, self.world_size, self.device, self.output_dir, images, self.iters_per_epoch,
+            cfg.train.epochs, self.total_iterations(), self.global_batch, cfg.data.batch_size_per_gpu,
+            self.world_size, self.peak_lr, cfg.optim.lr, self.global_batch)
 
     # ------------------------------------------------------------------ checkpoints
-    def _sampler_state(self) -> dict[str, int]:
-        done_in_epoch = self.iteration - self.epoch * self.iters_per_epoch
-        return {"epoch": self.epoch, "position": done_in_epoch * self.cfg.data.batch_size_per_gpu}
+    def _checkpoint_extra(self, stopped_in_epoch: int | None) -> dict[str, Any]:
+        return {"iters_per_epoch": self.iters_per_epoch, "world_size": self.world_size,
+                "global_batch": self.global_batch, "corrupt_skipped": self.corrupt_skipped,
+                "knn": list(self.knn_history)}
 
-    def save_checkpoint(self, keep_copy: bool = False) -> None:
-        """Write ``checkpoint.pth`` (collective: every rank must call it, rank 0 writes)."""
-        state = build_checkpoint(
-            optimizer=self.optimizer, scaler=self.amp.scaler, epoch=self.epoch, iteration=self.iteration,
-            sampler=self._sampler_state(), config=config_to_dict(self.cfg), rng_states=gather_rng_states(),
-            extra={"iters_per_epoch": self.iters_per_epoch, "world_size": self.world_size,
-                   "global_batch": self.global_batch, "corrupt_skipped": self.corrupt_skipped,
-                   "knn": list(self.knn_history)},
-        )
-        state["model"] = self.meta.state_dict()  # DDP stays outside the module tree: same keys for any world size
+    def _decorate_checkpoint(self, state: dict[str, Any]) -> dict[str, Any]:
         # The published layout as aliases of the same tensors (torch.save stores them once), so that
         # load_pretrained(vit, "checkpoint.pth") and PASS conversion tools find the teacher directly.
         state.update(to_published_layout(state["model"]))
-        path = self.checkpointer.save(state, step=(self.epoch if keep_copy else None))
-        if path is not None:
-            self.log.info("saved %s (epoch %d, iteration %d)", path, self.epoch, self.iteration)
+        return state
 
-    def _resume(self) -> None:
-        state = self.checkpointer.load()
-        if state is None:
-            return
+    def _check_resumable(self, state: dict[str, Any]) -> None:
         extra = state.get("extra") or {}
-        saved_ipe, saved_world = extra.get("iters_per_epoch"), extra.get("world_size")
-        sampler = state.get("sampler") or {}
-        at_epoch_start = int(sampler.get("position", 0)) == 0
-        if (saved_ipe, saved_world) != (self.iters_per_epoch, self.world_size) and not at_epoch_start:
+        saved = (extra.get("iters_per_epoch"), extra.get("world_size"))
+        at_epoch_start = int((state.get("sampler") or {}).get("position", 0)) == 0
+        if saved != (self.iters_per_epoch, self.world_size) and not at_epoch_start:
             raise CheckpointStateError(
-                f"{self.checkpointer.loaded_from} was written mid-epoch with {saved_ipe} iterations/epoch on "
-                f"{saved_world} process(es); this run has {self.iters_per_epoch} on {self.world_size}. Resume "
+                f"{self.checkpointer.loaded_from} was written mid-epoch with {saved[0]} iterations/epoch on "
+                f"{saved[1]} process(es); this run has {self.iters_per_epoch} on {self.world_size}. Resume "
                 f"with the same data, batch size and process count, or start fresh with --no-resume")
-        info = restore_checkpoint(state, model=self.meta, optimizer=self.optimizer, scaler=self.amp.scaler,
-                                  rank=self.rank, world_size=self.world_size)
-        self.epoch, self.iteration = info.epoch, info.iteration
+
+    def _restore_extra(self, extra: dict[str, Any]) -> None:
+        saved_ipe, saved_world = extra.get("iters_per_epoch"), extra.get("world_size")
         if (saved_ipe, saved_world) != (self.iters_per_epoch, self.world_size):
             self.log.warning("resuming at the start of epoch %d with %d iterations/epoch on %d process(es) "
                              "(checkpoint: %s on %s); schedules follow the new length", self.epoch + 1,
@@ -275,53 +255,35 @@ class PretrainStage:
             self.iteration = self.epoch * self.iters_per_epoch
         self.corrupt_skipped = int(extra.get("corrupt_skipped", 0))
         self.knn_history = list(extra.get("knn", []))
-        self._warn_config_changes(info.config or {})
-        self.log.info("resumed from %s at iteration %d, %s", self.checkpointer.loaded_from, self.iteration,
-                      run_position(self.epoch, self.iteration - self.epoch * self.iters_per_epoch))
 
-    def _warn_config_changes(self, saved: dict[str, Any]) -> None:
-        current = config_to_dict(self.cfg)
-        changed = [f"{section}.{key}: {saved[section][key]!r} -> {value!r}"
-                   for section, values in current.items() if isinstance(values, dict) and section in saved
-                   for key, value in values.items()
-                   if key in saved[section] and saved[section][key] != value
-                   and f"{section}.{key}" not in _RUN_CONTROL_KEYS]
-        if changed:
-            self.log.warning("config differs from the checkpoint's: %s", "; ".join(changed))
+    # ------------------------------------------------------------------ batches
+    def _epoch_batches(self, epoch: int) -> Iterator[dict[str, Any]]:
+        return self.source.batches(epoch, self._done_in_epoch(epoch))
 
-    def export_backbone(self, name: str = BACKBONE_FILE) -> Path | None:
-        """Write the teacher backbone (part tokens kept) in the passreid export format (rank 0)."""
-        if not self.is_main:
-            return None
-        export = export_backbone(self.meta.teacher_backbone(), self.cfg.model.arch, source="passreid pretrain",
-                                 mode=self.cfg.crops.mode, epoch=self.epoch, iteration=self.iteration)
-        return atomic_save(export, self.out / name)
+    def _done_in_epoch(self, epoch: int) -> int:
+        return self.iteration - epoch * self.iters_per_epoch
 
-    # ------------------------------------------------------------------ monitor
-    def run_monitor(self) -> dict[str, float] | None:
-        """kNN mAP / Rank-1 of the teacher backbone, logged under split ``knn``."""
-        if self.monitor is None:
-            return None
-        start = time.perf_counter()
-        scores = self.monitor.evaluate(self.meta.teacher_backbone(), autocast=self.amp.autocast)
-        scores = {**scores, "epoch": float(self.epoch), "iteration": float(self.iteration)}
-        self.knn_history.append(scores)
-        self.metrics.write(self.iteration, split="knn", **scores)
-        self.log.info("kNN monitor at epoch %d (iteration %d): mAP %.2f%%  Rank-1 %.2f%%  (%.1f s)", self.epoch,
-                      self.iteration, 100 * scores["mAP"], 100 * scores["rank1"], time.perf_counter() - start)
-        return scores
+    def _epoch_position(self, epoch: int, batches: int) -> dict[str, int]:
+        return {"epoch": epoch, "position": self._done_in_epoch(epoch) * self.cfg.data.batch_size_per_gpu}
+
+    def _epoch_size(self, epoch: int) -> int:
+        return self.iters_per_epoch * self.cfg.data.batch_size_per_gpu
 
     # ------------------------------------------------------------------ one iteration
-    def train_step(self, views: Views) -> tuple[float, dict[str, Any]]:
+    def _apply_schedules(self, iteration: int) -> None:
+        apply_schedule(self.optimizer, lr=self.schedules["lr"][iteration],
+                       weight_decay=self.schedules["weight_decay"][iteration])
+
+    def _step(self, batch: dict[str, Any]) -> dict[str, float]:
         """One optimizer step at ``self.iteration`` (see the module docstring for the order)."""
         it, epoch = self.iteration, self.epoch
-        apply_schedule(self.optimizer, lr=self.schedules.lr[it], weight_decay=self.schedules.weight_decay[it])
         self.optimizer.zero_grad(set_to_none=True)
-        views = [v.to(self.device, non_blocking=True) for v in views]
-        loss, stats = self.meta.forward_backward(views, epoch, autocast=self.amp.autocast, scaler=self.amp.scaler,
-                                                 iteration=it + 1)
+        views = [v.to(self.device, non_blocking=True) for v in batch["views"]]
+        loss, self.step_stats = self.meta.forward_backward(views, epoch, autocast=self.amp.autocast,
+                                                           scaler=self.amp.scaler, iteration=it + 1)
         # The mean over ranks, so that every rank raises together instead of leaving the others waiting.
-        mean_loss = check_finite(dist.all_reduce_mean(loss.detach().float().reshape(1)), it + 1, extra=stats)
+        mean_loss = check_finite(dist.all_reduce_mean(loss.detach().float().reshape(1)), it + 1,
+                                 extra=self.step_stats)
         scaler = self.amp.scaler
         if scaler is not None:
             scaler.unscale_(self.optimizer)
@@ -334,103 +296,96 @@ class PretrainStage:
             scaler.update()
         else:
             self.optimizer.step()
-        self.meta.update_teacher(float(self.schedules.momentum[it]))
-        self.iteration += 1
-        return mean_loss, stats
+        self.meta.update_teacher(float(self.schedules["momentum"][it]))
+        return {"loss": mean_loss, "lr": float(self.schedules["lr"][it])}
+
+    def _before_epochs(self) -> None:
+        if self.iteration == 0:
+            self.run_monitor()
+        self.window_start, self.window_images = time.perf_counter(), 0
+
+    def _prepare_epoch(self, epoch: int) -> None:
+        self.window_start, self.window_images = time.perf_counter(), 0  # throughput counts training only
+
+    def _after_step(self, batch: dict[str, Any], terms: dict[str, float], epoch: int) -> None:
+        self.corrupt_skipped += int(batch["skipped"])
+        self.window_images += self.global_batch
+        if self.iteration % self.cfg.train.log_period == 0 or self.iteration == self.total_iterations():
+            elapsed = time.perf_counter() - self.window_start
+            self._log_iteration(terms["loss"], self.step_stats, self.window_images / max(elapsed, 1e-9))
+            self.window_start, self.window_images = time.perf_counter(), 0
 
     def _log_iteration(self, loss: float, stats: dict[str, Any], images_per_second: float) -> None:
         """The "train" record of the step just taken: step = ``self.iteration`` (steps done, so 1 for the first),
         epoch 1-based, lr / wd / momentum the values that step used."""
         it = self.iteration - 1  # index of the step just taken into the per-iteration schedules
         skipped = float(dist.all_reduce_mean(torch.tensor([float(self.corrupt_skipped)]))[0]) * self.world_size
-        scalars = {"loss": loss, "lr": float(self.schedules.lr[it]), "wd": float(self.schedules.weight_decay[it]),
-                   "momentum": float(self.schedules.momentum[it]), "epoch": float(self.epoch + 1),
-                   "images_per_s": images_per_second, "corrupt_skipped": skipped}
+        scalars = {"loss": loss, "lr": float(self.schedules["lr"][it]),
+                   "wd": float(self.schedules["weight_decay"][it]), "momentum": float(self.schedules["momentum"][it]),
+                   "epoch": float(self.epoch + 1), "images_per_s": images_per_second, "corrupt_skipped": skipped}
         for key, value in stats.items():  # per-token losses, teacher entropies, temperature
             if isinstance(value, torch.Tensor) and value.numel() == 1 or isinstance(value, (int, float)):
                 scalars.setdefault(key, float(value))
         for name, center in zip(self.meta.loss.token_names, self.meta.loss.centers()):
             scalars[f"center_norm_{name}"] = float(center.norm())
-        remaining = self.total_iters - self.iteration
+        remaining = self.total_iterations() - self.iteration
         scalars["eta_s"] = remaining * self.global_batch / images_per_second if images_per_second > 0 else math.nan
         self.metrics.write(self.iteration, **scalars)
 
-    # ------------------------------------------------------------------ the loop
-    def run(self) -> PretrainResult:
-        """Train from the current state to the end (or to ``train.max_iters``, or until a
-        pre-emption signal: then ``checkpoint.pth`` is written and the result says ``preempted``)."""
-        with preemption_guard() as guard:
-            return self._run(guard)
-
-    def _run(self, guard: PreemptionGuard) -> PretrainResult:
-        cfg = self.cfg
-        if self._already_complete:
-            self.log.info("training already complete (%d iterations); nothing to do", self.iteration)
-            self._finish()
-            return self._result(finished=True)
-        if self.iteration == 0:
-            self.run_monitor()
-        progress = ProgressLogger(self.total_iters, cfg.train.log_period, self.log)
-        window_start, window_images = time.perf_counter(), 0
-        while self.epoch < cfg.train.epochs:
-            done_in_epoch = self.iteration - self.epoch * self.iters_per_epoch
-            for batch in batches_until_preempted(self.source.batches(self.epoch, done_in_epoch)):
-                loss, stats = self.train_step(batch["views"])
-                self.corrupt_skipped += int(batch["skipped"])
-                window_images += self.global_batch
-                progress.update(self.iteration - 1, loss=loss, lr=float(self.schedules.lr[self.iteration - 1]))
-                if self.iteration % cfg.train.log_period == 0 or self.iteration == self.total_iters:
-                    elapsed = time.perf_counter() - window_start
-                    self._log_iteration(loss, stats, window_images / max(elapsed, 1e-9))
-                    window_start, window_images = time.perf_counter(), 0
-                every = cfg.train.checkpoint_period_iters
-                saved = bool(every) and self.iteration % every == 0
-                if saved:
-                    self.save_checkpoint()
-                preempted = guard.requested()
-                if preempted or (cfg.train.max_iters and self.iteration >= cfg.train.max_iters):
-                    return self._stop("pre-emption signal" if preempted else "train.max_iters",
-                                      preempted=preempted, saved=saved)
-            if self.iteration < (self.epoch + 1) * self.iters_per_epoch:  # the loader ended early: see
-                return self._stop("pre-emption signal", preempted=True, saved=False)  # batches_until_preempted
-            self._end_epoch()
-            window_start, window_images = time.perf_counter(), 0  # throughput counts training only
-        self._finish()
-        return self._result(finished=True)
-
-    def _stop(self, reason: str, preempted: bool, saved: bool) -> PretrainResult:
-        """Stop mid-run with ``checkpoint.pth`` written (``saved``: the periodic one of this iteration)."""
-        if not saved:
-            self.save_checkpoint()
-        self.log.info("stopping after iteration %d in epoch %d (%s); checkpoint written", self.iteration,
-                      self.epoch + 1, reason)
-        self.metrics.close()
-        return self._result(finished=False, preempted=preempted)
-
-    def _end_epoch(self) -> None:
-        finished_epoch = self.epoch
-        self.epoch += 1
+    # ------------------------------------------------------------------ epoch ends and outputs
+    def _finish_epoch(self, epoch: int) -> None:
+        """The teacher backbone export of every epoch and the kNN monitor at its period (and after the last)."""
         self.export_backbone()
         last = self.epoch == self.cfg.train.epochs
         if self.monitor is not None and (self.epoch % self.cfg.monitor.period == 0 or last):
             self.run_monitor()
-        if self.epoch % self.cfg.train.checkpoint_period == 0 or last:
-            keep = bool(self.cfg.train.keep_checkpoint_period) and self.epoch % self.cfg.train.keep_checkpoint_period == 0
-            self.save_checkpoint(keep_copy=keep)
         self.metrics.flush()
-        self.log.info("epoch %d/%d done (iteration %d)", finished_epoch + 1, self.cfg.train.epochs, self.iteration)
+        self.log.info("epoch %d/%d done (iteration %d)", epoch + 1, self.cfg.train.epochs, self.iteration)
 
-    def _finish(self) -> None:
-        final = self.out / BACKBONE_FINAL_FILE
-        if self.is_main and not (self._already_complete and final.is_file()):
+    def _evaluation_due(self, last: bool) -> bool:
+        return False  # the kNN monitor runs in _finish_epoch, before the epoch's checkpoint keeps its history
+
+    def export_backbone(self, name: str = BACKBONE_FILE) -> Path | None:
+        """Write the teacher backbone (part tokens kept) in the passreid export format (rank 0)."""
+        if self.rank != 0:
+            return None
+        export = export_backbone(self.meta.teacher_backbone(), self.cfg.model.arch, source="passreid pretrain",
+                                 mode=self.cfg.crops.mode, epoch=self.epoch, iteration=self.iteration)
+        return atomic_save(export, self.output_dir / name)
+
+    def run_monitor(self) -> dict[str, float] | None:
+        """kNN mAP / Rank-1 of the teacher backbone, logged under split ``knn``."""
+        if self.monitor is None:
+            return None
+        start = time.perf_counter()
+        scores = self.monitor.evaluate(self.meta.teacher_backbone(), autocast=self.eval_amp.autocast)
+        scores = {**scores, "epoch": float(self.epoch), "iteration": float(self.iteration)}
+        self.knn_history.append(scores)
+        self.metrics.write(self.iteration, split="knn", **scores)
+        self.log.info("kNN monitor at epoch %d (iteration %d): mAP %.2f%%  Rank-1 %.2f%%  (%.1f s)", self.epoch,
+                      self.iteration, 100 * scores["mAP"], 100 * scores["rank1"], time.perf_counter() - start)
+        return scores
+
+    def _complete(self, stop: StopReason) -> PretrainResult:
+        """Every epoch done: ``backbone_final.pth``, the hand-over to the next stage. At ``train.max_iters`` the
+        run pauses with ``checkpoint.pth`` only (a longer run resumes from it)."""
+        if stop == "max_iters":
+            self.log.info("stopping after iteration %d (train.max_iters); checkpoint written", self.iteration)
+            self.metrics.close()
+            return self._result(None, preempted=False, finished=False)
+        final = self.output_dir / BACKBONE_FINAL_FILE
+        if self.already_complete:
+            self.log.info("training already complete (%d iterations); nothing to do", self.iteration)
+        if self.rank == 0 and not (self.already_complete and final.is_file()):
             self.export_backbone(BACKBONE_FINAL_FILE)
             self.log.info("training finished: teacher backbone in %s", final)
         dist.barrier()
         self.metrics.close()
+        return self._result(final, preempted=False, finished=True)
 
-    def _result(self, finished: bool, preempted: bool = False) -> PretrainResult:
-        backbone = self.out / BACKBONE_FILE
-        return PretrainResult(output_dir=self.out, iteration=self.iteration, finished=finished,
+    def _result(self, final_path: Path | None, preempted: bool, finished: bool = False) -> PretrainResult:
+        backbone = self.output_dir / BACKBONE_FILE
+        return PretrainResult(output_dir=self.output_dir, iteration=self.iteration, finished=finished,
                               knn=list(self.knn_history), backbone=backbone if backbone.is_file() else None,
                               preempted=preempted)
 
@@ -442,14 +397,14 @@ def run_pretraining(cfg: PretrainConfig, *, resume: bool = True,
     ``batch_source`` replaces the ``data.*`` pipeline by one's own (:class:`BatchSource`).
     """
     with preemption_guard():  # before the set-up: a pre-emption signal while data and model load is not lost
-        return PretrainStage(cfg, resume=resume, batch_source=batch_source).run()
+        return PretrainTrainer(cfg, resume=resume, batch_source=batch_source).run()
 
 
 __all__ = [
     "BACKBONE_FILE",
     "BACKBONE_FINAL_FILE",
     "PretrainResult",
-    "PretrainStage",
+    "PretrainTrainer",
     "Schedules",
     "build_schedules",
     "peak_learning_rate",

@@ -16,7 +16,7 @@ from passreid.usl.model import ClusterContrastNet, build_usl_model
 from passreid.usl.pseudo_labels import (ClusterStats, PseudoLabels, cluster_centroids, cluster_features,
                                         cluster_statistics)
 from passreid.usl.sampler import PseudoLabelSampler
-from passreid.usl.trainer import ClusterContrastTrainer, TargetData, UslResult, epoch_lr, load_target_data, run_usl
+from passreid.usl.trainer import ClusterContrastTrainer, TargetData, UslResult, load_target_data, run_usl
 
 __all__ = [
     "ClusterConfig",
@@ -38,7 +38,6 @@ __all__ = [
     "cluster_centroids",
     "cluster_features",
     "cluster_statistics",
-    "epoch_lr",
     "hard_momentum_update",
     "load_target_data",
     "momentum_update",

@@ -42,9 +42,9 @@ from torch import nn
 from passreid import dist
 from passreid.config import ConfigError, config_to_dict
 from passreid.data import DatasetFormatError, ImageItem, ReIDDataset, build_dataset
-from passreid.engine import atomic_save, check_finite, output_layout, preemption_guard
-from passreid.engine.loop import EpochTrainer, torch_threads
+from passreid.engine import atomic_save, check_finite, output_layout, preemption_guard, warmup_step_lr
 from passreid.engine.optim import build_param_groups
+from passreid.engine.trainer import Trainer, torch_threads
 from passreid.eval.evaluator import EvalResult, evaluate_model, extract_split, format_result
 from passreid.finetune.checkpoints import build_final_checkpoint
 from passreid.finetune.config import FinetuneConfig
@@ -57,7 +57,7 @@ from passreid.usl.model import ClusterContrastNet, build_usl_model
 from passreid.usl.pseudo_labels import ClusterStats, PseudoLabels, cluster_centroids, cluster_features
 from passreid.usl.sampler import PseudoLabelSampler
 
-__all__ = ["ClusterContrastTrainer", "TargetData", "UslResult", "epoch_lr", "load_target_data", "run_cluster_contrast",
+__all__ = ["ClusterContrastTrainer", "TargetData", "UslResult", "load_target_data", "run_cluster_contrast",
            "run_usl"]
 
 logger = logging.getLogger("passreid.usl")
@@ -115,15 +115,6 @@ def load_target_data(cfg: UslConfig) -> TargetData:
     return TargetData(items, test, true_ids, num_cameras)
 
 
-def epoch_lr(optim: UslOptimConfig, epoch: int) -> float:
-    """Learning rate of 0-based ``epoch``: optional linear warm-up, then StepLR (``lr x gamma^(e // step)``)
-    stepped at the end of every epoch, as published."""
-    if epoch < optim.warmup_epochs:
-        start = optim.lr * optim.warmup_lr_factor
-        return start + (optim.lr - start) * epoch / optim.warmup_epochs
-    return optim.lr * optim.gamma ** (epoch // optim.step_size)
-
-
 def _build_optimizer(model: nn.Module, optim: UslOptimConfig) -> torch.optim.Optimizer:
     groups = build_param_groups(model, optim.lr, optim.weight_decay, optim.weight_decay_bias, optim.bias_lr_factor)
     for group in groups:
@@ -135,7 +126,7 @@ def _build_optimizer(model: nn.Module, optim: UslOptimConfig) -> torch.optim.Opt
     return torch.optim.AdamW(groups, lr=optim.lr)
 
 
-class ClusterContrastTrainer(EpochTrainer):
+class ClusterContrastTrainer(Trainer):
     """Builds everything from the config; :meth:`run` clusters, trains, evaluates and saves."""
 
     log = logger
@@ -224,9 +215,14 @@ class ClusterContrastTrainer(EpochTrainer):
         return [self.cfg.train.iters] * self.cfg.train.epochs
 
     def _epoch_lrs(self, epoch: int) -> list[float]:
-        """Every group at its multiple of :func:`epoch_lr` (biases may run at ``bias_lr_factor`` x)."""
-        rate = epoch_lr(self.cfg.optim, epoch)
+        """Every group at its multiple of the StepLR rate (biases may run at ``bias_lr_factor`` x)."""
+        optim = self.cfg.optim
+        rate = warmup_step_lr(epoch, optim.lr, optim.step_size, optim.gamma, optim.warmup_epochs,
+                              optim.lr * optim.warmup_lr_factor)
         return [rate * group.get("lr_multiplier", 1.0) for group in self.optimizer.param_groups]
+
+    def _build_schedules(self) -> dict[str, Any]:
+        return self.epoch_schedules()
 
     def _before_epochs(self) -> None:
         if self.cfg.train.eval_at_start and self.iteration == 0 and self.initial_metrics is None:
