@@ -1,12 +1,13 @@
 """Every fine-tuning recipe loads, validates and states what it should reproduce."""
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
 
 from passreid.config import ConfigError, load_config
-from passreid.finetune import FinetuneConfig, validate_config
+from passreid.finetune import FinetuneConfig, register_method, validate_config
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "finetune"
 RECIPES = sorted(p for p in CONFIG_DIR.rglob("*.yaml") if "_base_" not in p.parts)
@@ -93,3 +94,93 @@ def test_a_method_section_is_checked_only_when_that_method_runs():
 def test_an_unknown_method_names_the_registered_ones():
     with pytest.raises(ConfigError, match=r"method.*'nope'.*bnneck"):
         validate_config(load_config(FinetuneConfig, None, ["method=nope"]))
+
+
+# ------------------------------------------------------------------------------ the methods' own sections
+
+METHOD_SECTIONS = ("dpm", "bpbreid", "pass_parts", "tsd", "dpeformer")
+
+
+def test_each_method_registers_its_own_section_and_the_config_has_one_field_per_section():
+    import typing
+
+    from passreid.finetune.methods import get_method, method_sections
+
+    sections = method_sections()
+    assert sorted(sections) == sorted(METHOD_SECTIONS)
+    hints = typing.get_type_hints(FinetuneConfig)
+    for name in METHOD_SECTIONS:
+        method = get_method(name)  # each section is named after its method
+        assert method.section == name and method.section_type is sections[name]
+        # Defined in the method's module, not in passreid.finetune.config.
+        assert method.section_type.__module__ == f"passreid.finetune.{name}"
+        assert hints[name] is method.section_type and isinstance(getattr(FinetuneConfig(), name), method.section_type)
+        assert dataclasses.is_dataclass(method.section_type)
+    assert get_method("bnneck").section is None  # bnneck reads the shared sections only
+    # The YAML layout is the one every saved config.yaml / model file of older runs has: same top-level keys,
+    # in the same order (method sections last).
+    assert [f.name for f in dataclasses.fields(FinetuneConfig)] == [
+        "method", "model", "data", "loss", "optim", "eval", "train", *METHOD_SECTIONS]
+
+
+def test_a_section_in_a_recipe_file_loads_typed_and_round_trips(tmp_path: Path):
+    from passreid.config import dump_config
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("method: dpm\ndpm:\n  mask_blocks: [1, 3]\n  orth_weight: 1\ntsd:\n  teacher_mask: target\n")
+    cfg = validate_config(load_config(FinetuneConfig, recipe, ["dpm.arc_margin=0.3"]))
+    assert cfg.dpm.mask_blocks == [1, 3] and cfg.dpm.orth_weight == 1.0 and isinstance(cfg.dpm.orth_weight, float)
+    assert cfg.dpm.arc_margin == 0.3 and cfg.dpm.arc_scale == 30.0  # unset keys keep the section's defaults
+    # The section of a method not selected is loaded and kept (and saved), as before.
+    assert cfg.tsd.teacher_mask == "target"
+    saved = tmp_path / "config.yaml"
+    saved.write_text(dump_config(cfg))
+    assert load_config(FinetuneConfig, saved) == cfg
+
+
+def test_an_unknown_or_mistyped_key_inside_a_section_is_named(tmp_path: Path):
+    with pytest.raises(ConfigError, match=r"unknown config key 'dpm\.orth_weigth' \(did you mean 'dpm\.orth_weight'\?\)"):
+        load_config(FinetuneConfig, None, ["dpm.orth_weigth=0.01"])
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("tsd:\n  decoder_headz: 4\n")
+    with pytest.raises(ConfigError, match=r"unknown config key 'tsd\.decoder_headz'.*r\.yaml"):
+        load_config(FinetuneConfig, recipe)
+    with pytest.raises(ConfigError, match=r"config key 'bpbreid\.visibility' must be one of 'binary', 'continuous'"):
+        load_config(FinetuneConfig, None, ["bpbreid.visibility=soft"])
+
+
+def test_the_registry_refuses_malformed_or_duplicate_sections():
+    from passreid.finetune.dpm import DPMConfig
+    from passreid.finetune.methods import FinetuneMethod, build_bnneck_model, build_reid_criterion, list_methods
+
+    def method(**kwargs) -> FinetuneMethod:
+        return FinetuneMethod("x_section_test", "test", build_bnneck_model, build_reid_criterion, **kwargs)
+
+    with pytest.raises(ValueError, match="both section and section_type"):
+        method(section="x")
+    with pytest.raises(TypeError, match="section_type must be a dataclass"):
+        method(section="x", section_type=dict)
+    with pytest.raises(ValueError, match="already belongs to method 'dpm'"):
+        register_method(method(section="dpm", section_type=DPMConfig))
+    assert "x_section_test" not in list_methods()
+
+
+def test_the_config_and_the_registry_must_agree(monkeypatch: pytest.MonkeyPatch):
+    from passreid.finetune import config, methods
+
+    # A section field whose method is gone, and a registered section without a field, are both refused.
+    monkeypatch.delitem(methods._METHODS, "dpm")
+    with pytest.raises(TypeError, match=r"method sections .* differ from the sections"):
+        config._check_method_sections()
+    monkeypatch.undo()
+    config._check_method_sections()  # the real registry agrees
+
+    @dataclasses.dataclass
+    class PluginConfig:
+        strength: float = 1.0
+
+    plugin = methods.FinetuneMethod("x_plugin", "test", methods.build_bnneck_model, methods.build_reid_criterion,
+                                    section="x_plugin", section_type=PluginConfig)
+    monkeypatch.setitem(methods._METHODS, "x_plugin", plugin)  # removed again after the test
+    with pytest.raises(TypeError, match=r"'x_plugin'.*FinetuneConfig has no field"):
+        validate_config(load_config(FinetuneConfig, None, ["method=x_plugin"]))

@@ -30,6 +30,7 @@ torchreid/losses/GiLt_loss.py, torchreid/metrics/distance.py).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal
 
 import torch
 import torch.nn.functional as F
@@ -38,15 +39,18 @@ from torch import Tensor, nn
 from passreid.data.masks import num_parts
 from passreid.eval.distance import VisiblePartDistance
 from passreid.eval.features import ExtractedFeatures
-from passreid.finetune.config import FinetuneConfig
 from passreid.finetune.methods import FinetuneMethod, build_backbone, load_backbone_weights, register_method
 from passreid.losses.reid import identity_loss
 from passreid.models import VisionTransformer
 from passreid.models.cnn import build_cnn_backbone, is_cnn_arch
 from passreid.models.reid import make_bnneck, make_classifier
 
+if TYPE_CHECKING:  # annotations only: passreid.finetune.config imports this module for its section
+    from passreid.finetune.config import FinetuneConfig
+
 __all__ = [
     "BNClassifier",
+    "BPBReIDConfig",
     "BPBReIDCriterion",
     "BPBReIDModel",
     "BPBReIDTrainOutput",
@@ -60,6 +64,24 @@ __all__ = [
     "spatial_feature_map",
     "unpack_part_rows",
 ]
+
+
+@dataclass
+class BPBReIDConfig:
+    """BPBReID (``method: bpbreid``). Defaults are the published GiLt recipe (bpbreid:
+    configs/bpbreid/bpbreid_occ_duke_train.yaml over torchreid/scripts/default_config.py)."""
+
+    dim_reduce: int = 512  # Linear(C, 512) + BN + ReLU after pooling, one per embedding type
+    id_weight_global: float = 1.0  # GiLt: identity (CE, label smoothing) on global, foreground, concat-parts
+    id_weight_foreground: float = 1.0
+    id_weight_concat: float = 1.0
+    triplet_weight_parts: float = 1.0  # part-averaged batch-hard triplet on the K part embeddings
+    triplet_weight_foreground: float = 0.0  # 1 in the Market-1501 / Occluded-REID configs
+    triplet_margin: float = 0.3
+    label_smoothing: float = 0.1
+    pixel_ce_weight: float = 0.35  # body-part attention loss (0.7 for Occluded-REID)
+    pixel_label_smoothing: float = 0.1
+    visibility: Literal["binary", "continuous"] = "binary"  # test visibility scores (distance weights)
 
 
 # ------------------------------------------------------------------------------------------ layers
@@ -378,5 +400,7 @@ register_method(
         build_criterion=build_bpbreid_criterion,
         build_test_distance=build_bpbreid_test_distance,
         train_masks=lambda cfg: "parsing",
+        section="bpbreid",
+        section_type=BPBReIDConfig,
     )
 )

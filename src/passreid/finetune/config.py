@@ -5,14 +5,32 @@ model/make_model.py, ``build_transformer_pass``): PASS head with four BN
 necks and ``cat`` fusion, pre-BN test feature, CE (no label smoothing) + soft-margin batch-hard
 triplet 1:1, SGD lr 4e-4 with 20 warm-up epochs and cosine to 0.002x over 120 epochs, PASS's
 end-of-epoch scheduler stepping. Recipes in ``configs/finetune/`` change only what differs.
+
+The settings of one method (``dpm:``, ``bpbreid:``, ``pass_parts:``, ``tsd:``, ``dpeformer:``) are not defined
+here: each is a dataclass in its method's module, registered with the method
+(``FinetuneMethod(section="dpm", section_type=DPMConfig, ...)``, :mod:`passreid.finetune.methods`).
+:class:`FinetuneConfig` has one plain, typed field per registered section, so the YAML keys, the loader's
+key and type checks and ``config.yaml`` are those of any other section, and every section is always present
+(a recipe may set a section of a method it does not select; it is kept and saved, and checked by the method's
+``validate`` only when that method runs). Importing this module checks that these fields and the registry
+agree. This module imports the registry (which imports every method module); the method modules import
+``FinetuneConfig`` for type annotations only, so there is no import cycle.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal
 
 from passreid.config import require
 from passreid.config.schema import DataConfig, EvalConfig, ModelConfig, OptimConfig, TrainConfig
+# The registry first: importing it imports and registers every method module (in the order it chooses).
+from passreid.finetune.methods import get_method, list_methods, method_sections
+from passreid.finetune.bpbreid import BPBReIDConfig
+from passreid.finetune.dpeformer import DPEFormerConfig
+from passreid.finetune.dpm import DPMConfig
+from passreid.finetune.pass_parts import PassPartsConfig
+from passreid.finetune.tsd import TSDConfig
 from passreid.models.cnn import is_cnn_arch
 
 __all__ = [
@@ -21,11 +39,6 @@ __all__ = [
     "FinetuneModelConfig",
     "FinetuneOptimConfig",
     "FinetuneTrainConfig",
-    "DPMConfig",
-    "BPBReIDConfig",
-    "PassPartsConfig",
-    "TSDConfig",
-    "DPEFormerConfig",
     "LossConfig",
     "validate_config",
 ]
@@ -115,96 +128,6 @@ class LossConfig:
 
 
 @dataclass
-class DPMConfig:
-    """Dynamic Prototype Mask (``method: dpm``; DPM: configs/OCC_Duke/dpm.yml). Unused by other methods."""
-
-    mask_blocks: list[int] = field(default_factory=lambda: [2, 4, 10, 12])  # 1-based blocks feeding the mask generator
-    orth_weight: float = 0.1  # weight of the orthogonality loss (0.01 for the Occluded-REID recipe)
-    arc_scale: float = 30.0  # masked ArcFace s
-    arc_margin: float = 0.5  # masked ArcFace m (0.3 in DPM's Market-1501 config, i.e. for Occluded-REID)
-    mask_lr: float = 0.0  # SGD lr of the mask generator's own optimizer (biases x optim.bias_lr_factor); 0 = optim.lr
-
-
-@dataclass
-class BPBReIDConfig:
-    """BPBReID (``method: bpbreid``). Defaults are the published GiLt recipe (bpbreid:
-    configs/bpbreid/bpbreid_occ_duke_train.yaml over torchreid/scripts/default_config.py)."""
-
-    dim_reduce: int = 512  # Linear(C, 512) + BN + ReLU after pooling, one per embedding type
-    id_weight_global: float = 1.0  # GiLt: identity (CE, label smoothing) on global, foreground, concat-parts
-    id_weight_foreground: float = 1.0
-    id_weight_concat: float = 1.0
-    triplet_weight_parts: float = 1.0  # part-averaged batch-hard triplet on the K part embeddings
-    triplet_weight_foreground: float = 0.0  # 1 in the Market-1501 / Occluded-REID configs
-    triplet_margin: float = 0.3
-    label_smoothing: float = 0.1
-    pixel_ce_weight: float = 0.35  # body-part attention loss (0.7 for Occluded-REID)
-    pixel_label_smoothing: float = 0.1
-    visibility: Literal["binary", "continuous"] = "binary"  # test visibility scores (distance weights)
-
-
-@dataclass
-class PassPartsConfig:
-    """PASS part tokens as parts (``method: pass_parts``): learned visibility + visibility-aware distance."""
-
-    # Target of each part token's visibility head: "masks" = body pixels in its third of the image (parsing
-    # masks, training only); "erasing" = the share of its third left by padding/random erasing (no masks).
-    visibility_target: Literal["masks", "erasing"] = "masks"
-    visibility_threshold: float = 0.1  # target 1 iff that share >= this (use ~0.5 with "erasing")
-    visibility_weight: float = 1.0  # weight of the binary cross-entropy of the visibility heads
-    part_id_weight: float = 1.0  # identity CE on each part token (own BN + classifier), visible parts only
-
-
-@dataclass
-class TSDConfig:
-    """Teacher-Student Decoder (``method: tsd``). Defaults are the published recipe (TSD: run_tsd.sh)."""
-
-    decoder_heads: int = 8  # heads of the decoder's self- and cross-attention
-    ffn_ratio: int = 4  # decoder FFN width = ffn_ratio x D
-    with_fore_head: bool = True  # MODEL.WITH_FORE_HEAD: foreground head (pooling with sum_k pi_k) + its CE
-    # Teacher cross-attention mask: "sampled" = 1[u < pi] from the predicted parsing (published); "target" = the
-    # one-hot of the training masks' argmax (the variant left commented out in the released code).
-    teacher_mask: Literal["sampled", "target"] = "sampled"
-    id_weight: float = 1.0  # CE (no label smoothing) on each of global, cat, cat_m, aux, fg
-    triplet_weight: float = 1.0  # soft triplet on g + part-averaged soft triplet on student / pooled / teacher parts
-    visibility_weight: float = 1.0  # sigmoid focal loss of the visibility predictor
-    focal_alpha: float = 0.25
-    focal_gamma: float = 2.0
-    mimic_weight: float = 1.0  # 1 - cos(student parts, teacher parts.detach())
-    parsing_weight: float = 1.0  # MODEL.MASK_LOSS_WEIGHT: pixel CE of the parsing classifier
-    parsing_label_smoothing: float = 0.1
-    diversity_weight: float = 1.0  # MODEL.WITH_DIVERSE_LOSS (0 = off): teacher parts + detached-pi pooled parts
-    visibility_threshold: float = 0.5  # test: part visible iff sigmoid(visibility logit) > this
-
-
-@dataclass
-class DPEFormerConfig:
-    """DPEFormer (``method: dpeformer``; arXiv 2402.10435). Defaults are the paper's method."""
-
-    # Global token g of DPSM/FBM and of the global classifier: "cls" = [CLS] (paper); "first_patch" = the first
-    # patch token x[:, 1] after the final LN (what the released code takes).
-    global_token: Literal["cls", "first_patch"] = "cls"
-    # View 2 of each sample: "occluder" = view 1 with an occluder cut-out pasted (the paper's realistic occlusion
-    # augmentation; cut-outs from data.occluder_dir, area data.occluder_area, always applied); "erasing" = random
-    # erasing of view 1 (p 1, area erasing_area, pixel noise), what the released code does.
-    view2: Literal["occluder", "erasing"] = "occluder"
-    erasing_area: tuple[float, float] = (0.05, 0.4)
-    num_parts: int = 4  # stripes and DPSM parts
-    min_selected: int = 24  # DPSM: the first-difference cut k_b is clipped to >= this (24 of 128 tokens at 256x128)
-    fbm_token_dim: int = 16  # FBM: a D-dim part / global vector is read as D / 16 tokens of 16 dims
-    fbm_heads: int = 2
-    fbm_mlp_ratio: float = 1.0
-    # FBM head merge: "per_image" (paper); "released_batch_mix" = the released code's transpose/reshape, which mixes
-    # the heads of pairs of images of a batch, so features depend on the batch (only to reproduce released models).
-    fbm_head_merge: Literal["per_image", "released_batch_mix"] = "per_image"
-    global_id_weight: float = 2.0  # weight of the mean CE of the two global classifiers
-    memory_temperature: float = 0.05
-    memory_momentum: float = 0.2  # bank row <- m * row + (1 - m) * feature, renormalised (view 1 only)
-    memory_weight: float = 1.0  # memory loss of view 1 (updates the bank)
-    memory_weight_view2: float = 0.3  # memory loss of view 2 (no update)
-
-
-@dataclass
 class FinetuneOptimConfig(OptimConfig):
     """Shared optimiser fields plus the scheduler stepping convention.
 
@@ -247,11 +170,36 @@ class FinetuneConfig:
     optim: FinetuneOptimConfig = field(default_factory=FinetuneOptimConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     train: FinetuneTrainConfig = field(default_factory=FinetuneTrainConfig)
+    # The methods' own sections: one field per registered section (FinetuneMethod.section / section_type),
+    # named and typed as registered; _check_method_sections below keeps the two lists equal.
     dpm: DPMConfig = field(default_factory=DPMConfig)
     bpbreid: BPBReIDConfig = field(default_factory=BPBReIDConfig)
     pass_parts: PassPartsConfig = field(default_factory=PassPartsConfig)
     tsd: TSDConfig = field(default_factory=TSDConfig)
     dpeformer: DPEFormerConfig = field(default_factory=DPEFormerConfig)
+
+
+#: The FinetuneConfig fields every method reads; every other field is a registered method's own section.
+SHARED_SECTIONS = ("method", "model", "data", "loss", "optim", "eval", "train")
+
+
+def _check_method_sections() -> None:
+    """FinetuneConfig's method fields are exactly the registered sections, each with the registered dataclass
+    (a method added without its field, or a field left after its method went, fails at import)."""
+    fields = {f.name: f for f in dataclasses.fields(FinetuneConfig)}
+    registered = method_sections()
+    own = {name: f for name, f in fields.items() if name not in SHARED_SECTIONS}
+    if set(own) != set(registered):
+        raise TypeError(f"FinetuneConfig's method sections {sorted(own)} differ from the sections the fine-tuning "
+                        f"methods register {sorted(registered)}")
+    for name, section_type in registered.items():
+        default = own[name].default_factory()
+        if type(default) is not section_type:
+            raise TypeError(f"FinetuneConfig.{name} defaults to {type(default).__name__}, but its method registers "
+                            f"section_type {section_type.__name__}")
+
+
+_check_method_sections()
 
 
 def validate_config(cfg: FinetuneConfig) -> FinetuneConfig:
@@ -294,10 +242,12 @@ def validate_config(cfg: FinetuneConfig) -> FinetuneConfig:
     require(cfg.eval.period > 0, "eval.period", f"must be positive, got {cfg.eval.period}")
     require(cfg.train.checkpoint_period > 0, "train.checkpoint_period", "must be positive")
     require(cfg.train.checkpoint_period_iters >= 0, "train.checkpoint_period_iters", "must be >= 0 (0: epoch ends only)")
-    from passreid.finetune.methods import get_method, list_methods  # the registry imports the method modules
-
     require(cfg.method in list_methods(), "method", f"unknown method {cfg.method!r}; one of {', '.join(list_methods())}")
-    method_checks = get_method(cfg.method).validate
-    if method_checks is not None:  # the method's own config section, checked only when the method runs
-        method_checks(cfg)
+    method = get_method(cfg.method)
+    if method.section is not None and not isinstance(getattr(cfg, method.section, None), method.section_type):
+        # A method registered after this module was imported (outside the package) without its field.
+        raise TypeError(f"method {method.name!r} registers config section {method.section!r} "
+                        f"({method.section_type.__name__}), which FinetuneConfig has no field for")
+    if method.validate is not None:  # the method's own config section, checked only when the method runs
+        method.validate(cfg)
     return cfg

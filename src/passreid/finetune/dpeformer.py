@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
 from pathlib import Path
 
 import torch
@@ -62,14 +63,17 @@ from passreid.data import ImageItem
 from passreid.data.occluders import OccluderPaste
 from passreid.data.samplers import ImageDataset
 from passreid.data.transforms import RandomErasing
-from passreid.finetune.config import FinetuneConfig
 from passreid.finetune.methods import FinetuneMethod, build_backbone, load_backbone_weights, register_method
 from passreid.losses.reid import identity_loss
 from passreid.models import VisionTransformer
 from passreid.models.reid import make_bnneck, make_classifier
 
+if TYPE_CHECKING:  # annotations only: passreid.finetune.config imports this module for its section
+    from passreid.finetune.config import FinetuneConfig
+
 __all__ = [
     "ClassCentroidMemory",
+    "DPEFormerConfig",
     "DPEFormerCriterion",
     "DPEFormerModel",
     "DPEFormerTrainOutput",
@@ -79,6 +83,34 @@ __all__ = [
     "merge_heads",
     "selection_sizes",
 ]
+
+
+@dataclass
+class DPEFormerConfig:
+    """DPEFormer (``method: dpeformer``; arXiv 2402.10435). Defaults are the paper's method."""
+
+    # Global token g of DPSM/FBM and of the global classifier: "cls" = [CLS] (paper); "first_patch" = the first
+    # patch token x[:, 1] after the final LN (what the released code takes).
+    global_token: Literal["cls", "first_patch"] = "cls"
+    # View 2 of each sample: "occluder" = view 1 with an occluder cut-out pasted (the paper's realistic occlusion
+    # augmentation; cut-outs from data.occluder_dir, area data.occluder_area, always applied); "erasing" = random
+    # erasing of view 1 (p 1, area erasing_area, pixel noise), what the released code does.
+    view2: Literal["occluder", "erasing"] = "occluder"
+    erasing_area: tuple[float, float] = (0.05, 0.4)
+    num_parts: int = 4  # stripes and DPSM parts
+    min_selected: int = 24  # DPSM: the first-difference cut k_b is clipped to >= this (24 of 128 tokens at 256x128)
+    fbm_token_dim: int = 16  # FBM: a D-dim part / global vector is read as D / 16 tokens of 16 dims
+    fbm_heads: int = 2
+    fbm_mlp_ratio: float = 1.0
+    # FBM head merge: "per_image" (paper); "released_batch_mix" = the released code's transpose/reshape, which mixes
+    # the heads of pairs of images of a batch, so features depend on the batch (only to reproduce released models).
+    fbm_head_merge: Literal["per_image", "released_batch_mix"] = "per_image"
+    global_id_weight: float = 2.0  # weight of the mean CE of the two global classifiers
+    memory_temperature: float = 0.05
+    memory_momentum: float = 0.2  # bank row <- m * row + (1 - m) * feature, renormalised (view 1 only)
+    memory_weight: float = 1.0  # memory loss of view 1 (updates the bank)
+    memory_weight_view2: float = 0.3  # memory loss of view 2 (no update)
+
 
 HEAD_MERGES = ("per_image", "released_batch_mix")
 
@@ -462,5 +494,7 @@ register_method(
         build_criterion=build_dpeformer_criterion,
         build_train_set=build_two_view_train_set,
         validate=validate_dpeformer_config,
+        section="dpeformer",
+        section_type=DPEFormerConfig,
     )
 )

@@ -33,7 +33,8 @@ loss/make_loss.py, processor/processor.py, utils/metrics.py). On the TransReID-s
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -45,13 +46,16 @@ from passreid.engine import unwrap_model
 from passreid.engine.optim import build_param_groups
 from passreid.eval.distance import as_feature_tensor, resolve_device
 from passreid.eval.features import ExtractedFeatures
-from passreid.finetune.config import FinetuneConfig
 from passreid.finetune.methods import FinetuneMethod, SecondPass, build_backbone, load_backbone_weights, register_method
 from passreid.losses.reid import batch_hard_triplet_loss, identity_loss
 from passreid.models import VisionTransformer
 from passreid.models.reid import ReIDModel
 
+if TYPE_CHECKING:  # annotations only: passreid.finetune.config imports this module for its section
+    from passreid.finetune.config import FinetuneConfig
+
 __all__ = [
+    "DPMConfig",
     "DPMCriterion",
     "DPMModel",
     "DPMTrainOutput",
@@ -63,6 +67,18 @@ __all__ = [
     "orthogonality_loss",
     "query_masked_distance",
 ]
+
+
+@dataclass
+class DPMConfig:
+    """Dynamic Prototype Mask (``method: dpm``; DPM: configs/OCC_Duke/dpm.yml). Unused by other methods."""
+
+    mask_blocks: list[int] = field(default_factory=lambda: [2, 4, 10, 12])  # 1-based blocks feeding the mask generator
+    orth_weight: float = 0.1  # weight of the orthogonality loss (0.01 for the Occluded-REID recipe)
+    arc_scale: float = 30.0  # masked ArcFace s
+    arc_margin: float = 0.5  # masked ArcFace m (0.3 in DPM's Market-1501 config, i.e. for Occluded-REID)
+    mask_lr: float = 0.0  # SGD lr of the mask generator's own optimizer (biases x optim.bias_lr_factor); 0 = optim.lr
+
 
 _NORM_EPS = 1e-12  # F.normalize's guard
 _ORTH_EPS = 1e-6  # the official row normalisation: a / sqrt(||a||² + 1e-6)
@@ -367,5 +383,7 @@ register_method(
         build_criterion=build_dpm_criterion,
         build_test_distance=build_dpm_test_distance,
         build_second_pass=build_mask_generator_pass,
+        section="dpm",
+        section_type=DPMConfig,
     )
 )

@@ -25,22 +25,36 @@ return a query-chunked distance function over the two
 ``build_second_pass(model, cfg)`` is optional too: a :class:`SecondPass` names parameters that the main
 optimizer leaves out and that the trainer steps with their own optimizer in a second forward/backward
 pass of every iteration (DPM's mask generator, :mod:`passreid.finetune.dpm`).
+
+A method with settings of its own owns a config section: a dataclass defined in the method's module
+(e.g. ``DPMConfig`` in :mod:`passreid.finetune.dpm`), named by ``section`` (its top-level YAML key,
+``dpm:``) and ``section_type`` (the dataclass). :class:`~passreid.finetune.config.FinetuneConfig` has one
+field per registered section, of that name and type, so recipes write ``dpm.orth_weight`` as before
+and the loader checks the section's keys and types like any other; importing
+:mod:`passreid.finetune.config` checks that the fields and the registry agree. ``validate(cfg)`` checks
+the section's value ranges when the method is selected. Importing this module imports every method
+module; they and this module import ``FinetuneConfig`` for type annotations only, because
+:mod:`passreid.finetune.config` imports this registry to get the section dataclasses.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from passreid.config import RANDOM_INIT, require
 from passreid.eval.evaluator import TestDistanceBuilder
-from passreid.finetune.config import FinetuneConfig
 from passreid.losses.reid import ReIDCriterion
 from passreid.models import LoadReport, VisionTransformer, build_vit, load_pretrained
 from passreid.models.reid import ReIDModel
+
+if TYPE_CHECKING:  # annotations only: passreid.finetune.config imports this registry for the method sections
+    from passreid.finetune.config import FinetuneConfig
 
 __all__ = [
     "FinetuneMethod",
@@ -50,13 +64,14 @@ __all__ = [
     "build_model",
     "get_method",
     "list_methods",
+    "method_sections",
     "register_method",
 ]
 
 logger = logging.getLogger(__name__)
 
-ModelBuilder = Callable[[FinetuneConfig, int, int, bool], nn.Module]
-CriterionBuilder = Callable[[FinetuneConfig], nn.Module]
+ModelBuilder = Callable[["FinetuneConfig", int, int, bool], nn.Module]
+CriterionBuilder = Callable[["FinetuneConfig"], nn.Module]
 
 
 @dataclass(frozen=True)
@@ -72,7 +87,7 @@ class SecondPass:
     optimizer: torch.optim.Optimizer
 
 
-SecondPassBuilder = Callable[[nn.Module, FinetuneConfig], SecondPass]
+SecondPassBuilder = Callable[[nn.Module, "FinetuneConfig"], SecondPass]
 
 
 @dataclass(frozen=True)
@@ -91,18 +106,40 @@ class FinetuneMethod:
     # Optional own training set ``(items, cfg) -> Dataset`` (e.g. DPEFormer's two views per sample, returned as
     # ``img`` and ``view2``); None: the shared pipeline of passreid.finetune.data.build_train_set.
     build_train_set: Callable[[list, FinetuneConfig], object] | None = None
+    # The method's own config section: ``section`` is its top-level key (a FinetuneConfig field of that name),
+    # ``section_type`` the dataclass of its keys, defined in the method's module. None: no settings of its own.
+    section: str | None = None
+    section_type: type | None = None
     # Checks of the method's own config section (raise ConfigError naming the key); run by validate_config
     # only when this method is selected.
     validate: Callable[[FinetuneConfig], None] | None = None
+
+    def __post_init__(self) -> None:
+        if (self.section is None) != (self.section_type is None):
+            raise ValueError(f"fine-tuning method {self.name!r}: give both section and section_type, or neither")
+        if self.section_type is not None and not (isinstance(self.section_type, type)
+                                                  and dataclasses.is_dataclass(self.section_type)):
+            raise TypeError(f"fine-tuning method {self.name!r}: section_type must be a dataclass type, "
+                            f"got {self.section_type!r}")
+        if self.section is not None and not self.section.isidentifier():
+            raise ValueError(f"fine-tuning method {self.name!r}: section must be a config key, got {self.section!r}")
 
 
 _METHODS: dict[str, FinetuneMethod] = {}
 
 
 def register_method(method: FinetuneMethod) -> FinetuneMethod:
-    """Add ``method`` to the registry (names are unique)."""
+    """Add ``method`` to the registry (names and config sections are unique).
+
+    A method registered with a ``section`` needs the :class:`~passreid.finetune.config.FinetuneConfig` field of
+    that name and type; :func:`~passreid.finetune.config.validate_config` refuses the method otherwise.
+    """
     if method.name in _METHODS:
         raise ValueError(f"fine-tuning method {method.name!r} is already registered")
+    owners = {other.section: other.name for other in _METHODS.values() if other.section is not None}
+    if method.section in owners:
+        raise ValueError(f"fine-tuning method {method.name!r}: config section {method.section!r} already belongs "
+                         f"to method {owners[method.section]!r}")
     _METHODS[method.name] = method
     return method
 
@@ -117,6 +154,11 @@ def get_method(name: str) -> FinetuneMethod:
     if name not in _METHODS:
         raise ValueError(f"unknown fine-tuning method {name!r}; registered methods: {', '.join(list_methods())}")
     return _METHODS[name]
+
+
+def method_sections() -> dict[str, type]:
+    """Config section key -> its dataclass, for every registered method that has a section."""
+    return {method.section: method.section_type for method in _METHODS.values() if method.section is not None}
 
 
 def build_model(cfg: FinetuneConfig, num_classes: int, num_cameras: int, load_weights: bool = True) -> nn.Module:

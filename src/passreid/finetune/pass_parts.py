@@ -22,6 +22,7 @@ visibility ``sigmoid >= 0.5`` in both images).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
 
 import torch
 import torch.nn.functional as F
@@ -31,14 +32,28 @@ from passreid.config import require
 from passreid.eval.distance import VisiblePartDistance
 from passreid.eval.features import ExtractedFeatures
 from passreid.finetune.bpbreid import pack_part_rows, unpack_part_rows
-from passreid.finetune.config import FinetuneConfig
 from passreid.finetune.methods import (FinetuneMethod, build_backbone, build_reid_criterion, load_backbone_weights,
                                        register_method)
 from passreid.losses.reid import ReIDCriterion, ReIDTrainOutput
 from passreid.models import VisionTransformer
 from passreid.models.reid import ReIDModel, make_classifier
 
-__all__ = ["PassPartsCriterion", "PassPartsModel", "PassPartsTrainOutput", "band_visibility_targets"]
+if TYPE_CHECKING:  # annotations only: passreid.finetune.config imports this module for its section
+    from passreid.finetune.config import FinetuneConfig
+
+__all__ = ["PassPartsConfig", "PassPartsCriterion", "PassPartsModel", "PassPartsTrainOutput", "band_visibility_targets"]
+
+
+@dataclass
+class PassPartsConfig:
+    """PASS part tokens as parts (``method: pass_parts``): learned visibility + visibility-aware distance."""
+
+    # Target of each part token's visibility head: "masks" = body pixels in its third of the image (parsing
+    # masks, training only); "erasing" = the share of its third left by padding/random erasing (no masks).
+    visibility_target: Literal["masks", "erasing"] = "masks"
+    visibility_threshold: float = 0.1  # target 1 iff that share >= this (use ~0.5 with "erasing")
+    visibility_weight: float = 1.0  # weight of the binary cross-entropy of the visibility heads
+    part_id_weight: float = 1.0  # identity CE on each part token (own BN + classifier), visible parts only
 
 
 def band_visibility_targets(masks: Tensor, num_bands: int, threshold: float) -> Tensor:
@@ -184,5 +199,7 @@ register_method(
         build_test_distance=build_pass_parts_test_distance,
         train_masks=lambda cfg: "parsing" if cfg.pass_parts.visibility_target == "masks" else "constant",
         validate=validate_pass_parts_config,
+        section="pass_parts",
+        section_type=PassPartsConfig,
     )
 )

@@ -34,6 +34,7 @@ processor/processor_tsd.py, loss/make_loss.py). On the passreid ViT (plain [CLS]
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
 
 import torch
 import torch.nn.functional as F
@@ -45,16 +46,19 @@ from passreid.data.masks import num_parts
 from passreid.eval.distance import VisiblePartDistance
 from passreid.eval.features import ExtractedFeatures
 from passreid.finetune.bpbreid import pack_part_rows, unpack_part_rows
-from passreid.finetune.config import FinetuneConfig
 from passreid.finetune.methods import FinetuneMethod, build_backbone, load_backbone_weights, register_method
 from passreid.losses.reid import batch_hard_triplet_loss, euclidean_dist, identity_loss
 from passreid.models import VisionTransformer
 from passreid.models.reid import make_bnneck, make_classifier
 
+if TYPE_CHECKING:  # annotations only: passreid.finetune.config imports this module for its section
+    from passreid.finetune.config import FinetuneConfig
+
 __all__ = [
     "DIVERSITY_PART_GROUPS",
     "MaskedMultiheadAttention",
     "PartDecoder",
+    "TSDConfig",
     "TSDCriterion",
     "TSDModel",
     "TSDTrainOutput",
@@ -65,6 +69,29 @@ __all__ = [
     "sigmoid_focal_loss",
     "weighted_part_pooling",
 ]
+
+
+@dataclass
+class TSDConfig:
+    """Teacher-Student Decoder (``method: tsd``). Defaults are the published recipe (TSD: run_tsd.sh)."""
+
+    decoder_heads: int = 8  # heads of the decoder's self- and cross-attention
+    ffn_ratio: int = 4  # decoder FFN width = ffn_ratio x D
+    with_fore_head: bool = True  # MODEL.WITH_FORE_HEAD: foreground head (pooling with sum_k pi_k) + its CE
+    # Teacher cross-attention mask: "sampled" = 1[u < pi] from the predicted parsing (published); "target" = the
+    # one-hot of the training masks' argmax (the variant left commented out in the released code).
+    teacher_mask: Literal["sampled", "target"] = "sampled"
+    id_weight: float = 1.0  # CE (no label smoothing) on each of global, cat, cat_m, aux, fg
+    triplet_weight: float = 1.0  # soft triplet on g + part-averaged soft triplet on student / pooled / teacher parts
+    visibility_weight: float = 1.0  # sigmoid focal loss of the visibility predictor
+    focal_alpha: float = 0.25
+    focal_gamma: float = 2.0
+    mimic_weight: float = 1.0  # 1 - cos(student parts, teacher parts.detach())
+    parsing_weight: float = 1.0  # MODEL.MASK_LOSS_WEIGHT: pixel CE of the parsing classifier
+    parsing_label_smoothing: float = 0.1
+    diversity_weight: float = 1.0  # MODEL.WITH_DIVERSE_LOSS (0 = off): teacher parts + detached-pi pooled parts
+    visibility_threshold: float = 0.5  # test: part visible iff sigmoid(visibility logit) > this
+
 
 #: Parts that count as one for the diversity loss (TSD ``diverse_loss_w``): mirrored parts of ``eight``.
 DIVERSITY_PART_GROUPS = {"eight": (0, 1, 1, 2, 3, 3, 4, 4)}
@@ -452,6 +479,8 @@ if __name__ != "__main__":
             build_test_distance=build_tsd_test_distance,
             train_masks=lambda cfg: "parsing",
             validate=validate_tsd_config,
+            section="tsd",
+            section_type=TSDConfig,
         )
     )
 
