@@ -295,6 +295,58 @@ def side_figures(ready: dict, steps: list[tuple[float, float]], final: dict, bat
     return figures
 
 
+# Op families of the profile: the first whose name fragment is in an op's name takes its self time.
+OP_FAMILIES = (
+    ("matmul (linear, mm, bmm, attention products)", ("addmm", "aten::mm", "bmm", "matmul", "linear",
+                                                      "scaled_dot_product", "baddbmm")),
+    ("softmax / log-softmax / cross-entropy", ("softmax", "log_softmax", "nll", "cross_entropy")),
+    ("layer norm", ("layer_norm",)),
+    ("GELU", ("gelu",)),
+    ("optimizer, clipping, EMA (foreach / elementwise over parameters)", ("_foreach", "adamw", "lerp", "norm")),
+    ("copies and layout (copy_, cat, clone, contiguous, transpose)", ("copy_", "aten::cat", "clone", "contiguous",
+                                                                      "transpose", "permute", "reshape", "view")),
+    ("other elementwise (add, mul, div, sub, fill)", ("aten::add", "aten::mul", "aten::div", "aten::sub", "fill_",
+                                                      "zero_", "aten::where", "aten::exp")),
+)
+
+
+def profile_ours(args: argparse.Namespace) -> int:
+    """One profiled step of ours after one warm-up step: self CPU (or CUDA) time by op family and the top ops."""
+    from torch.profiler import ProfilerActivity, profile
+
+    device = torch.device(args.device)
+    step, _ = build_ours(args, device)
+    step()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    start = time.perf_counter()
+    with profile(activities=activities) as prof:
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    wall = time.perf_counter() - start
+    attribute = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    events = [(event.key, getattr(event, attribute) / 1e6) for event in prof.key_averages()]
+    total = sum(seconds for _, seconds in events)
+    families: dict[str, float] = {}
+    for name, seconds in events:
+        family = next((label for label, fragments in OP_FAMILIES if any(f in name for f in fragments)), "other")
+        families[family] = families.get(family, 0.0) + seconds
+    result = {"name": "pretrain_step_profile", "arch": args.arch, "batch": args.batch, "device": str(device),
+              "precision": args.precision, "torch_threads": torch.get_num_threads(),
+              "profiled_step_wall_seconds": round(wall, 3), "self_time_seconds": round(total, 3),
+              "by_family": {label: {"seconds": round(seconds, 3), "share": round(seconds / total, 3)}
+                            for label, seconds in sorted(families.items(), key=lambda item: -item[1])},
+              "top_ops": [{"op": name, "seconds": round(seconds, 3)}
+                          for name, seconds in sorted(events, key=lambda item: -item[1])[:15]],
+              "load_average_1min": round(os.getloadavg()[0], 2), "command": " ".join(["python", *sys.argv]),
+              "date": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    out = args.out if args.out != RESULTS_DIR / "pretrain_step.json" else RESULTS_DIR / "pretrain_step_profile.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", default="vit_small", choices=("vit_small", "vit_base"))
@@ -307,10 +359,14 @@ def main() -> int:
                         help="a PASS-reID checkout: time the published step side by side and print the ratio")
     parser.add_argument("--peak-tflops", type=float, default=None, help="GPU peak for the MFU (default: known GPUs)")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR / "pretrain_step.json")
+    parser.add_argument("--profile", action="store_true",
+                        help="profile one step of ours (torch.profiler) and print where its time goes, by op family")
     parser.add_argument("--worker", choices=("ours", "published"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         return worker(args)
+    if args.profile:
+        return profile_ours(args)
     if args.reference_dir is not None:
         published_folder(args.reference_dir)  # fail before starting anything
     if args.batch < 1 or args.steps < 1:
