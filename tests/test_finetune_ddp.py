@@ -191,4 +191,4 @@ def test_every_method_output_can_be_gathered_into_the_global_batch(demo: str, tm
     output = trainer.model(batch["img"], camids=torch.as_tensor(batch["camid"]), **extras)
     pids = torch.as_tensor(batch["pid"])
     gathered, labels = dist.gather_batch((output, pids), batch_size=len(pids))  # raises on a batch-level tensor
-    assert torch.isfinite(trainer.criterion(gathered, labels)["loss"])
+    assert torch.isfinite(trainer.meta.criterion(gathered, labels)["loss"])
