@@ -139,14 +139,14 @@ class ReIDMetaArch(nn.Module):
         under fp16). Does not zero the gradients nor step the optimizer.
 
         Raises :class:`passreid.engine.NonFiniteLossError` before backward if the loss is NaN/Inf
-        (``iteration``: the 1-based step for the message). Returns the criterion's terms, ``loss`` included.
+        (``iteration``: the 1-based step for the message). Returns the criterion's terms (``loss`` included), detached.
         """
         terms = self.loss_terms(self._wrapper if self._wrapper is not None else self.model, batch, autocast)
         loss = terms["loss"]
         check_finite(loss, -1 if iteration is None else iteration,
                      extra={k: v for k, v in terms.items() if k != "loss"})
         (scaler.scale(loss) if scaler is not None else loss).backward()
-        return terms
+        return {key: value.detach() for key, value in terms.items()}
 
     def second_pass_step(self, batch: ReIDBatch, *, autocast: Callable[[], ContextManager[Any]] | None = None,
                          scaler: torch.amp.GradScaler | None = None, iteration: int | None = None) -> float:

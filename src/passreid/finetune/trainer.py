@@ -145,7 +145,7 @@ class FinetuneTrainer(Trainer):
         terms = self.meta.forward_backward(batch, autocast=self.amp.autocast, scaler=self.amp.scaler,
                                            iteration=self.iteration + 1)  # raises on a NaN/Inf loss
         self._optimizer_step()
-        values = {key: float(value.detach()) for key, value in terms.items()}
+        values = {key: float(value) for key, value in terms.items()}
         values["lr"] = self.optimizer.param_groups[0]["lr"]
         if self.meta.second_pass is not None:
             values["second_pass_loss"] = self.meta.second_pass_step(

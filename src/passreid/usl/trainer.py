@@ -3,9 +3,9 @@
 Per epoch: eval-mode features of the target train set (gathered in sample order under DDP) -> Jaccard +
 DBSCAN on rank 0 -> pseudo labels broadcast -> outliers dropped -> a fresh cluster memory from the
 normalised centroids -> ``train.iters`` P x K batches of the memory loss (the memory is updated inside
-backward; the network and the memory are :class:`~passreid.usl.meta_arch.ClusterContrastMetaArch`, whose
-``forward_backward`` each step calls) -> evaluation every ``eval.period`` epochs. UDA is the same loop started from a source-trained
-model (``model.init_from``); no source image is read.
+backward) -> evaluation every ``eval.period`` epochs. UDA is the same loop started from a source-trained
+model (``model.init_from``); no source image is read. The network and the memory are one
+:class:`~passreid.usl.meta_arch.ClusterContrastMetaArch`; each step calls its ``forward_backward``.
 
 One run writes into ``train.output_dir``: ``config.yaml``, ``log.txt``, ``metrics.jsonl`` (``split``
 "cluster" once per epoch: clusters, outliers, purity / ARI against the true ids when known, the epoch's
