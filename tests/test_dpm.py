@@ -19,6 +19,7 @@ from passreid.finetune import FinetuneConfig, FinetuneTrainer, load_finetuned_mo
 from passreid.finetune.data import load_test_dataset
 from passreid.finetune.dpm import (DPMModel, QueryMaskedDistance, arcface_logits, build_dpm_model,
                                    masked_prototype_cosine, orthogonality_loss, query_masked_distance)
+from passreid.finetune.meta_arch import ReIDBatch
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs" / "finetune"
@@ -211,31 +212,32 @@ def test_second_pass_steps_only_the_mask_generator(tmp_path, synthetic_world):
                               resume=False)
     model, optimizer = trainer.model, trainer.optimizer
     mask_names = {n for n, _ in model.named_parameters() if n.startswith("mask_generator.")}
-    assert trainer.second_pass.names == mask_names and len(mask_names) == 14
+    meta = trainer.meta
+    assert meta.second_pass.names == mask_names and len(mask_names) == 14
     main_ids = {id(p) for group in optimizer.param_groups for p in group["params"]}
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     assert main_ids == {id(p) for n, p in trainable.items() if n not in mask_names}
-    groups = trainer.second_pass.optimizer.param_groups
+    groups = meta.second_pass.optimizer.param_groups
     assert {g["name"]: (g["lr"], g["weight_decay"]) for g in groups} == {"default": (0.01, 5e-4), "bias": (0.01, 5e-4)}
 
     batch = next(iter(torch.utils.data.DataLoader(trainer.train_set, batch_size=16, sampler=trainer.sampler)))
     images, pids, camids = batch["img"], batch["pid"], batch["camid"]
     before = copy.deepcopy(model.state_dict())
     reference = copy.deepcopy(model)
-    loss = trainer._second_pass_step(images, pids, camids, {})
+    loss = meta.second_pass_step(ReIDBatch(images, pids, camids, {}))
     after = model.state_dict()
     changed = {n for n, _ in model.named_parameters() if not torch.equal(before[n], after[n])}
     assert changed and changed <= mask_names
     assert {n for n in mask_names if n.endswith("fc.weight")} <= changed
     # Same step by hand: first SGD step with momentum is p - lr (g + wd p), g from loss.backward().
-    terms = trainer.criterion(reference(images, camids=camids), pids)
+    terms = meta.criterion(reference(images, camids=camids), pids)
     assert float(terms["loss"].detach()) == pytest.approx(loss, rel=1e-6)
     terms["loss"].backward()
     for name, param in reference.named_parameters():
         if name in mask_names:
             expected = param.detach() - 0.01 * (param.grad + 5e-4 * param.detach())
             torch.testing.assert_close(after[name], expected, rtol=1e-5, atol=1e-7)
-    assert all(p.grad is None for p in trainer.second_pass_params)
+    assert all(p.grad is None for p in meta.second_pass_params)
 
 
 def test_resume_continues_with_the_same_losses_and_rebuilds_the_model(tmp_path, synthetic_world):

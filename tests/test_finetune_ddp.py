@@ -185,10 +185,10 @@ def test_every_method_output_can_be_gathered_into_the_global_batch(demo: str, tm
         # DPEFormer's second view pastes the world's occluder cut-outs (the folder its demo is given).
         *([f"data.occluder_dir={synthetic_world / 'occluders'}"] if demo == "demo_dpeformer" else [])])
     trainer = FinetuneTrainer(cfg, resume=False)
-    batch = next(iter(trainer._epoch_loader(0)))
+    batch = next(iter(trainer._epoch_batches(0)))
     extras = {key: value for key, value in batch.items() if key not in ("img", "pid", "camid", "index")}
     trainer.model.train()
     output = trainer.model(batch["img"], camids=torch.as_tensor(batch["camid"]), **extras)
     pids = torch.as_tensor(batch["pid"])
     gathered, labels = dist.gather_batch((output, pids), batch_size=len(pids))  # raises on a batch-level tensor
-    assert torch.isfinite(trainer.criterion(gathered, labels)["loss"])
+    assert torch.isfinite(trainer.meta.criterion(gathered, labels)["loss"])

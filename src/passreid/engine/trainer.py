@@ -101,7 +101,8 @@ class Trainer:
     - ``_build_schedules()``: the run's per-iteration arrays (``{"lr": (iterations, groups), ...}``), kept in
       the run folder as ``schedules.npz``. :meth:`epoch_schedules` builds the one of a stage whose published
       recipe steps per epoch from ``_epoch_lengths()`` and ``_epoch_lrs(epoch)``.
-    - ``_step(batch)``: one optimizer step -> scalars with ``loss`` and ``lr``.
+    - ``_step(batch)``: one optimizer step -> scalars with ``loss`` and ``lr``: zero the gradients, the stage's
+      meta-architecture ``forward_backward`` (forward, loss, backward), :meth:`_optimizer_step`.
     - ``_wrap_distributed()``, ``_log_setup()``, ``_evaluate()`` (sets ``last_metrics`` /
       ``last_eval_iteration``), ``_save_final_model()`` and ``_result(final_path, preempted)``.
 
@@ -383,15 +384,13 @@ class Trainer:
         """This rank's sampler positions in ``epoch`` (the position at which it is complete)."""
         return len(self.sampler)
 
-    def _backward_and_step(self, loss: torch.Tensor) -> None:
-        """Zero the gradients, back-propagate ``loss`` and step the optimizer (through the AMP scaler)."""
-        self.optimizer.zero_grad(set_to_none=True)
+    def _optimizer_step(self) -> None:
+        """Step the optimizer on the gradients a meta-architecture's ``forward_backward`` left (through the AMP
+        scaler: step and update)."""
         if self.amp.scaler is not None:
-            self.amp.scaler.scale(loss).backward()
             self.amp.scaler.step(self.optimizer)
             self.amp.scaler.update()
         else:
-            loss.backward()
             self.optimizer.step()
 
     # ------------------------------------------------------------------ outputs

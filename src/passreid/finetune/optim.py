@@ -12,12 +12,18 @@ from passreid.engine.optim import build_param_groups
 from passreid.engine.schedules import warmup_cosine_lr, warmup_multistep_lr
 from passreid.finetune.config import FinetuneOptimConfig
 
-__all__ = ["build_optimizer", "epoch_learning_rates", "schedule_epoch"]
+__all__ = ["build_optimizer", "epoch_learning_rates", "make_optimizer", "schedule_epoch"]
 
 
 def build_optimizer(model: nn.Module, cfg: FinetuneOptimConfig, exclude: Collection[str] = ()) -> torch.optim.Optimizer:
     """SGD (momentum ``cfg.momentum``), Adam or AdamW over :func:`build_param_groups` (minus ``exclude``)."""
     groups = build_param_groups(model, cfg.lr, cfg.weight_decay, cfg.weight_decay_bias, cfg.bias_lr_factor, exclude)
+    return make_optimizer(groups, cfg)
+
+
+def make_optimizer(groups: list[dict], cfg: FinetuneOptimConfig) -> torch.optim.Optimizer:
+    """SGD (momentum ``cfg.momentum``), Adam or AdamW (``cfg.name``) over ready parameter ``groups``
+    (e.g. a meta-architecture's ``param_groups``), default lr ``cfg.lr``."""
     if cfg.name == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
     if cfg.name == "adam":

@@ -1,4 +1,8 @@
-"""The supervised fine-tuning loop: P x K batches, CE + triplet, per-epoch warm-up cosine, exact resume.
+"""The supervised fine-tuning loop: P x K batches, per-epoch warm-up cosine, exact resume.
+
+Each iteration moves the batch to the device, runs :meth:`ReIDMetaArch.forward_backward` (the method's
+model and criterion, :mod:`passreid.finetune.meta_arch`), steps the optimizer and, for a method with one,
+the meta-architecture's second pass (e.g. DPM's mask generator).
 
 One run writes into ``train.output_dir``: ``config.yaml``, ``log.txt``, ``metrics.jsonl`` (``split``
 "train" every ``train.log_period`` iterations, "eval" after each evaluation), TensorBoard events in
@@ -21,27 +25,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from passreid import dist
 from passreid.config import ConfigError
 from passreid.data.samplers import RandomIdentitySampler
-from passreid.engine import (CheckpointStateError, atomic_save, check_finite, output_layout, preemption_guard,
-                             unwrap_model)
+from passreid.engine import CheckpointStateError, atomic_save, output_layout, preemption_guard, unwrap_model
 from passreid.engine.trainer import Trainer, torch_threads
 from passreid.eval.evaluator import EvalResult, evaluate_model, format_result
 from passreid.finetune.checkpoints import build_final_checkpoint
 from passreid.finetune.config import FinetuneConfig, validate_config
 from passreid.finetune.data import FinetuneData, build_train_set, load_finetune_data
-from passreid.finetune.methods import SecondPass, build_criterion, build_model, get_method
-from passreid.finetune.optim import build_optimizer, epoch_learning_rates
+from passreid.finetune.meta_arch import ReIDBatch, ReIDMetaArch
+from passreid.finetune.methods import get_method
+from passreid.finetune.optim import epoch_learning_rates, make_optimizer
 
 __all__ = ["FinetuneTrainer", "TrainResult", "run_training"]
 
 logger = logging.getLogger("passreid.finetune")
-
-# Every other field of a training batch (e.g. ``masks``) is passed to the model's forward by name.
-_STANDARD_BATCH_KEYS = frozenset({"img", "pid", "camid", "index"})
 
 
 @dataclass
@@ -70,35 +69,26 @@ class FinetuneTrainer(Trainer):
         cfg = self.cfg
         self.data: FinetuneData = load_finetune_data(cfg)
         # A resumed run takes every weight from the checkpoint: model.pretrained is not read again.
-        self.model = build_model(cfg, self.data.num_classes, self.data.num_cameras,
-                                 load_weights=not resuming).to(self.device)
-        self.criterion = build_criterion(cfg).to(self.device)
-        self.second_pass = self._build_second_pass()
-        self.optimizer = build_optimizer(self.model, cfg.optim,
-                                         exclude=self.second_pass.names if self.second_pass is not None else ())
+        self.meta = ReIDMetaArch.from_config(cfg, self.data.num_classes, self.data.num_cameras,
+                                             load_weights=not resuming, device=self.device)
+        self.model = self.meta.model  # what the checkpoint stores (the DDP wrapper once distributed)
+        self._log_second_pass()
+        self.optimizer = make_optimizer(self.meta.param_groups(cfg.optim), cfg.optim)
         self.base_lrs = [group["lr"] for group in self.optimizer.param_groups]  # what the schedule scales
         self.train_set = build_train_set(self.data.train.train, cfg)
         self.sampler = RandomIdentitySampler([item.pid for item in self.data.train.train], cfg.data.batch_size,
                                              cfg.data.num_instances, seed=cfg.train.seed, rank=self.rank,
                                              world_size=self.world_size)
 
-    def _build_second_pass(self) -> SecondPass | None:
-        """The method's second-pass parameters and optimizer (e.g. DPM's mask generator), if it has one."""
-        builder = get_method(self.cfg.method).build_second_pass
-        if builder is None:
-            return None
-        second = builder(self.model, self.cfg)
-        named = dict(self.model.named_parameters())
-        self.second_pass_params = [named[name] for name in sorted(second.names)]
-        logger.info("second pass: %d parameter tensors (%.2fM) stepped by their own %s after each main step",
-                    len(self.second_pass_params), sum(p.numel() for p in self.second_pass_params) / 1e6,
-                    type(second.optimizer).__name__)
-        return second
+    def _log_second_pass(self) -> None:
+        second = self.meta.second_pass
+        if second is not None:
+            params = self.meta.second_pass_params
+            logger.info("second pass: %d parameter tensors (%.2fM) stepped by their own %s after each main step",
+                        len(params), sum(p.numel() for p in params) / 1e6, type(second.optimizer).__name__)
 
     def _wrap_distributed(self) -> None:
-        if self.global_batch:
-            self.model = dist.convert_sync_batchnorm(self.model, self.device)
-        self.model = self._ddp(self.model)
+        self.model = self.meta.distribute(self._ddp, global_batch=self.global_batch, device=self.device)
 
     @property
     def global_batch(self) -> bool:
@@ -106,18 +96,18 @@ class FinetuneTrainer(Trainer):
         return self.world_size > 1 and self.cfg.train.ddp_batch == "global"
 
     def _checkpoint_extra(self, stopped_in_epoch: int | None) -> dict[str, Any]:
-        if self.second_pass is None:
+        if self.meta.second_pass is None:
             return {}
-        return {"second_pass_optimizer": self.second_pass.optimizer.state_dict()}
+        return {"second_pass_optimizer": self.meta.second_pass.optimizer.state_dict()}
 
     def _restore_extra(self, extra: dict[str, Any]) -> None:
-        if self.second_pass is None:
+        if self.meta.second_pass is None:
             return
         if "second_pass_optimizer" not in extra:
             raise CheckpointStateError(f"{self.checkpointer.loaded_from} has no second-pass optimizer state, but "
                                        f"method {self.cfg.method!r} needs one: it was written by a run of another "
                                        f"method; start fresh with --no-resume or another --output-dir")
-        self.second_pass.optimizer.load_state_dict(extra["second_pass_optimizer"])
+        self.meta.second_pass.optimizer.load_state_dict(extra["second_pass_optimizer"])
 
     def _log_setup(self) -> None:
         model = unwrap_model(self.model)
@@ -150,57 +140,17 @@ class FinetuneTrainer(Trainer):
         return self.epoch_schedules()
 
     def _step(self, batch: dict[str, Any]) -> dict[str, float]:
-        images = batch["img"].to(self.device, non_blocking=True)
-        pids = torch.as_tensor(batch["pid"]).to(self.device, non_blocking=True)
-        camids = torch.as_tensor(batch["camid"]).to(self.device, non_blocking=True)
-        extras = {key: value.to(self.device, non_blocking=True) for key, value in batch.items()
-                  if key not in _STANDARD_BATCH_KEYS}
-        terms = self._loss_terms(self.model, images, pids, camids, extras)
-        loss = terms["loss"]
-        check_finite(loss, self.iteration + 1, extra={k: v for k, v in terms.items() if k != "loss"})
-        self._backward_and_step(loss)
-        values = {key: float(value.detach()) for key, value in terms.items()}
+        batch = ReIDBatch.from_loader(batch, self.device)
+        self.optimizer.zero_grad(set_to_none=True)
+        terms = self.meta.forward_backward(batch, autocast=self.amp.autocast, scaler=self.amp.scaler,
+                                           iteration=self.iteration + 1)  # raises on a NaN/Inf loss
+        self._optimizer_step()
+        values = {key: float(value) for key, value in terms.items()}
         values["lr"] = self.optimizer.param_groups[0]["lr"]
-        if self.second_pass is not None:
-            values["second_pass_loss"] = self._second_pass_step(images, pids, camids, extras)
+        if self.meta.second_pass is not None:
+            values["second_pass_loss"] = self.meta.second_pass_step(
+                batch, autocast=self.amp.autocast, scaler=self.amp.scaler, iteration=self.iteration + 1)
         return values
-
-    def _loss_terms(self, model: torch.nn.Module, images: torch.Tensor, pids: torch.Tensor, camids: torch.Tensor,
-                    extras: dict[str, Any]) -> dict[str, torch.Tensor]:
-        """Forward and criterion; with :attr:`global_batch` the criterion gets every rank's outputs and labels.
-
-        Every rank then computes the same loss, the 1-process loss of the global batch; the gathers' backward
-        and DDP's averaging make the step use its gradient (see :mod:`passreid.dist.batch`).
-        """
-        with self.amp.autocast():
-            output = model(images, camids=camids, **extras)
-            if self.global_batch:
-                output, pids = dist.gather_batch((output, pids), images.shape[0])
-            return self.criterion(output, pids)
-
-    def _second_pass_step(self, images: torch.Tensor, pids: torch.Tensor, camids: torch.Tensor,
-                          extras: dict[str, Any]) -> float:
-        """Recompute forward and loss with the updated weights and step only the second-pass parameters.
-
-        Gradients come from ``torch.autograd.grad`` w.r.t. those parameters only (nothing else is
-        back-propagated or touched), through the unwrapped model; under DDP they are averaged by hand.
-        """
-        optimizer = self.second_pass.optimizer
-        terms = self._loss_terms(unwrap_model(self.model), images, pids, camids, extras)
-        loss = terms["loss"]
-        check_finite(loss, self.iteration + 1,
-                     extra={f"second_pass_{k}": v for k, v in terms.items() if k != "loss"})
-        scaled = self.amp.scaler.scale(loss) if self.amp.scaler is not None else loss
-        grads = torch.autograd.grad(scaled, self.second_pass_params, allow_unused=True)
-        for param, grad in zip(self.second_pass_params, grads):
-            param.grad = None if grad is None else (dist.all_reduce_mean(grad) if self.world_size > 1 else grad)
-        if self.amp.scaler is not None:
-            self.amp.scaler.step(optimizer)
-            self.amp.scaler.update()
-        else:
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return float(loss.detach())
 
     # ------------------------------------------------------------------ outputs
     def _evaluate(self) -> EvalResult | None:

@@ -291,11 +291,7 @@ class PretrainTrainer(Trainer):
             self.meta.clip_gradients(self.cfg.optim.clip_grad)
         if epoch < self.cfg.optim.freeze_last_layer:
             self.meta.cancel_last_layer_grads()
-        if scaler is not None:
-            scaler.step(self.optimizer)
-            scaler.update()
-        else:
-            self.optimizer.step()
+        self._optimizer_step()
         self.meta.update_teacher(float(self.schedules["momentum"][it]))
         return {"loss": mean_loss, "lr": float(self.schedules["lr"][it])}
 

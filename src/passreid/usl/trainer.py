@@ -4,7 +4,8 @@ Per epoch: eval-mode features of the target train set (gathered in sample order 
 DBSCAN on rank 0 -> pseudo labels broadcast -> outliers dropped -> a fresh cluster memory from the
 normalised centroids -> ``train.iters`` P x K batches of the memory loss (the memory is updated inside
 backward) -> evaluation every ``eval.period`` epochs. UDA is the same loop started from a source-trained
-model (``model.init_from``); no source image is read.
+model (``model.init_from``); no source image is read. The network and the memory are one
+:class:`~passreid.usl.meta_arch.ClusterContrastMetaArch`; each step calls its ``forward_backward``.
 
 One run writes into ``train.output_dir``: ``config.yaml``, ``log.txt``, ``metrics.jsonl`` (``split``
 "cluster" once per epoch: clusters, outliers, purity / ARI against the true ids when known, the epoch's
@@ -42,18 +43,18 @@ from torch import nn
 from passreid import dist
 from passreid.config import ConfigError, config_to_dict
 from passreid.data import DatasetFormatError, ImageItem, ReIDDataset, build_dataset
-from passreid.engine import atomic_save, check_finite, output_layout, preemption_guard, warmup_step_lr
-from passreid.engine.optim import build_param_groups
+from passreid.engine import atomic_save, output_layout, preemption_guard, warmup_step_lr
 from passreid.engine.trainer import Trainer, torch_threads
 from passreid.eval.evaluator import EvalResult, evaluate_model, extract_split, format_result
 from passreid.finetune.checkpoints import build_final_checkpoint
 from passreid.finetune.config import FinetuneConfig
 from passreid.data.datasets import check_data_root, reader_options
 from passreid.finetune.data import build_train_set, load_test_dataset
+from passreid.finetune.optim import make_optimizer
 from passreid.models.reid import ReIDModel, make_classifier
-from passreid.usl.config import UslConfig, UslOptimConfig, to_finetune_config, validate_usl_config
-from passreid.usl.memory import ClusterMemory
-from passreid.usl.model import ClusterContrastNet, build_usl_model
+from passreid.usl.config import UslConfig, to_finetune_config, validate_usl_config
+from passreid.usl.meta_arch import ClusterContrastMetaArch
+from passreid.usl.model import build_usl_model
 from passreid.usl.pseudo_labels import ClusterStats, PseudoLabels, cluster_centroids, cluster_features
 from passreid.usl.sampler import PseudoLabelSampler
 
@@ -115,17 +116,6 @@ def load_target_data(cfg: UslConfig) -> TargetData:
     return TargetData(items, test, true_ids, num_cameras)
 
 
-def _build_optimizer(model: nn.Module, optim: UslOptimConfig) -> torch.optim.Optimizer:
-    groups = build_param_groups(model, optim.lr, optim.weight_decay, optim.weight_decay_bias, optim.bias_lr_factor)
-    for group in groups:
-        group["lr_multiplier"] = group["lr"] / optim.lr  # _epoch_lrs scales every group from the base lr
-    if optim.name == "sgd":
-        return torch.optim.SGD(groups, lr=optim.lr, momentum=optim.momentum)
-    if optim.name == "adam":
-        return torch.optim.Adam(groups, lr=optim.lr)
-    return torch.optim.AdamW(groups, lr=optim.lr)
-
-
 class ClusterContrastTrainer(Trainer):
     """Builds everything from the config; :meth:`run` clusters, trains, evaluates and saves."""
 
@@ -144,7 +134,7 @@ class ClusterContrastTrainer(Trainer):
 
     @property
     def train_module(self) -> nn.Module:
-        return self.net
+        return self.meta.forward_module
 
     # ------------------------------------------------------------------ set-up
     def _build(self, resuming: bool) -> None:
@@ -153,10 +143,12 @@ class ClusterContrastTrainer(Trainer):
         # A resumed run takes every weight from the checkpoint: model.pretrained / init_from are not read again.
         self.model, self.source = self._build_model(load_weights=not resuming)
         self.model.to(self.device)
-        self.memory = ClusterMemory(self.model.head.feature_dim, 0, cfg.memory.temperature, cfg.memory.momentum,
-                                    cfg.memory.use_hard).to(self.device)
-        self.optimizer = _build_optimizer(self.model, cfg.optim)
-        self.net: nn.Module = ClusterContrastNet(self.model, cfg.train.ghost_bn_size)
+        self.meta = ClusterContrastMetaArch(self.model, temperature=cfg.memory.temperature,
+                                            momentum=cfg.memory.momentum, use_hard=cfg.memory.use_hard,
+                                            ghost_bn_size=cfg.train.ghost_bn_size).to(self.device)
+        self.memory = self.meta.memory  # reset from the centroids before each epoch; saved in the checkpoint
+        # each group at its multiple (lr_multiplier) of the scheduled rate, see _epoch_lrs
+        self.optimizer = make_optimizer(self.meta.param_groups(cfg.optim), cfg.optim)
         self.pending_epoch_state: dict[str, Any] | None = None
         self.labels: np.ndarray | None = None
         self.sampler: PseudoLabelSampler | None = None  # built by _prepare_epoch from the epoch's pseudo labels
@@ -173,7 +165,7 @@ class ClusterContrastTrainer(Trainer):
     def _wrap_distributed(self) -> None:
         # A [CLS]-only head leaves the part tokens without gradient.
         unused = self.cfg.model.head == "cls" and self.cfg.model.num_part_tokens > 0
-        self.net = self._ddp(self.net, find_unused_parameters=unused)
+        self.meta.distribute(lambda net: self._ddp(net, find_unused_parameters=unused))
 
     def _log_setup(self) -> None:
         cfg = self.cfg
@@ -289,22 +281,18 @@ class ClusterContrastTrainer(Trainer):
 
     # ------------------------------------------------------------------ training
     def _step(self, batch: dict[str, Any]) -> dict[str, float]:
-        loss = self._memory_loss_step(batch)
-        self.loss_sum += loss
-        self.loss_count += 1
-        return {"loss": loss, "lr": self.optimizer.param_groups[0]["lr"]}
-
-    def _memory_loss_step(self, batch: dict[str, Any]) -> float:
         images = batch["img"].to(self.device, non_blocking=True)
         targets = torch.as_tensor(batch["pid"]).to(self.device, non_blocking=True)
-        with self.amp.autocast():
-            feats = self.net(images)
-        loss = self.memory(feats, targets)  # fp32 inside; a collective under DDP
-        check_finite(loss, self.iteration + 1)
-        self._backward_and_step(loss)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = self.meta.forward_backward(images, targets, autocast=self.amp.autocast, scaler=self.amp.scaler,
+                                          iteration=self.iteration + 1)  # raises on a NaN/Inf loss
+        self._optimizer_step()
         if self.world_size > 1:  # log the loss of the global batch (the mean of the ranks' equal-size batches)
-            return float(dist.all_reduce_mean(loss.detach()))
-        return float(loss.detach())
+            loss = dist.all_reduce_mean(loss)
+        value = float(loss)
+        self.loss_sum += value
+        self.loss_count += 1
+        return {"loss": value, "lr": self.optimizer.param_groups[0]["lr"]}
 
     def _finish_epoch(self, epoch: int) -> None:
         """The epoch's "cluster" record, completed with its mean loss."""
