@@ -66,8 +66,6 @@ def test_usl_from_the_pretrain_export_raises_map_and_ari(tmp_path: Path, pretrai
     # seeds 1 and 2 (each measured in two sessions, 2-core AVX2 CPU) and seed 1 with ATEN_CPU_CAPABILITY=default:
     #   ARI first epoch 0.030 in all; mean of the last three epochs 0.129-0.142 (rise 0.10-0.11, spread 0.013);
     #   final mAP 2.51-3.47% (rise 1.05-2.01 points, spread 0.96: the seed moves it by 0.9, the CPU by 0.4).
-    #   With the pre-training demo's optim.lr 1.6e-2 (issue #13; the figures above were at 2e-3), seed 1, AVX2:
-    #   ARI 0.030 -> last three 0.130, mAP 1.46 -> 2.80%: inside the ranges above.
     # The pseudo labels move towards the true ids: a rise of 0.05 is half the smallest measured rise, and its
     # margin below that rise is 4x the spread.
     assert sum(ari[-3:]) / 3 > ari[0] + 0.05, ari
