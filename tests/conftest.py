@@ -63,5 +63,5 @@ def usl_world(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def uda_world(tmp_path_factory) -> Path:
-    """The UDA demo's target world (style b, 6 cameras)."""
+    """The UDA demo's target world (seed 2: other people, 6 other cameras)."""
     return _demo_world("uda_world", tmp_path_factory)

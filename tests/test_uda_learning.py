@@ -1,8 +1,10 @@
 """Learning across generated worlds: the UDA demo recipe from a source model, against its direct transfer.
 
 The source is the fine-tuning demo recipe on the default world (style "a"), from random init (no
-pre-training export, to keep the test short); the target is the UDA demo's world (style "b", 6 cameras,
-rendered next to the output folder).
+pre-training export, to keep the test short); the target is the UDA demo's world (seed 2: other people, 6
+other cameras, rendered next to the output folder). The figures below were measured with the earlier style-"b"
+target; on the current one the demo recipe gains +9 to +10.6 points (configs/uda/demo.yaml), and in this
+test's setting (seed 1, AVX2) direct transfer 25.07% -> adapted 37.36%, ARI 0.131-0.198 per epoch (one run).
 
 Issue #7 asked that UDA beat the source model's direct transfer on the target. At the demo's budget (200
 iterations) it does not do so reliably, and the pseudo labels improve by less than their spread (issue #13;

@@ -12,12 +12,12 @@ Each stage runs through its own entry point, exactly as a user would run it, int
 4. ``test``  ``finetune/test.py`` on the fine-tuned model: metrics and query / gallery features;
 5. ``usl``  Cluster-Contrast unsupervised training from the pre-training export (``configs/usl/demo.yaml``);
 6. ``uda``  Cluster-Contrast domain adaptation of the fine-tuned model to a second generated world whose
-   cameras and style differ (``configs/uda/demo.yaml``).
+   people and cameras differ (``configs/uda/demo.yaml``).
 
 The stages read folders. The generated worlds they read are rendered first, once, by :mod:`passreid.demo`
 (``python -m passreid.demo --out <output-dir>``): ``world/`` (pre-training's ``pool/``, fine-tuning's
 ``market/``), ``monitor_world/`` (the kNN monitor's held-out pool), ``usl_world/`` and ``uda_world/`` (larger
-worlds; the UDA target in another style). The summary
+worlds; the UDA target with other people and cameras). The summary
 (``demo_metrics.json``) collects each stage's final numbers. ``--quick`` cuts every budget to a few
 iterations (what the test suite runs); the numbers it prints are not meaningful.
 """
