@@ -1,20 +1,19 @@
 """Learning across generated worlds: the UDA demo recipe from a source model, against its direct transfer.
 
-The source is the fine-tuning demo recipe on the default world (style "a"), from random init (no
-pre-training export, to keep the test short); the target is the UDA demo's world (seed 2: other people, 6
-other cameras, rendered next to the output folder). The figures below were measured with the earlier style-"b"
-target; on the current one the demo recipe gains +9 to +10.6 points (configs/uda/demo.yaml), and in this
-test's setting (seed 1, AVX2) direct transfer 25.07% -> adapted 37.36%, ARI 0.131-0.198 per epoch (one run).
+The source is the fine-tuning demo recipe on the default world, from random init (no pre-training export, to
+keep the test short); the target is the UDA demo's world (seed 2: other people, 6 other cameras). Issue #13
+asks that adaptation beat direct transfer by a margin many times its spread across machines. On this target it
+does (test mAP, direct transfer -> adapted, 10 epochs x 20 iterations):
 
-Issue #7 asked that UDA beat the source model's direct transfer on the target. At the demo's budget (200
-iterations) it does not do so reliably, and the pseudo labels improve by less than their spread (issue #13;
-uda/README.md, Demo).
-Measured in this test's setting, adapted minus direct-transfer mAP: +1.33 / +1.03 (seeds 1 / 2, an earlier
-session), -1.06 (seed 1, the current code, on two machines), -0.49 (seed 1, ``ATEN_CPU_CAPABILITY=default``);
-the pseudo labels' ARI, mean of epochs 2-10 minus epoch 1: +0.020 and +0.008 (the last two runs). Gains this
-size flip with the CPU's float rounding, so they are printed, not asserted. What holds in every run, and what a
-broken adaptation (collapsed features, labels that do not follow the data) would lose, is asserted: the adapted
-model keeps the source's transfer, and the pseudo labels stay far from chance in every epoch.
+- this test's setting, seed 1, AVX2: 25.07% -> 37.36% (+12.3 points), pseudo-label ARI 0.131-0.198 per epoch;
+- the same with ``ATEN_CPU_CAPABILITY=default``: 25.07% -> 38.09% (+13.0), ARI 0.127-0.205;
+- the demo's source (from the pre-training export), AVX2: 26.80% -> 37.36% (+10.6); the same with
+  ``ATEN_CPU_CAPABILITY=default`` (torch's plain kernels, source trained with them too): 26.38% -> 35.47% (+9.1).
+
+The float rounding of another CPU moved these runs by about 2 points. So the test asserts a gain of at least
+4 points (under half the smallest gain measured) and pseudo labels far from chance in every epoch. The earlier
+target, another camera palette ("style b"), started from ~10% transfer with pseudo labels of ARI < 0.1 and
+its gains flipped sign with the machine (-2.0 to +1.85 points over 5 runs; uda/README.md, Demo).
 """
 from __future__ import annotations
 
@@ -30,12 +29,12 @@ from passreid.usl import UslConfig, load_target_data, to_finetune_config
 
 REPO = Path(__file__).resolve().parents[1]
 
-# The adapted model may end below direct transfer (measured down to -1.06 points here, -2.0 in the demo's setting),
-# never far below it: random features score 2.5% on the target test split, direct transfer 10.6%.
-MAX_LOSS_AGAINST_DIRECT = 0.03
+# Adapted minus direct-transfer mAP: measured +9.1 to +12.3 points (module docstring); runs moved ~2 points
+# between CPU kernels.
+MIN_GAIN_OVER_DIRECT = 0.04
 # ARI of the pseudo labels against the true target ids (all train images, outliers as one class); chance is 0.
-# Measured per epoch: 0.052-0.104 over the 40 epochs of four runs (this setting and the demo's).
-MIN_EPOCH_ARI = 0.03
+# Measured per epoch: 0.127-0.205 in this setting (two CPU kernels).
+MIN_EPOCH_ARI = 0.06
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -47,7 +46,7 @@ def _one_thread():
 
 
 @pytest.mark.slow
-def test_uda_keeps_the_source_transfer_and_informative_pseudo_labels(tmp_path: Path, synthetic_world: Path,
+def test_uda_beats_direct_transfer_with_informative_pseudo_labels(tmp_path: Path, synthetic_world: Path,
                                                                      uda_world: Path):
     source_cfg = load_config(FinetuneConfig, REPO / "configs" / "finetune" / "demo.yaml",
                              [f"train.output_dir={tmp_path / 'source'}", f"data.root={synthetic_world}/market",
@@ -67,4 +66,4 @@ def test_uda_keeps_the_source_transfer_and_informative_pseudo_labels(tmp_path: P
     print(f"UDA demo recipe: direct transfer mAP {direct:.4f}; adapted from {result.initial_metrics['mAP']:.4f} "
           f"(fresh necks) to {adapted:.4f}; ARI per epoch {[round(a, 3) for a in ari]}")
     assert len(ari) == cfg.train.epochs and min(ari) > MIN_EPOCH_ARI, f"ARI per epoch {ari}"
-    assert adapted > direct - MAX_LOSS_AGAINST_DIRECT, f"adapted {adapted:.4f} vs direct transfer {direct:.4f}"
+    assert adapted > direct + MIN_GAIN_OVER_DIRECT, f"adapted {adapted:.4f} vs direct transfer {direct:.4f}"
