@@ -30,8 +30,9 @@ from pathlib import Path
 import torch
 
 from passreid.engine import autocast_for
-from passreid.finetune import FinetuneConfig, build_criterion, build_model
-from passreid.finetune.optim import build_optimizer
+from passreid.engine.optim import make_optimizer
+from passreid.finetune import FinetuneConfig
+from passreid.finetune.meta_arch import ReIDBatch, ReIDMetaArch
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 NUM_CLASSES, NUM_CAMERAS = 751, 6  # Market-1501's training set
@@ -68,26 +69,24 @@ def main() -> int:
 
     cfg = FinetuneConfig()
     cfg.model.arch, cfg.model.img_size, cfg.train.precision = args.arch, list(args.img_size), args.precision
-    model = build_model(cfg, NUM_CLASSES, NUM_CAMERAS, load_weights=False).to(device)
-    criterion = build_criterion(cfg).to(device)
-    optimizer = build_optimizer(model, cfg.optim)
+    meta = ReIDMetaArch.from_config(cfg, NUM_CLASSES, NUM_CAMERAS, load_weights=False, device=device)
+    model = meta.model
+    optimizer = make_optimizer(meta.param_groups(cfg.optim), cfg.optim)
     amp = autocast_for(device, args.precision)
     images = torch.randn(args.batch, 3, *args.img_size, device=device)
     pids = torch.arange(args.batch // 4, device=device).repeat_interleave(4)
     camids = torch.zeros(args.batch, dtype=torch.long, device=device)
+    batch = ReIDBatch(images, pids, camids, extras={})
     eval_images = torch.randn(args.eval_batch, 3, *args.img_size, device=device)
 
-    def train_step() -> None:
+    def train_step() -> None:  # the trainer's step: forward_backward, then the (scaled) optimizer step
         model.train()
-        with amp.autocast():
-            loss = criterion(model(images, camids=camids), pids)["loss"]
         optimizer.zero_grad(set_to_none=True)
+        meta.forward_backward(batch, autocast=amp.autocast, scaler=amp.scaler)
         if amp.scaler is not None:
-            amp.scaler.scale(loss).backward()
             amp.scaler.step(optimizer)
             amp.scaler.update()
         else:
-            loss.backward()
             optimizer.step()
 
     @torch.no_grad()

@@ -17,10 +17,10 @@ from passreid.eval.features import ExtractedFeatures
 from passreid.finetune import FinetuneConfig, build_criterion, build_model, get_method, run_training, validate_config
 from passreid.finetune.bpbreid import (BPBReIDModel, body_part_attention_loss, pack_part_rows,
                                        part_averaged_triplet_loss, unpack_part_rows)
-from passreid.finetune.methods import load_backbone_weights
 from passreid.finetune.optim import epoch_learning_rates
 from passreid.models import CheckpointMismatchError
 from passreid.models.cnn import build_cnn_backbone
+from passreid.models.factory import load_backbone_weights
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs" / "finetune"
@@ -263,7 +263,7 @@ def test_imagenet_weights_file_loads_and_a_wrong_key_is_an_error_naming_it(tmp_p
 
     torch.save(_imagenet_style_state(source), path)
     with caplog.at_level(logging.WARNING):
-        report = load_backbone_weights(target, _resnet_cfg(path))
+        report = load_backbone_weights(target, _resnet_cfg(path).model)
     assert sorted(report.unexpected) == ["fc.bias", "fc.weight"] and "fc.weight" in caplog.text
     torch.testing.assert_close(target.layer4[2].conv3.weight, source.layer4[2].conv3.weight, rtol=0, atol=0)
 
@@ -271,13 +271,13 @@ def test_imagenet_weights_file_loads_and_a_wrong_key_is_an_error_naming_it(tmp_p
     state["layer5.0.conv1.weight"] = torch.zeros(1)
     torch.save(state, path)
     with pytest.raises(CheckpointMismatchError, match=r"layer5\.0\.conv1\.weight \(unexpected\)"):
-        load_backbone_weights(target, _resnet_cfg(path))
+        load_backbone_weights(target, _resnet_cfg(path).model)
 
     state = _imagenet_style_state(source)
     del state["layer4.2.bn3.weight"]
     torch.save(state, path)
     with pytest.raises(CheckpointMismatchError, match=r"not allowed: layer4\.2\.bn3\.weight"):
-        load_backbone_weights(target, _resnet_cfg(path))
+        load_backbone_weights(target, _resnet_cfg(path).model)
 
 
 @pytest.mark.parametrize("path", HRNET_RECIPES, ids=lambda p: p.parent.name)

@@ -13,7 +13,7 @@ from passreid.finetune import FinetuneConfig, build_criterion, get_method, run_t
 from passreid.finetune.dpeformer import (ClassCentroidMemory, DPEFormerModel, FeatureBlendingModule, TwoViewDataset,
                                          build_two_view_train_set, dynamic_patch_selection, merge_heads,
                                          selection_sizes)
-from passreid.finetune.methods import build_backbone
+from passreid.models.factory import build_backbone
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "finetune"
 
@@ -32,7 +32,7 @@ def _cfg(*overrides: str) -> FinetuneConfig:
 
 def _model(cfg: FinetuneConfig, num_classes: int = 7) -> DPEFormerModel:
     d = cfg.dpeformer
-    return DPEFormerModel(build_backbone(cfg), num_classes, d.global_token, d.num_parts, d.min_selected,
+    return DPEFormerModel(build_backbone(cfg.model), num_classes, d.global_token, d.num_parts, d.min_selected,
                           fbm_head_merge=d.fbm_head_merge)
 
 

@@ -16,7 +16,7 @@ from passreid.engine import Checkpointer
 from passreid.eval import rank_metrics, rank_metrics_from_distance
 from passreid.eval.evaluator import extract_split
 from passreid.finetune import FinetuneConfig, FinetuneTrainer, load_finetuned_model, run_training
-from passreid.finetune.data import load_test_dataset
+from passreid.data.reid_sets import load_test_dataset
 from passreid.finetune.dpm import (DPMModel, QueryMaskedDistance, arcface_logits, build_dpm_model,
                                    masked_prototype_cosine, orthogonality_loss, query_masked_distance)
 from passreid.finetune.meta_arch import ReIDBatch
@@ -282,7 +282,7 @@ def test_demo_dpm_trains_on_the_occluded_world_with_its_own_test_distance(tmp_pa
     # budget is finetune/README.md's table.
     dpm = run_training(_cfg(tmp_path / "dpm", synthetic_world), resume=False)
     cfg = load_config(FinetuneConfig, tmp_path / "dpm" / "config.yaml")
-    dataset = load_test_dataset(cfg)
+    dataset = load_test_dataset(cfg.data)
     random_map = _random_feature_map(dataset)
     with capsys.disabled():
         print(f"\ngenerated market_occluded, {dpm.iterations} iterations: DPM mAP {dpm.final_metrics['mAP']:.3f} "

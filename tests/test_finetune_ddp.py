@@ -59,10 +59,10 @@ def test_two_process_fine_tuning(tmp_path: Path, synthetic_world: Path):
     assert [r["mAP"] for r in evals if r["split"] == "eval"] == [ranks[0]["metrics"]["mAP"]]
     # The gathered evaluation equals a single-process evaluation of the saved model.
     from passreid.finetune import evaluate_model, load_finetuned_model
-    from passreid.finetune.data import load_test_dataset
+    from passreid.data.reid_sets import load_test_dataset
 
     model, cfg, _ = load_finetuned_model(run / "model_final.pth")
-    single = evaluate_model(model, load_test_dataset(cfg), (64, 32), cfg, torch.device("cpu"))
+    single = evaluate_model(model, load_test_dataset(cfg.data), (64, 32), cfg, torch.device("cpu"))
     assert single.metrics["mAP"] == pytest.approx(ranks[0]["metrics"]["mAP"], abs=1e-6)
 
 

@@ -6,9 +6,9 @@ import math
 import pytest
 import torch
 
-from passreid.engine.optim import build_param_groups
+from passreid.engine.optim import build_param_groups, make_optimizer
 from passreid.finetune.config import FinetuneOptimConfig
-from passreid.finetune.optim import build_optimizer, epoch_learning_rates, schedule_epoch
+from passreid.finetune.optim import epoch_learning_rates, schedule_epoch
 from passreid.models import build_vit
 from passreid.models.reid import ReIDModel
 
@@ -39,8 +39,13 @@ def test_param_groups_bias_lr_x2_and_frozen_bn_bias_left_out():
     assert frozen == {f"head.necks.{k}.bias" for k in range(4)}
 
 
-def test_build_optimizer_sgd_momentum_and_groups():
-    optimizer = build_optimizer(_model(), FinetuneOptimConfig(lr=LR, momentum=0.9))
+def _optimizer(model: ReIDModel, cfg: FinetuneOptimConfig) -> torch.optim.Optimizer:
+    groups = build_param_groups(model, cfg.lr, cfg.weight_decay, cfg.weight_decay_bias, cfg.bias_lr_factor)
+    return make_optimizer(groups, cfg)
+
+
+def test_make_optimizer_sgd_momentum_and_groups():
+    optimizer = _optimizer(_model(), FinetuneOptimConfig(lr=LR, momentum=0.9))
     assert isinstance(optimizer, torch.optim.SGD)
     assert [g["lr"] for g in optimizer.param_groups] == [LR, 2 * LR]
     assert all(g["momentum"] == 0.9 for g in optimizer.param_groups)
@@ -56,7 +61,7 @@ def expected_lr(t: int, base: float, warmup: int = 20, epochs: int = 120) -> flo
 
 def _scheduled_lrs(stepping: str, epochs: list[int]) -> list[list[float]]:
     cfg = FinetuneOptimConfig(lr=LR, warmup_epochs=20, lr_stepping=stepping)
-    optimizer = build_optimizer(_model(), cfg)
+    optimizer = _optimizer(_model(), cfg)
     base_lrs = [g["lr"] for g in optimizer.param_groups]  # the weights' and the biases' (2x) rates
     return [epoch_learning_rates(cfg, epoch, 120, base_lrs) for epoch in epochs]
 

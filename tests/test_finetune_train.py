@@ -13,7 +13,7 @@ from passreid.config import load_config
 from passreid.engine import Checkpointer, warmup_cosine_lr
 from passreid.eval import rank_metrics
 from passreid.finetune import FinetuneConfig, load_finetuned_model, run_training
-from passreid.finetune.data import load_test_dataset
+from passreid.data.reid_sets import load_test_dataset
 from passreid.finetune.optim import schedule_epoch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -54,7 +54,7 @@ def demo_run(tmp_path_factory, synthetic_world):
 @pytest.mark.slow
 def test_demo_reaches_a_map_far_above_random_features(demo_run):
     out, result = demo_run
-    dataset = load_test_dataset(load_config(FinetuneConfig, out / "config.yaml"))
+    dataset = load_test_dataset(load_config(FinetuneConfig, out / "config.yaml").data)
     generator = np.random.default_rng(0)
     random_map = np.mean([
         rank_metrics(generator.normal(size=(len(dataset.query), 64)), generator.normal(size=(len(dataset.gallery), 64)),

@@ -9,9 +9,9 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "passreid"
 CORE = {"config", "dist", "data", "models", "losses", "eval", "cluster", "engine", "seeding", "feature_inputs"}
 STAGES = {"pretrain", "finetune", "usl", "uda"}
-# A USL/UDA model is saved and evaluated as a fine-tuned bnneck model (the fine-tuning file format, config and
-# method registry); UDA is USL with another start. These stage-to-stage imports are the known ones.
-STAGE_IMPORTS = {("usl", "finetune"), ("uda", "usl"), ("uda", "finetune")}
+# UDA is USL with another start, so it builds on the USL stage; every other stage stands on the core alone (the
+# re-ID sections, model factory, data sets and model file that fine-tuning and Cluster Contrast share are core).
+STAGE_IMPORTS = {("uda", "usl")}
 
 
 def _top_level(path: Path) -> str:

@@ -15,7 +15,7 @@ from passreid.engine import NonFiniteLossError
 from passreid.engine.optim import build_param_groups
 from passreid.finetune import FinetuneConfig
 from passreid.finetune.meta_arch import ReIDBatch, ReIDMetaArch
-from passreid.usl import UslConfig, to_finetune_config
+from passreid.usl import UslConfig
 from passreid.usl.meta_arch import ClusterContrastMetaArch
 from passreid.usl.model import build_usl_model
 
@@ -89,7 +89,7 @@ def test_reid_non_finite_loss_stops_before_backward():
 def test_cluster_contrast_forward_backward_is_the_memory_loss_and_updates_the_memory():
     torch.manual_seed(0)
     cfg = load_config(UslConfig, REPO / "configs" / "usl" / "demo.yaml", SMALL)
-    meta = ClusterContrastMetaArch(build_usl_model(to_finetune_config(cfg), load_weights=False),
+    meta = ClusterContrastMetaArch(build_usl_model(cfg.model, load_weights=False),
                                    temperature=0.05, momentum=0.2, use_hard=False)
     meta.memory.reset(torch.randn(3, meta.memory.num_features))
     reference = copy.deepcopy(meta)

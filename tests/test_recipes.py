@@ -12,9 +12,9 @@ from passreid.config import ConfigError, load_config
 from passreid.engine import autocast_for, resolve_precision, run_precision
 from passreid.eval import evaluator as finetune_evaluator
 from passreid.finetune import FinetuneConfig, run_training
-from passreid.finetune.methods import build_backbone, load_backbone_weights
 from passreid.pretrain import PretrainConfig
-from passreid.usl import UslConfig, run_usl, to_finetune_config
+from passreid.models.factory import build_backbone, load_backbone_weights
+from passreid.usl import UslConfig, run_usl
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
@@ -138,20 +138,17 @@ def test_cluster_contrast_clusters_and_evaluates_in_eval_precision(tmp_path: Pat
 # ------------------------------------------------------------------ weights are never random by accident
 
 
-def _tiny_backbone(cfg: FinetuneConfig) -> torch.nn.Module:
+def _tiny_backbone(cfg: FinetuneConfig | UslConfig) -> torch.nn.Module:
     cfg.model.arch, cfg.model.img_size = "vit_tiny", (64, 32)
-    return build_backbone(cfg)
+    return build_backbone(cfg.model)
 
 
 @pytest.mark.parametrize("path", FINETUNE_RECIPES + [p for p in CLUSTER_RECIPES if p.parent.name == "usl"], ids=_rel)
 def test_a_recipe_without_weights_is_an_error_naming_the_key(path: Path):
-    if path.parent.name == "usl":
-        cfg = to_finetune_config(load_config(UslConfig, path))
-    else:
-        cfg = load_config(FinetuneConfig, path)
+    cfg = load_config(UslConfig if path.parent.name == "usl" else FinetuneConfig, path)
     assert cfg.model.pretrained == ""  # the recipes leave the file to the user
     with pytest.raises(ConfigError, match=r"config key 'model.pretrained': is empty.*model.pretrained=none"):
-        load_backbone_weights(_tiny_backbone(cfg), cfg)
+        load_backbone_weights(_tiny_backbone(cfg), cfg.model)
 
 
 def test_pretrained_none_is_random_init_with_one_warning(caplog):
@@ -159,7 +156,7 @@ def test_pretrained_none_is_random_init_with_one_warning(caplog):
     backbone = _tiny_backbone(cfg)
     before = {k: v.clone() for k, v in backbone.state_dict().items()}
     with caplog.at_level(logging.WARNING):
-        assert load_backbone_weights(backbone, cfg) is None
+        assert load_backbone_weights(backbone, cfg.model) is None
     warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert len(warnings) == 1 and "RANDOM initialisation (model.pretrained=none)" in warnings[0]
     assert all(torch.equal(before[k], v) for k, v in backbone.state_dict().items())

@@ -25,7 +25,7 @@ import torch
 from passreid.config import load_config
 from passreid.finetune import FinetuneConfig, evaluate_model, load_finetuned_model, run_training
 from passreid.uda import run_uda
-from passreid.usl import UslConfig, load_target_data, to_finetune_config
+from passreid.usl import UslConfig, load_target_data
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -58,7 +58,7 @@ def test_uda_beats_direct_transfer_with_informative_pseudo_labels(tmp_path: Path
                        f"model.init_from={source}", "eval.period=100"])
     target = load_target_data(cfg)
     model, _, _ = load_finetuned_model(source)  # the source model with its own test feature
-    direct = evaluate_model(model, target.test, tuple(cfg.model.img_size), to_finetune_config(cfg),
+    direct = evaluate_model(model, target.test, tuple(cfg.model.img_size), cfg,
                             torch.device("cpu")).metrics["mAP"]
     result = run_uda(cfg, resume=False)
     adapted = result.final_metrics["mAP"]

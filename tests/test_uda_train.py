@@ -11,7 +11,7 @@ import torch
 from passreid.config import ConfigError, load_config
 from passreid.finetune import FinetuneConfig, run_training
 from passreid.uda import build_uda_model, run_uda
-from passreid.usl import UslConfig, run_usl, to_finetune_config
+from passreid.usl import UslConfig, run_usl
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = ["model.img_size=[64,32]", "model.drop_path_rate=0.0", "data.batch_size=16", "data.test_batch_size=64"]
@@ -49,7 +49,7 @@ def test_source_backbone_loaded_exactly_and_heads_dropped(tmp_path: Path, source
                                                          caplog):
     cfg = _uda_config(tmp_path, source_model, target_root)
     with caplog.at_level(logging.INFO, logger="passreid.models.checkpoint"):
-        model, source = build_uda_model(to_finetune_config(cfg), cfg.model.init_from)
+        model, source = build_uda_model(cfg.model, cfg.model.init_from)
     # The backbone load report (logged and kept) names the source file.
     assert f"from {source_model}" in caplog.text and "<in-memory checkpoint>" not in caplog.text
     assert source.backbone.source == str(source_model)
@@ -81,6 +81,31 @@ def test_adaptation_runs_on_the_target_world(tmp_path: Path, source_model: Path,
     assert '"seed": 2' in (target_root.parent / "world.json").read_text()  # the target: other people and cameras
     assert f"root: {target_root}" in (tmp_path / "uda" / "config.yaml").read_text()
     assert result.history[0]["samples"] > 125 and result.final_model.is_file()
+
+
+def test_source_backbone_from_a_released_pass_reid_checkpoint(tmp_path: Path, source_model: Path, target_root: Path):
+    """A released PASS-reID / TransReID supervised state dict (``module.base.*``, ``bottleneck_k``, ``classifier``,
+    the ViT's ImageNet ``base.fc``) starts UDA too: its backbone is loaded exactly, everything else is dropped."""
+    stored = torch.load(source_model, weights_only=False)["model"]
+    released = {}
+    for key, value in stored.items():
+        if key.startswith("backbone."):
+            released["module.base." + key[len("backbone."):]] = value
+        elif key.startswith("head.necks."):
+            index, rest = key[len("head.necks."):].split(".", 1)
+            released["module." + ("bottleneck" if index == "0" else f"bottleneck_{index}") + "." + rest] = value
+        elif key.startswith("head.classifier."):
+            released["module.classifier." + key[len("head.classifier."):]] = value
+    released["module.base.fc.weight"] = torch.zeros(1000, stored["backbone.cls_token"].shape[-1])
+    path = tmp_path / "transformer_120.pth"
+    torch.save(released, path)
+    cfg = _uda_config(tmp_path, path, target_root)
+    model, source = build_uda_model(cfg.model, cfg.model.init_from)
+    for key, value in model.backbone.state_dict().items():
+        assert torch.equal(value, stored[f"backbone.{key}"]), key
+    assert source.backbone.is_exact and source.source_classes == 24
+    assert "head.classifier.weight" in source.dropped and "head.necks.0.running_mean" in source.dropped
+    assert not any(key.startswith("backbone.") for key in source.dropped)
 
 
 def test_uda_entry_point_requires_a_source_model(tmp_path: Path, capsys):

@@ -14,7 +14,7 @@ from passreid.engine import warmup_step_lr
 from passreid.models import build_vit
 from passreid.models.reid import ReIDModel, TokenHead
 from passreid.usl import (ClusterConfig, ClusterContrastNet, PseudoLabelSampler, UslConfig, cluster_centroids,
-                          cluster_features, cluster_statistics, to_finetune_config, validate_usl_config)
+                          cluster_features, cluster_statistics, validate_usl_config)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -308,8 +308,6 @@ def test_recipes_hold_the_published_settings(name):
     # Cluster-Contrast's transforms and un-normalised features (cluster_contrast_train_usl.py, evaluators.py).
     assert (cfg.data.erasing, cfg.data.erasing_p, cfg.data.test_interpolation) == ("cluster_contrast", 0.5, "bicubic")
     assert not cfg.cluster.feat_norm and not cfg.eval.feat_norm
-    ft = to_finetune_config(cfg)  # what the loaders and model_final.pth see
-    assert (ft.data.erasing, ft.data.test_interpolation, ft.eval.feat_norm) == ("cluster_contrast", "bicubic", False)
 
 
 def test_recipe_loaders_use_the_published_transforms(tmp_path: Path):
@@ -319,28 +317,38 @@ def test_recipe_loaders_use_the_published_transforms(tmp_path: Path):
 
     from passreid.data import ImageItem
     from passreid.data.transforms import CLUSTER_CONTRAST_FILL, RandomErasing
+    from passreid.data.reid_sets import build_image_train_set
     from passreid.eval.evaluator import build_test_loader
-    from passreid.finetune.data import build_train_set
 
     path = tmp_path / "person.png"
     pixels = np.random.default_rng(0).integers(0, 256, size=(150, 60, 3), dtype=np.uint8)
     Image.fromarray(pixels).save(path)
-    ft = to_finetune_config(load_config(UslConfig, REPO / "configs" / "usl" / "market_pass_vit_s.yaml", []))
+    cfg = load_config(UslConfig, REPO / "configs" / "usl" / "market_pass_vit_s.yaml", [])
     items = [ImageItem(str(path), 0, 0)]
     # Clustering and test features: bicubic resize + normalise (1e-6: float32 rounding of the normalisation).
-    got = build_test_loader(items, (256, 128), ft).dataset[0]["img"]
+    got = build_test_loader(items, (256, 128), cfg).dataset[0]["img"]
     expected = (TF.to_tensor(TF.resize(Image.open(path), [256, 128], interpolation=InterpolationMode.BICUBIC))
                 - 0.5) / 0.5
     torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
-    erasing = build_train_set(items, ft).transform.transforms[-1]
+    erasing = build_image_train_set(items, cfg.data, (256, 128)).transform.transforms[-1]
     assert isinstance(erasing, RandomErasing) and erasing.fill == CLUSTER_CONTRAST_FILL
 
 
-def test_finetune_view_and_config_checks():
-    cfg = load_config(UslConfig, None, ["model.init_from=x.pth", "model.multi_neck=true"])
-    ft = to_finetune_config(cfg)
+def test_model_file_config_reads_as_a_bnneck_fine_tuning_config_and_config_checks():
+    from passreid.config import config_from_dict
+    from passreid.finetune import FinetuneConfig
+    from passreid.models.reid_file import reid_file_config
+
+    cfg = load_config(UslConfig, None, ["model.init_from=x.pth", "model.multi_neck=true", "data.test_batch_size=7"])
+    # What model_final.pth stores: the shared sections only, which the fine-tuning loader reads back.
+    ft = config_from_dict(FinetuneConfig, reid_file_config("bnneck", cfg.model, cfg.data, cfg.eval))
     assert ft.method == "bnneck" and ft.model.neck_feat == "after" and ft.model.normalize_necks
-    assert ft.model.multi_neck and not hasattr(ft.model, "init_from")
+    assert ft.model.multi_neck and not hasattr(ft.model, "init_from") and ft.data.test_batch_size == 7
+    assert (ft.data.erasing, ft.data.test_interpolation, ft.eval.feat_norm) == ("cluster_contrast", "bicubic", False)
+    with pytest.raises(ConfigError, match="model.arch"):
+        validate_usl_config(load_config(UslConfig, None, ["model.arch=resnet50"]))
+    with pytest.raises(ConfigError, match="data.batch_size"):  # a check of the shared sections
+        validate_usl_config(load_config(UslConfig, None, ["data.batch_size=30"]))
     with pytest.raises(ConfigError, match="model.init_from"):
         validate_usl_config(load_config(UslConfig, None, ["model.init_from=a.pth", "model.pretrained=b.pth"]))
     with pytest.raises(ConfigError, match="model.jpm"):

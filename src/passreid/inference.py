@@ -62,6 +62,7 @@ from passreid.eval.features import ExtractedFeatures
 from passreid.models import (VIT_ARCHS, ArchitectureError, CheckpointFormatError,
                              LoadReport, VisionTransformer, architecture_hints, build_vit,
                              extract_backbone_state_dict, infer_vit_arguments, load_pretrained, read_checkpoint)
+from passreid.models.reid_file import FINAL_FORMAT
 
 __all__ = [
     "BACKBONE_FEATURES",
@@ -119,7 +120,6 @@ def identify_weights(obj: Any, label: str = "the checkpoint") -> str:
     if not isinstance(obj, Mapping):
         raise WeightsKindError(f"{label} holds a {type(obj).__name__}, not a checkpoint dict; expected one of: "
                                f"{_EXPECTED}")
-    from passreid.finetune.checkpoints import FINAL_FORMAT
     from passreid.finetune.published_checkpoints import published_layout
 
     meta = obj.get("meta")

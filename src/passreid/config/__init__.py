@@ -8,6 +8,7 @@ from .cli import (DATA_ROOT_KEYS, DEBUG_ENV, DEBUG_FLAG, OUTPUT_DIR_KEYS, add_de
 from .errors import ConfigError, require
 from .loader import (build_config, config_from_dict, config_to_dict, dump_config, field_type,
                      load_config, overrides_to_layers, save_config)
+from .reid import ReIDDataConfig, ReIDModelConfig, ReIDTrainConfig, validate_reid_sections
 from .schema import RANDOM_INIT, DataConfig, EvalConfig, ModelConfig, OptimConfig, TrainConfig
 from .yaml_io import Layer, deep_merge, load_yaml_layers, load_yaml_with_bases
 
@@ -24,6 +25,9 @@ __all__ = [
     "OUTPUT_DIR_KEYS",
     "OptimConfig",
     "RANDOM_INIT",
+    "ReIDDataConfig",
+    "ReIDModelConfig",
+    "ReIDTrainConfig",
     "TrainConfig",
     "add_debug_flag",
     "build_config",
@@ -40,4 +44,5 @@ __all__ = [
     "parse_and_load",
     "print_config",
     "save_config",
+    "validate_reid_sections",
 ]

@@ -1,4 +1,4 @@
-"""Parameter groups shared by the supervised and Cluster-Contrast optimisers.
+"""Parameter groups and the optimiser shared by the supervised and Cluster-Contrast stages.
 
 Parameters whose name contains ``bias`` get ``lr x bias_lr_factor`` and ``weight_decay_bias``; all
 others (positions, tokens and LayerNorm weights included: the TransReID-family recipes have no no-decay
@@ -9,10 +9,12 @@ hyper-parameters are equivalent.
 from __future__ import annotations
 
 from collections.abc import Collection
+from typing import Any
 
+import torch
 from torch import nn
 
-__all__ = ["build_param_groups"]
+__all__ = ["build_param_groups", "make_optimizer"]
 
 
 def build_param_groups(
@@ -43,3 +45,15 @@ def build_param_groups(
     if not groups:
         raise ValueError("the model has no trainable parameters")
     return groups
+
+
+def make_optimizer(groups: list[dict], cfg: Any) -> torch.optim.Optimizer:
+    """SGD (momentum ``cfg.momentum``), Adam or AdamW (``cfg.name``) over ready parameter ``groups`` (e.g. a
+    meta-architecture's ``param_groups``), default lr ``cfg.lr``; ``cfg`` is a stage's ``optim`` section."""
+    if cfg.name == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
+    if cfg.name == "adam":
+        return torch.optim.Adam(groups, lr=cfg.lr)
+    if cfg.name == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr)
+    raise ValueError(f"optim.name must be sgd, adam or adamw, got {cfg.name!r}")

@@ -12,14 +12,13 @@ TransReID-family recipe with the PASS head, SIE and JPM options); new ones plug 
 """
 from passreid.engine.optim import build_param_groups
 from passreid.eval.evaluator import EvalResult, evaluate_features, evaluate_model, extract_split
-from passreid.finetune.checkpoints import FINAL_FORMAT, build_final_checkpoint, load_finetuned_model
+from passreid.finetune.checkpoints import build_final_checkpoint, load_finetuned_model
 from passreid.finetune.published_checkpoints import load_published_checkpoint, map_published_state_dict
-from passreid.finetune.config import (FinetuneConfig, FinetuneDataConfig, FinetuneModelConfig, FinetuneOptimConfig,
-                                      FinetuneTrainConfig, LossConfig, validate_config)
+from passreid.finetune.config import FinetuneConfig, FinetuneOptimConfig, LossConfig, validate_config
 from passreid.finetune.data import FinetuneData, load_finetune_data
 from passreid.finetune.methods import (FinetuneMethod, build_criterion, build_model, get_method, list_methods,
                                        register_method)
-from passreid.finetune.optim import build_optimizer, epoch_learning_rates, schedule_epoch
+from passreid.finetune.optim import epoch_learning_rates, schedule_epoch
 from passreid.finetune.testing import EvaluationOutputs, run_test
 from passreid.finetune.trainer import FinetuneTrainer, TrainResult, run_training
 from passreid.losses.reid import ReIDCriterion, ReIDTrainOutput, batch_hard_triplet_loss, euclidean_dist
@@ -28,14 +27,10 @@ from passreid.models.reid import JigsawBranches, ReIDModel, TokenHead, jigsaw_re
 __all__ = [
     "EvalResult",
     "EvaluationOutputs",
-    "FINAL_FORMAT",
     "FinetuneConfig",
     "FinetuneData",
-    "FinetuneDataConfig",
     "FinetuneMethod",
-    "FinetuneModelConfig",
     "FinetuneOptimConfig",
-    "FinetuneTrainConfig",
     "FinetuneTrainer",
     "JigsawBranches",
     "LossConfig",
@@ -48,7 +43,6 @@ __all__ = [
     "build_criterion",
     "build_final_checkpoint",
     "build_model",
-    "build_optimizer",
     "build_param_groups",
     "euclidean_dist",
     "epoch_learning_rates",

@@ -39,10 +39,11 @@ from torch import Tensor, nn
 from passreid.data.masks import num_parts
 from passreid.eval.distance import VisiblePartDistance
 from passreid.eval.features import ExtractedFeatures
-from passreid.finetune.methods import FinetuneMethod, build_backbone, load_backbone_weights, register_method
+from passreid.finetune.methods import FinetuneMethod, register_method
 from passreid.losses.reid import identity_loss
 from passreid.models import VisionTransformer
 from passreid.models.cnn import build_cnn_backbone, is_cnn_arch
+from passreid.models.factory import build_backbone, load_backbone_weights
 from passreid.models.reid import make_bnneck, make_classifier
 
 if TYPE_CHECKING:  # annotations only: passreid.finetune.config imports this module for its section
@@ -367,9 +368,9 @@ def build_bpbreid_model(cfg: FinetuneConfig, num_classes: int, num_cameras: int,
     BPBReID's head for ``data.mask_preprocess``'s K parts."""
     if cfg.model.sie_camera or cfg.model.jpm:
         raise ValueError("method bpbreid does not combine with model.sie_camera or model.jpm")
-    backbone = build_cnn_backbone(cfg.model.arch) if is_cnn_arch(cfg.model.arch) else build_backbone(cfg)
+    backbone = build_cnn_backbone(cfg.model.arch) if is_cnn_arch(cfg.model.arch) else build_backbone(cfg.model)
     if load_weights:
-        load_backbone_weights(backbone, cfg)
+        load_backbone_weights(backbone, cfg.model)
     return BPBReIDModel(backbone, num_classes, num_parts(cfg.data.mask_preprocess), cfg.bpbreid.dim_reduce,
                         cfg.bpbreid.visibility)
 

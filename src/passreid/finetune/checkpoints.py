@@ -1,20 +1,7 @@
-"""Fine-tuned model files: passreid's ``model_final.pth`` (and any released checkpoint, through
-:mod:`passreid.finetune.published_checkpoints`).
-
-``model_final.pth`` (written by the trainer with :func:`build_final_checkpoint`)::
-
-    {"model": state_dict,                      # ReIDModel (or another method's model), CPU tensors
-     "meta": {"format": "passreid-finetune", "format_version": 1, "method",
-              "arch", "img_size", "patch_size", "stride_size", "num_part_tokens",
-              "num_classes", "num_cameras",     # training identities / cameras (SIE table size if SIE)
-              "head", "feat_fusion", "multi_neck", "neck_feat", "sie", "sie_coe",
-              "jpm", "jpm_num_branches", "jpm_shift", "jpm_shuffle_groups", "jpm_rearrange",
-              "feature_dim", "config"}}         # config: the full resolved FinetuneConfig as a dict
-
-:func:`load_finetuned_model` rebuilds the model from that file alone. It also reads a training
-``checkpoint.pth`` of a run (config inside, class/camera counts from the tensor shapes).
-
-Released fine-tuned checkpoints of the published code are read by :mod:`passreid.finetune.published_checkpoints`.
+"""Reading fine-tuned models: passreid's ``model_final.pth`` (:mod:`passreid.models.reid_file`, written by every
+re-ID stage), a run's ``checkpoint.pth``, and any released checkpoint (through
+:mod:`passreid.finetune.published_checkpoints`). :func:`load_finetuned_model` rebuilds the model of any
+fine-tuning method from the stored config alone.
 """
 from __future__ import annotations
 
@@ -33,10 +20,9 @@ from passreid.finetune.methods import build_model
 from passreid.finetune.published_checkpoints import (EXPECTED_FINETUNED_FILES, load_published_checkpoint,
                                                      published_layout)
 from passreid.models import CheckpointFormatError, CheckpointMismatchError, LoadReport, read_checkpoint
+from passreid.models.reid_file import FINAL_FORMAT, FINAL_FORMAT_VERSION, reid_model_file
 
 __all__ = [
-    "FINAL_FORMAT",
-    "FINAL_FORMAT_VERSION",
     "build_final_checkpoint",
     "load_finetuned_model",
     "stored_config",
@@ -44,41 +30,10 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-FINAL_FORMAT = "passreid-finetune"
-FINAL_FORMAT_VERSION = 1
-
-
 def build_final_checkpoint(model: nn.Module, cfg: FinetuneConfig, num_classes: int, num_cameras: int) -> dict:
-    """The ``model_final.pth`` dict (module docstring) for ``model`` trained with ``cfg``."""
-    model = unwrap_model(model)
-    m = cfg.model
-    meta = {
-        "format": FINAL_FORMAT,
-        "format_version": FINAL_FORMAT_VERSION,
-        "method": cfg.method,
-        "arch": m.arch,
-        "img_size": list(m.img_size),
-        "patch_size": m.patch_size,
-        "stride_size": m.stride_size,
-        "num_part_tokens": m.num_part_tokens,
-        "num_classes": int(num_classes),
-        "num_cameras": int(num_cameras),
-        "head": m.head,
-        "feat_fusion": m.feat_fusion,
-        "multi_neck": m.multi_neck,
-        "neck_feat": m.neck_feat,
-        "sie": m.sie_camera,
-        "sie_coe": m.sie_coe,
-        "jpm": m.jpm,
-        "jpm_num_branches": m.jpm_num_branches,
-        "jpm_shift": m.jpm_shift,
-        "jpm_shuffle_groups": m.jpm_shuffle_groups,
-        "jpm_rearrange": m.jpm_rearrange,
-        "feature_dim": int(getattr(model, "feature_dim", 0)),
-        "config": config_to_dict(cfg),
-    }
-    state = {key: value.detach().cpu().clone() for key, value in model.state_dict().items()}
-    return {"model": state, "meta": meta}
+    """The ``model_final.pth`` dict of a fine-tuning run: ``model`` trained with ``cfg`` (stored whole)."""
+    return reid_model_file(unwrap_model(model), cfg.model, num_classes, num_cameras, method=cfg.method,
+                           config=config_to_dict(cfg))
 
 
 def _load_strict(model: nn.Module, state: Mapping[str, Tensor], label: str) -> None:

@@ -1,25 +1,23 @@
-"""Datasets of a fine-tuning run: train set, test set, subsets, training augmentation."""
+"""Datasets of a fine-tuning run: the labelled train set (identity subset, a method's own samples or masks) and
+the test set (:mod:`passreid.data.reid_sets`)."""
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
 
-from torchvision import transforms as T
+from torch.utils.data import Dataset
 
 from passreid.config import ConfigError
-from passreid.data import (DatasetFormatError, ImageItem, ReIDDataset, SafeImageReader, build_dataset,
-                           check_data_root, reader_options)
+from passreid.data import DatasetFormatError, ImageItem, ReIDDataset, build_dataset, check_data_root, reader_options
 from passreid.data.mask_transforms import MaskedTrainTransform
 from passreid.data.masks import DEFAULT_MASK_SUFFIX, PUBLISHED_MASK_SUFFIXES, MaskedImageDataset
-from passreid.data.occluders import OccluderPaste
-from passreid.data.samplers import ImageDataset
-from passreid.data.transforms import build_train_transform
+from passreid.data.reid_sets import build_image_train_set, drop_unreadable, load_test_dataset
 from passreid.finetune.config import FinetuneConfig
 
 __all__ = [
     "FinetuneData",
+    "build_train_set",
     "load_finetune_data",
-    "load_test_dataset",
 ]
 
 logger = logging.getLogger(__name__)
@@ -43,51 +41,6 @@ def _first_train_ids(dataset: ReIDDataset, max_ids: int) -> ReIDDataset:
                        dataset.unlabeled, [*dataset.notes, note])
 
 
-def _first_test_ids(dataset: ReIDDataset, max_ids: int) -> ReIDDataset:
-    """Keep the query/gallery items of the first ``max_ids`` query identities (sorted); distractors go."""
-    keep = set(sorted({item.pid for item in dataset.query})[:max_ids])
-    query = [item for item in dataset.query if item.pid in keep]
-    gallery = [item for item in dataset.gallery if item.pid in keep]
-    note = f"query/gallery restricted to the first {max_ids} query identities (data.max_test_ids)"
-    return ReIDDataset(dataset.name, dataset.root, dataset.train, query, gallery, dataset.unlabeled,
-                       [*dataset.notes, note])
-
-
-def _drop_unreadable(items: list[ImageItem], split: str) -> list[ImageItem]:
-    """``data.skip_corrupt``: decode every image once and drop (and log) the unreadable ones."""
-    reader = SafeImageReader(skip_corrupt=True)
-    kept = [item for item in items if reader(item.path) is not None]
-    if reader.num_skipped:
-        logger.warning("data.skip_corrupt: dropped %d unreadable %s image(s): %s", reader.num_skipped, split,
-                       ", ".join(reader.skipped_paths))
-    return kept
-
-
-def load_test_dataset(cfg: FinetuneConfig, train_set: ReIDDataset | None = None) -> ReIDDataset:
-    """The evaluation set: ``data.test_dataset`` (under ``data.test_root`` or ``data.root``), else the
-    query/gallery of ``data.dataset`` (``train_set`` when it is already read); subset and corrupt-image
-    options applied."""
-    data = cfg.data
-    if data.test_dataset:
-        test_root = check_data_root(data.test_root or data.root, "data.test_root" if data.test_root else "data.root")
-        test_set = build_dataset(data.test_dataset, test_root, skip_corrupt=data.skip_corrupt,
-                                 **reader_options(data.test_dataset, data))
-    elif train_set is not None:
-        test_set = train_set
-    else:
-        test_set = build_dataset(data.dataset, check_data_root(data.root), skip_corrupt=data.skip_corrupt,
-                                 **reader_options(data.dataset, data))
-    if not test_set.query or not test_set.gallery:
-        raise ValueError(f"test dataset {test_set.name!r} has an empty query or gallery split")
-    if data.max_test_ids:
-        test_set = _first_test_ids(test_set, data.max_test_ids)
-    if data.skip_corrupt:
-        test_set = ReIDDataset(test_set.name, test_set.root, test_set.train,
-                               _drop_unreadable(test_set.query, "query"),
-                               _drop_unreadable(test_set.gallery, "gallery"), test_set.unlabeled, test_set.notes)
-    return test_set
-
-
 def load_finetune_data(cfg: FinetuneConfig) -> FinetuneData:
     """Read the training set and the test set (``data.test_dataset`` or the training set's own query/gallery)."""
     data = cfg.data
@@ -100,9 +53,9 @@ def load_finetune_data(cfg: FinetuneConfig) -> FinetuneData:
                                  f"on it, and test on this one with data.test_dataset / data.test_root)")
     if data.max_train_ids:
         train_set = _first_train_ids(train_set, data.max_train_ids)
-    test_set = load_test_dataset(cfg, train_set if not data.test_dataset else None)
+    test_set = load_test_dataset(data, train_set if not data.test_dataset else None)
     if data.skip_corrupt:
-        train_set.train = _drop_unreadable(train_set.train, "train")
+        train_set.train = drop_unreadable(train_set.train, "train")
     if data.max_train_ids or data.max_test_ids or data.skip_corrupt:
         logger.info("splits used by this run (data.max_train_ids / max_test_ids / skip_corrupt):\n%s\n%s",
                     train_set.split_table(), test_set.split_table() if test_set is not train_set else "")
@@ -114,10 +67,10 @@ def load_finetune_data(cfg: FinetuneConfig) -> FinetuneData:
     return FinetuneData(train_set, test_set, num_classes, num_cameras)
 
 
-def build_train_set(items: list[ImageItem], cfg: FinetuneConfig) -> ImageDataset:
+def build_train_set(items: list[ImageItem], cfg: FinetuneConfig) -> Dataset:
     """Training images with the TransReID-family augmentation (PASS-reID:
-    PASS_transreid/datasets/make_dataloader.py; the same in TransReID and DPM)."""
-    data = cfg.data
+    PASS_transreid/datasets/make_dataloader.py; the same in TransReID and DPM), a method's own samples, or
+    (image, part masks) pairs when the method trains on masks."""
     from passreid.finetune.methods import get_method  # the registry imports the method modules
 
     own_train_set = get_method(cfg.method).build_train_set
@@ -126,10 +79,7 @@ def build_train_set(items: list[ImageItem], cfg: FinetuneConfig) -> ImageDataset
     masks_source = _train_masks_source(cfg)
     if masks_source is not None:  # the method trains on (image, part masks) pairs
         return build_masked_train_set(items, cfg, masks_source)
-    transform = build_train_transform(tuple(cfg.model.img_size), flip_p=data.flip_p, padding=data.padding,
-                                      erasing_p=data.erasing_p, mean=data.pixel_mean, std=data.pixel_std,
-                                      erasing=data.erasing)
-    return ImageDataset(items, _with_optional_augmentation(transform, cfg))
+    return build_image_train_set(items, cfg.data, tuple(cfg.model.img_size))
 
 
 def _train_masks_source(cfg: FinetuneConfig) -> str | None:
@@ -155,29 +105,3 @@ def build_masked_train_set(items: list[ImageItem], cfg: FinetuneConfig, masks_so
     logger.info("training with %s masks (%s, %s/%s*%s)", masks_source, data.mask_preprocess, data.masks_dir,
                 "<split>", suffix)
     return MaskedImageDataset(items, transform, masks_dir=data.masks_dir, suffix=suffix, masks_source=masks_source)
-
-
-def resolve_occluder_dir(cfg: FinetuneConfig) -> str:
-    """``data.occluder_dir``, a folder of cut-outs; ``generated`` (older demos) is a ``ConfigError`` naming the
-    folder to pass instead."""
-    if cfg.data.occluder_dir == "generated":
-        raise ConfigError("config key 'data.occluder_dir': 'generated' is no longer rendered by the stages: render "
-                          "the demo world with `python -m passreid.demo --out DIR` and pass "
-                          "data.occluder_dir=DIR/world/occluders")
-    return cfg.data.occluder_dir
-
-
-def _with_optional_augmentation(transform: T.Compose, cfg: FinetuneConfig) -> T.Compose:
-    """Add ``data.color_jitter`` (right after the resize, as DPM) and ``data.occluder_dir`` (first) when set."""
-    data = cfg.data
-    steps = list(transform.transforms)
-    if data.color_jitter:
-        if not isinstance(steps[0], T.Resize):
-            raise RuntimeError(f"expected the training pipeline to start with a Resize, got {steps[0]!r}")
-        steps.insert(1, T.ColorJitter(*data.color_jitter))
-    if data.occluder_dir:
-        folder = resolve_occluder_dir(cfg)
-        paste = OccluderPaste(folder, p=data.occluder_p, area=tuple(data.occluder_area))
-        logger.info("occluder paste: %r from %s", paste, folder)
-        steps.insert(0, paste)
-    return T.Compose(steps) if len(steps) != len(transform.transforms) else transform

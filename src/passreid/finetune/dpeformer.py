@@ -61,11 +61,13 @@ from passreid import dist
 from passreid.config import ConfigError, require
 from passreid.data import ImageItem
 from passreid.data.occluders import OccluderPaste
+from passreid.data.reid_sets import resolve_occluder_dir
 from passreid.data.samplers import ImageDataset
 from passreid.data.transforms import RandomErasing
-from passreid.finetune.methods import FinetuneMethod, build_backbone, load_backbone_weights, register_method
+from passreid.finetune.methods import FinetuneMethod, register_method
 from passreid.losses.reid import identity_loss
 from passreid.models import VisionTransformer
+from passreid.models.factory import build_backbone, load_backbone_weights
 from passreid.models.reid import make_bnneck, make_classifier
 
 if TYPE_CHECKING:  # annotations only: passreid.finetune.config imports this module for its section
@@ -403,8 +405,6 @@ OCCLUDER_DIR_HELP = (
 
 def build_two_view_train_set(items: list[ImageItem], cfg: FinetuneConfig) -> TwoViewDataset:
     """DPEFormer's training samples from ``cfg.data`` / ``cfg.dpeformer`` (views as in the module docstring)."""
-    from passreid.finetune.data import resolve_occluder_dir
-
     data, d = cfg.data, cfg.dpeformer
     steps = [T.Resize(tuple(cfg.model.img_size), interpolation=T.InterpolationMode.BICUBIC)]
     if data.color_jitter:
@@ -414,7 +414,7 @@ def build_two_view_train_set(items: list[ImageItem], cfg: FinetuneConfig) -> Two
     if d.view2 == "occluder":
         if not data.occluder_dir:
             raise ConfigError(f"config key 'data.occluder_dir' is empty. {OCCLUDER_DIR_HELP}")
-        folder = resolve_occluder_dir(cfg)
+        folder = resolve_occluder_dir(cfg.data)
         if not Path(folder).expanduser().is_dir():
             raise ConfigError(f"config key 'data.occluder_dir': folder {folder} does not exist. {OCCLUDER_DIR_HELP}")
         paste = OccluderPaste(folder, p=1.0, area=tuple(data.occluder_area))
@@ -458,9 +458,9 @@ def build_dpeformer_model(cfg: FinetuneConfig, num_classes: int, num_cameras: in
     if cfg.model.sie_camera or cfg.model.jpm:
         raise ValueError("method dpeformer does not combine with model.sie_camera or model.jpm (the paper uses neither)")
     d = cfg.dpeformer
-    backbone = build_backbone(cfg)
+    backbone = build_backbone(cfg.model)
     if load_weights:
-        load_backbone_weights(backbone, cfg)
+        load_backbone_weights(backbone, cfg.model)
     model = DPEFormerModel(backbone, num_classes, d.global_token, d.num_parts, d.min_selected, d.fbm_token_dim,
                            d.fbm_heads, d.fbm_mlp_ratio, d.memory_temperature, d.memory_momentum, d.fbm_head_merge)
     if load_weights:

@@ -46,9 +46,10 @@ from passreid.engine import unwrap_model
 from passreid.engine.optim import build_param_groups
 from passreid.eval.distance import as_feature_tensor, resolve_device
 from passreid.eval.features import ExtractedFeatures
-from passreid.finetune.methods import FinetuneMethod, SecondPass, build_backbone, load_backbone_weights, register_method
+from passreid.finetune.methods import FinetuneMethod, SecondPass, register_method
 from passreid.losses.reid import batch_hard_triplet_loss, identity_loss
 from passreid.models import VisionTransformer
+from passreid.models.factory import build_backbone, load_backbone_weights
 from passreid.models.reid import ReIDModel
 
 if TYPE_CHECKING:  # annotations only: passreid.finetune.config imports this module for its section
@@ -337,9 +338,9 @@ def build_dpm_model(cfg: FinetuneConfig, num_classes: int, num_cameras: int, loa
                          "published TransReID layout)")
     if model.sie_camera and num_cameras < 1:
         raise ValueError("model.sie_camera is set but the training set has no camera ids")
-    backbone = build_backbone(cfg)
+    backbone = build_backbone(cfg.model)
     if load_weights:
-        load_backbone_weights(backbone, cfg)
+        load_backbone_weights(backbone, cfg.model)
     return DPMModel(backbone, num_classes, mask_blocks=tuple(b - 1 for b in cfg.dpm.mask_blocks),
                     neck_feat=model.neck_feat, num_cameras=num_cameras if model.sie_camera else 0,
                     sie_coe=model.sie_coe)

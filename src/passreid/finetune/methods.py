@@ -47,10 +47,9 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from passreid.config import RANDOM_INIT, require
 from passreid.eval.evaluator import TestDistanceBuilder
 from passreid.losses.reid import ReIDCriterion
-from passreid.models import LoadReport, VisionTransformer, build_vit, load_pretrained
+from passreid.models.factory import build_reid_model
 from passreid.models.reid import ReIDModel
 
 if TYPE_CHECKING:  # annotations only: passreid.finetune.config imports this registry for the method sections
@@ -59,7 +58,6 @@ if TYPE_CHECKING:  # annotations only: passreid.finetune.config imports this reg
 __all__ = [
     "FinetuneMethod",
     "SecondPass",
-    "build_backbone",
     "build_criterion",
     "build_model",
     "get_method",
@@ -174,78 +172,10 @@ def build_criterion(cfg: FinetuneConfig) -> nn.Module:
 # ------------------------------------------------------------------------------------------ bnneck
 
 
-def build_backbone(cfg: FinetuneConfig) -> VisionTransformer:
-    """The ViT of ``cfg.model`` (random init; fine-tuning adds positions unchanged when grids match)."""
-    model = cfg.model
-    return build_vit(
-        model.arch,
-        img_size=tuple(model.img_size),
-        patch_size=model.patch_size,
-        stride_size=model.stride_size,
-        drop_path_rate=model.drop_path_rate,
-        num_part_tokens=model.num_part_tokens,
-    )
-
-
-def load_backbone_weights(backbone: nn.Module, cfg: FinetuneConfig) -> LoadReport | None:
-    """Load ``cfg.model.pretrained`` into ``backbone`` (never partially unless the recipe allows it).
-
-    Accepts every layout of :func:`passreid.models.load_pretrained`: a pretrain/ ``backbone.pth``
-    export, a PASS/DINO training checkpoint (teacher by default), a converted backbone, timm ViT
-    weights. Position embeddings are resized to this model's token grid and reported. For a CNN
-    backbone (:mod:`passreid.models.cnn`): its ImageNet state dict, whose classification head and
-    missing BatchNorm counters are accepted and listed in the logged report; any other difference
-    is an error naming the keys.
-    An empty ``model.pretrained`` is a :class:`ConfigError`: a recipe of a published row never starts from
-    random weights silently. ``model.pretrained=none`` asks for random initialisation (one warning).
-    """
-    model = cfg.model
-    require(bool(model.pretrained), "model.pretrained",
-            f"is empty, so the {model.arch} backbone would start from random weights; set "
-            f"model.pretrained=<checkpoint file> (the recipe header names the published weights), or "
-            f"model.pretrained={RANDOM_INIT} to train from random initialisation on purpose")
-    if model.pretrained == RANDOM_INIT:
-        logger.warning("backbone: %s from RANDOM initialisation (model.pretrained=%s); published numbers assume "
-                       "pre-trained weights", model.arch, RANDOM_INIT)
-        return None
-    report = load_pretrained(
-        backbone,
-        model.pretrained,
-        # CNN backbones (passreid.models.cnn) accept their ImageNet file's classifier and BN counters, reported
-        allow_missing=tuple(model.pretrained_allow_missing) + getattr(backbone, "optional_weight_keys", ()),
-        allow_unexpected=tuple(model.pretrained_allow_unexpected) + getattr(backbone, "imagenet_head_keys", ()),
-        hw_ratio=model.hw_ratio,
-        which=model.pretrained_which,
-    )
-    if report.missing or report.unexpected or report.shape_mismatched:
-        logger.warning("backbone weights loaded with allowed differences:\n%s", report.summary())
-    return report
-
-
 def build_bnneck_model(cfg: FinetuneConfig, num_classes: int, num_cameras: int, load_weights: bool = True) -> ReIDModel:
-    """ViT + BNNeck head (PASS or [CLS]), SIE when ``model.sie_camera``, JPM when ``model.jpm``."""
-    model = cfg.model
-    if model.sie_camera and num_cameras < 1:
-        raise ValueError("model.sie_camera is set but the training set has no camera ids")
-    backbone = build_backbone(cfg)
-    if load_weights:
-        load_backbone_weights(backbone, cfg)
-    return ReIDModel(
-        backbone,
-        num_classes,
-        head=model.head,
-        feat_fusion=model.feat_fusion,
-        multi_neck=model.multi_neck,
-        normalize_necks=model.normalize_necks,
-        neck_feat=model.neck_feat,
-        num_cameras=num_cameras if model.sie_camera else 0,
-        sie_coe=model.sie_coe,
-        jpm=model.jpm,
-        jpm_num_branches=model.jpm_num_branches,
-        jpm_shift=model.jpm_shift,
-        jpm_shuffle_groups=model.jpm_shuffle_groups,
-        jpm_rearrange=model.jpm_rearrange,
-    )
+    """ViT + BNNeck head (PASS or [CLS]), SIE when ``model.sie_camera``, JPM when ``model.jpm``
+    (:func:`passreid.models.factory.build_reid_model` of ``cfg.model``)."""
+    return build_reid_model(cfg.model, num_classes, num_cameras, load_weights)
 
 
 def build_reid_criterion(cfg: FinetuneConfig) -> ReIDCriterion:

@@ -1,36 +1,14 @@
-"""Optimiser and learning-rate schedule of the fine-tuning recipes (TransReID: solver/make_optimizer.py,
-solver/cosine_lr.py and solver/lr_scheduler.py), over :func:`passreid.engine.optim.build_param_groups`.
+"""Learning-rate schedule of the fine-tuning recipes (TransReID: solver/cosine_lr.py and solver/lr_scheduler.py);
+the optimiser over its parameter groups is :func:`passreid.engine.optim.make_optimizer`.
 """
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Sequence
 
-import torch
-from torch import nn
-
-from passreid.engine.optim import build_param_groups
 from passreid.engine.schedules import warmup_cosine_lr, warmup_multistep_lr
 from passreid.finetune.config import FinetuneOptimConfig
 
-__all__ = ["build_optimizer", "epoch_learning_rates", "make_optimizer", "schedule_epoch"]
-
-
-def build_optimizer(model: nn.Module, cfg: FinetuneOptimConfig, exclude: Collection[str] = ()) -> torch.optim.Optimizer:
-    """SGD (momentum ``cfg.momentum``), Adam or AdamW over :func:`build_param_groups` (minus ``exclude``)."""
-    groups = build_param_groups(model, cfg.lr, cfg.weight_decay, cfg.weight_decay_bias, cfg.bias_lr_factor, exclude)
-    return make_optimizer(groups, cfg)
-
-
-def make_optimizer(groups: list[dict], cfg: FinetuneOptimConfig) -> torch.optim.Optimizer:
-    """SGD (momentum ``cfg.momentum``), Adam or AdamW (``cfg.name``) over ready parameter ``groups``
-    (e.g. a meta-architecture's ``param_groups``), default lr ``cfg.lr``."""
-    if cfg.name == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
-    if cfg.name == "adam":
-        return torch.optim.Adam(groups, lr=cfg.lr)
-    if cfg.name == "adamw":
-        return torch.optim.AdamW(groups, lr=cfg.lr)
-    raise ValueError(f"optim.name must be sgd, adam or adamw, got {cfg.name!r}")
+__all__ = ["epoch_learning_rates", "schedule_epoch"]
 
 
 def epoch_learning_rates(cfg: FinetuneOptimConfig, epoch: int, total_epochs: int,

@@ -32,10 +32,10 @@ from passreid.config import require
 from passreid.eval.distance import VisiblePartDistance
 from passreid.eval.features import ExtractedFeatures
 from passreid.finetune.bpbreid import pack_part_rows, unpack_part_rows
-from passreid.finetune.methods import (FinetuneMethod, build_backbone, build_reid_criterion, load_backbone_weights,
-                                       register_method)
+from passreid.finetune.methods import FinetuneMethod, build_reid_criterion, register_method
 from passreid.losses.reid import ReIDCriterion, ReIDTrainOutput
 from passreid.models import VisionTransformer
+from passreid.models.factory import build_backbone, load_backbone_weights
 from passreid.models.reid import ReIDModel, make_classifier
 
 if TYPE_CHECKING:  # annotations only: passreid.finetune.config imports this module for its section
@@ -160,9 +160,9 @@ def build_pass_parts_model(cfg: FinetuneConfig, num_classes: int, num_cameras: i
         raise ValueError("method pass_parts does not combine with model.jpm")
     if model.num_part_tokens < 1:
         raise ValueError("method pass_parts needs a ViT with PASS part tokens (model.num_part_tokens >= 1)")
-    backbone = build_backbone(cfg)
+    backbone = build_backbone(cfg.model)
     if load_weights:
-        load_backbone_weights(backbone, cfg)
+        load_backbone_weights(backbone, cfg.model)
     return PassPartsModel(backbone, num_classes, cfg.pass_parts.visibility_threshold, feat_fusion=model.feat_fusion,
                           multi_neck=model.multi_neck, normalize_necks=model.normalize_necks,
                           neck_feat=model.neck_feat, num_cameras=num_cameras if model.sie_camera else 0,

@@ -3,7 +3,8 @@ torchreid's ``{"state_dict", "epoch", "rank1", "mAP", "ssmd", "config", "optimiz
 ``module.`` prefix and a ``model`` / ``state_dict`` wrapper are accepted) are recognised by their keys
 (:data:`PUBLISHED_LAYOUTS`, :func:`published_layout`) and, given a config of the matching method, loaded by
 :func:`load_published_checkpoint`; every key is renamed by an explicit rule (:func:`map_published_state_dict`)
-or dropped with its reason, and every other difference is reported and refused unless allowed:
+or dropped with its reason, and every other difference is reported and refused unless allowed (the rule
+machinery, the ViT ``base`` and the TransReID / PASS-reID head rules are :mod:`passreid.models.published`):
 
 =====================  ==============================================================================
 layout (method)        published -> passreid
@@ -68,8 +69,10 @@ from passreid.data.masks import PART_GROUPINGS, num_parts
 from passreid.engine import unwrap_model
 from passreid.finetune.config import FinetuneConfig
 from passreid.finetune.methods import build_model
-from passreid.models import CheckpointFormatError, CheckpointMismatchError, LoadReport, extract_backbone_state_dict
+from passreid.models import CheckpointFormatError, CheckpointMismatchError, LoadReport
 from passreid.models.checkpoint import matches_any
+from passreid.models.published import (KeyRule, key_rule, rename_published_keys, strip_module_prefix,
+                                      transreid_head_rules)
 
 __all__ = [
     "EXPECTED_FINETUNED_FILES",
@@ -82,101 +85,47 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-_Target = str | Callable[[re.Match[str]], str | None] | None
+
+def _dpm_rules(depth: int, jpm: bool) -> list[KeyRule]:
+    return [key_rule(r"base\.ConvLayer\.", "mask_generator.convs."), key_rule(r"base\.attfc\.", "mask_generator.fc."),
+            key_rule(r"bottleneck\.", "head.necks.0."), key_rule(r"classifier\.", "head.classifier.")]
 
 
-@dataclass(frozen=True)
-class _Rule:
-    """Rename keys that start with ``pattern`` (a regex) to ``target`` + the rest of the key, or drop them
-    (``target`` None) for the stated ``reason``. ``target`` may use the pattern's groups (a callable)."""
-
-    pattern: re.Pattern[str]
-    target: _Target
-    reason: str = ""
-
-    def apply(self, key: str) -> tuple[bool, str | None]:
-        """``(matched, new key or None to drop)``; a callable target returning ``None`` does not match."""
-        match = self.pattern.match(key)
-        if match is None:
-            return False, None
-        if self.target is None:
-            return True, None
-        head = self.target(match) if callable(self.target) else match.expand(self.target)
-        return (False, None) if head is None else (True, head + key[match.end():])
-
-
-def _rule(pattern: str, target: _Target = None, unused: str = "") -> _Rule:
-    return _Rule(re.compile(pattern), target, unused)
-
-
-def _base_rules(depth: int, last_block_copied: bool) -> list[_Rule]:
-    """The TransReID ViT ``base`` of every TransReID-family model (TransReID, PASS-reID, DPM, TSD, DPEFormer).
-
-    ``b1 = copy(last block, final LN)`` (TransReID JPM, TSD) replaces the backbone's own last block and LN
-    in the forward; passreid's model uses the backbone's, so the copies are loaded there."""
-    rules = [_rule(r"base\.sie_embed$", "sie_embed"),
-             _rule(r"base\.fc\.", unused="the ViT's ImageNet classifier, unused by the re-ID forward")]
-    if last_block_copied:
-        rules += [_rule(rf"base\.blocks\.{depth - 1}\.", unused="unused by the published forward: b1 replaces it"),
-                  _rule(r"base\.norm\.", unused="unused by the published forward: b1 replaces it"),
-                  _rule(r"b1\.0\.", f"backbone.blocks.{depth - 1}."), _rule(r"b1\.1\.", "backbone.norm.")]
-    return rules + [_rule(r"base\.", "backbone.")]
-
-
-def _transreid_rules(depth: int, jpm: bool) -> list[_Rule]:
-    def head(match: re.Match[str]) -> str | None:
-        kind, index = match.group(1), match.group(2)
-        module = "necks.0" if kind == "bottleneck" else "classifier"
-        if index is None:
-            return f"head.{module}."
-        if jpm:
-            return f"jpm.heads.{int(index) - 1}.{module}."
-        return f"head.necks.{int(index)}." if kind == "bottleneck" else None  # classifier_k without JPM: no rule
-
-    return [_rule(r"b2\.0\.", "jpm.block."), _rule(r"b2\.1\.", "jpm.norm."),
-            _rule(r"(bottleneck|classifier)(?:_(\d+))?\.", head)]
-
-
-def _dpm_rules(depth: int, jpm: bool) -> list[_Rule]:
-    return [_rule(r"base\.ConvLayer\.", "mask_generator.convs."), _rule(r"base\.attfc\.", "mask_generator.fc."),
-            _rule(r"bottleneck\.", "head.necks.0."), _rule(r"classifier\.", "head.classifier.")]
-
-
-def _tsd_rules(depth: int, jpm: bool) -> list[_Rule]:
+def _tsd_rules(depth: int, jpm: bool) -> list[KeyRule]:
     return [
-        _rule(r"bottleneck\.", "global_neck."), _rule(r"classifier\.", "global_classifier."),
-        _rule(r"memory_post_norm\.", "memory_norm."), _rule(r"query_embedding\.weight$", "query_embedding"),
-        _rule(r"part_decoder\.gp_self_attention\.", "decoder.self_attention."),
-        _rule(r"part_decoder\.cross_attention\.", "decoder.cross_attention."),
-        _rule(r"part_decoder\.norm([12])\.", r"decoder.norm\1."),
-        _rule(r"part_decoder\.ffn\.layers\.0\.0\.", "decoder.ffn.0."),
-        _rule(r"part_decoder\.ffn\.layers\.1\.", "decoder.ffn.2."),
-        _rule(r"part_decoder\.post_norm\.", unused="built but unused by the released forward"),
-        _rule(r"bottleneck_part\.", "part_neck."), _rule(r"classifier_part\.", "part_classifier."),
-        _rule(r"bottleneck_partm\.", "pooled_neck."), _rule(r"classifier_partm\.", "pooled_classifier."),
-        _rule(r"bottleneck_fg\.", "fore_neck."), _rule(r"classifier_fg\.", "fore_classifier."),
-        _rule(r"visb_pred\.", "visibility_head."), _rule(r"pixel_classifier\.", "pixel_classifier."),
+        key_rule(r"bottleneck\.", "global_neck."), key_rule(r"classifier\.", "global_classifier."),
+        key_rule(r"memory_post_norm\.", "memory_norm."), key_rule(r"query_embedding\.weight$", "query_embedding"),
+        key_rule(r"part_decoder\.gp_self_attention\.", "decoder.self_attention."),
+        key_rule(r"part_decoder\.cross_attention\.", "decoder.cross_attention."),
+        key_rule(r"part_decoder\.norm([12])\.", r"decoder.norm\1."),
+        key_rule(r"part_decoder\.ffn\.layers\.0\.0\.", "decoder.ffn.0."),
+        key_rule(r"part_decoder\.ffn\.layers\.1\.", "decoder.ffn.2."),
+        key_rule(r"part_decoder\.post_norm\.", unused="built but unused by the released forward"),
+        key_rule(r"bottleneck_part\.", "part_neck."), key_rule(r"classifier_part\.", "part_classifier."),
+        key_rule(r"bottleneck_partm\.", "pooled_neck."), key_rule(r"classifier_partm\.", "pooled_classifier."),
+        key_rule(r"bottleneck_fg\.", "fore_neck."), key_rule(r"classifier_fg\.", "fore_classifier."),
+        key_rule(r"visb_pred\.", "visibility_head."), key_rule(r"pixel_classifier\.", "pixel_classifier."),
     ]
 
 
-def _dpeformer_rules(depth: int, jpm: bool) -> list[_Rule]:
+def _dpeformer_rules(depth: int, jpm: bool) -> list[KeyRule]:
     unused = "unused by the released test forward"
     return [
-        _rule(r"b2\.", unused="copies of the last block + LN, " + unused),
-        _rule(r"bottleneck_local\.([0-3])\.", r"stripe_necks.\1."),
-        _rule(r"bottleneck_local\.([4-7])\.", lambda m: f"part_necks.{int(m.group(1)) - 4}."),
-        _rule(r"classifier_local\.([4-7])\.", lambda m: f"part_classifiers.{int(m.group(1)) - 4}."),
-        _rule(r"classifier1\.", "stripe_classifier."), _rule(r"classifier1_4\.", "part_concat_classifier."),
-        _rule(r"classifier3\.", "global_classifier."),
-        _rule(r"attention_global\.(\d+)\.pos_embed$", r"blending.\1.pos_embed"),
-        _rule(r"attention_global\.(\d+)\.Block\.norm1\.", r"blending.\1.norm_part."),
-        _rule(r"attention_global\.(\d+)\.Block\.norm2\.", r"blending.\1.norm_global."),
-        _rule(r"attention_global\.(\d+)\.Block\.norm3\.", r"blending.\1.norm_mlp."),
-        _rule(r"attention_global\.(\d+)\.Block\.attn\.(q|kv|proj)\.", r"blending.\1.\2."),
-        _rule(r"attention_global\.(\d+)\.Block\.mlp\.fc1\.", r"blending.\1.mlp.0."),
-        _rule(r"attention_global\.(\d+)\.Block\.mlp\.fc2\.", r"blending.\1.mlp.2."),
-        _rule(r"attention_global\.\d+\.(norm1|norm2|attn|param|Block\.attn\.param)", unused=unused),
-        _rule(r"(bottleneck_local\.[89]|classifier_local\.[0-389]|bottleneck_local_stage2|bottleneck_global|"
+        key_rule(r"b2\.", unused="copies of the last block + LN, " + unused),
+        key_rule(r"bottleneck_local\.([0-3])\.", r"stripe_necks.\1."),
+        key_rule(r"bottleneck_local\.([4-7])\.", lambda m: f"part_necks.{int(m.group(1)) - 4}."),
+        key_rule(r"classifier_local\.([4-7])\.", lambda m: f"part_classifiers.{int(m.group(1)) - 4}."),
+        key_rule(r"classifier1\.", "stripe_classifier."), key_rule(r"classifier1_4\.", "part_concat_classifier."),
+        key_rule(r"classifier3\.", "global_classifier."),
+        key_rule(r"attention_global\.(\d+)\.pos_embed$", r"blending.\1.pos_embed"),
+        key_rule(r"attention_global\.(\d+)\.Block\.norm1\.", r"blending.\1.norm_part."),
+        key_rule(r"attention_global\.(\d+)\.Block\.norm2\.", r"blending.\1.norm_global."),
+        key_rule(r"attention_global\.(\d+)\.Block\.norm3\.", r"blending.\1.norm_mlp."),
+        key_rule(r"attention_global\.(\d+)\.Block\.attn\.(q|kv|proj)\.", r"blending.\1.\2."),
+        key_rule(r"attention_global\.(\d+)\.Block\.mlp\.fc1\.", r"blending.\1.mlp.0."),
+        key_rule(r"attention_global\.(\d+)\.Block\.mlp\.fc2\.", r"blending.\1.mlp.2."),
+        key_rule(r"attention_global\.\d+\.(norm1|norm2|attn|param|Block\.attn\.param)", unused=unused),
+        key_rule(r"(bottleneck_local\.[89]|classifier_local\.[0-389]|bottleneck_local_stage2|bottleneck_global|"
               r"classifier1_[23]|classifier2|REM_zx|ffn[23])\b", unused=unused),
     ]
 
@@ -184,21 +133,22 @@ def _dpeformer_rules(depth: int, jpm: bool) -> list[_Rule]:
 _TORCHREID_BACKBONE = "backbone_appearance_feature_extractor."
 
 
-def _bpbreid_rules(depth: int, jpm: bool) -> list[_Rule]:
+def _bpbreid_rules(depth: int, jpm: bool) -> list[KeyRule]:
     backbone = re.escape(_TORCHREID_BACKBONE)
     background = "the background embedding: no GiLt loss term and not a test embedding"
     return [
-        _rule(backbone + r"cls_head\.", unused="HRNet's 1x1 reduction of the feature map, run only with "
+        key_rule(backbone + r"cls_head\.", unused="HRNet's 1x1 reduction of the feature map, run only with "
                                               "model.bpbreid.dim_reduce=before_pooling"),
-        _rule(backbone + r"classifier\.", unused="the ResNet's own identity classifier, unused by BPBReID's forward"),
-        _rule(backbone, "backbone."),
-        _rule(r"(global|foreground|parts)_after_pooling_dim_reduce\.layers\.0\.", r"\1_reduction.linear."),
-        _rule(r"(global|foreground|parts)_after_pooling_dim_reduce\.layers\.1\.", r"\1_reduction.bn."),
-        _rule(r"background_(after_pooling_dim_reduce|identity_classifier)\.", unused=background),
-        _rule(r"pixel_classifier\.", "pixel_classifier."),
-        _rule(r"(global|foreground)_identity_classifier\.", r"\1_classifier."),
-        _rule(r"concat_parts_identity_classifier\.", "concat_classifier."),
-        _rule(r"parts_identity_classifier\.(\d+)\.", r"parts_classifiers.\1."),
+        key_rule(backbone + r"classifier\.",
+                 unused="the ResNet's own identity classifier, unused by BPBReID's forward"),
+        key_rule(backbone, "backbone."),
+        key_rule(r"(global|foreground|parts)_after_pooling_dim_reduce\.layers\.0\.", r"\1_reduction.linear."),
+        key_rule(r"(global|foreground|parts)_after_pooling_dim_reduce\.layers\.1\.", r"\1_reduction.bn."),
+        key_rule(r"background_(after_pooling_dim_reduce|identity_classifier)\.", unused=background),
+        key_rule(r"pixel_classifier\.", "pixel_classifier."),
+        key_rule(r"(global|foreground)_identity_classifier\.", r"\1_classifier."),
+        key_rule(r"concat_parts_identity_classifier\.", "concat_classifier."),
+        key_rule(r"parts_identity_classifier\.(\d+)\.", r"parts_classifiers.\1."),
     ]
 
 
@@ -218,7 +168,7 @@ class PublishedLayout:
     marker: str
     method: str
     recipe: str
-    rules: Callable[[int, bool], list[_Rule]]
+    rules: Callable[[int, bool], list[KeyRule]]
     classifier: str = "classifier.weight"
     vit_base: bool = True
     training_only: tuple[str, ...] = ()
@@ -244,7 +194,7 @@ PUBLISHED_LAYOUTS = (
     PublishedLayout("TransReID / PASS-reID", "base.*, bottleneck*, classifier*, b1/b2 with JPM", "base.",
                     "bnneck",
                     "configs/finetune/market1501/transreid_vit_b_256.yaml (TransReID) or "
-                    "configs/finetune/market1501/pass_vit_b_256.yaml (PASS)", _transreid_rules),
+                    "configs/finetune/market1501/pass_vit_b_256.yaml (PASS)", transreid_head_rules),
 )
 EXPECTED_FINETUNED_FILES = ("a passreid model_final.pth / checkpoint.pth, or a released fine-tuned checkpoint of "
                        "TransReID / PASS-reID, DPM, TSD, DPEFormer or BPBReID (key layouts: finetune/README.md)")
@@ -258,10 +208,6 @@ def published_layout(obj: Mapping[str, Any]) -> PublishedLayout | None:
         if any(key.startswith(layout.marker) for key in keys) and layout.classifier in keys:
             return layout
     return None
-
-
-def _strip_module(state: Mapping[str, Any]) -> dict[str, Any]:
-    return {(key[len("module."):] if key.startswith("module.") else key): value for key, value in state.items()}
 
 
 def _inner_state(obj: Mapping[str, Any]) -> Mapping[str, Any]:
@@ -278,44 +224,16 @@ def _unwrap_published(obj: Mapping[str, Any], label: str) -> dict[str, Tensor]:
         if not isinstance(value, Tensor):
             raise CheckpointFormatError(f"{label}: entry {key!r} is a {type(value).__name__}, expected a tensor "
                                         f"(a state dict of a fine-tuned model); expected {EXPECTED_FINETUNED_FILES}")
-    return _strip_module(obj)
+    return strip_module_prefix(obj)
 
 
 def map_published_state_dict(
     state: Mapping[str, Tensor], depth: int, jpm: bool, layout: PublishedLayout | None = None
 ) -> tuple[dict[str, Tensor], list[str], list[str]]:
     """Rename a released fine-tuned state dict of ``layout`` (default TransReID / PASS-reID) to passreid names
-    (module docstring).
-
-    Returns ``(mapped, dropped, unknown)``: ``dropped`` lists keys deliberately discarded (with the
-    reason), ``unknown`` the keys no rule covers (for the caller to report).
-    """
+    (module docstring): ``(mapped, dropped, unknown)`` as :func:`passreid.models.published.rename_published_keys`."""
     layout = layout or PUBLISHED_LAYOUTS[-1]
-    rules = layout.rules(depth, jpm)
-    if layout.vit_base:
-        rules += _base_rules(depth, any(k.startswith("b1.") for k in state))
-    mapped: dict[str, Tensor] = {}
-    dropped: list[str] = []
-    unknown: list[str] = []
-    for key, value in state.items():
-        for rule in rules:
-            matched, target = rule.apply(key)
-            if matched:
-                break
-        else:
-            unknown.append(key)
-            continue
-        if target is None:
-            dropped.append(f"{key} ({rule.reason})")
-        else:
-            mapped[target] = value
-    backbone = {k[len("backbone."):]: v for k, v in mapped.items() if k.startswith("backbone.")}
-    if backbone and layout.vit_base:
-        backbone, base_dropped = extract_backbone_state_dict(backbone)
-        mapped = {k: v for k, v in mapped.items() if not k.startswith("backbone.")}
-        mapped.update({f"backbone.{key}": value for key, value in backbone.items()})
-        dropped += [f"base.{name}" for name in base_dropped]
-    return mapped, dropped, unknown
+    return rename_published_keys(state, layout.rules(depth, jpm), depth, vit_base=layout.vit_base)
 
 
 def load_published_checkpoint(

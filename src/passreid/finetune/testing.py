@@ -19,12 +19,12 @@ from passreid import dist
 from passreid.cli import error_boundary
 from passreid.config import (Layer, build_config, default_argument_parser, overrides_to_layers, parse_and_load,
                              print_config)
+from passreid.data.reid_sets import load_test_dataset
 from passreid.engine import (autocast_for, describe_precision, make_output_dir, resolve_precision, select_device,
                              setup_logging)
 from passreid.eval.evaluator import EvalResult, evaluate_model, format_result
 from passreid.finetune.checkpoints import load_finetuned_model, stored_config
 from passreid.finetune.config import FinetuneConfig, validate_config
-from passreid.finetune.data import load_test_dataset
 from passreid.finetune.methods import get_method
 
 __all__ = ["EvaluationOutputs", "main", "run_test"]
@@ -68,7 +68,7 @@ def run_test(
     cfg = validate_config(cfg if cfg is not None else model_cfg)
     device = select_device(cfg.train.device, env.local_rank)
     model.to(device)
-    dataset = load_test_dataset(cfg)
+    dataset = load_test_dataset(cfg.data)
     precision = resolve_precision(device, cfg.eval.precision, "eval.precision")
     logger.info("test features on %s in %s", device, describe_precision(cfg.eval.precision, precision))
     amp = autocast_for(device, precision)

@@ -29,6 +29,7 @@ from passreid import dist
 from passreid.config import ConfigError
 from passreid.data.samplers import RandomIdentitySampler
 from passreid.engine import CheckpointStateError, atomic_save, output_layout, preemption_guard, unwrap_model
+from passreid.engine.optim import make_optimizer
 from passreid.engine.trainer import Trainer, torch_threads
 from passreid.eval.evaluator import EvalResult, evaluate_model, format_result
 from passreid.finetune.checkpoints import build_final_checkpoint
@@ -36,7 +37,7 @@ from passreid.finetune.config import FinetuneConfig, validate_config
 from passreid.finetune.data import FinetuneData, build_train_set, load_finetune_data
 from passreid.finetune.meta_arch import ReIDBatch, ReIDMetaArch
 from passreid.finetune.methods import get_method
-from passreid.finetune.optim import epoch_learning_rates, make_optimizer
+from passreid.finetune.optim import epoch_learning_rates
 
 __all__ = ["FinetuneTrainer", "TrainResult", "run_training"]
 

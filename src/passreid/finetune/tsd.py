@@ -46,9 +46,10 @@ from passreid.data.masks import num_parts
 from passreid.eval.distance import VisiblePartDistance
 from passreid.eval.features import ExtractedFeatures
 from passreid.finetune.bpbreid import pack_part_rows, unpack_part_rows
-from passreid.finetune.methods import FinetuneMethod, build_backbone, load_backbone_weights, register_method
+from passreid.finetune.methods import FinetuneMethod, register_method
 from passreid.losses.reid import batch_hard_triplet_loss, euclidean_dist, identity_loss
 from passreid.models import VisionTransformer
+from passreid.models.factory import build_backbone, load_backbone_weights
 from passreid.models.reid import make_bnneck, make_classifier
 
 if TYPE_CHECKING:  # annotations only: passreid.finetune.config imports this module for its section
@@ -385,9 +386,9 @@ def build_tsd_model(cfg: FinetuneConfig, num_classes: int, num_cameras: int, loa
     """ViT of ``cfg.model`` (+ pretrained weights) with TSD's heads for ``data.mask_preprocess``'s P parts."""
     if cfg.model.sie_camera or cfg.model.jpm:
         raise ValueError("method tsd does not combine with model.sie_camera or model.jpm (the recipe uses neither)")
-    backbone = build_backbone(cfg)
+    backbone = build_backbone(cfg.model)
     if load_weights:
-        load_backbone_weights(backbone, cfg)
+        load_backbone_weights(backbone, cfg.model)
     t = cfg.tsd
     return TSDModel(backbone, num_classes, num_parts(cfg.data.mask_preprocess), t.decoder_heads, t.ffn_ratio,
                     t.with_fore_head, t.teacher_mask, t.visibility_threshold)

@@ -26,7 +26,7 @@ class UdaTrainer(ClusterContrastTrainer):
     stage_label = "UDA"
 
     def _build_model(self, load_weights: bool) -> tuple[ReIDModel, Any]:
-        return build_uda_model(self.ft_cfg, self.cfg.model.init_from, load_weights=load_weights)
+        return build_uda_model(self.cfg.model, self.cfg.model.init_from, load_weights=load_weights)
 
 
 def run_uda(cfg: UslConfig, resume: bool = True) -> UslResult:

@@ -14,11 +14,11 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from passreid.finetune.checkpoints import FINAL_FORMAT
-from passreid.finetune.published_checkpoints import map_published_state_dict
-from passreid.finetune.config import FinetuneConfig
+from passreid.config import ReIDModelConfig
 from passreid.models import CheckpointFormatError, LoadReport, load_pretrained, read_checkpoint
+from passreid.models.published import rename_published_keys, strip_module_prefix, transreid_head_rules
 from passreid.models.reid import ReIDModel
+from passreid.models.reid_file import FINAL_FORMAT
 from passreid.usl.model import build_usl_model
 
 __all__ = ["SourceLoad", "build_uda_model", "load_source_backbone"]
@@ -61,8 +61,9 @@ def _source_state(obj: Any, label: str, depth: int) -> tuple[dict[str, Tensor], 
             f"{label} is neither a passreid fine-tuned model (model_final.pth / checkpoint.pth) nor a published "
             "TransReID/PASS supervised checkpoint (keys 'base.*'); model.init_from expects the source-domain model"
         )
-    state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
-    mapped, dropped, unknown = map_published_state_dict(state, depth, jpm=any(k.startswith("b2.") for k in state))
+    state = strip_module_prefix(state)
+    jpm = any(k.startswith("b2.") for k in state)
+    mapped, dropped, unknown = rename_published_keys(state, transreid_head_rules(depth, jpm), depth)
     if unknown:
         logger.warning("%s: keys without a mapping rule, not loaded: %s", label, ", ".join(unknown))
     return mapped, {}
@@ -89,10 +90,11 @@ def load_source_backbone(backbone: nn.Module, path: str, hw_ratio: int = 2) -> S
     return result
 
 
-def build_uda_model(ft_cfg: FinetuneConfig, init_from: str, load_weights: bool = True) -> tuple[ReIDModel, SourceLoad | None]:
-    """The Cluster-Contrast model started from the source model ``init_from`` (read only when ``load_weights``:
-    a resumed run takes every weight from its checkpoint)."""
-    model = build_usl_model(ft_cfg, load_weights=False)
+def build_uda_model(model_cfg: ReIDModelConfig, init_from: str, load_weights: bool = True
+                    ) -> tuple[ReIDModel, SourceLoad | None]:
+    """The Cluster-Contrast model of ``model_cfg`` started from the source model ``init_from`` (read only when
+    ``load_weights``: a resumed run takes every weight from its checkpoint)."""
+    model = build_usl_model(model_cfg, load_weights=False)
     if not load_weights:
         return model, None
-    return model, load_source_backbone(model.backbone, init_from, hw_ratio=ft_cfg.model.hw_ratio)
+    return model, load_source_backbone(model.backbone, init_from, hw_ratio=model_cfg.hw_ratio)

@@ -4,13 +4,13 @@ As a library::
 
     cfg = load_config(UslConfig, "configs/usl/demo.yaml", ["train.output_dir=runs/usl",
                                                            "model.pretrained=runs/pretrain/backbone_final.pth"])
-    result = run_usl(cfg)          # clusters, trains, evaluates, writes model_final.pth (fine-tuning format)
+    result = run_usl(cfg)          # clusters, trains, evaluates, writes model_final.pth (re-ID model file)
     model, ft_cfg, _ = passreid.finetune.load_finetuned_model(result.final_model)
 
 UDA is the same loop started from a source-trained ``finetune/`` model: :mod:`passreid.uda`.
 """
 from passreid.usl.config import (ClusterConfig, MemoryConfig, UslConfig, UslDataConfig, UslModelConfig, UslOptimConfig,
-                                 UslTrainConfig, to_finetune_config, validate_usl_config)
+                                 UslTrainConfig, validate_usl_config)
 from passreid.usl.memory import ClusterMemory, hard_momentum_update, momentum_update
 from passreid.usl.model import ClusterContrastNet, build_usl_model
 from passreid.usl.pseudo_labels import (ClusterStats, PseudoLabels, cluster_centroids, cluster_features,
@@ -42,6 +42,5 @@ __all__ = [
     "load_target_data",
     "momentum_update",
     "run_usl",
-    "to_finetune_config",
     "validate_usl_config",
 ]

@@ -1,4 +1,5 @@
-"""The Cluster-Contrast config (USL and UDA): the fine-tuning model/data sections plus clustering and memory.
+"""The Cluster-Contrast config (USL and UDA): the shared re-ID sections (:mod:`passreid.config.reid`) with
+Cluster-Contrast defaults, plus clustering, memory and the step schedule.
 
 Defaults are the PASS ViT-S/16 Cluster-Contrast recipe for Market-1501 USL (PASS-reID: PASS_cluster_contrast_reid/market_usl_cat_singleneck.sh and
 examples/cluster_contrast_train_usl.py):
@@ -16,13 +17,12 @@ a ``finetune/`` ``model_final.pth``): no source images are read during adaptatio
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Literal
 
-from passreid.config import RANDOM_INIT, require
-from passreid.config.schema import EvalConfig
-from passreid.finetune.config import (FinetuneConfig, FinetuneDataConfig, FinetuneModelConfig, FinetuneOptimConfig,
-                                      FinetuneTrainConfig, validate_config)
+from passreid.config import (RANDOM_INIT, EvalConfig, ReIDDataConfig, ReIDModelConfig, ReIDTrainConfig, require,
+                             validate_reid_sections)
+from passreid.models.cnn import is_cnn_arch
 
 __all__ = [
     "ClusterConfig",
@@ -32,14 +32,13 @@ __all__ = [
     "UslModelConfig",
     "UslOptimConfig",
     "UslTrainConfig",
-    "to_finetune_config",
     "validate_usl_config",
 ]
 
 
 @dataclass
-class UslModelConfig(FinetuneModelConfig):
-    """The fine-tuning model section with the Cluster-Contrast defaults, plus the UDA source model."""
+class UslModelConfig(ReIDModelConfig):
+    """The re-ID model section with the Cluster-Contrast defaults, plus the UDA source model."""
 
     drop_path_rate: float = 0.3  # PASS cluster-contrast parser default
     multi_neck: bool = False  # USL scripts: single neck; UDA scripts: --multi-neck
@@ -53,7 +52,7 @@ class UslModelConfig(FinetuneModelConfig):
 
 
 @dataclass
-class UslDataConfig(FinetuneDataConfig):
+class UslDataConfig(ReIDDataConfig):
     """The target domain (its train split is clustered; labels there are used for monitoring only)."""
 
     batch_size: int = 256
@@ -112,7 +111,7 @@ class UslOptimConfig:
 
 
 @dataclass
-class UslTrainConfig(FinetuneTrainConfig):
+class UslTrainConfig(ReIDTrainConfig):
     """Loop length (epochs x iters), precision, checkpointing, and the single-process BN emulation."""
 
     epochs: int = 50
@@ -143,33 +142,16 @@ class UslConfig:
     train: UslTrainConfig = field(default_factory=UslTrainConfig)
 
 
-def _copy_fields(source: object, target_cls: type) -> object:
-    """An instance of ``target_cls`` holding the values of ``source`` for the fields they share."""
-    return target_cls(**{f.name: getattr(source, f.name) for f in fields(target_cls) if hasattr(source, f.name)})
-
-
-def to_finetune_config(cfg: UslConfig) -> FinetuneConfig:
-    """The fine-tuning view of ``cfg``: what the shared data/model/evaluation helpers and ``model_final.pth``
-    need (method ``bnneck``; the model reads its post-BN feature, ``model.neck_feat: after``)."""
-    optim = _copy_fields(cfg.optim, FinetuneOptimConfig)
-    optim.warmup_epochs = cfg.optim.warmup_epochs
-    return FinetuneConfig(
-        method="bnneck",
-        model=_copy_fields(cfg.model, FinetuneModelConfig),
-        data=_copy_fields(cfg.data, FinetuneDataConfig),
-        optim=optim,
-        eval=cfg.eval,
-        train=_copy_fields(cfg.train, FinetuneTrainConfig),
-    )
-
-
 def validate_usl_config(cfg: UslConfig) -> UslConfig:
-    """Check value ranges and combinations (raising ``ConfigError`` naming the key), including every
-    check of the fine-tuning config on the shared sections."""
+    """Check value ranges and combinations (raising ``ConfigError`` naming the key), the shared re-ID sections'
+    checks included."""
     model, cluster, memory, optim, train = cfg.model, cfg.cluster, cfg.memory, cfg.optim, cfg.train
     require(not (model.init_from and model.pretrained not in ("", RANDOM_INIT)), "model.init_from",
              "set either model.init_from (UDA: a source-trained fine-tuned model) or model.pretrained "
              "(USL: a backbone export), not both")
+    require(not is_cnn_arch(model.arch), "model.arch",
+            f"{model.arch} is a CNN feature-map backbone (fine-tuning method bpbreid only); Cluster Contrast needs a "
+            "ViT (vit_tiny, vit_small, vit_base)")
     require(not model.jpm, "model.jpm", "Cluster Contrast uses the global branch only; set model.jpm=false")
     require(not model.sie_camera, "model.sie_camera",
              "Cluster Contrast has no camera embedding; set model.sie_camera=false")
@@ -186,5 +168,5 @@ def validate_usl_config(cfg: UslConfig) -> UslConfig:
     require(optim.warmup_epochs >= 0, "optim.warmup_epochs", f"must be >= 0, got {optim.warmup_epochs}")
     require(train.iters >= 1, "train.iters", f"must be >= 1, got {train.iters}")
     require(train.ghost_bn_size >= 0, "train.ghost_bn_size", "must be >= 0 (0 = the whole per-process batch)")
-    validate_config(to_finetune_config(cfg))
+    validate_reid_sections(model, cfg.data, train, cfg.eval)
     return cfg

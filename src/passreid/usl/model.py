@@ -1,11 +1,12 @@
 """The Cluster-Contrast network: the re-ID model without a classifier and its training feature (the UDA start
 from a source-trained model is :mod:`passreid.uda.source`).
 
-The model is :class:`passreid.finetune.ReIDModel` (PASS head, ``normalize_necks`` on, ``neck_feat``
-``after``), so its eval forward is the published Cluster-Contrast feature (PASS-reID: PASS_cluster_contrast_reid/clustercontrast/models/vision_transformer.py) and a
-``model_final.pth`` written with the fine-tuning format loads in ``finetune/test.py``. During training it
-has no classifier (the cluster memory plays that role); the final file stores the last memory as the
-classifier of the final clusters.
+The model is :class:`passreid.models.reid.ReIDModel` (PASS head, ``normalize_necks`` on, ``neck_feat``
+``after``), so its eval forward is the published Cluster-Contrast feature (PASS-reID:
+PASS_cluster_contrast_reid/clustercontrast/models/vision_transformer.py) and its ``model_final.pth``
+(:mod:`passreid.models.reid_file`) loads in ``finetune/test.py`` like a fine-tuned ``bnneck`` model. During
+training it has no classifier (the cluster memory plays that role); the final file stores the last memory as
+the classifier of the final clusters.
 """
 from __future__ import annotations
 
@@ -16,8 +17,8 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor, nn
 
-from passreid.finetune.config import FinetuneConfig
-from passreid.finetune.methods import build_model
+from passreid.config import ReIDModelConfig
+from passreid.models.factory import build_reid_model
 from passreid.models.reid import ReIDModel
 
 __all__ = ["ClusterContrastNet", "build_usl_model"]
@@ -25,12 +26,10 @@ __all__ = ["ClusterContrastNet", "build_usl_model"]
 logger = logging.getLogger(__name__)
 
 
-def build_usl_model(ft_cfg: FinetuneConfig, load_weights: bool = True) -> ReIDModel:
-    """The Cluster-Contrast model of ``ft_cfg`` (see :func:`passreid.usl.to_finetune_config`), without a
-    classifier, with ``ft_cfg.model.pretrained`` loaded when ``load_weights``."""
-    model = build_model(ft_cfg, 1, 0, load_weights=load_weights)
-    if not isinstance(model, ReIDModel):
-        raise TypeError(f"Cluster Contrast needs the bnneck ReIDModel, got {type(model).__name__}")
+def build_usl_model(model_cfg: ReIDModelConfig, load_weights: bool = True) -> ReIDModel:
+    """The Cluster-Contrast model of ``model_cfg`` without a classifier, with ``model_cfg.pretrained`` loaded
+    when ``load_weights``."""
+    model = build_reid_model(model_cfg, 1, 0, load_weights=load_weights)
     model.head.classifier = None  # the cluster memory is the classifier while training
     return model
 

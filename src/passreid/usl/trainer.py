@@ -11,8 +11,9 @@ One run writes into ``train.output_dir``: ``config.yaml``, ``log.txt``, ``metric
 "cluster" once per epoch: clusters, outliers, purity / ARI against the true ids when known, the epoch's
 mean loss; "train" every ``train.log_period`` iterations; "eval" after each evaluation; at the end "last"
 and "best_test_selected", see below), TensorBoard events, ``checkpoint.pth`` and ``model_final.pth`` (the
-fine-tuning format: ``finetune/test.py --weights`` and :func:`passreid.finetune.load_finetuned_model` read
-it; its classifier holds the final cluster memory; it is the *last* epoch's model).
+re-ID model file of :mod:`passreid.models.reid_file`, method ``bnneck``: ``finetune/test.py --weights`` and
+:func:`passreid.finetune.load_finetuned_model` read it; its classifier holds the final cluster memory; it is the
+*last* epoch's model).
 
 Last vs best: the published runs evaluate every ``eval_step`` epochs and after the last one, keep the
 checkpoint with the highest test mAP and report it (PASS-reID, PASS_cluster_contrast_reid/examples/
@@ -42,17 +43,15 @@ from torch import nn
 
 from passreid import dist
 from passreid.config import ConfigError, config_to_dict
-from passreid.data import DatasetFormatError, ImageItem, ReIDDataset, build_dataset
+from passreid.data import DatasetFormatError, ImageItem, ReIDDataset, build_dataset, check_data_root, reader_options
+from passreid.data.reid_sets import build_image_train_set, load_test_dataset
 from passreid.engine import atomic_save, output_layout, preemption_guard, warmup_step_lr
+from passreid.engine.optim import make_optimizer
 from passreid.engine.trainer import Trainer, torch_threads
 from passreid.eval.evaluator import EvalResult, evaluate_model, extract_split, format_result
-from passreid.finetune.checkpoints import build_final_checkpoint
-from passreid.finetune.config import FinetuneConfig
-from passreid.data.datasets import check_data_root, reader_options
-from passreid.finetune.data import build_train_set, load_test_dataset
-from passreid.finetune.optim import make_optimizer
 from passreid.models.reid import ReIDModel, make_classifier
-from passreid.usl.config import UslConfig, to_finetune_config, validate_usl_config
+from passreid.models.reid_file import reid_file_config, reid_model_file
+from passreid.usl.config import UslConfig, validate_usl_config
 from passreid.usl.meta_arch import ClusterContrastMetaArch
 from passreid.usl.model import build_usl_model
 from passreid.usl.pseudo_labels import ClusterStats, PseudoLabels, cluster_centroids, cluster_features
@@ -96,16 +95,15 @@ class TargetData:
 def load_target_data(cfg: UslConfig) -> TargetData:
     """Read the target set: its train split (or its unlabeled split) sorted by path, as published, and the
     query/gallery it is evaluated on."""
-    ft_cfg = to_finetune_config(cfg)
     name = cfg.data.dataset
     dataset = build_dataset(name, check_data_root(cfg.data.root), skip_corrupt=cfg.data.skip_corrupt,
-                            **reader_options(name, ft_cfg.data))
+                            **reader_options(name, cfg.data))
     items = dataset.train
     if not items:
         raise DatasetFormatError(f"dataset {name!r} at {dataset.root} has no train images to cluster (its train "
                                  f"split is empty); set data.dataset / data.root to a set with training images")
     items = sorted(items, key=lambda item: item.path)
-    test = load_test_dataset(ft_cfg, dataset if not cfg.data.test_dataset else None)
+    test = load_test_dataset(cfg.data, dataset if not cfg.data.test_dataset else None)
     true_ids = np.asarray([item.pid for item in items], dtype=np.int64)
     if not cfg.cluster.monitor_true_labels or (true_ids < 0).any():
         true_ids = None
@@ -124,13 +122,7 @@ class ClusterContrastTrainer(Trainer):
     stage_label = "USL"  # in the set-up log line
 
     def __init__(self, cfg: UslConfig, resume: bool = True) -> None:
-        cfg = validate_usl_config(cfg)
-        self.ft_cfg = to_finetune_config(cfg)
-        super().__init__(cfg, resume)
-
-    @property
-    def loader_config(self) -> FinetuneConfig:
-        return self.ft_cfg
+        super().__init__(validate_usl_config(cfg), resume)
 
     @property
     def train_module(self) -> nn.Module:
@@ -160,7 +152,7 @@ class ClusterContrastTrainer(Trainer):
 
     def _build_model(self, load_weights: bool) -> tuple[ReIDModel, Any]:
         """The network and how its start was read (``None`` for USL: ``model.pretrained``); UDA overrides it."""
-        return build_usl_model(self.ft_cfg, load_weights=load_weights), None
+        return build_usl_model(self.cfg.model, load_weights=load_weights), None
 
     def _wrap_distributed(self) -> None:
         # A [CLS]-only head leaves the part tokens without gradient.
@@ -244,7 +236,7 @@ class ClusterContrastTrainer(Trainer):
     @torch.no_grad()
     def _cluster(self, epoch: int) -> np.ndarray:
         start = time.perf_counter()
-        feats = extract_split(self.model, self.data.train, tuple(self.cfg.model.img_size), self.ft_cfg, self.device,
+        feats = extract_split(self.model, self.data.train, tuple(self.cfg.model.img_size), self.cfg, self.device,
                               autocast=self.eval_amp.autocast, rank=self.rank, world_size=self.world_size,
                               split="train (for clustering)")
         extract_seconds = time.perf_counter() - start
@@ -274,7 +266,7 @@ class ClusterContrastTrainer(Trainer):
         keep = np.flatnonzero(labels >= 0)
         items = [ImageItem(self.data.train[i].path, int(labels[i]), self.data.train[i].camid) for i in keep]
         self.labels = labels
-        self.train_set = build_train_set(items, self.ft_cfg)
+        self.train_set = build_image_train_set(items, self.cfg.data, tuple(self.cfg.model.img_size))
         self.sampler = PseudoLabelSampler([item.pid for item in items], [item.camid for item in items],
                                           self.cfg.data.batch_size, self.cfg.data.num_instances, self.cfg.train.iters,
                                           seed=self.cfg.train.seed, rank=self.rank, world_size=self.world_size)
@@ -307,7 +299,7 @@ class ClusterContrastTrainer(Trainer):
 
     # ------------------------------------------------------------------ outputs
     def _evaluate(self, label: str = "") -> EvalResult | None:
-        result = evaluate_model(self.model, self.data.test, tuple(self.cfg.model.img_size), self.ft_cfg, self.device,
+        result = evaluate_model(self.model, self.data.test, tuple(self.cfg.model.img_size), self.cfg, self.device,
                                 autocast=self.eval_amp.autocast, rank=self.rank, world_size=self.world_size)
         if not label:
             self.last_eval_iteration = self.iteration
@@ -354,7 +346,9 @@ class ClusterContrastTrainer(Trainer):
                 classifier.weight.copy_(memory)
             self.model.head.classifier = classifier.to(self.device)
             try:
-                final = build_final_checkpoint(self.model, self.ft_cfg, memory.shape[0], self.data.num_cameras)
+                cfg = self.cfg
+                final = reid_model_file(self.model, cfg.model, memory.shape[0], self.data.num_cameras, method="bnneck",
+                                        config=reid_file_config("bnneck", cfg.model, cfg.data, cfg.eval))
             finally:
                 self.model.head.classifier = None
             final["meta"].update(final_metrics=self.last_metrics, initial_metrics=self.initial_metrics,
