@@ -106,6 +106,7 @@ def test_source_backbone_from_a_released_pass_reid_checkpoint(tmp_path: Path, so
     assert source.backbone.is_exact and source.source_classes == 24
     assert "head.classifier.weight" in source.dropped and "head.necks.0.running_mean" in source.dropped
     assert not any(key.startswith("backbone.") for key in source.dropped)
+    assert any(key.startswith("base.fc.weight (") for key in source.dropped)  # dropped with its reason, listed
 
 
 def test_uda_entry_point_requires_a_source_model(tmp_path: Path, capsys):

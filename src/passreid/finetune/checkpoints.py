@@ -30,6 +30,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+
 def build_final_checkpoint(model: nn.Module, cfg: FinetuneConfig, num_classes: int, num_cameras: int) -> dict:
     """The ``model_final.pth`` dict of a fine-tuning run: ``model`` trained with ``cfg`` (stored whole)."""
     return reid_model_file(unwrap_model(model), cfg.model, num_classes, num_cameras, method=cfg.method,

@@ -39,7 +39,6 @@ module; they and this module import ``FinetuneConfig`` for type annotations only
 from __future__ import annotations
 
 import dataclasses
-import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -66,7 +65,6 @@ __all__ = [
     "register_method",
 ]
 
-logger = logging.getLogger(__name__)
 
 ModelBuilder = Callable[["FinetuneConfig", int, int, bool], nn.Module]
 CriterionBuilder = Callable[["FinetuneConfig"], nn.Module]

@@ -42,19 +42,20 @@ class SourceLoad:
                 f"{', '.join(self.dropped) or 'none'}")
 
 
-def _source_state(obj: Any, label: str, depth: int) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """A source file's weights in passreid ReIDModel names, and what it says about its backbone grid."""
+def _source_state(obj: Any, label: str, depth: int) -> tuple[dict[str, Tensor], dict[str, Any], list[str]]:
+    """A source file's weights in passreid ReIDModel names, what it says about its backbone grid, and the keys
+    of a released checkpoint that the renaming drops (with their reasons, e.g. the ViT's ImageNet ``base.fc``)."""
     if not isinstance(obj, Mapping):
         raise CheckpointFormatError(f"{label}: expected a checkpoint dict, got {type(obj).__name__}")
     meta = obj.get("meta")
     if isinstance(meta, Mapping) and meta.get("format") == FINAL_FORMAT:
         grid = {key: meta[key] for key in ("arch", "img_size", "patch_size", "stride_size", "num_part_tokens")}
-        return dict(obj["model"]), grid
+        return dict(obj["model"]), grid, []
     if isinstance(obj.get("model"), Mapping) and "iteration" in obj and "config" in obj:
         model_cfg = obj["config"].get("model", {}) if isinstance(obj["config"], Mapping) else {}
         grid = {key: model_cfg[key] for key in ("arch", "img_size", "patch_size", "stride_size", "num_part_tokens")
                 if key in model_cfg}
-        return dict(obj["model"]), grid
+        return dict(obj["model"]), grid, []
     state = obj.get("model", obj.get("state_dict", obj))
     if not isinstance(state, Mapping) or not any(str(k).startswith(("base.", "module.base.")) for k in state):
         raise CheckpointFormatError(
@@ -66,7 +67,7 @@ def _source_state(obj: Any, label: str, depth: int) -> tuple[dict[str, Tensor], 
     mapped, dropped, unknown = rename_published_keys(state, transreid_head_rules(depth, jpm), depth)
     if unknown:
         logger.warning("%s: keys without a mapping rule, not loaded: %s", label, ", ".join(unknown))
-    return mapped, {}
+    return mapped, {}, dropped
 
 
 def load_source_backbone(backbone: nn.Module, path: str, hw_ratio: int = 2) -> SourceLoad:
@@ -77,11 +78,11 @@ def load_source_backbone(backbone: nn.Module, path: str, hw_ratio: int = 2) -> S
     is dropped and listed, as the published UDA loader skips every neck and classifier key
     (module docstring). Position embeddings of another grid are resized and reported.
     """
-    state, grid = _source_state(read_checkpoint(path), path, depth=len(backbone.blocks))
+    state, grid, renaming_dropped = _source_state(read_checkpoint(path), path, depth=len(backbone.blocks))
     backbone_state = {key[len("backbone."):]: value for key, value in state.items() if key.startswith("backbone.")}
     if not backbone_state:
         raise CheckpointFormatError(f"{path}: no backbone weights ('backbone.*') in the source model")
-    dropped = sorted(key for key in state if not key.startswith("backbone."))
+    dropped = sorted(key for key in state if not key.startswith("backbone.")) + renaming_dropped
     export = {"backbone": backbone_state, **{k: v for k, v in grid.items() if k != "arch"}}
     report = load_pretrained(backbone, export, hw_ratio=hw_ratio, label=path)
     classifier = state.get("head.classifier.weight")
