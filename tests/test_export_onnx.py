@@ -34,12 +34,13 @@ def _run_onnx(path, *inputs):
     return session.run(["features"], feeds)[0]
 
 
+@pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
 @pytest.mark.parametrize("overrides", [[], ["model.sie_camera=true", "model.jpm=true"]], ids=["pass_head", "sie_jpm"])
-def test_onnx_matches_pytorch_for_a_finetuned_model(tool, tmp_path, synthetic_world, overrides):
+def test_onnx_matches_pytorch_for_a_finetuned_model(tool, tmp_path, synthetic_world, overrides, exporter):
     cfg = demo_config(tmp_path / "run", synthetic_world, *overrides)
     weights = untrained_final_model(tmp_path / "model_final.pth", cfg, num_cameras=4 if overrides else 0)
     out = tmp_path / "reid.onnx"
-    assert tool.main(["--weights", str(weights), "--out", str(out)]) == 0
+    assert tool.main(["--weights", str(weights), "--out", str(out), "--exporter", exporter]) == 0
     model = load_model(weights, device="cpu")
     for batch in (1, 5):  # neither is the traced batch size (2): the batch axis is dynamic
         images = torch.randn(batch, 3, 128, 64, generator=torch.Generator().manual_seed(batch))

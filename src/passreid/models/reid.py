@@ -37,6 +37,12 @@ __all__ = [
 ]
 
 
+def _tracing_a_graph() -> bool:
+    """True while torch.export / torch.compile traces the model (fake tensors: their values are unknown)."""
+    is_compiling = getattr(torch.compiler, "is_compiling", None)  # torch >= 2.3
+    return bool(is_compiling is not None and is_compiling())
+
+
 def make_bnneck(dim: int) -> nn.BatchNorm1d:
     """BatchNorm1d with weight 1, bias 0 and the bias frozen (``requires_grad=False``), as BNNeck."""
     bn = nn.BatchNorm1d(dim)
@@ -246,7 +252,9 @@ class ReIDModel(nn.Module):
         if camids is None:
             raise ValueError("this model uses SIE (model.sie_camera): pass the images' camera ids (camids)")
         camids = torch.as_tensor(camids, device=self.sie_embed.device).long()
-        if camids.numel() and (int(camids.min()) < 0 or int(camids.max()) >= self.num_cameras):
+        # A graph traced by torch.export cannot hold this data-dependent check (nor raise a Python error).
+        checkable = camids.numel() and not _tracing_a_graph()
+        if checkable and (int(camids.min()) < 0 or int(camids.max()) >= self.num_cameras):
             raise ValueError(
                 f"camera ids must be in 0..{self.num_cameras - 1} (the training cameras the SIE was built "
                 f"for), got {sorted(set(camids.tolist()))}; SIE cannot embed unseen cameras"
