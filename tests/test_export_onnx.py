@@ -88,3 +88,10 @@ def test_export_fails_clearly(tool, tmp_path, capsys):
     assert tool.main(["--weights", str(tmp_path / "feats.npz"), "--out", str(tmp_path / "x.onnx")]) == 2
     assert (f"{tmp_path / 'feats.npz'} is a zip archive but not a torch.save checkpoint (no data.pkl; it holds "
             "feats.npy); expected a PyTorch checkpoint written by torch.save") in capsys.readouterr().err
+
+
+def test_an_opset_without_the_models_ops_is_one_clear_error(tool, tmp_path, capsys):
+    weights = save_backbone_export(tmp_path / "backbone.pth", tiny_pass_vit())
+    assert tool.main(["--weights", str(weights), "--out", str(tmp_path / "b.onnx"), "--opset", "7"]) == 2
+    err = capsys.readouterr().err
+    assert "error: ONNX export failed" in err and "opset 7" in err and "Traceback" not in err

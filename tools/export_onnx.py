@@ -121,7 +121,7 @@ def check_onnx(model: LoadedModel, path: Path, atol: float) -> float:
     return difference
 
 
-@error_boundary(extra=CLI_ERRORS)
+@error_boundary(extra=(*CLI_ERRORS, torch.onnx.OnnxExporterError))  # e.g. an --opset without an op the model uses
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if not args.out.parent.is_dir():
