@@ -126,6 +126,28 @@ def test_visualize_ranks_without_weights_and_mismatched_features(demo, synthetic
     assert "not found" in capsys.readouterr().err
 
 
+def test_visualize_ranks_shows_chosen_queries_and_can_keep_same_camera_hits(demo, synthetic_world, tmp_path, capsys):
+    _, outputs = demo
+    tool = _tool("visualize_ranks")
+    common = ["--query-features", str(outputs.query_features), "--gallery-features", str(outputs.gallery_features),
+              "--dataset", "market1501", "--data-root", str(synthetic_world / "market"), "--topk", "2"]
+    out = tmp_path / "chosen"
+    assert tool.main([*common, "--out", str(out), "--query-indices", "4", "1", "--keep-same-camera"]) == 0
+    page = (out / "index.html").read_text()
+    with np.load(outputs.query_features) as q, np.load(outputs.gallery_features) as g:
+        query_feats, gallery_feats = q["feats"], g["feats"]
+    assert len(re.findall(r'<tr class="query-row"', page)) == 2 and "same-camera matches kept" in page
+    # In the order given; with same-camera matches kept, each query's first hit is its nearest gallery row.
+    shown = [float(d) for d in re.findall(r'<td class="(?:match|mismatch)">.*?<div>#1 d=([^<]+)</div>', page)]
+    for index, first_hit in zip([4, 1], shown):
+        qf = query_feats[index] / np.linalg.norm(query_feats[index])
+        gf = gallery_feats / np.linalg.norm(gallery_feats, axis=1, keepdims=True)
+        # 4 significant digits shown (relative rounding <= 5e-4).
+        assert first_hit == pytest.approx(((qf - gf) ** 2).sum(1).min(), rel=1e-3)
+    assert tool.main([*common, "--out", str(tmp_path / "bad"), "--query-indices", "10000"]) == 2
+    assert "--query-indices [10000] outside" in capsys.readouterr().err
+
+
 def test_plot_training_draws_the_curves(demo, tmp_path, capsys):
     weights, _ = demo
     tool = _tool("plot_training")
