@@ -74,40 +74,79 @@ export PASSREID_ROOT="$root"   # the jobs find the checkout through it (sbatch e
 IFS=',' read -r -a stage_list <<< "$stages"
 [ "${#stage_list[@]}" -gt 0 ] || die "no stages given"
 
-submitted=()   # stages submitted so far, for the dependency lookup
-worlds_ready=""
-declare -A job_id=()
-[ "$dry_run" = 1 ] || mkdir -p "$run_dir/logs"
-
-for stage in "${stage_list[@]}"; do
-    [ -n "${config[$stage]+set}" ] || die "unknown stage '$stage' (expected pretrain, finetune, usl, uda)"
-    [ -f "${config[$stage]}" ] || die "config '${config[$stage]}' of stage $stage not found (working directory $(pwd))"
-    mapfile -t profile_options < <("$python" "$root/launch/submit.py" sbatch-args --profile "$profile" --stage "$stage")
-    [ "${#profile_options[@]}" -gt 0 ] || die "could not read the sbatch options of profile $profile"
-    command=(sbatch --parsable --job-name="passreid-$stage" --output="$run_dir/logs/%x-%j.out"
-             "${profile_options[@]}")
+# The arguments of <stage>'s script (launch/<stage>.sh: the config first) into stage_args.
+declare -A demo_args_of=()
+stage_arguments() {
+    local stage="$1"
     stage_args=("${config[$stage]}" --output-dir "$run_dir/$stage")
     [ -z "$data_root" ] || stage_args+=(--data-root "$data_root")
-    if [ -z "$data_root" ] && [ "${config[$stage]}" = "$root/configs/$stage/demo.yaml" ] \
-            && [[ " ${opts[$stage]} " != *" data.root="* ]]; then
-        if [ "$dry_run" = 0 ] && [ -z "$worlds_ready" ]; then   # the demo worlds, before any job starts
-            "$python" -m passreid.demo --out "$run_dir/worlds" >&2 || die "could not render the demo worlds"
-            worlds_ready=1
+    if reads_demo_worlds "$stage"; then
+        if [ -z "${demo_args_of[$stage]+set}" ]; then   # asked once per stage: the call imports torch
+            demo_args_of[$stage]="$("$python" -m passreid.demo --out "$run_dir/worlds" --arguments-for "$stage")"
         fi
-        mapfile -t demo_args < <("$python" -m passreid.demo --out "$run_dir/worlds" --arguments-for "$stage")
+        mapfile -t demo_args <<< "${demo_args_of[$stage]}"
         stage_args+=("${demo_args[@]}")
     fi
     if [ -n "${starts_from[$stage]+set}" ]; then
         read -r upstream key file <<< "${starts_from[$stage]}"
         stage_args+=("$key=$run_dir/$upstream/$file")
+    fi
+    read -r -a stage_opts <<< "${opts[$stage]}"
+    stage_args+=("${stage_opts[@]}")
+}
+
+reads_demo_worlds() {   # a demo recipe with no folder given reads the demo worlds
+    [ -z "$data_root" ] && [ "${config[$1]}" = "$root/configs/$1/demo.yaml" ] && [[ " ${opts[$1]} " != *" data.root="* ]]
+}
+
+# Every stage's arguments must load (its script's --print-config) before the first job is queued, so that a
+# wrong key or value fails now rather than when its job leaves the queue. The checks run side by side (each
+# imports torch); paths that the jobs create (an upstream stage's export) need not exist yet.
+check_dir="$(mktemp -d)"
+trap 'rm -rf "$check_dir"' EXIT
+declare -A check_pid=()
+for stage in "${stage_list[@]}"; do
+    [ -n "${config[$stage]+set}" ] || die "unknown stage '$stage' (expected pretrain, finetune, usl, uda)"
+    [ -f "${config[$stage]}" ] || die "config '${config[$stage]}' of stage $stage not found (working directory $(pwd))"
+    stage_arguments "$stage"
+    "$python" "$root/$stage/train.py" --config-file "${stage_args[@]}" --print-config >/dev/null \
+        2>"$check_dir/$stage" &
+    check_pid[$stage]=$!
+done
+for stage in "${stage_list[@]}"; do
+    if ! wait "${check_pid[$stage]}"; then
+        cat "$check_dir/$stage" >&2
+        die "the arguments of stage $stage do not load (above); nothing was submitted"
+    fi
+done
+
+submitted=()   # stages submitted so far, for the dependency lookup
+declare -A job_id=()
+if [ "$dry_run" = 0 ]; then
+    mkdir -p "$run_dir/logs"
+    for stage in "${stage_list[@]}"; do
+        if reads_demo_worlds "$stage"; then   # the demo worlds, before any job starts
+            "$python" -m passreid.demo --out "$run_dir/worlds" >&2 || die "could not render the demo worlds"
+            break
+        fi
+    done
+fi
+
+for stage in "${stage_list[@]}"; do
+    mapfile -t profile_options < <("$python" "$root/launch/submit.py" sbatch-args --profile "$profile" --stage "$stage")
+    [ "${#profile_options[@]}" -gt 0 ] || die "could not read the sbatch options of profile $profile"
+    command=(sbatch --parsable --job-name="passreid-$stage" --output="$run_dir/logs/%x-%j.out"
+             "${profile_options[@]}")
+    stage_arguments "$stage"
+    if [ -n "${starts_from[$stage]+set}" ]; then
+        read -r upstream key file <<< "${starts_from[$stage]}"
         if [[ " ${submitted[*]} " == *" $upstream "* ]]; then
             command+=(--dependency="afterok:${job_id[$upstream]}" --kill-on-invalid-dep=yes)
         elif [ ! -f "$run_dir/$upstream/$file" ] && [ "$dry_run" = 0 ]; then
             die "$stage starts from $run_dir/$upstream/$file: list $upstream before $stage, or run it first"
         fi
     fi
-    read -r -a stage_opts <<< "${opts[$stage]}"
-    command+=("${extra_sbatch[@]}" "$root/launch/$stage.sh" "${stage_args[@]}" "${stage_opts[@]}")
+    command+=("${extra_sbatch[@]}" "$root/launch/$stage.sh" "${stage_args[@]}")
     if [ "$dry_run" = 1 ]; then
         job_id[$stage]="<$stage-job-id>"
         printf '%q ' "${command[@]}"

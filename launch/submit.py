@@ -26,6 +26,7 @@ import json
 import logging
 import os
 import shlex
+import subprocess
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
@@ -40,6 +41,9 @@ import yaml
 os.environ.setdefault("SUBMITIT_PREEMPT_SIGNAL", "USR1")
 import cloudpickle  # noqa: E402
 import submitit  # noqa: E402
+from submitit.core.utils import FailedJobError  # noqa: E402
+
+from passreid.cli import error_boundary  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_PROFILE = REPO_ROOT / "launch" / "profiles" / "default.yaml"
@@ -64,6 +68,10 @@ STAGES: dict[str, Stage] = {
 }
 DEMO_CONFIGS = {stage: str(REPO_ROOT / "configs" / stage / "demo.yaml") for stage in STAGES}
 DEMO_WORLDS_DIR = "worlds"  # <run-dir>/worlds: the demo worlds a pipeline of demo recipes reads
+
+
+class LaunchError(ValueError):
+    """A request that cannot be submitted as given: the profile, the stages or their arguments."""
 
 
 # ---------------------------------------------------------------------------------------------- profiles
@@ -108,19 +116,19 @@ def load_profile(path: str | os.PathLike) -> Profile:
         raise FileNotFoundError(f"profile {path} not found (see launch/profiles/)")
     raw = yaml.safe_load(path.read_text()) or {}
     if not isinstance(raw, dict):
-        raise ValueError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
+        raise LaunchError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
     unknown = set(raw) - {"cluster", "slurm", "env", "stages"}
     if unknown:
-        raise ValueError(f"{path}: unknown keys {sorted(unknown)}; expected cluster, slurm, env, stages")
+        raise LaunchError(f"{path}: unknown keys {sorted(unknown)}; expected cluster, slurm, env, stages")
     cluster = raw.get("cluster", "slurm")
     if cluster not in ("slurm", "local"):
-        raise ValueError(f"{path}: cluster must be 'slurm' or 'local', got {cluster!r}")
+        raise LaunchError(f"{path}: cluster must be 'slurm' or 'local', got {cluster!r}")
     stages = raw.get("stages") or {}
     if not isinstance(stages, dict) or set(stages) - set(STAGES):
-        raise ValueError(f"{path}: stages must map stage names ({', '.join(STAGES)}) to changes, got {stages!r}")
+        raise LaunchError(f"{path}: stages must map stage names ({', '.join(STAGES)}) to changes, got {stages!r}")
     env = raw.get("env") or {}
     if not isinstance(env, dict):
-        raise ValueError(f"{path}: env must be a mapping of variable names to values")
+        raise LaunchError(f"{path}: env must be a mapping of variable names to values")
     profile = Profile(cluster, _settings(SlurmSettings(), raw.get("slurm") or {}, f"{path}: slurm"),
                       {str(k): str(v) for k, v in env.items()}, stages, path)
     for stage in stages:
@@ -130,25 +138,25 @@ def load_profile(path: str | os.PathLike) -> Profile:
 
 def _settings(base: SlurmSettings, changes: Mapping[str, Any], where: str) -> SlurmSettings:
     if not isinstance(changes, Mapping):
-        raise ValueError(f"{where}: expected a mapping, got {changes!r}")
+        raise LaunchError(f"{where}: expected a mapping, got {changes!r}")
     known = {f.name for f in fields(SlurmSettings)}
     unknown = set(changes) - known
     if unknown:
-        raise ValueError(f"{where}: unknown keys {sorted(unknown)}; expected some of {sorted(known)}")
+        raise LaunchError(f"{where}: unknown keys {sorted(unknown)}; expected some of {sorted(known)}")
     values = {}
     for key, value in changes.items():
         if value is None:
             continue  # keep the default
         expected = _SETTING_TYPES[type(getattr(base, key))]
         if isinstance(value, bool) or not isinstance(value, expected):
-            raise ValueError(f"{where}.{key}: expected {expected}, got {value!r}")
+            raise LaunchError(f"{where}.{key}: expected {expected}, got {value!r}")
         values[key] = value
     settings = replace(base, **values)
     for key in ("nodes", "tasks_per_node", "cpus_per_task", "time_min"):
         if getattr(settings, key) < 1:
-            raise ValueError(f"{where}.{key} must be >= 1, got {getattr(settings, key)}")
+            raise LaunchError(f"{where}.{key} must be >= 1, got {getattr(settings, key)}")
     if settings.gpus_per_node < 0 or settings.mem_gb < 0 or settings.signal_delay_s < 0:
-        raise ValueError(f"{where}: gpus_per_node, mem_gb and signal_delay_s must be >= 0")
+        raise LaunchError(f"{where}: gpus_per_node, mem_gb and signal_delay_s must be >= 0")
     return settings
 
 
@@ -170,7 +178,7 @@ def sbatch_options(profile: Profile, stage: str) -> list[str]:
     if profile.env:
         bad = [name for name, value in profile.env.items() if "," in value]
         if bad:
-            raise ValueError(f"{profile.path}: env values must not contain ',' for sbatch --export: {bad}")
+            raise LaunchError(f"{profile.path}: env values must not contain ',' for sbatch --export: {bad}")
         options.append("--export=ALL," + ",".join(f"{k}={v}" for k, v in profile.env.items()))
     return options
 
@@ -196,7 +204,7 @@ class StageTask:
 
     def __init__(self, stage: str, argv: Sequence[str]):
         if stage not in STAGES:
-            raise ValueError(f"unknown stage {stage!r}; expected one of {', '.join(STAGES)}")
+            raise LaunchError(f"unknown stage {stage!r}; expected one of {', '.join(STAGES)}")
         self.stage = stage
         self.argv = list(argv)
         self.output_dir = Path(_option_value(self.argv, "--output-dir"))
@@ -280,7 +288,7 @@ def _option_value(argv: Sequence[str], name: str) -> str:
             return argv[i + 1]
         if arg.startswith(name + "="):
             return arg.split("=", 1)[1]
-    raise ValueError(f"the stage arguments need {name} (the job resumes from that folder): {list(argv)}")
+    raise LaunchError(f"the stage arguments need {name} (the job resumes from that folder): {list(argv)}")
 
 
 # ---------------------------------------------------------------------------------------------- submission
@@ -307,9 +315,22 @@ def make_executor(profile: Profile, stage: str, folder: str | os.PathLike,
     return executor
 
 
+def check_stage_arguments(stage: str, argv: Sequence[str]) -> None:
+    """Load ``stage``'s config from ``argv`` now, so that a wrong key, value or recipe fails at submission, not
+    when the job leaves the queue. Runs the entry point's ``--print-config`` in a subprocess (torch is not
+    imported here); paths the job will create (an upstream stage's export) are not required to exist."""
+    command = [sys.executable, str(REPO_ROOT / STAGES[stage].entry), *argv, "--print-config"]
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        lines = result.stderr.strip().splitlines()
+        reason = lines[-1].split(": error: ", 1)[-1] if lines else f"exit status {result.returncode}"
+        raise LaunchError(f"the arguments of stage {stage} do not load (nothing was submitted): {reason}")
+
+
 def submit_stage(stage: str, argv: Sequence[str], profile: Profile, folder: str | os.PathLike,
                  dependency: str | None = None) -> submitit.Job:
-    """Submit one stage run (``argv``: its entry point's arguments, with ``--output-dir``)."""
+    """Submit one stage run (``argv``: its entry point's arguments, with ``--output-dir``); the caller has
+    checked them (:func:`check_stage_arguments`)."""
     executor = make_executor(profile, stage, folder, dependency)
     return executor.submit(StageTask(stage, argv))
 
@@ -350,6 +371,10 @@ def submit_pipeline(stages: Sequence[str], run_dir: Path, profile: Profile, conf
                     ) -> dict[str, submitit.Job]:
     """Submit ``stages`` chained by their exports; SLURM jobs wait with ``afterok``, local ones run in turn."""
     _check_stage_order(stages)
+    argvs = {stage: pipeline_argv(stage, run_dir, configs.get(stage, DEMO_CONFIGS[stage]), data_root,
+                                  (opts or {}).get(stage, ())) for stage in stages}
+    for stage in stages:  # every stage before the first job is queued
+        check_stage_arguments(stage, argvs[stage])
     if any(reads_the_demo_worlds(stage, configs.get(stage, DEMO_CONFIGS[stage]), data_root, (opts or {}).get(stage, ()))
            for stage in stages):
         from passreid.demo import DEMO_WORLDS, render_demo_world
@@ -358,8 +383,6 @@ def submit_pipeline(stages: Sequence[str], run_dir: Path, profile: Profile, conf
             render_demo_world(name, run_dir / DEMO_WORLDS_DIR)
     jobs: dict[str, submitit.Job] = {}
     for stage in stages:
-        argv = pipeline_argv(stage, run_dir, configs.get(stage, DEMO_CONFIGS[stage]), data_root,
-                             (opts or {}).get(stage, ()))
         upstream = STAGES[stage].starts_from
         dependency = None
         if upstream is not None and upstream[0] in jobs:
@@ -367,19 +390,19 @@ def submit_pipeline(stages: Sequence[str], run_dir: Path, profile: Profile, conf
                 jobs[upstream[0]].results()  # waits; raises if the upstream stage failed
             else:
                 dependency = jobs[upstream[0]].job_id
-        jobs[stage] = submit_stage(stage, argv, profile, run_dir / "submitit", dependency)
+        jobs[stage] = submit_stage(stage, argvs[stage], profile, run_dir / "submitit", dependency)
     return jobs
 
 
 def _check_stage_order(stages: Sequence[str]) -> None:
     for i, stage in enumerate(stages):
         if stage not in STAGES:
-            raise ValueError(f"unknown stage {stage!r}; expected some of {', '.join(STAGES)}")
+            raise LaunchError(f"unknown stage {stage!r}; expected some of {', '.join(STAGES)}")
         if stage in stages[:i]:
-            raise ValueError(f"stage {stage} listed twice")
+            raise LaunchError(f"stage {stage} listed twice")
         upstream = STAGES[stage].starts_from
         if upstream is not None and upstream[0] in stages[i:]:
-            raise ValueError(f"{stage} starts from {upstream[0]}'s export: list {upstream[0]} first")
+            raise LaunchError(f"{stage} starts from {upstream[0]}'s export: list {upstream[0]} first")
 
 
 # ---------------------------------------------------------------------------------------------- CLI
@@ -406,6 +429,7 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+@error_boundary(extra=(LaunchError, FailedJobError))  # FailedJobError: sbatch refused the job (it says why)
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line (see the module docstring)."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -416,7 +440,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.command == "pipeline":
         if rest:
-            raise SystemExit(f"unexpected arguments: {rest}")
+            raise LaunchError(f"unexpected arguments: {rest}")
         stages = [s.strip() for s in args.stages.split(",") if s.strip()]
         configs = {stage: getattr(args, f"{stage}_config") for stage in STAGES}
         opts = {stage: shlex.split(getattr(args, f"{stage}_opts")) for stage in STAGES}
@@ -427,6 +451,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(json.dumps({stage: job.results()[0] for stage, job in jobs.items()}, indent=2))
         return 0
     folder = args.folder or str(Path(_option_value(rest, "--output-dir")) / "submitit")
+    check_stage_arguments(args.command, rest)
     job = submit_stage(args.command, rest, profile, folder)
     print(f"{args.command}: job {job.job_id}; submitit logs in {folder}")
     if args.wait:

@@ -189,6 +189,30 @@ def test_pipeline_dry_run_prints_chained_sbatch_commands(profile_file, tmp_path)
     assert not (tmp_path / "RUN").exists()  # a dry run creates nothing
 
 
+def test_pipeline_checks_every_stage_before_queueing_any(profile_file, tmp_path):
+    # A typo in the last stage's overrides stops the pipeline before pre-training is queued: nothing is
+    # submitted and nothing is written (not even the run folder or the demo worlds).
+    done = subprocess.run([str(LAUNCH / "pipeline.sh"), "--profile", str(profile_file), "--run-dir", "RUN",
+                           "--stages", "pretrain,finetune,uda", "--uda-opts", "optim.lrr=1"],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert done.returncode == 2 and done.stdout == ""
+    assert "unknown config key 'optim.lrr' (did you mean 'optim.lr'?)" in done.stderr
+    assert "the arguments of stage uda do not load (above); nothing was submitted" in done.stderr
+    assert not (tmp_path / "RUN").exists()
+
+
+def test_submitit_checks_the_stage_arguments_before_submitting(submit_module, tmp_path, capsys):
+    local = str(LAUNCH / "profiles" / "local.yaml")
+    demo = str(REPO / "configs" / "finetune" / "demo.yaml")
+    assert submit_module.main(["finetune", "--profile", local, "--config-file", demo, "--output-dir",
+                               str(tmp_path / "ft"), "optim.lr=fast"]) == 2
+    assert "the arguments of stage finetune do not load (nothing was submitted): " in capsys.readouterr().err
+    assert submit_module.main(["pipeline", "--profile", local, "--run-dir", str(tmp_path / "run"),
+                               "--stages", "pretrain,finetune", "--finetune-opts", "optim.lrr=1"]) == 2
+    assert "unknown config key 'optim.lrr'" in capsys.readouterr().err
+    assert not (tmp_path / "ft").exists() and not (tmp_path / "run").exists()  # no job, no demo worlds
+
+
 def test_submitit_pipeline_points_the_demo_recipes_at_the_demo_worlds(submit_module, tmp_path):
     run = tmp_path / "run"
     demo = submit_module.DEMO_CONFIGS["finetune"]
