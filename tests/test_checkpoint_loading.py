@@ -21,6 +21,7 @@ from _released_checkpoints import torchreid_config, yacs_config
 from passreid.models import (
     CheckpointFormatError,
     CheckpointMismatchError,
+    LoadReport,
     build_vit,
     export_backbone,
     extract_backbone_state_dict,
@@ -359,6 +360,18 @@ def test_summary_reports_loaded_count_and_is_logged(teacher_weights, caplog):
     assert report.summary().startswith(f"Loaded {total - 1} / {total} tensors")
     assert f"Loaded {total - 1} / {total} tensors" in caplog.text
     assert "missing in checkpoint (1): cls_pos" in caplog.text
+
+
+def test_summary_groups_the_dropped_heads(pass_checkpoint):
+    report = load_pretrained(tiny().double(), pass_checkpoint)
+    heads = [key for key in report.dropped if key.startswith("teacher.head.")]
+    assert len(heads) >= 4  # every head tensor is still listed in the report itself
+    line = next(line for line in report.summary().splitlines() if "dropped before matching" in line)
+    assert f"teacher.head.* ({len(heads)})" in line and "student/*" in line and "teacher.head.mlp" not in line
+    # Small groups and entries that carry a reason stay whole.
+    keys = ["a.b.w", "a.b.v", "base.fc.weight (unused: ImageNet classifier)", "c.d.1", "c.d.2", "c.d.3", "c.d.4"]
+    assert LoadReport("x", dropped=keys).summary().endswith(
+        "dropped before matching (7): a.b.w, a.b.v, base.fc.weight (unused: ImageNet classifier), c.d.* (4)")
 
 
 # -------------------------------------------------------------- position resize

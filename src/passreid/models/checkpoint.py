@@ -35,7 +35,7 @@ import os
 import pickle
 import re
 import zipfile
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -141,8 +141,28 @@ class LoadReport:
         for key, ckpt_shape, model_shape in self.shape_mismatched:
             lines.append(f"  shape mismatch {key}: checkpoint {list(ckpt_shape)} vs model {list(model_shape)}")
         if self.dropped:
-            lines.append(f"  dropped before matching ({len(self.dropped)}): {', '.join(self.dropped)}")
+            lines.append(f"  dropped before matching ({len(self.dropped)}): {_group_keys(self.dropped)}")
         return "\n".join(lines)
+
+
+def _group_keys(keys: Sequence[str], depth: int = 2, min_group: int = 4) -> str:
+    """``keys`` joined by commas, every run of at least ``min_group`` plain parameter names under the same first
+    ``depth`` components written once as ``<prefix>.* (n)``: a PASS training checkpoint's 36 head tensors read
+    ``teacher.head.* (36)``. Entries with a reason (``"base.fc.weight (unused ...)"``) stay whole."""
+    def prefix(key: str) -> str | None:
+        parts = key.split(".")
+        return ".".join(parts[:depth]) if " " not in key and len(parts) > depth else None
+
+    counts = Counter(prefix(key) for key in keys)
+    shown, written = [], set()
+    for key in keys:
+        group = prefix(key)
+        if group is None or counts[group] < min_group:
+            shown.append(key)
+        elif group not in written:
+            written.add(group)
+            shown.append(f"{group}.* ({counts[group]})")
+    return ", ".join(shown)
 
 
 # --------------------------------------------------------------------------- reading
