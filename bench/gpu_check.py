@@ -13,9 +13,12 @@ config loads) is a list of parts run one after the other, each a subprocess with
 a part that fails or runs out of time is recorded and the next one starts. The budgets add up to under
 8 minutes, and each part is also cut at what is left of ``TOTAL_BUDGET_S``:
 
-1. ``install``: ``pip install -e '.[test,gpu]'`` (the test extra and faiss-gpu); on a machine without
-   network pass ``--wheels DIR`` (a folder of wheels: ``--no-index --find-links DIR``). If it fails the
-   check goes on with the checkout's ``src/`` on ``PYTHONPATH`` and whatever is installed.
+1. ``install``: every part runs this checkout's ``src/`` (on ``PYTHONPATH``), so only the requirements of
+   passreid and its ``test`` extra that the interpreter lacks are installed (``pip install`` of those alone:
+   none on an image that has them all), then faiss-gpu (the ``gpu`` extra) when no ``faiss`` is there, as a
+   separate optional step. On a machine without network pass ``--wheels DIR`` (a folder of wheels:
+   ``--no-index --find-links DIR``). A failed install is recorded and the check goes on: the library imports
+   without lmdb, submitit and faiss, which only the LMDB reader, the launchers and the faiss kNN need.
 2. ``machine``: ``nvidia-smi``, the torch / CUDA / driver versions and the packages seen (machine.log).
 3. ``pytest_cuda``: ``pytest -m cuda tests/`` (AMP bf16/fp16 of every stage, device-side multi-crop on the
    GPU, a one-process NCCL group, faiss GPU kNN when installed).
@@ -76,12 +79,12 @@ def market_root(explicit: Path | None) -> Path:
 
 def build_plan(python: str, results: Path, wheels: Path | None, market: Path) -> list[Part]:
     """Every part of the check, in order, with its command and budget."""
-    install = [python, "-m", "pip", "install", "--no-build-isolation", "--retries", "0", "--timeout", "10"]
+    install = [python, "bench/gpu_check.py", "--install-missing"]
     if wheels is not None:
-        install += ["--no-index", "--find-links", str(wheels)]
-    install += ["-e", ".[test,gpu]"]
+        install += ["--wheels", str(wheels)]
     parts = [
-        Part("install", 40, install, "pip install -e '.[test,gpu]' (faiss-gpu); the check goes on if it fails"),
+        Part("install", 40, install, "pip install what passreid[test] lacks here, then faiss-gpu (optional); "
+                                     "the check goes on if it fails"),
         Part("machine", 10, [python, "bench/gpu_check.py", "--describe-machine"],
              "machine description: nvidia-smi, torch / CUDA / cuDNN, CPUs, packages present"),
         Part("pytest_cuda", 90, [python, "-m", "pytest", "-m", "cuda", "-q", "-p", "no:cacheprovider", "tests/",
@@ -119,6 +122,64 @@ def build_plan(python: str, results: Path, wheels: Path | None, market: Path) ->
         market_part.skip_reason = f"Market-1501 not found at {market} (pass --market or set PASSREID_MARKET1501)"
     parts.append(market_part)
     return parts
+
+
+def missing_requirements(requirements: list[str], version_of) -> list[str]:
+    """The requirements (PEP 508 strings) that ``version_of(name) -> str | None`` says are absent or in a
+    version the requirement excludes. Version ranges are checked where ``packaging`` is importable."""
+    try:
+        from packaging.requirements import Requirement
+    except ImportError:
+        Requirement = None
+    missing = []
+    for requirement in requirements:
+        if Requirement is not None:
+            parsed = Requirement(requirement)
+            name, specifier = parsed.name, parsed.specifier
+        else:
+            name, specifier = re.split(r"[<>=!~;\[ ]", requirement, maxsplit=1)[0], None
+        version = version_of(name)
+        if version is None or (specifier is not None and not specifier.contains(version, prereleases=True)):
+            missing.append(requirement)
+    return missing
+
+
+def project_requirements(extras: tuple[str, ...], core: bool = True) -> list[str]:
+    """passreid's dependencies (unless not ``core``) and those of ``extras``, from pyproject.toml."""
+    import tomllib
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    extra_requirements = [r for extra in extras for r in project["optional-dependencies"][extra]]
+    return [*(project["dependencies"] if core else []), *extra_requirements]
+
+
+def install_missing(wheels: Path | None) -> int:
+    """The ``install`` part: pip-install what passreid[test] lacks, then faiss-gpu if no faiss is there."""
+    from importlib import metadata
+
+    def version_of(name: str) -> str | None:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return None
+
+    pip = [sys.executable, "-m", "pip", "install", "--retries", "0", "--timeout", "10"]
+    if wheels is not None:
+        pip += ["--no-index", "--find-links", str(wheels)]
+    status = 0
+    needed = missing_requirements(project_requirements(("test",)), version_of)
+    print("passreid[test] requirements missing here:", ", ".join(needed) or "none", flush=True)
+    if needed:
+        status = subprocess.run([*pip, *needed]).returncode
+        print("installing them", "worked" if status == 0 else f"failed (exit status {status})", flush=True)
+    if version_of("faiss-cpu") or version_of("faiss-gpu") or version_of("faiss-gpu-cu12"):
+        print("faiss is installed: kept (faiss-gpu is not installed beside it)")
+    else:
+        gpu = project_requirements(("gpu",), core=False)
+        done = subprocess.run([*pip, *gpu]).returncode
+        print(f"installing {', '.join(gpu)}", "worked" if done == 0 else
+              f"failed (exit status {done}): the faiss GPU test will skip", flush=True)
+    return status
 
 
 def describe_machine() -> int:
@@ -331,9 +392,12 @@ def main(argv: list[str] | None = None) -> int:
                                                                    "or ../shared/data/Market-1501-v15.09.15)")
     parser.add_argument("--python", default=sys.executable, help="interpreter for every part (default: this one)")
     parser.add_argument("--describe-machine", action="store_true", help=argparse.SUPPRESS)  # the machine part
+    parser.add_argument("--install-missing", action="store_true", help=argparse.SUPPRESS)  # the install part
     args = parser.parse_args(argv)
     if args.describe_machine:
         return describe_machine()
+    if args.install_missing:
+        return install_missing(args.wheels)
 
     started = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     results = (args.results_dir or REPO / "bench" / "results" / "gpu_check" / started).resolve()

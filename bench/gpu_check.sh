@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check (bench/gpu_check.py): installs what it needs from this checkout, runs the CUDA tests,
+# The GPU check (bench/gpu_check.py): installs what this checkout needs and the machine lacks, runs the CUDA tests,
 # measures the GPU rows, fine-tunes briefly on Market-1501; under 8 minutes on one GPU.
 #   bench/gpu_check.sh --dry-run          # print and check the plan (no GPU needed)
 #   bench/gpu_check.sh                    # run it; results in bench/results/gpu_check/<timestamp>/

@@ -9,7 +9,6 @@ import pickle
 import shutil
 from pathlib import Path
 
-import lmdb
 import numpy as np
 import pytest
 from PIL import Image
@@ -463,6 +462,7 @@ def write_luperson_release(release: Path, key_file_content=None, extra_entries=(
     plus keys.pkl beside the lmdb/ folder."""
     values = {key: _jpeg_bytes((40 * i, 255 - 40 * i, 90)) for i, key in enumerate(LUP_KEYS)}
     release.mkdir(parents=True, exist_ok=True)
+    lmdb = pytest.importorskip("lmdb")  # a dependency of passreid; imported here so the module loads without it
     env = lmdb.open(str(release / "lmdb"), map_size=1 << 24)
     with env.begin(write=True) as txn:
         for key, value in values.items():
@@ -574,6 +574,7 @@ def test_garbage_and_missing_files(tmp_path):
 
 
 def test_corrupt_lmdb_value_names_the_address(tmp_path):
+    lmdb = pytest.importorskip("lmdb")
     env = lmdb.open(str(tmp_path / "db"), map_size=1 << 20)
     with env.begin(write=True) as txn:
         txn.put(b"00_00_0000_00000000", _jpeg_bytes((1, 2, 3))[:60])

@@ -22,9 +22,11 @@ import pickle
 import re
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import quote_from_bytes, unquote_to_bytes
 
-import lmdb
+if TYPE_CHECKING:
+    import lmdb
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +64,8 @@ def parse_lmdb_uri(uri: str) -> tuple[str, bytes]:
 
 def open_lmdb(db_path: str | os.PathLike) -> lmdb.Environment:
     """Open an LMDB environment read-only, without locking (safe for many reader processes)."""
+    import lmdb  # here, not at import: only LMDB data sets need the package
+
     db_path = os.fspath(db_path)
     if not os.path.exists(db_path):
         raise FileNotFoundError(f"LMDB database {db_path} does not exist")
