@@ -3,6 +3,7 @@ every input type, clear errors; torch.hub entries."""
 from __future__ import annotations
 
 import dataclasses
+import logging
 import subprocess
 import sys
 
@@ -141,7 +142,7 @@ def test_published_transreid_checkpoint_needs_and_uses_its_config(tmp_path, synt
         np.testing.assert_allclose(model.features(images).numpy(), original(images).numpy(), atol=1e-5, rtol=0)
 
 
-def test_files_of_the_wrong_kind_fail_clearly(tmp_path, demo_model):
+def test_files_of_the_wrong_kind_fail_clearly(tmp_path, demo_model, caplog):
     with pytest.raises(FileNotFoundError, match="not found"):
         load_model(tmp_path / "missing.pth")
     with pytest.raises(WeightsKindError, match="folder"):
@@ -161,6 +162,12 @@ def test_files_of_the_wrong_kind_fail_clearly(tmp_path, demo_model):
         list_images(tmp_path)
     with pytest.raises(FileNotFoundError, match="pattern"):
         list_images(str(tmp_path / "*.jpg"))
+    Image.new("RGB", (8, 16)).save(tmp_path / "person.jpg")
+    (tmp_path / "sub").mkdir()
+    with caplog.at_level(logging.WARNING, logger="passreid.inference"):
+        assert list_images(tmp_path) == [str(tmp_path / "person.jpg")]
+    assert "ignored 3 entries without an image extension" in caplog.text  # never left out silently
+    assert "notes.txt" in caplog.text and "optimizer.pth" in caplog.text and "sub" in caplog.text
 
 
 @pytest.mark.parametrize("method,released", [("dpm", dpm_released_state), ("tsd", tsd_released_state),

@@ -53,7 +53,7 @@ from PIL import Image
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from passreid.data.datasets import is_image_file, list_image_files, parse_market_name
+from passreid.data.datasets import IMAGE_EXTENSIONS, is_image_file, list_image_files, parse_market_name
 from passreid.data.images import read_image
 from passreid.data.multicrop import IMAGENET_MEAN, IMAGENET_STD
 from passreid.data.transforms import build_test_transform
@@ -374,9 +374,12 @@ def list_images(spec: str | os.PathLike) -> list[str]:
     path = Path(text).expanduser()
     if path.is_dir():
         images, others = list_image_files(path)
-        if others:
-            logger.info("%s: ignored %d non-image entr%s (sub-folders are not searched; use a glob such as "
-                        "'%s/**/*.jpg')", path, len(others), "y" if len(others) == 1 else "ies", path)
+        if others:  # a warning: the command-line tools show warnings, and nothing is left out unsaid
+            names = [os.path.basename(other) for other in others]
+            shown = ", ".join(names[:5]) + (f", ... ({len(names) - 5} more)" if len(names) > 5 else "")
+            logger.warning("%s: ignored %d entr%s without an image extension (%s): %s (sub-folders are not "
+                           "searched; use a glob such as '%s/**/*.jpg')", path, len(others),
+                           "y" if len(others) == 1 else "ies", " ".join(IMAGE_EXTENSIONS), shown, path)
         if not images:
             raise FileNotFoundError(f"no images ({', '.join(('.jpg', '.png', '...'))}) in folder {path}")
         return images
