@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 from pathlib import Path
 
@@ -11,7 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from _inference_models import restored_passreid_logging, save_published_transreid_checkpoint
+from _inference_models import (restored_passreid_logging, save_backbone_export, save_published_pass_checkpoint,
+                               save_published_transreid_checkpoint, tiny_pass_vit)
 from _released_checkpoints import (bpbreid_released_checkpoint, bpbreid_released_state, dpeformer_released_state,
                                    dpm_released_state, torchreid_config, tsd_released_state, yacs_config)
 from _tool_loading import load_tool_module
@@ -134,6 +136,22 @@ def _published_transreid_jpm(model: torch.nn.Module) -> dict[str, torch.Tensor]:
         else:
             raise AssertionError(f"unexpected key {key}")
     return out
+
+
+def test_pre_training_files_are_named_as_such(tmp_path: Path):
+    # A pre-training checkpoint also stores a config and an iteration; it must not be read as a fine-tuning run.
+    vit = tiny_pass_vit()
+    files = {"a pre-training checkpoint": save_published_pass_checkpoint(tmp_path / "pass.pth", vit),
+             "a backbone export": save_backbone_export(tmp_path / "backbone_final.pth", vit)}
+    torch.save({"model": {"student.backbone.cls_token": torch.zeros(1)}, "config": {"crops": {}}, "iteration": 5},
+               tmp_path / "checkpoint.pth")  # the layout of a passreid pre-training run's checkpoint
+    files["a pre-training checkpoint "] = tmp_path / "checkpoint.pth"
+    for what, path in files.items():
+        message = f"{path} is {what.strip()}, which holds no re-ID head: fine-tune from it first"
+        with pytest.raises(CheckpointFormatError, match=re.escape(message)):
+            stored_config(path)
+        with pytest.raises(CheckpointFormatError, match=re.escape(message)):
+            load_finetuned_model(path, _cfg())
 
 
 def test_published_pass_checkpoint_maps_exactly(tmp_path: Path):

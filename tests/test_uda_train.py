@@ -8,8 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from _inference_models import save_published_pass_checkpoint, tiny_pass_vit
 from passreid.config import ConfigError, load_config
 from passreid.finetune import FinetuneConfig, run_training
+from passreid.models import CheckpointFormatError
 from passreid.uda import build_uda_model, run_uda
 from passreid.usl import UslConfig, run_usl
 
@@ -107,6 +109,14 @@ def test_source_backbone_from_a_released_pass_reid_checkpoint(tmp_path: Path, so
     assert "head.classifier.weight" in source.dropped and "head.necks.0.running_mean" in source.dropped
     assert not any(key.startswith("backbone.") for key in source.dropped)
     assert any(key.startswith("base.fc.weight (") for key in source.dropped)  # dropped with its reason, listed
+
+
+def test_a_pre_training_file_as_source_is_named_as_such(tmp_path: Path):
+    checkpoint = save_published_pass_checkpoint(tmp_path / "pass.pth", tiny_pass_vit())
+    cfg = _uda_config(tmp_path, checkpoint, tmp_path / "target")
+    with pytest.raises(CheckpointFormatError, match="is a pre-training file .*model.init_from expects the model "
+                                                    "fine-tuned on the source domain"):
+        build_uda_model(cfg.model, cfg.model.init_from)
 
 
 def test_uda_entry_point_requires_a_source_model(tmp_path: Path, capsys):

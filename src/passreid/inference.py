@@ -62,7 +62,7 @@ from passreid.eval.features import ExtractedFeatures
 from passreid.models import (VIT_ARCHS, ArchitectureError, CheckpointFormatError,
                              LoadReport, VisionTransformer, architecture_hints, build_vit,
                              extract_backbone_state_dict, infer_vit_arguments, load_pretrained, read_checkpoint)
-from passreid.models.reid_file import FINAL_FORMAT
+from passreid.models.reid_file import FINAL_FORMAT, pretraining_file_kind
 
 __all__ = [
     "BACKBONE_FEATURES",
@@ -125,13 +125,12 @@ def identify_weights(obj: Any, label: str = "the checkpoint") -> str:
     meta = obj.get("meta")
     if isinstance(meta, Mapping) and meta.get("format") == FINAL_FORMAT:
         return "finetuned"
+    pretraining = pretraining_file_kind(obj)
+    if pretraining is not None:
+        return pretraining
     inner = _model_state(obj)
-    if _is_meta_arch_state(inner) or any(isinstance(obj.get(k), Mapping) for k in ("teacher", "student")):
-        return "pretrain_checkpoint"
     if isinstance(obj.get("config"), Mapping) and "iteration" in obj and inner is not None:
         return "finetune_checkpoint"
-    if isinstance(obj.get("backbone"), Mapping):
-        return "backbone_export"
     state = inner if inner is not None else obj
     if published_layout(state) is not None:
         return "published_finetuned"

@@ -20,7 +20,7 @@ from passreid.finetune.methods import build_model
 from passreid.finetune.published_checkpoints import (EXPECTED_FINETUNED_FILES, load_published_checkpoint,
                                                      published_layout)
 from passreid.models import CheckpointFormatError, CheckpointMismatchError, LoadReport, read_checkpoint
-from passreid.models.reid_file import FINAL_FORMAT, FINAL_FORMAT_VERSION, reid_model_file
+from passreid.models.reid_file import FINAL_FORMAT, FINAL_FORMAT_VERSION, pretraining_file_kind, reid_model_file
 
 __all__ = [
     "build_final_checkpoint",
@@ -98,6 +98,7 @@ def load_finetuned_model(
         _load_strict(model, obj["model"], label)
         _log_model_differences(stored, cfg, label)
         return model.eval(), stored, None
+    _refuse_pretraining_file(obj, label)
     if "config" in obj and "iteration" in obj and isinstance(obj.get("model"), Mapping):
         stored = _config_of(obj["config"], label)
         num_classes, num_cameras = _counts_from_state(obj["model"], label)
@@ -130,6 +131,17 @@ def _read(source: str | os.PathLike | Mapping[str, Any], label: str | None) -> t
     return label, obj
 
 
+def _refuse_pretraining_file(obj: Mapping[str, Any], label: str) -> None:
+    """A pre-training checkpoint also stores a config and an iteration: say what it is instead of reading it."""
+    kind = pretraining_file_kind(obj)
+    if kind is not None:
+        what = "a pre-training checkpoint" if kind == "pretrain_checkpoint" else "a backbone export"
+        raise CheckpointFormatError(
+            f"{label} is {what}, which holds no re-ID head: fine-tune from it first (finetune/train.py "
+            f"model.pretrained={label}), or extract its features with tools/extract_features.py; "
+            f"expected {EXPECTED_FINETUNED_FILES}")
+
+
 def stored_config(source: str | os.PathLike | Mapping[str, Any]) -> dict[str, Any]:
     """The config dict stored in a passreid ``model_final.pth`` or training ``checkpoint.pth`` (keys an older
     version wrote and this one removed are left out, so the dict builds a current config)."""
@@ -137,6 +149,7 @@ def stored_config(source: str | os.PathLike | Mapping[str, Any]) -> dict[str, An
     meta = obj.get("meta")
     if isinstance(meta, Mapping) and meta.get("format") == FINAL_FORMAT and isinstance(meta.get("config"), Mapping):
         return without_removed_keys(meta["config"])
+    _refuse_pretraining_file(obj, label)
     if isinstance(obj.get("config"), Mapping) and "iteration" in obj:
         return without_removed_keys(obj["config"])
     raise CheckpointFormatError(f"{label} stores no passreid fine-tuning config (a released checkpoint?); "

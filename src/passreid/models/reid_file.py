@@ -19,13 +19,14 @@ format name predates USL/UDA writing it and stays for the files already written.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from typing import Any
 
 from torch import nn
 
 from passreid.config import EvalConfig, ReIDDataConfig, ReIDModelConfig, config_to_dict
 
-__all__ = ["FINAL_FORMAT", "FINAL_FORMAT_VERSION", "reid_file_config", "reid_model_file"]
+__all__ = ["FINAL_FORMAT", "FINAL_FORMAT_VERSION", "pretraining_file_kind", "reid_file_config", "reid_model_file"]
 
 FINAL_FORMAT = "passreid-finetune"
 FINAL_FORMAT_VERSION = 1
@@ -77,3 +78,18 @@ def reid_file_config(method: str, model: ReIDModelConfig, data: ReIDDataConfig, 
     and the shared ``model`` / ``data`` / ``eval`` sections (the stage's full config goes in its own meta key)."""
     return {"method": method, "model": _shared_fields(model, ReIDModelConfig),
             "data": _shared_fields(data, ReIDDataConfig), "eval": config_to_dict(eval_cfg)}
+
+
+def pretraining_file_kind(obj: Any) -> str | None:
+    """``"pretrain_checkpoint"`` for a PASS / DINO pre-training checkpoint (published or passreid's: a teacher and a
+    student), ``"backbone_export"`` for a passreid backbone export, ``None`` for anything else. Neither holds a
+    re-ID head: readers of re-ID model files use this to say so instead of failing on the content."""
+    if not isinstance(obj, Mapping):
+        return None
+    inner = next((obj[key] for key in ("model", "state_dict") if isinstance(obj.get(key), Mapping)), None)
+    meta_arch = isinstance(inner, Mapping) and any(str(k).startswith(("student.", "teacher.")) for k in inner)
+    if meta_arch or any(isinstance(obj.get(key), Mapping) for key in ("teacher", "student")):
+        return "pretrain_checkpoint"
+    if isinstance(obj.get("backbone"), Mapping) and not isinstance(obj.get("meta"), Mapping):
+        return "backbone_export"
+    return None

@@ -18,7 +18,7 @@ from passreid.config import ReIDModelConfig
 from passreid.models import CheckpointFormatError, LoadReport, load_pretrained, read_checkpoint
 from passreid.models.published import rename_published_keys, strip_module_prefix, transreid_head_rules
 from passreid.models.reid import ReIDModel
-from passreid.models.reid_file import FINAL_FORMAT
+from passreid.models.reid_file import FINAL_FORMAT, pretraining_file_kind
 from passreid.usl.model import build_usl_model
 
 __all__ = ["SourceLoad", "build_uda_model", "load_source_backbone"]
@@ -47,6 +47,11 @@ def _source_state(obj: Any, label: str, depth: int) -> tuple[dict[str, Tensor], 
     of a released checkpoint that the renaming drops (with their reasons, e.g. the ViT's ImageNet ``base.fc``)."""
     if not isinstance(obj, Mapping):
         raise CheckpointFormatError(f"{label}: expected a checkpoint dict, got {type(obj).__name__}")
+    if pretraining_file_kind(obj) is not None:
+        raise CheckpointFormatError(
+            f"{label} is a pre-training file (no source-domain training): model.init_from expects the model "
+            "fine-tuned on the source domain (finetune/train.py's model_final.pth, or a published TransReID/PASS "
+            "supervised checkpoint); a pre-trained backbone starts USL instead (usl/train.py model.pretrained=...)")
     meta = obj.get("meta")
     if isinstance(meta, Mapping) and meta.get("format") == FINAL_FORMAT:
         grid = {key: meta[key] for key in ("arch", "img_size", "patch_size", "stride_size", "num_part_tokens")}
