@@ -323,7 +323,8 @@ def test_recipe_loaders_use_the_published_transforms(tmp_path: Path):
     path = tmp_path / "person.png"
     pixels = np.random.default_rng(0).integers(0, 256, size=(150, 60, 3), dtype=np.uint8)
     Image.fromarray(pixels).save(path)
-    cfg = load_config(UslConfig, REPO / "configs" / "usl" / "market_pass_vit_s.yaml", [])
+    # Two workers: the recipe's eight would only draw a warning on a small machine; they do not change a pixel.
+    cfg = load_config(UslConfig, REPO / "configs" / "usl" / "market_pass_vit_s.yaml", ["data.num_workers=2"])
     items = [ImageItem(str(path), 0, 0)]
     # Clustering and test features: bicubic resize + normalise (1e-6: float32 rounding of the normalisation).
     got = build_test_loader(items, (256, 128), cfg).dataset[0]["img"]
