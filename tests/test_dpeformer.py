@@ -185,7 +185,7 @@ def test_loss_terms_and_published_weights_and_memory_update():
         assert float(terms[name].detach()) == pytest.approx(value, rel=1e-5), name
     total = (expected["id_concat"] + 2 * expected["id_global"] + expected["id_parts"] + expected["memory"]
              + 0.3 * expected["memory_view2"])
-    assert float(terms["loss"]) == pytest.approx(total, rel=1e-5)
+    assert float(terms["loss"].detach()) == pytest.approx(total, rel=1e-5)
     updated = ClassCentroidMemory(7, 768)
     updated.features.copy_(bank)
     updated.update(out.stripes[0].detach(), labels)                         # only view 1 updates the bank
