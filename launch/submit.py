@@ -25,6 +25,7 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -43,7 +44,7 @@ import cloudpickle  # noqa: E402
 import submitit  # noqa: E402
 from submitit.core.utils import FailedJobError  # noqa: E402
 
-from passreid.cli import error_boundary  # noqa: E402
+from passreid.cli import error_boundary, last_reported_error  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_PROFILE = REPO_ROOT / "launch" / "profiles" / "default.yaml"
@@ -219,7 +220,10 @@ class StageTask:
 
         _export_local_dist_env()
         entry = _load_entry(self.stage)
-        entry.main(self.argv)
+        status = entry.main(self.argv)
+        if status:  # the stage stopped on a mistake in its input and said why (also in <output-dir>/log.txt)
+            reason = (last_reported_error() or "see the job's log").splitlines()[0]
+            raise RuntimeError(f"{self.stage} stopped with exit status {status}: {reason}")
         rank = resolve_dist_env().rank
         if rank != 0:  # rank 0 writes the outputs and answers for the job
             return {"stage": self.stage, "output_dir": str(self.output_dir), "rank": rank}
@@ -313,6 +317,18 @@ def make_executor(profile: Profile, stage: str, folder: str | os.PathLike,
         parameters["slurm_additional_parameters"] = extra
     executor.update_parameters(**parameters)
     return executor
+
+
+def job_result(job: submitit.Job, stage: str) -> dict[str, Any]:
+    """Wait for ``job`` and return task 0's result (one per task); a failed job raises :class:`LaunchError` with
+    the last line of its error and its log file, not submitit's whole trace."""
+    try:
+        return job.results()[0]
+    except FailedJobError as error:
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        reason = next((line for line in reversed(lines) if re.match(r"^[\w.]*(Error|Exception)\b", line)), None)
+        reason = reason or (lines[0] if lines else "no reason given")
+        raise LaunchError(f"{stage} job {job.job_id} failed: {reason}; its log: {job.paths.stderr}") from None
 
 
 def check_stage_arguments(stage: str, argv: Sequence[str]) -> None:
@@ -448,14 +464,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         for stage, job in jobs.items():
             print(f"{stage}: job {job.job_id} -> {Path(args.run_dir) / stage}")
         if args.wait:
-            print(json.dumps({stage: job.results()[0] for stage, job in jobs.items()}, indent=2))
+            print(json.dumps({stage: job_result(job, stage) for stage, job in jobs.items()}, indent=2))
         return 0
     folder = args.folder or str(Path(_option_value(rest, "--output-dir")) / "submitit")
     check_stage_arguments(args.command, rest)
     job = submit_stage(args.command, rest, profile, folder)
     print(f"{args.command}: job {job.job_id}; submitit logs in {folder}")
     if args.wait:
-        print(json.dumps(job.results()[0], indent=2))  # task 0's; one result per task
+        print(json.dumps(job_result(job, args.command), indent=2))
     return 0
 
 

@@ -213,6 +213,18 @@ def test_submitit_checks_the_stage_arguments_before_submitting(submit_module, tm
     assert not (tmp_path / "ft").exists() and not (tmp_path / "run").exists()  # no job, no demo worlds
 
 
+@pytest.mark.slow
+def test_a_job_that_stops_on_bad_input_reports_the_stages_reason(submit_module, tmp_path, capsys):
+    # The local executor runs the job here; its arguments load, but its data folder is missing.
+    out = tmp_path / "ft"
+    assert submit_module.main(["finetune", "--profile", str(LAUNCH / "profiles" / "local.yaml"), "--config-file",
+                               str(REPO / "configs" / "finetune" / "demo.yaml"), "--output-dir", str(out),
+                               "--data-root", str(tmp_path / "no_such_data"), "--wait"]) == 2
+    err = capsys.readouterr().err
+    assert "finetune stopped with exit status 2: market1501: dataset folder not found for root" in err
+    assert "Traceback" not in err and f"its log: {out / 'submitit'}" in err
+
+
 def test_submitit_pipeline_points_the_demo_recipes_at_the_demo_worlds(submit_module, tmp_path):
     run = tmp_path / "run"
     demo = submit_module.DEMO_CONFIGS["finetune"]

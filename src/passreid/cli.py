@@ -28,10 +28,11 @@ from typing import Any, TypeVar
 
 from passreid.config import DEBUG_ENV, DEBUG_FLAG
 
-__all__ = ["USER_ERROR_EXIT_STATUS", "debug_requested", "describe_error", "error_boundary", "run_training_command",
-           "user_errors"]
+__all__ = ["USER_ERROR_EXIT_STATUS", "debug_requested", "describe_error", "error_boundary", "last_reported_error",
+           "run_training_command", "user_errors"]
 
 USER_ERROR_EXIT_STATUS = 2
+_reported: list[str] = []  # user errors reported in this process (a submitit job quotes the last, launch/submit.py)
 
 Main = TypeVar("Main", bound=Callable[..., int])
 
@@ -54,6 +55,11 @@ def user_errors() -> tuple[type[BaseException], ...]:
             EvaluationInputError,
             NonFiniteLossError,
             OSError)
+
+
+def last_reported_error() -> str | None:
+    """The message of the last user error an entry point reported in this process (``None`` if none)."""
+    return _reported[-1] if _reported else None
 
 
 def debug_requested(argv: Sequence[str]) -> bool:
@@ -114,6 +120,7 @@ def error_boundary(main: Main | None = None, *, extra: tuple[type[BaseException]
                                        f"{traceback.format_exc().rstrip()}")
                     raise
                 message = describe_error(error)
+                _reported.append(message)
                 if debug_requested(sys.argv[1:] if argv is None else argv):
                     traceback.print_exc()
                 print(f"{name}: error: {message}", file=sys.stderr)
