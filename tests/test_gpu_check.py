@@ -82,6 +82,10 @@ def test_budgets_fit_in_eight_minutes(gpu_check, tmp_path):
     assert sum(part.budget_s for part in parts) <= gpu_check.TOTAL_BUDGET_S < 8 * 60
     market = next(part for part in parts if part.name == "market_finetune")
     assert market.skip_reason and "Market-1501 not found" in market.skip_reason  # skipped, with the reason
+    (tmp_path / "train_only" / "bounding_box_train").mkdir(parents=True)  # enough for the input-path part only
+    parts = gpu_check.build_plan(sys.executable, tmp_path, None, tmp_path / "train_only")
+    market = next(part for part in parts if part.name == "market_finetune")
+    assert "no query, bounding_box_test" in market.skip_reason
 
 
 def test_dry_run_reports_a_missing_script(gpu_check, tmp_path):
