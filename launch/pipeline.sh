@@ -105,9 +105,16 @@ reads_demo_worlds() {   # a demo recipe with no folder given reads the demo worl
 check_dir="$(mktemp -d)"
 trap 'rm -rf "$check_dir"' EXIT
 declare -A check_pid=()
+checked=()
 for stage in "${stage_list[@]}"; do
     [ -n "${config[$stage]+set}" ] || die "unknown stage '$stage' (expected pretrain, finetune, usl, uda)"
     [ -f "${config[$stage]}" ] || die "config '${config[$stage]}' of stage $stage not found (working directory $(pwd))"
+    if [ -n "${starts_from[$stage]+set}" ] && [ "$dry_run" = 0 ]; then
+        read -r upstream _ file <<< "${starts_from[$stage]}"
+        [[ " ${checked[*]} " == *" $upstream "* ]] || [ -f "$run_dir/$upstream/$file" ] \
+            || die "$stage starts from $run_dir/$upstream/$file: list $upstream before $stage, or run it first"
+    fi
+    checked+=("$stage")
     stage_arguments "$stage"
     "$python" "$root/$stage/train.py" --config-file "${stage_args[@]}" --print-config >/dev/null \
         2>"$check_dir/$stage" &
@@ -142,8 +149,6 @@ for stage in "${stage_list[@]}"; do
         read -r upstream key file <<< "${starts_from[$stage]}"
         if [[ " ${submitted[*]} " == *" $upstream "* ]]; then
             command+=(--dependency="afterok:${job_id[$upstream]}" --kill-on-invalid-dep=yes)
-        elif [ ! -f "$run_dir/$upstream/$file" ] && [ "$dry_run" = 0 ]; then
-            die "$stage starts from $run_dir/$upstream/$file: list $upstream before $stage, or run it first"
         fi
     fi
     command+=("${extra_sbatch[@]}" "$root/launch/$stage.sh" "${stage_args[@]}")

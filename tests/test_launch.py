@@ -199,6 +199,12 @@ def test_pipeline_checks_every_stage_before_queueing_any(profile_file, tmp_path)
     assert "unknown config key 'optim.lrr' (did you mean 'optim.lr'?)" in done.stderr
     assert "the arguments of stage uda do not load (above); nothing was submitted" in done.stderr
     assert not (tmp_path / "RUN").exists()
+    # A stage whose upstream export neither exists nor is coming stops the pipeline before its first job too.
+    done = subprocess.run([str(LAUNCH / "pipeline.sh"), "--profile", str(profile_file), "--run-dir", "RUN",
+                           "--stages", "pretrain,uda"], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert done.returncode == 2 and done.stdout == ""
+    assert "uda starts from RUN/finetune/model_final.pth: list finetune before uda, or run it first" in done.stderr
+    assert not (tmp_path / "RUN").exists()
 
 
 def test_submitit_checks_the_stage_arguments_before_submitting(submit_module, tmp_path, capsys):
