@@ -56,6 +56,7 @@ __all__ = [
     "read_checkpoint",
     "extract_backbone_state_dict",
     "export_backbone",
+    "group_keys",
     "infer_pretrain_grid",
     "resize_pos_embed",
     "load_pretrained",
@@ -141,11 +142,11 @@ class LoadReport:
         for key, ckpt_shape, model_shape in self.shape_mismatched:
             lines.append(f"  shape mismatch {key}: checkpoint {list(ckpt_shape)} vs model {list(model_shape)}")
         if self.dropped:
-            lines.append(f"  dropped before matching ({len(self.dropped)}): {_group_keys(self.dropped)}")
+            lines.append(f"  dropped before matching ({len(self.dropped)}): {group_keys(self.dropped)}")
         return "\n".join(lines)
 
 
-def _group_keys(keys: Sequence[str], depth: int = 2, min_group: int = 4) -> str:
+def group_keys(keys: Sequence[str], depth: int = 2, min_group: int = 4) -> str:
     """``keys`` joined by commas, every run of at least ``min_group`` plain parameter names under the same first
     ``depth`` components written once as ``<prefix>.* (n)``: a PASS training checkpoint's 36 head tensors read
     ``teacher.head.* (36)``. Entries with a reason (``"base.fc.weight (unused ...)"``) stay whole."""

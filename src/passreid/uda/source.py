@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from passreid.config import ReIDModelConfig
 from passreid.models import CheckpointFormatError, LoadReport, load_pretrained, read_checkpoint
+from passreid.models.checkpoint import group_keys
 from passreid.models.published import rename_published_keys, strip_module_prefix, transreid_head_rules
 from passreid.models.reid import ReIDModel
 from passreid.models.reid_file import FINAL_FORMAT, pretraining_file_kind
@@ -39,7 +40,7 @@ class SourceLoad:
         classes = f" ({self.source_classes} source classes)" if self.source_classes is not None else ""
         return (f"UDA source model {self.source}: backbone {len(self.backbone.loaded)}/"
                 f"{self.backbone.num_model_tensors} tensors loaded; source heads dropped{classes}: "
-                f"{', '.join(self.dropped) or 'none'}")
+                f"{group_keys(self.dropped) or 'none'}")
 
 
 def _source_state(obj: Any, label: str, depth: int) -> tuple[dict[str, Tensor], dict[str, Any], list[str]]:
