@@ -14,7 +14,7 @@ a part that fails or runs out of time is recorded and the next one starts. The b
 8 minutes, and each part is also cut at what is left of ``TOTAL_BUDGET_S``:
 
 1. ``install``: every part runs this checkout's ``src/`` (on ``PYTHONPATH``), so only the requirements of
-   passreid and its ``test`` extra that the interpreter lacks are installed (``pip install`` of those alone:
+   passreid and its ``test`` extra that the interpreter lacks are installed (``pip install`` of each alone:
    none on an image that has them all), then faiss-gpu (the ``gpu`` extra) when no ``faiss`` is there, as a
    separate optional step. On a machine without network pass ``--wheels DIR`` (a folder of wheels:
    ``--no-index --find-links DIR``). A failed install is recorded and the check goes on: the library imports
@@ -168,20 +168,24 @@ def install_missing(wheels: Path | None) -> int:
     pip = [sys.executable, "-m", "pip", "install", "--retries", "0", "--timeout", "10"]
     if wheels is not None:
         pip += ["--no-index", "--find-links", str(wheels)]
-    status = 0
     needed = missing_requirements(project_requirements(("test",)), version_of)
     print("passreid[test] requirements missing here:", ", ".join(needed) or "none", flush=True)
-    if needed:
-        status = subprocess.run([*pip, *needed]).returncode
-        print("installing them", "worked" if status == 0 else f"failed (exit status {status})", flush=True)
+    failed = []
+    for requirement in needed:  # one at a time: one that cannot be had (offline) must not block the others
+        done = subprocess.run([*pip, requirement]).returncode
+        print(f"installing {requirement}:", "worked" if done == 0 else f"failed (exit status {done})", flush=True)
+        if done != 0:
+            failed.append(requirement)
     if version_of("faiss-cpu") or version_of("faiss-gpu") or version_of("faiss-gpu-cu12"):
         print("faiss is installed: kept (faiss-gpu is not installed beside it)")
     else:
-        gpu = project_requirements(("gpu",), core=False)
-        done = subprocess.run([*pip, *gpu]).returncode
-        print(f"installing {', '.join(gpu)}", "worked" if done == 0 else
-              f"failed (exit status {done}): the faiss GPU test will skip", flush=True)
-    return status
+        for requirement in project_requirements(("gpu",), core=False):
+            done = subprocess.run([*pip, requirement]).returncode
+            print(f"installing {requirement}:", "worked" if done == 0 else
+                  f"failed (exit status {done}): the faiss GPU test will skip", flush=True)
+    if failed:
+        print("not installed:", ", ".join(failed), flush=True)
+    return 1 if failed else 0
 
 
 def describe_machine() -> int:

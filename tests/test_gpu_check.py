@@ -58,6 +58,22 @@ def test_install_asks_only_for_what_is_missing(gpu_check):
     assert gpu_check.project_requirements(("gpu",), core=False) == ["faiss-gpu>=1.15.1"]
 
 
+def test_install_tries_every_missing_requirement_on_its_own(gpu_check, monkeypatch, capsys):
+    # Offline, one requirement that cannot be had (here the second) must not keep the others out.
+    calls = []
+
+    def fake_pip(command):
+        calls.append(command[-1])
+        return subprocess.CompletedProcess(command, 1 if command[-1].startswith("setuptools") else 0)
+
+    monkeypatch.setattr(gpu_check, "missing_requirements",
+                        lambda requirements, version_of: ["lmdb>=1.4", "setuptools>=77", "submitit>=1.5"])
+    monkeypatch.setattr(gpu_check.subprocess, "run", fake_pip)
+    assert gpu_check.install_missing(wheels=None) == 1
+    assert calls[:3] == ["lmdb>=1.4", "setuptools>=77", "submitit>=1.5"]
+    assert "not installed: setuptools>=77" in capsys.readouterr().out
+
+
 def test_the_check_runs_without_lmdb_submitit_and_faiss(tmp_path):
     # Where the install part cannot reach a package index (the GPU machines this project borrows), these may
     # be absent: the library, the stage scripts and the collection of the cuda tests must not need them.
