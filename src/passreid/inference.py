@@ -62,7 +62,7 @@ from passreid.eval.features import ExtractedFeatures
 from passreid.models import (VIT_ARCHS, ArchitectureError, CheckpointFormatError,
                              LoadReport, VisionTransformer, architecture_hints, build_vit,
                              extract_backbone_state_dict, infer_vit_arguments, load_pretrained, read_checkpoint)
-from passreid.models.reid_file import FINAL_FORMAT, pretraining_file_kind
+from passreid.models.reid_file import FINAL_FORMAT, is_meta_arch_state, pretraining_file_kind, wrapped_state
 
 __all__ = [
     "BACKBONE_FEATURES",
@@ -103,17 +103,6 @@ class WeightsKindError(CheckpointFormatError):
 # ----------------------------------------------------------------------------- recognising files
 
 
-def _model_state(obj: Mapping[str, Any]) -> Mapping[str, Any] | None:
-    for key in ("model", "state_dict"):
-        if isinstance(obj.get(key), Mapping):
-            return obj[key]
-    return None
-
-
-def _is_meta_arch_state(state: Any) -> bool:
-    return isinstance(state, Mapping) and any(str(k).startswith(("student.", "teacher.")) for k in state)
-
-
 def identify_weights(obj: Any, label: str = "the checkpoint") -> str:
     """The :data:`WEIGHT_KINDS` key of a loaded checkpoint object; raises :class:`WeightsKindError` naming
     ``label`` (the file) for anything else."""
@@ -128,7 +117,7 @@ def identify_weights(obj: Any, label: str = "the checkpoint") -> str:
     pretraining = pretraining_file_kind(obj)
     if pretraining is not None:
         return pretraining
-    inner = _model_state(obj)
+    inner = wrapped_state(obj)
     if isinstance(obj.get("config"), Mapping) and "iteration" in obj and inner is not None:
         return "finetune_checkpoint"
     state = inner if inner is not None else obj
@@ -293,10 +282,10 @@ def _backbone(obj: Mapping[str, Any], kind: str, label: str, which: str, feature
                                    f"num_part_tokens fields ({error!r})") from error
         source: Mapping[str, Any] = obj
     else:
-        if kind == "pretrain_checkpoint" and _is_meta_arch_state(_model_state(obj)):
+        if kind == "pretrain_checkpoint" and is_meta_arch_state(wrapped_state(obj)):
             from passreid.pretrain.meta_arch import to_published_layout
 
-            obj = {**obj, **to_published_layout(_model_state(obj))}
+            obj = {**obj, **to_published_layout(wrapped_state(obj))}
             obj.pop("model", None)
         try:
             state, _ = extract_backbone_state_dict(obj, which=which)

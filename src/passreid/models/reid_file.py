@@ -26,7 +26,8 @@ from torch import nn
 
 from passreid.config import EvalConfig, ReIDDataConfig, ReIDModelConfig, config_to_dict
 
-__all__ = ["FINAL_FORMAT", "FINAL_FORMAT_VERSION", "pretraining_file_kind", "reid_file_config", "reid_model_file"]
+__all__ = ["FINAL_FORMAT", "FINAL_FORMAT_VERSION", "is_meta_arch_state", "pretraining_file_kind", "reid_file_config",
+           "reid_model_file", "wrapped_state"]
 
 FINAL_FORMAT = "passreid-finetune"
 FINAL_FORMAT_VERSION = 1
@@ -80,15 +81,24 @@ def reid_file_config(method: str, model: ReIDModelConfig, data: ReIDDataConfig, 
             "data": _shared_fields(data, ReIDDataConfig), "eval": config_to_dict(eval_cfg)}
 
 
+def wrapped_state(obj: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    """The state dict a checkpoint holds under ``model`` or ``state_dict`` (``None`` when neither is one)."""
+    return next((obj[key] for key in ("model", "state_dict") if isinstance(obj.get(key), Mapping)), None)
+
+
+def is_meta_arch_state(state: Any) -> bool:
+    """Whether ``state`` is a passreid pre-training meta-architecture's state dict (``student.*`` / ``teacher.*``)."""
+    return isinstance(state, Mapping) and any(str(k).startswith(("student.", "teacher.")) for k in state)
+
+
 def pretraining_file_kind(obj: Any) -> str | None:
     """``"pretrain_checkpoint"`` for a PASS / DINO pre-training checkpoint (published or passreid's: a teacher and a
     student), ``"backbone_export"`` for a passreid backbone export, ``None`` for anything else. Neither holds a
     re-ID head: readers of re-ID model files use this to say so instead of failing on the content."""
     if not isinstance(obj, Mapping):
         return None
-    inner = next((obj[key] for key in ("model", "state_dict") if isinstance(obj.get(key), Mapping)), None)
-    meta_arch = isinstance(inner, Mapping) and any(str(k).startswith(("student.", "teacher.")) for k in inner)
-    if meta_arch or any(isinstance(obj.get(key), Mapping) for key in ("teacher", "student")):
+    published = any(isinstance(obj.get(key), Mapping) for key in ("teacher", "student"))
+    if published or is_meta_arch_state(wrapped_state(obj)):
         return "pretrain_checkpoint"
     if isinstance(obj.get("backbone"), Mapping) and not isinstance(obj.get("meta"), Mapping):
         return "backbone_export"
