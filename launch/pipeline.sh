@@ -146,7 +146,7 @@ for stage in "${stage_list[@]}"; do
              "${profile_options[@]}")
     stage_arguments "$stage"
     if [ -n "${starts_from[$stage]+set}" ]; then
-        read -r upstream key file <<< "${starts_from[$stage]}"
+        read -r upstream _ <<< "${starts_from[$stage]}"
         if [[ " ${submitted[*]} " == *" $upstream "* ]]; then
             command+=(--dependency="afterok:${job_id[$upstream]}" --kill-on-invalid-dep=yes)
         fi

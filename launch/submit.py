@@ -390,6 +390,11 @@ def submit_pipeline(stages: Sequence[str], run_dir: Path, profile: Profile, conf
     argvs = {stage: pipeline_argv(stage, run_dir, configs.get(stage, DEMO_CONFIGS[stage]), data_root,
                                   (opts or {}).get(stage, ())) for stage in stages}
     for stage in stages:  # every stage before the first job is queued
+        upstream = STAGES[stage].starts_from
+        if upstream is not None and upstream[0] not in stages:  # then its export must be there already
+            export = run_dir / upstream[0] / STAGES[upstream[0]].final_file
+            if not export.is_file():
+                raise LaunchError(f"{stage} starts from {export}: list {upstream[0]} before {stage}, or run it first")
         check_stage_arguments(stage, argvs[stage])
     if any(reads_the_demo_worlds(stage, configs.get(stage, DEMO_CONFIGS[stage]), data_root, (opts or {}).get(stage, ()))
            for stage in stages):

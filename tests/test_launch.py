@@ -216,6 +216,10 @@ def test_submitit_checks_the_stage_arguments_before_submitting(submit_module, tm
     assert submit_module.main(["pipeline", "--profile", local, "--run-dir", str(tmp_path / "run"),
                                "--stages", "pretrain,finetune", "--finetune-opts", "optim.lrr=1"]) == 2
     assert "unknown config key 'optim.lrr'" in capsys.readouterr().err
+    assert submit_module.main(["pipeline", "--profile", local, "--run-dir", str(tmp_path / "run"),
+                               "--stages", "pretrain,uda"]) == 2
+    assert f"uda starts from {tmp_path / 'run' / 'finetune' / 'model_final.pth'}: list finetune before uda" \
+        in capsys.readouterr().err
     assert not (tmp_path / "ft").exists() and not (tmp_path / "run").exists()  # no job, no demo worlds
 
 
