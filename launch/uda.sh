@@ -4,7 +4,8 @@
 #   sbatch [sbatch options] launch/uda.sh [CONFIG.yaml | LIST.txt] [--output-dir DIR] [--data-root DIR]
 #          [--no-resume] [key=value ...]
 #
-#   sbatch launch/uda.sh configs/uda/demo.yaml model.init_from=runs/finetune/124/model_final.pth
+#   sbatch launch/uda.sh configs/uda/msmt2market_pass_vit_s.yaml --data-root /data \
+#       model.init_from=runs/finetune/124/model_final.pth
 # Every #SBATCH value below is a default for one 8-GPU A100 node: override it on the sbatch command line
 # (sbatch --nodes=2 --time=2:00:00 launch/uda.sh ...) or with a profile (launch/pipeline.sh --profile).
 # The same settings come from the environment too: CONFIG, OUTPUT_DIR (default runs/uda/<job id>),
@@ -38,4 +39,4 @@ export PASSREID_ROOT
 # shellcheck source=launch/common.sh
 source "$PASSREID_ROOT/launch/common.sh"
 
-passreid_run_stage uda configs/uda/demo.yaml "$@"
+passreid_run_stage uda configs/uda/msmt2market_pass_vit_s.yaml "$@"

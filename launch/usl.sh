@@ -4,7 +4,8 @@
 #   sbatch [sbatch options] launch/usl.sh [CONFIG.yaml | LIST.txt] [--output-dir DIR] [--data-root DIR]
 #          [--no-resume] [key=value ...]
 #
-#   sbatch launch/usl.sh configs/usl/demo.yaml model.pretrained=runs/pretrain/123/backbone_final.pth
+#   sbatch launch/usl.sh configs/usl/market_pass_vit_s.yaml --data-root /data \
+#       model.pretrained=runs/pretrain/123/backbone_final.pth
 # Every #SBATCH value below is a default for one 8-GPU A100 node: override it on the sbatch command line
 # (sbatch --nodes=2 --time=2:00:00 launch/usl.sh ...) or with a profile (launch/pipeline.sh --profile).
 # The same settings come from the environment too: CONFIG, OUTPUT_DIR (default runs/usl/<job id>),
@@ -38,4 +39,4 @@ export PASSREID_ROOT
 # shellcheck source=launch/common.sh
 source "$PASSREID_ROOT/launch/common.sh"
 
-passreid_run_stage usl configs/usl/demo.yaml "$@"
+passreid_run_stage usl configs/usl/market_pass_vit_s.yaml "$@"

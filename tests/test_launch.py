@@ -156,6 +156,24 @@ def test_stage_scripts_run_outside_slurm(stage, tmp_path):
     assert bad.returncode == 2 and "config file 'missing.yaml' not found" in bad.stderr
 
 
+PUBLISHED_DEFAULTS = {"pretrain": "configs/pretrain/pass_vit_s_lup.yaml",
+                      "finetune": "configs/finetune/market1501/pass_vit_s_256.yaml",
+                      "usl": "configs/usl/market_pass_vit_s.yaml",
+                      "uda": "configs/uda/msmt2market_pass_vit_s.yaml"}
+
+
+@pytest.mark.parametrize("stage", sorted(PUBLISHED_DEFAULTS))
+def test_stage_scripts_without_a_config_run_the_published_recipe(stage, tmp_path):
+    echo = tmp_path / "echo_python"  # stands in for the interpreter: prints the command the script would run
+    echo.write_text('#!/bin/sh\necho "$@"\n')
+    echo.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "PASSREID_"))}
+    done = subprocess.run(["bash", str(LAUNCH / f"{stage}.sh"), "--output-dir", "out"], capture_output=True,
+                          text=True, cwd=tmp_path, env={**env, "PYTHON": str(echo)}, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert f"{stage}/train.py --config-file {REPO / PUBLISHED_DEFAULTS[stage]} --output-dir out" in done.stdout
+
+
 def test_stage_script_arguments_and_environment_combine_in_order():
     # Environment < arguments < the array task's list line; --no-resume only before the first requeue.
     script = ("source launch/common.sh; passreid_stage=finetune; "
