@@ -310,6 +310,18 @@ def test_recipes_hold_the_published_settings(name):
     assert not cfg.cluster.feat_norm and not cfg.eval.feat_norm
 
 
+@pytest.mark.parametrize("world_size, warned", [(1, False), (2, False), (4, False), (8, True), (3, True)])
+def test_ghost_bn_chunks_that_the_process_count_cannot_give_are_named(world_size, warned):
+    from passreid.usl.config import ghost_bn_mismatch
+
+    # The Market recipe: 256 images, BN over chunks of 64 (the published 4-GPU DataParallel split).
+    message = ghost_bn_mismatch(256, world_size, 64)
+    assert (message is not None) == warned
+    if world_size == 8:
+        assert "normalise 32 images at once, not the recipe's chunks of 64" in message
+    assert ghost_bn_mismatch(256, 8, 0) is None  # ghost BN off: each process's batch, nothing to warn about
+
+
 def test_recipe_loaders_use_the_published_transforms(tmp_path: Path):
     from PIL import Image
     from torchvision.transforms import InterpolationMode

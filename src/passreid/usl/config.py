@@ -170,3 +170,16 @@ def validate_usl_config(cfg: UslConfig) -> UslConfig:
     require(train.ghost_bn_size >= 0, "train.ghost_bn_size", "must be >= 0 (0 = the whole per-process batch)")
     validate_reid_sections(model, cfg.data, train, cfg.eval)
     return cfg
+
+
+def ghost_bn_mismatch(batch_size: int, world_size: int, ghost_bn_size: int) -> str | None:
+    """Why the BN necks will not see the recipe's ``train.ghost_bn_size`` chunks on ``world_size`` processes
+    (each gets ``batch_size / world_size`` images), or ``None`` when they will (or ghost BN is off)."""
+    per_process = batch_size // world_size
+    if ghost_bn_size <= 0 or per_process % ghost_bn_size == 0:
+        return None
+    seen = f"{per_process} images at once" if per_process < ghost_bn_size else "a smaller last chunk"
+    return (f"train.ghost_bn_size {ghost_bn_size} does not divide this process's batch of {per_process} images "
+            f"(data.batch_size {batch_size} over {world_size} processes): the BN necks normalise {seen}, not the "
+            f"recipe's chunks of {ghost_bn_size}; run on a number of processes that divides "
+            f"{batch_size} / {ghost_bn_size}, or set train.ghost_bn_size")

@@ -51,7 +51,7 @@ from passreid.engine.trainer import Trainer, torch_threads
 from passreid.eval.evaluator import EvalResult, evaluate_model, extract_split, format_result
 from passreid.models.reid import ReIDModel, make_classifier
 from passreid.models.reid_file import reid_file_config, reid_model_file
-from passreid.usl.config import UslConfig, validate_usl_config
+from passreid.usl.config import UslConfig, ghost_bn_mismatch, validate_usl_config
 from passreid.usl.meta_arch import ClusterContrastMetaArch
 from passreid.usl.model import build_usl_model
 from passreid.usl.pseudo_labels import ClusterStats, PseudoLabels, cluster_centroids, cluster_features
@@ -172,6 +172,9 @@ class ClusterContrastTrainer(Trainer):
                     "before the test distance", cfg.data.erasing, cfg.data.test_interpolation,
                     "L2-normalised" if cfg.cluster.feat_norm else "as output",
                     "L2-normalised" if cfg.eval.feat_norm else "as output")
+        mismatch = ghost_bn_mismatch(cfg.data.batch_size, self.world_size, cfg.train.ghost_bn_size)
+        if mismatch:
+            logger.warning(mismatch)
 
     # ------------------------------------------------------------------ checkpoint state
     def _checkpoint_extra(self, stopped_in_epoch: int | None) -> dict[str, Any]:
