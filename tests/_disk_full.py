@@ -9,7 +9,7 @@ import os
 
 import pytest
 
-from passreid.engine import checkpoint as checkpoint_module
+from passreid import atomic_files
 
 
 class DiskFullFile(io.FileIO):
@@ -25,7 +25,8 @@ class DiskFullFile(io.FileIO):
 
 
 def fill_disk(monkeypatch: pytest.MonkeyPatch, free_bytes: int = 1024) -> None:
-    """From now on, files that passreid.engine.checkpoint opens for writing hold at most ``free_bytes``."""
+    """From now on, files that passreid.atomic_files opens for writing (every atomic write: checkpoints,
+    exports, feature files) hold at most ``free_bytes``."""
     DiskFullFile.free = free_bytes
 
     def open_on_full_disk(file, mode="r", *args, **kwargs):
@@ -33,4 +34,4 @@ def fill_disk(monkeypatch: pytest.MonkeyPatch, free_bytes: int = 1024) -> None:
             return DiskFullFile(file, "wb")
         return builtins.open(file, mode, *args, **kwargs)
 
-    monkeypatch.setattr(checkpoint_module, "open", open_on_full_disk, raising=False)
+    monkeypatch.setattr(atomic_files, "open", open_on_full_disk, raising=False)

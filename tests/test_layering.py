@@ -7,7 +7,8 @@ from collections import defaultdict
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "passreid"
-CORE = {"config", "dist", "data", "models", "losses", "eval", "cluster", "engine", "seeding", "feature_inputs"}
+CORE = {"config", "dist", "data", "models", "losses", "eval", "cluster", "engine", "seeding", "feature_inputs",
+        "atomic_files"}
 STAGES = {"pretrain", "finetune", "usl", "uda"}
 # UDA is USL with another start, so it builds on the USL stage; every other stage stands on the core alone (the
 # re-ID sections, model factory, data sets and model file that fine-tuning and Cluster Contrast share are core).

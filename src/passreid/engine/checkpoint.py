@@ -36,13 +36,10 @@ good state.
 """
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import pickle
 import shutil
-import socket
-import uuid
 import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -52,6 +49,8 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from passreid.atomic_files import (atomic_write, commit, fsync_directory, link_atomically, new_temp_path,
+                                   remove_stale_temp_files, write_temp)
 from passreid.engine.output import CHECKPOINT_FILE
 from passreid.seeding import capture_rng_state, restore_rng_state, seed_everything
 
@@ -69,7 +68,6 @@ CHECKPOINT_KEYS = (
     "config",
     "extra",
 )
-_TEMP_MARKER = ".tmp-"
 PREVIOUS_INFIX = ".prev"  # checkpoint.pth -> checkpoint.prev.pth
 _START_FRESH = "To start fresh, run again with --no-resume (resume=False): the run overwrites these files."
 
@@ -91,140 +89,12 @@ class Stateful(Protocol):
 # --------------------------------------------------------------------------- atomic file writes
 
 
-def _temp_prefix(target: Path) -> str:
-    return f".{target.name}{_TEMP_MARKER}"
-
-
-def _new_temp_path(target: Path) -> Path:
-    """A temp name unique per host, process and call, in ``target``'s directory."""
-    return target.with_name(
-        f"{_temp_prefix(target)}{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    )
-
-
-def _fsync_directory(directory: Path) -> None:
-    """Make a rename durable. Filesystems without directory fsync are accepted as they are."""
-    if os.name != "posix":
-        return
-    fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(fd)
-    except OSError as exc:
-        if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
-            raise
-    finally:
-        os.close(fd)
-
-
-def _process_is_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return True
-
-
-def remove_stale_temp_files(target: str | os.PathLike[str]) -> list[Path]:
-    """Delete temp files of ``target`` left by writers on this host that have died.
-
-    Temp names are ``.<name>.tmp-<host>-<pid>-<token>``. Files of live processes, or from
-    other hosts (shared filesystems: we cannot tell whether their writer is alive), are left
-    alone; they are never read, so they cannot break a save or a load. Returns what was removed.
-    """
-    target = Path(target)
-    prefix = _temp_prefix(target)
-    host = socket.gethostname()
-    removed = []
-    for candidate in target.parent.iterdir():
-        if not candidate.name.startswith(prefix):
-            continue
-        parts = candidate.name[len(prefix):].rsplit("-", 2)
-        if len(parts) != 3 or parts[0] != host or not parts[1].isdigit():
-            continue
-        if _process_is_alive(int(parts[1])):
-            continue
-        try:
-            candidate.unlink()
-            removed.append(candidate)
-        except FileNotFoundError:
-            pass
-    return removed
-
-
-def _out_of_space(error: BaseException) -> bool:
-    """Whether ``error`` or an exception it was raised from is a full disk or quota. torch's zip writer turns
-    the file's ``OSError(ENOSPC)`` into a ``RuntimeError`` ("unexpected pos") with the OSError as context."""
-    seen: BaseException | None = error
-    while seen is not None:
-        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
-            return True
-        seen = seen.__cause__ or seen.__context__
-    return False
-
-
-def _write_temp(obj: Any, target: Path, what: str) -> Path:
-    """``torch.save(obj)`` into a new temp file beside ``target``, flushed and fsynced; returns the temp path.
-
-    On failure the temp file is removed. A full disk raises ``OSError(ENOSPC)`` saying that ``target`` (the
-    previous ``what``, when there is one) is intact.
-    """
-    directory = target.parent
-    if not directory.is_dir():
-        raise FileNotFoundError(f"cannot save {target}: directory {directory} does not exist")
-    remove_stale_temp_files(target)
-    temp = _new_temp_path(target)
-    try:
-        with open(temp, "wb") as handle:
-            torch.save(obj, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-    except BaseException as error:
-        temp.unlink(missing_ok=True)
-        if _out_of_space(error):
-            kept = (f"the previous {what} {target} is intact" if target.is_file()
-                    else f"no earlier {what} existed at {target}")
-            raise OSError(errno.ENOSPC, f"no space left on device while writing {target}; {kept}") from error
-        raise
-    return temp
-
-
-def _commit(temp: Path, target: Path) -> None:
-    """``os.replace`` the complete ``temp`` over ``target`` and make the rename durable."""
-    try:
-        os.replace(temp, target)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
-    _fsync_directory(target.parent)
-
-
-def _link_atomically(source: Path, destination: Path) -> bool:
-    """Make ``destination`` a hard link of ``source`` (replacing it atomically); False where the filesystem
-    has no hard links (nothing is changed then)."""
-    remove_stale_temp_files(destination)
-    temp = _new_temp_path(destination)
-    try:
-        os.link(source, temp)  # same inode: no second write of a large file
-    except OSError:
-        return False
-    _commit(temp, destination)
-    return True
-
-
 def atomic_save(obj: Any, path: str | os.PathLike[str], *, what: str = "file") -> Path:
-    """``torch.save(obj)`` to ``path`` so that readers only ever see a complete file.
-
-    Writes a uniquely named temp file in the same directory, flushes and fsyncs it, then
-    ``os.replace``s it over ``path`` and fsyncs the directory. A process killed mid-write
-    leaves the previous ``path`` intact plus an orphan temp file that the next save of the
-    same path removes (see :func:`remove_stale_temp_files`). A full disk raises ``OSError(ENOSPC)``
-    "no space left on device while writing <path>; the previous <what> <path> is intact".
-    """
-    target = Path(path)
-    _commit(_write_temp(obj, target, what), target)
-    return target
+    """``torch.save(obj)`` to ``path`` so that readers only ever see a complete file
+    (:func:`passreid.atomic_files.atomic_write`: temp file, fsync, rename). A process killed mid-write leaves
+    the previous ``path`` intact; a full disk raises ``OSError(ENOSPC)`` "no space left on device while writing
+    <path>; the previous <what> <path> is intact"."""
+    return atomic_write(path, lambda handle: torch.save(obj, handle), what=what)
 
 
 # --------------------------------------------------------------------------- Checkpointer
@@ -293,13 +163,13 @@ class Checkpointer:
             raise TypeError(f"Checkpointer.save: state must be a dict, got {type(state).__name__}")
         self.output_dir.mkdir(parents=True, exist_ok=True)
         target, previous = self.path(name), self.previous_path(name)
-        temp = _write_temp(dict(state), target, what="checkpoint")
+        temp = write_temp(target, lambda handle: torch.save(dict(state), handle), what="checkpoint")
         try:
             self._keep_previous(target, previous)
         except BaseException:
             temp.unlink(missing_ok=True)
             raise
-        _commit(temp, target)
+        commit(temp, target)
         self._sound.add(target)
         if self.keep_every is not None and step is not None and step % self.keep_every == 0:
             self._keep_copy(target, step)
@@ -309,18 +179,18 @@ class Checkpointer:
         """Before ``target`` is replaced: keep it as ``previous`` if it is this run's, else drop a ``previous``
         that is not."""
         if target in self._sound and target.is_file():
-            if not _link_atomically(target, previous):  # no hard links: for a moment only `previous` exists,
+            if not link_atomically(target, previous):  # no hard links: for a moment only `previous` exists,
                 os.replace(target, previous)            # and load() falls back to it
-                _fsync_directory(previous.parent)
+                fsync_directory(previous.parent)
             self._sound.add(previous)
         elif previous not in self._sound:
             previous.unlink(missing_ok=True)  # an earlier run's, or of unknown state
 
     def _keep_copy(self, source: Path, step: int) -> Path:
         copy = source.with_name(f"{source.stem}_{step:07d}{source.suffix}")
-        if not _link_atomically(source, copy):  # filesystem without hard links
+        if not link_atomically(source, copy):  # filesystem without hard links
             remove_stale_temp_files(copy)
-            temp = _new_temp_path(copy)
+            temp = new_temp_path(copy)
             try:
                 shutil.copyfile(source, temp)
                 with open(temp, "rb+") as handle:
@@ -328,7 +198,7 @@ class Checkpointer:
             except BaseException:
                 temp.unlink(missing_ok=True)
                 raise
-            _commit(temp, copy)
+            commit(temp, copy)
         return copy
 
     def load(
