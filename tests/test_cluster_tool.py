@@ -57,10 +57,10 @@ def test_options_are_passed_on(tool, tmp_path):
 
 
 @pytest.mark.parametrize("content,message", [
-    (dict(features=np.ones((4, 3), np.float32)), "no 'feats' array (found keys: features)"),
+    (dict(features=np.ones((4, 3), np.float32)), "missing key(s) ['feats']; expected ['feats'], found ['features']"),
     (dict(feats=np.zeros((0, 8), np.float32)), "'feats' is empty"),
     (dict(feats=np.ones(5, np.float32)), "must be a 2-D"),
-    (dict(feats=np.ones((4, 3), np.int64)), "floating-point"),
+    (dict(feats=np.ones((4, 3), np.int64)), "must hold floating-point values"),
 ])
 def test_bad_archives(tool, tmp_path, capsys, content, message):
     np.savez(tmp_path / "f.npz", **content)
@@ -79,7 +79,7 @@ def test_nan_features_name_the_row(tool, tmp_path, capsys):
 
 def test_missing_or_unreadable_file(tool, tmp_path, capsys):
     assert tool.main(["--features", str(tmp_path / "nope.npz"), "--out", str(tmp_path / "l.npy")]) == 2
-    assert "features file not found" in capsys.readouterr().err
+    assert "feature file not found" in capsys.readouterr().err
     (tmp_path / "junk.npz").write_text("not an archive")
     assert tool.main(["--features", str(tmp_path / "junk.npz"), "--out", str(tmp_path / "l.npy")]) == 2
     assert "cannot read it as an .npz archive" in capsys.readouterr().err

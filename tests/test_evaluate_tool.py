@@ -189,12 +189,12 @@ def _with_nan(feats):
     ("gallery", dict(feats=None), r"missing key\(s\) \['feats'\]"),
     ("query", dict(pids=lambda a: a[:-1]), "'pids' has 19 entries but 'feats' has 20 rows"),
     ("gallery", dict(camids=lambda a: a[:5]), "'camids' has 5 entries but 'feats' has 90 rows"),
-    ("query", dict(feats=_with_nan), r"'feats' has 1 NaN/Inf value\(s\) \(first in row 3\)"),
+    ("query", dict(feats=_with_nan), r"'feats' has NaN/Inf values in 1 row\(s\), first at row 3"),
     ("gallery", dict(feats=lambda a: np.where(a > 2.5, np.inf, a)), "NaN/Inf"),
     ("query", dict(feats=lambda a: a[:0], pids=lambda a: a[:0], camids=lambda a: a[:0]), "'feats' is empty"),
     ("query", dict(pids=lambda a: a.astype(np.float32)), "'pids' must be a 1-D integer array.*float32"),
     ("gallery", dict(camids=lambda a: a.reshape(-1, 1)), "'camids' must be a 1-D integer array"),
-    ("gallery", dict(feats=lambda a: a.astype(np.int32)), "'feats' must be a 2-D float array"),
+    ("gallery", dict(feats=lambda a: a.astype(np.int32)), "'feats' must hold floating-point values, got dtype int32"),
 ])
 def test_cli_bad_split_is_reported(tool, tmp_path, case, capsys, which, changes, message):
     paths = _mutated_file(tmp_path, case, which, **changes)
@@ -217,12 +217,12 @@ def test_cli_dimension_mismatch_and_unreadable_files(tool, tmp_path, case, capsy
 
     missing = tmp_path / "nope.npz"
     assert tool.main(["--query", str(missing), "--gallery", str(paths["gallery"]), *base]) == 2
-    assert f"{missing}: file not found" in capsys.readouterr().err
+    assert f"feature file not found: {missing}" in capsys.readouterr().err
 
     garbage = tmp_path / "garbage.npz"
     garbage.write_bytes(b"this is not an npz archive")
     assert tool.main(["--query", str(garbage), "--gallery", str(paths["gallery"]), *base]) == 2
-    assert f"{garbage}: cannot read as .npz" in capsys.readouterr().err
+    assert f"{garbage}: cannot read it as an .npz archive (not a zip file" in capsys.readouterr().err
 
 
 def test_cli_queries_without_positives(tool, tmp_path, case, capsys):

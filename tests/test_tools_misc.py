@@ -52,7 +52,8 @@ def test_extract_features_writes_the_evaluate_npz(demo, market, synthetic_world,
     assert code == 0
     with np.load(out, allow_pickle=False) as archive:
         data = {key: archive[key] for key in archive.files}
-    assert sorted(data) == ["camids", "feats", "paths", "pids"]
+    assert sorted(data) == ["camids", "feats", "model", "paths", "pids"]
+    assert str(data["model"]).startswith("finetuned model from ")
     # The folder holds the reader's gallery plus pid -1 junk (which the reader drops): same rows otherwise.
     kept = data["pids"] != -1
     assert (~kept).sum() > 0
@@ -62,7 +63,7 @@ def test_extract_features_writes_the_evaluate_npz(demo, market, synthetic_world,
         np.testing.assert_array_equal(data["camids"][kept], reference["camids"])
         np.testing.assert_allclose(data["feats"][kept], reference["feats"], atol=1e-5, rtol=0)
     evaluate = _tool("evaluate")
-    assert evaluate.load_split(out)["feats"].shape == data["feats"].shape  # the format tools/evaluate.py reads
+    assert evaluate.load_split(out).feats.shape == data["feats"].shape  # the format tools/evaluate.py reads
 
 
 def test_extract_features_without_dataset_naming_has_no_labels(demo, market, tmp_path):
@@ -74,7 +75,7 @@ def test_extract_features_without_dataset_naming_has_no_labels(demo, market, tmp
     assert _tool("extract_features").main(["--weights", str(demo[0]), "--images", str(folder / "*.jpg"),
                                            "--out", str(out), "--device", "cpu"]) == 0
     with np.load(out) as archive:
-        assert sorted(archive.files) == ["feats", "paths"]
+        assert sorted(archive.files) == ["feats", "model", "paths"]
         assert archive["feats"].shape[0] == 3
 
 
@@ -117,10 +118,18 @@ def test_visualize_ranks_without_weights_and_mismatched_features(demo, synthetic
     assert tool.main(["--query-features", str(outputs.query_features), "--gallery-features",
                       str(outputs.gallery_features), "--out", str(tmp_path / "plain"), *common]) == 0
     assert not list((tmp_path / "plain" / "maps").glob("*.png"))
-    # Gallery features passed as the query: the split check refuses them.
-    assert tool.main(["--query-features", str(outputs.gallery_features), "--gallery-features",
+    # Files without image paths (older ones, or written by hand) take them from the split, which is checked:
+    # gallery features passed as the query are refused.
+    with np.load(outputs.gallery_features) as archive:
+        without_paths = tmp_path / "no_paths.npz"
+        np.savez(without_paths, **{key: archive[key] for key in ("feats", "pids", "camids")})
+    assert tool.main(["--query-features", str(without_paths), "--gallery-features",
                       str(outputs.gallery_features), "--out", str(tmp_path / "bad"), *common]) == 2
     assert "do not match the query split" in capsys.readouterr().err
+    # test.py's own files name their images: no data set is needed.
+    assert tool.main(["--query-features", str(outputs.query_features), "--gallery-features",
+                      str(outputs.gallery_features), "--out", str(tmp_path / "no_dataset"), "--num-queries", "1",
+                      "--topk", "2"]) == 0
     assert tool.main(["--query-features", str(tmp_path / "none.npz"), "--gallery-features",
                       str(outputs.gallery_features), "--out", str(tmp_path / "bad"), *common]) == 2
     assert "not found" in capsys.readouterr().err

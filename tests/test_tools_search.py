@@ -147,3 +147,50 @@ def test_search_fails_clearly(search_tool, weights, synthetic_world, tmp_path, c
     assert search_tool.main(["--weights", str(weights), "--query", str(plain), "--gallery", gallery,
                              "--exclude-same-camera", *common]) == 2
     assert "Market-1501" in capsys.readouterr().err
+
+
+def test_a_gallery_feature_file_ranks_as_the_folder_it_was_extracted_from(report, search_tool, weights,
+                                                                          synthetic_world, tmp_path, capsys):
+    folder = synthetic_world / "market" / "bounding_box_test"
+    features = tmp_path / "gallery.npz"
+    extract = load_tool_module(REPO / "tools" / "extract_features.py", "extract_tool")
+    assert extract.main(["--weights", str(weights), "--images", str(folder), "--out", str(features),
+                         "--device", "cpu"]) == 0
+    out = tmp_path / "from_file.html"
+    query_dir = report.parent.parent.parent / "queries"
+    assert search_tool.main(["--weights", str(weights), "--query", str(query_dir), "--gallery", str(features),
+                             "--topk", str(TOPK), "--out", str(out), "--device", "cpu", "--exclude-same-camera"]) == 0
+    assert "warning" not in capsys.readouterr().err  # the file names the same model
+    from_folder = json.loads(report.with_suffix(".json").read_text())["queries"]
+    from_file = json.loads(out.with_suffix(".json").read_text())["queries"]
+    # The same features (the same model on the same images, in batches of the same size): the same
+    # distances up to float rounding, and the same images where their distances are not tied.
+    for a, b in zip(from_folder, from_file):
+        np.testing.assert_allclose([h["distance"] for h in a["ranked"]], [h["distance"] for h in b["ranked"]],
+                                   atol=1e-6)
+        distances = np.array([h["distance"] for h in a["ranked"]])
+        gaps = np.diff(distances, prepend=-np.inf, append=np.inf)
+        untied = (gaps[:-1] > 1e-5) & (gaps[1:] > 1e-5)
+        assert untied.sum() >= TOPK // 2  # the check below compares something
+        assert [h["path"] for h, keep in zip(a["ranked"], untied) if keep] == \
+            [h["path"] for h, keep in zip(b["ranked"], untied) if keep]
+
+
+def test_a_gallery_feature_file_of_another_model_or_with_lost_images_is_named(search_tool, weights, synthetic_world,
+                                                                              tmp_path, capsys):
+    from passreid.eval.feature_file import write_feature_file
+
+    images = list_images(synthetic_world / "market" / "bounding_box_test")[:6]
+    query = ["--query", images[0], "--topk", "2", "--out", str(tmp_path / "r.html"), "--device", "cpu"]
+    feats = np.random.default_rng(0).standard_normal((6, 7)).astype(np.float32)
+    write_feature_file(tmp_path / "small.npz", feats, paths=images, model="another model")
+    assert search_tool.main(["--weights", str(weights), "--gallery", str(tmp_path / "small.npz"), *query]) == 2
+    assert "its features are 7-D, this model's are" in capsys.readouterr().err
+    dim = FeatureExtractor(weights, device="cpu")(images[:1]).shape[1]
+    feats = np.random.default_rng(0).standard_normal((6, dim)).astype(np.float32)
+    write_feature_file(tmp_path / "other.npz", feats, paths=images, model="another model")
+    assert search_tool.main(["--weights", str(weights), "--gallery", str(tmp_path / "other.npz"), *query]) == 0
+    assert "was extracted by\n  another model\nthis search runs" in capsys.readouterr().err
+    write_feature_file(tmp_path / "lost.npz", feats, paths=[str(tmp_path / "gone.jpg"), *images[1:]])
+    assert search_tool.main(["--weights", str(weights), "--gallery", str(tmp_path / "lost.npz"), *query]) == 2
+    assert f"1 of its 6 images are not there (first: {tmp_path / 'gone.jpg'})" in capsys.readouterr().err

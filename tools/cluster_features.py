@@ -13,26 +13,20 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-import zipfile
 from pathlib import Path
 
 import numpy as np
 
+from passreid.atomic_files import atomic_write
 from passreid.cli import error_boundary
 from passreid.cluster import dbscan_pseudo_labels
 from passreid.config import add_debug_flag
-
-FEATURES_KEY = "feats"
-
-
-class FeatureFileError(ValueError):
-    """The features file is missing, unreadable or does not hold a usable ``feats`` array."""
-
+from passreid.eval.feature_file import read_feature_file
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options (defaults are the published Cluster-Contrast settings)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--features", required=True, type=Path, help=f".npz file holding '{FEATURES_KEY}' (N x D)")
+    parser.add_argument("--features", required=True, type=Path, help=".npz feature file holding 'feats' (N x D)")
     parser.add_argument("--out", required=True, type=Path, help="output .npy of int64 labels (-1 = outlier)")
     parser.add_argument("--k1", type=int, default=30, help="k-reciprocal neighbourhood size (default 30)")
     parser.add_argument("--k2", type=int, default=6, help="local query expansion size (default 6)")
@@ -45,48 +39,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def load_features(path: Path) -> np.ndarray:
-    """Read ``feats`` from an ``.npz``; raises :class:`FeatureFileError` naming the problem."""
-    if not path.is_file():
-        raise FeatureFileError(f"features file not found: {path}")
-    try:
-        archive = np.load(path, allow_pickle=False)
-    except (OSError, ValueError, zipfile.BadZipFile) as exc:
-        raise FeatureFileError(f"{path}: cannot read it as an .npz archive ({exc})") from exc
-    if not isinstance(archive, np.lib.npyio.NpzFile):
-        raise FeatureFileError(f"{path}: expected an .npz archive holding '{FEATURES_KEY}', got a plain array file")
-    with archive:
-        if FEATURES_KEY not in archive.files:
-            raise FeatureFileError(
-                f"{path}: no '{FEATURES_KEY}' array (found keys: {', '.join(archive.files) or 'none'})")
-        try:
-            feats = archive[FEATURES_KEY]
-        except (OSError, ValueError, zipfile.BadZipFile) as exc:
-            raise FeatureFileError(f"{path}: cannot read '{FEATURES_KEY}' ({exc})") from exc
-    if feats.ndim != 2:
-        raise FeatureFileError(f"{path}: '{FEATURES_KEY}' must be a 2-D (N, D) array, got shape {feats.shape}")
-    if feats.shape[0] == 0 or feats.shape[1] == 0:
-        raise FeatureFileError(f"{path}: '{FEATURES_KEY}' is empty (shape {feats.shape})")
-    if not np.issubdtype(feats.dtype, np.floating):
-        raise FeatureFileError(f"{path}: '{FEATURES_KEY}' must hold floating-point values, got dtype {feats.dtype}")
-    bad_rows = np.flatnonzero(~np.isfinite(feats).all(axis=1))
-    if bad_rows.size:
-        raise FeatureFileError(f"{path}: '{FEATURES_KEY}' has NaN/Inf values in {bad_rows.size} row(s), "
-                               f"first at row {bad_rows[0]}")
-    return np.ascontiguousarray(feats, dtype=np.float32)
-
-
-@error_boundary(extra=(FeatureFileError,))
+@error_boundary
 def main(argv: list[str] | None = None) -> int:
     """Run the tool; returns the exit status (2 for bad input or options)."""
     args = parse_args(argv)
-    feats = load_features(args.features)
+    feats = read_feature_file(args.features).feats
     start = time.perf_counter()
     labels = dbscan_pseudo_labels(feats, eps=args.eps, min_samples=args.min_samples, k1=args.k1, k2=args.k2,
                                   normalize=not args.no_normalize, backend=args.backend, device=args.device)
     elapsed = time.perf_counter() - start
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    np.save(args.out, labels)
+    atomic_write(args.out, lambda handle: np.save(handle, labels), what="labels file")
     num_clusters = len(np.unique(labels[labels >= 0]))
     num_outliers = int((labels == -1).sum())
     print(f"{len(labels)} features -> {num_clusters} clusters, {num_outliers} outliers "

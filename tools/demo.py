@@ -32,6 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from passreid.atomic_files import atomic_write_text
 from passreid.demo import demo_data_arguments
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -174,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     render_worlds(root)
     for stage in build_stages():
         summary["stages"][stage.name] = run_stage(stage, root, args.quick)
-        (root / "demo_metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
+        atomic_write_text(root / "demo_metrics.json", json.dumps(summary, indent=2) + "\n")
     print("\n" + format_summary(summary))
     print(f"\nsummary written to {root / 'demo_metrics.json'}")
     return 0

@@ -17,75 +17,35 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import zipfile
 from pathlib import Path
 
-import numpy as np
 import torch
 
+from passreid.atomic_files import atomic_write_text
 from passreid.cli import error_boundary
 from passreid.config import add_debug_flag
 from passreid.eval import EvaluationInputError, rank_metrics, rank_metrics_from_distance
+from passreid.eval.feature_file import FeatureFile, read_feature_file
 from passreid.eval.rank import DEFAULT_MEMORY_BUDGET_MB
 
-REQUIRED_KEYS = ("feats", "pids", "camids")
+def load_split(path: Path) -> FeatureFile:
+    """Read one split's feature file (``feats``, ``pids``, ``camids``); errors name the file and the key."""
+    return read_feature_file(path, require=("pids", "camids"))
 
 
-def load_split(path: Path) -> dict[str, np.ndarray]:
-    """Read and validate one ``.npz`` split; errors name the file and the offending key."""
-    if not path.is_file():
-        raise EvaluationInputError(f"{path}: file not found")
-    try:
-        with np.load(path, allow_pickle=False) as archive:
-            missing = [key for key in REQUIRED_KEYS if key not in archive.files]
-            if missing:
-                raise EvaluationInputError(
-                    f"{path}: missing key(s) {missing}; expected {list(REQUIRED_KEYS)}, found {sorted(archive.files)}"
-                )
-            data = {key: archive[key] for key in REQUIRED_KEYS}
-    except (OSError, ValueError, zipfile.BadZipFile) as error:
-        if isinstance(error, EvaluationInputError):
-            raise
-        raise EvaluationInputError(f"{path}: cannot read as .npz ({error})") from error
-
-    feats, pids, camids = data["feats"], data["pids"], data["camids"]
-    if feats.ndim != 2 or not np.issubdtype(feats.dtype, np.floating):
-        raise EvaluationInputError(
-            f"{path}: 'feats' must be a 2-D float array (N x D), got shape {feats.shape} dtype {feats.dtype}"
-        )
-    if feats.shape[0] == 0 or feats.shape[1] == 0:
-        raise EvaluationInputError(f"{path}: 'feats' is empty (shape {feats.shape})")
-    for key, values in (("pids", pids), ("camids", camids)):
-        if values.ndim != 1 or values.dtype.kind not in "iu":
-            raise EvaluationInputError(
-                f"{path}: '{key}' must be a 1-D integer array, got shape {values.shape} dtype {values.dtype}"
-            )
-        if len(values) != feats.shape[0]:
-            raise EvaluationInputError(
-                f"{path}: '{key}' has {len(values)} entries but 'feats' has {feats.shape[0]} rows"
-            )
-    non_finite = ~np.isfinite(feats)
-    if non_finite.any():
-        row = int(np.argwhere(non_finite)[0, 0])
-        raise EvaluationInputError(
-            f"{path}: 'feats' has {int(non_finite.sum())} NaN/Inf value(s) (first in row {row})"
-        )
-    return data
-
-
-def compute_metrics(query: dict, gallery: dict, args: argparse.Namespace, device: str):
+def compute_metrics(query: FeatureFile, gallery: FeatureFile, args: argparse.Namespace, device: str):
     """Rank metrics of the feature distance, or of the re-ranked distance with ``--rerank``."""
-    ids = (query["pids"], gallery["pids"], query["camids"], gallery["camids"])
+    ids = (query.pids, gallery.pids, query.camids, gallery.camids)
     if not args.rerank:
         return rank_metrics(
-            query["feats"], gallery["feats"], *ids, metric=args.metric, normalize=args.normalize,
+            query.feats, gallery.feats, *ids, metric=args.metric, normalize=args.normalize,
             max_rank=args.max_rank, chunk_size=args.chunk_size, memory_budget_mb=args.memory_budget_mb,
             device=device,
         )
     from passreid.eval.rerank import re_ranking
 
-    query_feats = torch.nn.functional.normalize(torch.from_numpy(query["feats"]).float(), dim=1)
-    gallery_feats = torch.nn.functional.normalize(torch.from_numpy(gallery["feats"]).float(), dim=1)
+    query_feats = torch.nn.functional.normalize(torch.from_numpy(query.feats), dim=1)
+    gallery_feats = torch.nn.functional.normalize(torch.from_numpy(gallery.feats), dim=1)
     distance = re_ranking(query_feats, gallery_feats, k1=args.k1, k2=args.k2, lambda_value=args.lambda_value)
     return rank_metrics_from_distance(
         distance, *ids, max_rank=args.max_rank, chunk_size=args.chunk_size,
@@ -136,10 +96,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     check_arguments(args)
     query, gallery = load_split(args.query), load_split(args.gallery)
-    if query["feats"].shape[1] != gallery["feats"].shape[1]:
+    if query.feats.shape[1] != gallery.feats.shape[1]:
         raise EvaluationInputError(
-            f"feature dimension differs: {args.query} has D={query['feats'].shape[1]}, "
-            f"{args.gallery} has D={gallery['feats'].shape[1]}"
+            f"feature dimension differs: {args.query} has D={query.feats.shape[1]}, "
+            f"{args.gallery} has D={gallery.feats.shape[1]}"
         )
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     result = compute_metrics(query, gallery, args, device)
@@ -159,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         "tie_rule": "stable: ascending distance, then gallery index",
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    atomic_write_text(args.out, json.dumps(report, indent=2) + "\n")
 
     distance = "k-reciprocal re-ranking" if args.rerank else (
         f"{args.metric} ({'L2-normalised' if args.normalize or args.metric == 'cosine' else 'raw'} features)"

@@ -17,12 +17,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from passreid.atomic_files import atomic_write, atomic_write_text
 from passreid.cli import error_boundary
 from passreid.config import add_debug_flag
 from passreid.inference import BACKBONE_FEATURES, CLI_ERRORS, LoadedModel, load_model
@@ -62,7 +64,17 @@ def _example_inputs(model: LoadedModel, batch: int, seed: int) -> tuple[torch.Te
 
 
 def export_onnx(model: LoadedModel, out: Path, opset: int = 17, exporter: str = "torchscript") -> dict:
-    """Write ``out`` (and ``<out>.json``); returns the metadata recorded with it."""
+    """Write ``out`` (and ``<out>.json``), each atomically; returns the metadata recorded with it."""
+    with tempfile.TemporaryDirectory(prefix="passreid-onnx-") as scratch:  # the exporter writes a path
+        graph_file = Path(scratch) / "model.onnx"
+        metadata = _export_graph(model, graph_file, opset, exporter)
+        _write_metadata(graph_file, out, metadata)
+    atomic_write_text(out.with_suffix(out.suffix + ".json"), json.dumps(metadata, indent=2) + "\n")
+    return metadata
+
+
+def _export_graph(model: LoadedModel, out: Path, opset: int, exporter: str) -> dict:
+    """Export the feature network to ``out``; returns the metadata that describes its inputs and output."""
     model.to("cpu")
     net = model.net.eval()
     inputs = _example_inputs(model, TRACE_BATCH, seed=0)
@@ -86,19 +98,18 @@ def export_onnx(model: LoadedModel, out: Path, opset: int = 17, exporter: str = 
                 "pixel_std": list(model.pixel_std), "feature_dim": feature_dim,
                 "preprocessing": "RGB, resize (bilinear) to input_height x input_width, scale to [0, 1], "
                                  "subtract pixel_mean, divide by pixel_std"}
-    _write_metadata(out, metadata)
-    out.with_suffix(out.suffix + ".json").write_text(json.dumps(metadata, indent=2) + "\n")
     return metadata
 
 
-def _write_metadata(path: Path, metadata: dict) -> None:
+def _write_metadata(exported: Path, out: Path, metadata: dict) -> None:
+    """``out``: the ``exported`` graph with ``metadata`` in its properties."""
     import onnx
 
-    graph = onnx.load(str(path))
+    graph = onnx.load(str(exported))
     for key, value in metadata.items():
         entry = graph.metadata_props.add()
         entry.key, entry.value = key, json.dumps(value)
-    onnx.save(graph, str(path))
+    atomic_write(out, lambda handle: handle.write(graph.SerializeToString()), what="ONNX file")
 
 
 def check_onnx(model: LoadedModel, path: Path, atol: float) -> float:

@@ -3,7 +3,9 @@
     python tools/search.py --weights runs/market/model_final.pth --query q.jpg --gallery gallery/ --out report.html
     python tools/search.py --weights model_final.pth --query queries/ --gallery gallery/ --topk 10 --out r.html
 
-``--query`` / ``--gallery``: an image, a folder (sorted, not recursive) or a quoted glob. Writes
+``--query`` / ``--gallery``: an image, a folder (sorted, not recursive) or a quoted glob; ``--gallery`` may also be
+a feature file of ``tools/extract_features.py`` (``gallery.npz``: extracted once, searched many times; its
+features must have this model's size, and a file that names another model is used with a warning). Writes
 
 * ``report.html``: one row per query with its top-k gallery images and their distances (self-contained:
   thumbnails are embedded); frames are green / red when both names follow Market-1501 naming
@@ -23,10 +25,13 @@ import sys
 from pathlib import Path
 
 
+from passreid.atomic_files import atomic_write_text
 from passreid.cli import error_boundary
 from passreid.config import add_debug_flag
 from passreid.inference import (CLI_ERRORS, add_model_arguments, extracted, list_images, load_model_from_args,
                                 parse_market_names)
+from passreid.eval.feature_file import FeatureFile, read_feature_file
+from passreid.eval.features import ExtractedFeatures
 from passreid.visualization import RankHit, RankRow, format_distance, rank_gallery, rank_strip, write_rank_html
 
 
@@ -34,7 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_model_arguments(parser)
     parser.add_argument("--query", required=True, help="query image, folder or quoted glob")
-    parser.add_argument("--gallery", required=True, help="gallery image, folder or quoted glob")
+    parser.add_argument("--gallery", required=True,
+                        help="gallery image, folder or quoted glob, or a .npz feature file of tools/extract_features.py")
     parser.add_argument("--topk", type=int, default=10)
     parser.add_argument("--out", type=Path, required=True, help="HTML page to write (PNG strips and JSON next to it)")
     parser.add_argument("--exclude-same-camera", action="store_true",
@@ -47,6 +53,38 @@ def _stem(path: str) -> str:
     return Path(path).stem
 
 
+def _gallery_source(gallery: str) -> tuple[list[str], tuple | None, FeatureFile | None]:
+    """Image paths and Market-1501 labels of ``--gallery``, and its stored features when it is a feature file
+    (``tools/extract_features.py``: the gallery is then not extracted again)."""
+    if not (gallery.endswith(".npz") and Path(gallery).is_file()):
+        paths = list_images(gallery)
+        return paths, parse_market_names(paths), None
+    stored = read_feature_file(gallery, require=("paths",))
+    missing = [image for image in stored.paths if not Path(image).is_file()]
+    if missing:
+        raise FileNotFoundError(f"--gallery {gallery}: {len(missing)} of its {len(stored.paths)} images are not "
+                                f"there (first: {missing[0]}); the page shows each hit's image")
+    labels = (stored.pids, stored.camids) if stored.pids is not None and stored.camids is not None else None
+    return stored.paths, labels, stored
+
+
+def _check_stored_gallery(gallery: str, stored: FeatureFile, model, feature_dim: int) -> None:
+    """Stored gallery features must come from the search's model: the same size; another model's name warns."""
+    if stored.feats.shape[1] != feature_dim:
+        raise ValueError(f"--gallery {gallery}: its features are {stored.feats.shape[1]}-D, this model's are "
+                         f"{feature_dim}-D; extract the gallery with the model of --weights")
+    if stored.model is not None and stored.model != model.describe():
+        print(f"warning: --gallery {gallery} was extracted by\n  {stored.model}\nthis search runs\n  "
+              f"{model.describe()}\ndistances are meaningful only if that is the same model", file=sys.stderr)
+
+
+def _features(extractor, paths: list[str], labels: tuple | None, split: str) -> ExtractedFeatures:
+    if extractor.model.uses_cameras and labels is None:
+        raise ValueError(f"this model uses SIE camera embeddings, but the {split} file names carry no camera ids")
+    return extracted(extractor(paths, camids=labels[1] if extractor.model.uses_cameras else None),
+                     *(labels or (None, None)))
+
+
 def search(args: argparse.Namespace) -> dict:
     """Rank, write the page, strips and JSON; returns the JSON record."""
     if args.topk < 1:
@@ -54,8 +92,9 @@ def search(args: argparse.Namespace) -> dict:
     if args.out.parent.exists() and not args.out.parent.is_dir():
         raise NotADirectoryError(f"--out {args.out}: {args.out.parent} is not a folder")
     args.out.parent.mkdir(parents=True, exist_ok=True)  # before the model runs: a read-only place fails at once
-    query_paths, gallery_paths = list_images(args.query), list_images(args.gallery)
-    query_labels, gallery_labels = parse_market_names(query_paths), parse_market_names(gallery_paths)
+    query_paths = list_images(args.query)
+    query_labels = parse_market_names(query_paths)
+    gallery_paths, gallery_labels, stored = _gallery_source(args.gallery)
     known = query_labels is not None and gallery_labels is not None
     if args.exclude_same_camera and not known:
         raise ValueError("--exclude-same-camera needs identities and cameras from Market-1501 file names "
@@ -63,12 +102,12 @@ def search(args: argparse.Namespace) -> dict:
     extractor = load_model_from_args(args)
     model = extractor.model
     print(model.describe())
-    if model.uses_cameras and not known:
-        raise ValueError("this model uses SIE camera embeddings, but the file names carry no camera ids")
-    query = extracted(extractor(query_paths, camids=query_labels[1] if model.uses_cameras else None),
-                      *(query_labels or (None, None)))
-    gallery = extracted(extractor(gallery_paths, camids=gallery_labels[1] if model.uses_cameras else None),
-                        *(gallery_labels or (None, None)))
+    query = _features(extractor, query_paths, query_labels, "query")
+    if stored is None:
+        gallery = _features(extractor, gallery_paths, gallery_labels, "gallery")
+    else:
+        _check_stored_gallery(args.gallery, stored, model, query.feats.shape[1])
+        gallery = extracted(stored.feats, *(gallery_labels or (None, None)))
     exclude = None
     if args.exclude_same_camera:
         exclude = [(gallery.pids == pid) & (gallery.camids == cam) for pid, cam in zip(query.pids, query.camids)]
@@ -88,7 +127,7 @@ def search(args: argparse.Namespace) -> dict:
             {"path": h.image, "distance": h.distance, "same_identity": h.match} for h in hits]})
     notes = [model.describe(), f"{len(query_paths)} queries, {len(gallery_paths)} gallery images, top {args.topk}"]
     write_rank_html(rows, args.out, title="passreid search", notes=notes)
-    args.out.with_suffix(".json").write_text(json.dumps(record, indent=1) + "\n")
+    atomic_write_text(args.out.with_suffix(".json"), json.dumps(record, indent=1) + "\n")
     return record
 
 

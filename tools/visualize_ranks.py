@@ -2,7 +2,7 @@
 
     python finetune/test.py --weights runs/market/model_final.pth --output-dir runs/market/test
     python tools/visualize_ranks.py --query-features runs/market/test/query_features.npz \
-        --gallery-features runs/market/test/gallery_features.npz --dataset market1501 --data-root /data \
+        --gallery-features runs/market/test/gallery_features.npz \
         --weights runs/market/model_final.pth --out runs/market/ranks
 
 Features are the ``feats`` / ``pids`` / ``camids`` .npz files of ``finetune/test.py`` or
@@ -38,14 +38,12 @@ from passreid.cli import error_boundary
 from passreid.config import add_debug_flag
 from passreid.data import build_dataset, read_image
 from passreid.eval.distance import FeatureDistance
+from passreid.eval.feature_file import read_feature_file
 from passreid.eval.features import ExtractedFeatures
 from passreid.inference import CLI_ERRORS, BACKBONE_FEATURES, FeatureExtractor, LoadedModel
 from passreid.visualization import (PartView, RankHit, RankRow, format_distance, format_part_distances,
                                     heatmap_overlay, part_distances, part_view, rank_gallery, rank_strip,
                                     write_rank_html)
-
-REQUIRED_KEYS = ("feats", "pids", "camids")
-
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -70,27 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def load_features(path: Path) -> tuple[ExtractedFeatures, list[str] | None]:
-    """Features, labels and (when stored) paths of one .npz; errors name the file and what is missing."""
-    if not path.is_file():
-        raise FileNotFoundError(f"feature file not found: {path}")
-    try:
-        with np.load(path, allow_pickle=False) as archive:
-            missing = [key for key in REQUIRED_KEYS if key not in archive.files]
-            if missing:
-                raise ValueError(f"{path}: missing key(s) {missing}; expected {list(REQUIRED_KEYS)} (and optionally "
-                                 f"'paths'), found {sorted(archive.files)}")
-            arrays = {key: archive[key] for key in archive.files}
-    except (OSError, EOFError) as error:
-        raise ValueError(f"{path}: cannot read as .npz ({error})") from error
-    feats = arrays["feats"]
-    if feats.ndim != 2 or len(arrays["pids"]) != len(feats) or len(arrays["camids"]) != len(feats):
-        raise ValueError(f"{path}: expected feats (N, D) with N pids and camids, got {feats.shape}, "
-                         f"{arrays['pids'].shape}, {arrays['camids'].shape}")
-    paths = [str(p) for p in arrays["paths"]] if "paths" in arrays else None
-    if paths is not None and len(paths) != len(feats):
-        raise ValueError(f"{path}: {len(paths)} paths for {len(feats)} feature rows")
-    return ExtractedFeatures(feats.astype(np.float32), arrays["pids"].astype(np.int64),
-                             arrays["camids"].astype(np.int64)), paths
+    """Features, labels and (when stored) image paths of one feature file; errors name the file and the key."""
+    stored = read_feature_file(path, require=("pids", "camids"))
+    return ExtractedFeatures(stored.feats, stored.pids, stored.camids), stored.paths
 
 
 def _split_paths(args: argparse.Namespace, split: str, feats: ExtractedFeatures, items) -> list[str]:

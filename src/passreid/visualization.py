@@ -33,6 +33,7 @@ import torch
 from PIL import Image, ImageDraw, ImageOps
 from torch import Tensor
 
+from passreid.atomic_files import atomic_write_text
 from passreid.data.images import read_image
 from passreid.eval.distance import DistanceChunkFn
 
@@ -307,5 +308,4 @@ def write_rank_html(rows: Sequence[RankRow], path: str | os.PathLike, *, title: 
     page = (f"<!DOCTYPE html><html><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
             f"<style>{_STYLE}</style></head><body><h1>{html.escape(title)}</h1>{notes_html}{legend}"
             f'<table class="ranks"><thead>{header}</thead><tbody>{"".join(body)}</tbody></table></body></html>\n')
-    with open(path, "w", encoding="utf-8") as handle:
-        handle.write(page)
+    atomic_write_text(path, page, what="page")

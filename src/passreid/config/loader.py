@@ -30,6 +30,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path, PurePath
 from typing import Any, Literal, TypeVar, Union
 
+from passreid.atomic_files import atomic_write_text
+
 from .errors import ConfigError
 from .yaml_io import Layer, deep_merge, dump_yaml, load_yaml_layers, parse_yaml_value
 
@@ -122,11 +124,8 @@ def save_config(cfg: Any, path: str | os.PathLike, comment: str = "") -> Path:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     header = "".join(f"# {line}\n" for line in comment.splitlines())
-    tmp.write_text(header + dump_config(cfg), encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(path, header + dump_config(cfg), what="config")
 
 
 def field_type(schema: type, dotted_key: str) -> Any | None:

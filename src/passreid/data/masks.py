@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from passreid.atomic_files import atomic_write
+
 __all__ = [
     "BACKGROUND_STRATEGIES",
     "MaskFileError",
@@ -208,11 +210,8 @@ def write_pifpaf_fields(path: str | os.PathLike, fields: np.ndarray) -> Path:
     path = Path(path)
     checked = _check_fields(np.asarray(fields), f"fields for {path}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp")
-    with open(temporary, "wb") as handle:
-        np.save(handle, np.ascontiguousarray(checked, dtype=np.float32))
-    os.replace(temporary, path)
-    return path
+    return atomic_write(path, lambda handle: np.save(handle, np.ascontiguousarray(checked, dtype=np.float32)),
+                        what="mask file")
 
 
 def check_masks_exist(image_paths: Sequence[str | os.PathLike], masks_dir: str, suffix: str,

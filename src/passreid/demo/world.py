@@ -50,6 +50,7 @@ from typing import NamedTuple, Sequence
 import numpy as np
 from PIL import Image, ImageFilter
 
+from passreid.atomic_files import atomic_write_text
 from passreid.data import masks
 
 GENERATOR_VERSION = 3   # 2: parsing masks next to the images; 3: TSD split lists in market_occluded/ (images unchanged)
@@ -1069,9 +1070,8 @@ def generate_world(out_dir: str | os.PathLike, spec: SyntheticWorldSpec | None =
             elif target.exists():
                 target.unlink()
         counts = _generate(spec, out)
-        temporary = manifest_path.with_suffix(".json.tmp")
-        temporary.write_text(json.dumps({**wanted, "counts": counts}, indent=2, sort_keys=True) + "\n")
-        os.replace(temporary, manifest_path)   # written last: a half-written world is regenerated next time
+        # written last: a half-written world is regenerated next time
+        atomic_write_text(manifest_path, json.dumps({**wanted, "counts": counts}, indent=2, sort_keys=True) + "\n")
     return out
 
 

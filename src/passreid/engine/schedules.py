@@ -20,6 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from passreid.atomic_files import atomic_write
+
 
 def cosine_schedule(
     base: float,
@@ -142,9 +144,6 @@ def warmup_step_lr(
 def save_schedules(path: str | os.PathLike[str], **arrays: np.ndarray) -> Path:
     """Write a run's per-iteration schedules (``lr=``, ``weight_decay=``, ...; row ``i`` is iteration ``i + 1``)
     to an ``.npz`` file, atomically (temporary file, then rename). ``numpy.load`` reads them back."""
-    path = Path(path)
-    temporary = path.with_name(f".{path.name}.tmp")
-    with open(temporary, "wb") as handle:
-        np.savez(handle, **{name: np.asarray(values) for name, values in arrays.items()})
-    os.replace(temporary, path)
-    return path
+    return atomic_write(path, lambda handle: np.savez(handle, **{name: np.asarray(values)
+                                                                 for name, values in arrays.items()}),
+                        what="schedules file")

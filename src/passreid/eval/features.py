@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
-from typing import Callable
+from pathlib import Path
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -12,6 +14,7 @@ from torch.utils.data import DataLoader
 
 from passreid import dist
 from passreid.engine.logger import ThroughputLogger
+from passreid.eval.feature_file import write_feature_file
 
 FeatureFn = Callable[[nn.Module, torch.Tensor], torch.Tensor]
 
@@ -41,9 +44,10 @@ class ExtractedFeatures:
     pids: np.ndarray  # (N,) int64
     camids: np.ndarray  # (N,) int64
 
-    def save_npz(self, path: str) -> None:
-        """Write the ``feats`` / ``pids`` / ``camids`` npz that ``tools/evaluate.py`` reads."""
-        np.savez(path, feats=self.feats, pids=self.pids, camids=self.camids)
+    def save_npz(self, path: str | os.PathLike, paths: Sequence[str] | None = None) -> Path:
+        """Write the feature file (:mod:`passreid.eval.feature_file`) that ``tools/evaluate.py`` reads, with the
+        images' ``paths`` when given (``tools/visualize_ranks.py`` then needs no data set)."""
+        return write_feature_file(path, self.feats, pids=self.pids, camids=self.camids, paths=paths)
 
 
 @torch.no_grad()

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from passreid import dist
+from passreid.atomic_files import atomic_write_text
 from passreid.cli import error_boundary
 from passreid.config import (Layer, build_config, default_argument_parser, overrides_to_layers, parse_and_load,
                              print_config)
@@ -89,10 +90,10 @@ def run_test(
         "published_checkpoint_report": report.summary() if report is not None else None,
     }
     metrics_path = out / METRICS_JSON
-    metrics_path.write_text(json.dumps(record, indent=2) + "\n")
+    atomic_write_text(metrics_path, json.dumps(record, indent=2) + "\n")
     query_path, gallery_path = out / QUERY_FEATURES, out / GALLERY_FEATURES
-    result.query.save_npz(str(query_path))
-    result.gallery.save_npz(str(gallery_path))
+    result.query.save_npz(query_path, paths=[item.path for item in dataset.query])
+    result.gallery.save_npz(gallery_path, paths=[item.path for item in dataset.gallery])
     logger.info("wrote %s, %s, %s", metrics_path, query_path, gallery_path)
     return EvaluationOutputs(out, metrics_path, query_path, gallery_path, result)
 
