@@ -95,6 +95,9 @@ def test_make_output_dir_creates_nested_dir_and_layout_names(tmp_path: Path) -> 
     (tmp_path / "file").write_text("x")
     with pytest.raises(NotADirectoryError, match="file"):
         make_output_dir(tmp_path / "file")
+    # A parent that is a file: the error names the folder asked for (the stages print it as their one line).
+    with pytest.raises(NotADirectoryError, match=f"cannot create the output directory {tmp_path / 'file' / 'run'}"):
+        make_output_dir(tmp_path / "file" / "run")
 
 
 # --------------------------------------------------------------------------- atomic_save

@@ -70,14 +70,17 @@ def output_layout(output_dir: str | os.PathLike[str]) -> OutputLayout:
 def make_output_dir(path: str | os.PathLike[str]) -> Path:
     """Create the run's output directory (parents too; safe if it exists) and return it.
 
-    Raises ``NotADirectoryError`` if ``path`` exists and is a file, ``PermissionError`` if
-    the directory cannot be written, so a run fails before training instead of at its
-    first checkpoint.
+    Raises ``NotADirectoryError`` if ``path`` exists and is a file, an ``OSError`` naming ``path`` if it cannot
+    be created, ``PermissionError`` if the directory cannot be written, so a run fails before training instead
+    of at its first checkpoint.
     """
     root = Path(path).expanduser()
     if root.exists() and not root.is_dir():
         raise NotADirectoryError(f"output directory {root} exists and is not a directory")
-    root.mkdir(parents=True, exist_ok=True)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as error:  # read-only or missing mount, no permission on a parent, a parent that is a file
+        raise type(error)(error.errno, f"cannot create the output directory {root}: {error.strerror}") from error
     if not os.access(root, os.W_OK | os.X_OK):
         raise PermissionError(f"output directory {root} is not writable")
     return root
