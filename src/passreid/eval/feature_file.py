@@ -116,6 +116,10 @@ def _checked_feats(path: Path, feats: np.ndarray) -> np.ndarray:
         raise FeatureFileError(f"{path}: 'feats' is empty (shape {feats.shape})")
     if not np.issubdtype(feats.dtype, np.floating):
         raise FeatureFileError(f"{path}: 'feats' must hold floating-point values, got dtype {feats.dtype}")
+    # One float64 sum is finite exactly when every value is (no overflow below 1e300): a gallery of millions of
+    # rows is not copied into an (N, D) mask unless something is wrong.
+    if np.isfinite(feats.sum(dtype=np.float64)):
+        return np.ascontiguousarray(feats, dtype=np.float32)
     bad_rows = np.flatnonzero(~np.isfinite(feats).all(axis=1))
     if bad_rows.size:
         raise FeatureFileError(f"{path}: 'feats' has NaN/Inf values in {bad_rows.size} row(s), "
