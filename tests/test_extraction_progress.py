@@ -76,3 +76,24 @@ def test_extraction_logs_progress_and_totals():
     with _Records("passreid.eval.features") as quiet:
         extract_features(nn.Flatten(), loader, feature_fn=lambda m, x: m(x), device="cpu")  # 30 s default
     assert quiet.messages == []
+
+
+def test_the_extractor_of_the_tools_prints_its_progress(tmp_path, capsys):
+    from PIL import Image
+
+    from _inference_models import save_backbone_export, tiny_pass_vit
+    from passreid.inference import FeatureExtractor, show_progress
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for index in range(5):
+        Image.new("RGB", (64, 128), (index, 0, 0)).save(images / f"{index}.png")
+    weights = save_backbone_export(tmp_path / "backbone.pth", tiny_pass_vit())
+    show_progress()
+    show_progress()  # once per process: no second handler, so no line twice
+    capsys.readouterr()
+    FeatureExtractor(weights, "cpu", batch_size=2, log_interval_s=0.0)(images)
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 4, lines  # batches 1-3 (interval 0) and the totals
+    assert re.fullmatch(r"features: batch 1/3 \(2 images\)  [\d.]+ images/s  eta \d+:\d\d:\d\d", lines[0])
+    assert re.fullmatch(r"features: 5 images in \d+:\d\d:\d\d \([\d.]+ images/s\)", lines[-1])

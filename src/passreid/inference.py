@@ -42,6 +42,7 @@ import argparse
 import glob
 import logging
 import os
+import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,6 +58,7 @@ from passreid.data.datasets import IMAGE_EXTENSIONS, is_image_file, list_image_f
 from passreid.data.images import read_image
 from passreid.data.multicrop import IMAGENET_MEAN, IMAGENET_STD
 from passreid.data.transforms import build_test_transform
+from passreid.engine.logger import ThroughputLogger
 from passreid.eval.distance import DistanceChunkFn, FeatureDistance
 from passreid.eval.features import ExtractedFeatures
 from passreid.models import (VIT_ARCHS, ArchitectureError, CheckpointFormatError,
@@ -82,6 +84,7 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+progress_logger = logging.getLogger(f"{__name__}.progress")  # FeatureExtractor's progress lines
 
 WEIGHT_KINDS = {
     "finetuned": "passreid model_final.pth (finetune/train.py)",
@@ -477,11 +480,15 @@ class FeatureExtractor:
     an antialiased filter of the model's test interpolation (bilinear; bicubic for USL/UDA models), which
     may differ from PIL's by a little.
 
-    SIE models need ``camids=`` (0-based training camera ids), one per image.
+    SIE models need ``camids=`` (0-based training camera ids), one per image. A call longer than
+    ``log_interval_s`` logs its progress (``features: batch i/n (k images)  r images/s  eta h:mm:ss``, logger
+    ``passreid.inference.progress``; the command-line tools print it) at most that often, and its totals at
+    the end.
     """
 
     def __init__(self, weights: str | os.PathLike | LoadedModel, device: torch.device | str | None = None, *,
-                 config: Any = None, batch_size: int = 64, num_workers: int = 0, **load_options: Any) -> None:
+                 config: Any = None, batch_size: int = 64, num_workers: int = 0, log_interval_s: float = 30.0,
+                 **load_options: Any) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if isinstance(weights, LoadedModel):
@@ -490,6 +497,7 @@ class FeatureExtractor:
             self.model = load_model(weights, config, device=device, **load_options)
         self.batch_size = batch_size
         self.num_workers = num_workers
+        self.log_interval_s = log_interval_s
 
     @property
     def device(self) -> torch.device:
@@ -511,11 +519,14 @@ class FeatureExtractor:
         loader = DataLoader(_ImageSources(sources, m.img_size, m.pixel_mean, m.pixel_std, m.test_interpolation),
                             batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers,
                             pin_memory=self.device.type == "cuda")
+        progress = ThroughputLogger("features", len(loader), progress_logger, interval_s=self.log_interval_s)
         feats, start = [], 0
         for images in loader:
             batch_camids = camera_ids[start:start + len(images)] if camera_ids is not None else None
             feats.append(m.features(images.to(self.device, non_blocking=True), batch_camids).float().cpu())
             start += len(images)
+            progress.update(len(images))
+        progress.finish()
         return torch.cat(feats)
 
 
@@ -553,8 +564,25 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-workers", type=int, default=0, help="image decoding worker processes")
 
 
+class _ToStderr(logging.Handler):
+    """Prints each record on the ``sys.stderr`` of the moment (a handler bound to a stream object would keep
+    one that was since replaced or closed)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(self.format(record), file=sys.stderr, flush=True)
+
+
+def show_progress() -> None:
+    """Print :class:`FeatureExtractor`'s progress lines on stderr (once per process: the tools call it)."""
+    if not any(isinstance(handler, _ToStderr) for handler in progress_logger.handlers):
+        progress_logger.addHandler(_ToStderr())
+        progress_logger.setLevel(logging.INFO)
+
+
 def load_model_from_args(args: argparse.Namespace) -> FeatureExtractor:
-    """The :class:`FeatureExtractor` described by :func:`add_model_arguments`' options."""
+    """The :class:`FeatureExtractor` described by :func:`add_model_arguments`' options; a long extraction
+    prints its progress on stderr (:func:`show_progress`)."""
+    show_progress()
     if args.device is not None and torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {args.device} was requested but CUDA is not available")
     return FeatureExtractor(args.weights, args.device, config=args.config_file, batch_size=args.batch_size,
