@@ -26,6 +26,7 @@ ROWS: list[tuple[str, list[str]]] = [
     ("knn", ["bench_knn.py"]),
     ("pretrain_step", ["bench_pretrain_step.py"]),
     ("multicrop_loading", ["bench_multicrop_loading.py"]),
+    ("worker_memory", ["bench_worker_memory.py"]),
     ("finetune_vit_small_256x128_cpu", ["bench_finetune.py"]),
 ]
 

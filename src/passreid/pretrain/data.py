@@ -13,6 +13,7 @@ from torch.utils.data import Dataset
 from passreid.data import ImageItem, SafeImageReader, build_dataset
 from passreid.data.device_multicrop import BatchedMultiCrop, collate_device_samples, device_sample_views
 from passreid.data.multicrop import MultiCropAugmentation
+from passreid.data.path_table import PathTable
 from passreid.data.samplers import ResumableDistributedSampler
 from passreid.engine import PreemptibleDataLoader, derive_seed, seeded_global_rngs, worker_init_fn
 from passreid.pretrain.config import PretrainConfig
@@ -36,14 +37,15 @@ class MultiCropDataset(Dataset):
     The augmentation of sample ``i`` in epoch ``e`` is seeded from ``(seed, e, i)`` (call
     :meth:`set_epoch` before creating each epoch's DataLoader iterator). With ``skip_corrupt``
     an undecodable image is replaced by the next readable one in the list; ``skipped`` counts
-    the replaced files (the reader logs each by name).
+    the replaced files (the reader logs each by name). The paths are kept in a :class:`PathTable`, so that
+    the DataLoader workers do not each copy millions of Python strings.
     """
 
     def __init__(self, items: Sequence[ImageItem], transform: Callable[[Any], Views], seed: int,
                  skip_corrupt: bool = False) -> None:
         if not items:
             raise ValueError("MultiCropDataset: no images")
-        self.items = list(items)
+        self.paths = PathTable(item.path for item in items)
         self.transform = transform
         self.seed = seed
         self.epoch = 0
@@ -54,14 +56,14 @@ class MultiCropDataset(Dataset):
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return len(self.items)
+        return len(self.paths)
 
     def _read(self, index: int) -> tuple[Any, int]:
-        for offset in range(len(self.items)):
-            image = self.reader(self.items[(index + offset) % len(self.items)].path)
+        for offset in range(len(self.paths)):
+            image = self.reader(self.paths[(index + offset) % len(self.paths)])
             if image is not None:
                 return image, offset
-        raise RuntimeError(f"MultiCropDataset: none of the {len(self.items)} images could be decoded")
+        raise RuntimeError(f"MultiCropDataset: none of the {len(self.paths)} images could be decoded")
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         image, skipped = self._read(index)
