@@ -6,6 +6,7 @@ import importlib.util
 import json
 import math
 import os
+import pickle
 import signal
 from pathlib import Path
 
@@ -285,6 +286,33 @@ def test_dino_mode_trains_and_exports_a_backbone_without_part_tokens(synthetic_w
     export = torch.load(out / "backbone_final.pth", weights_only=True)
     assert export["num_part_tokens"] == 0 and export["mode"] == "dino"
     assert load_pretrained(build_vit("vit_tiny", img_size=(64, 32), num_part_tokens=0), export).is_exact
+
+
+def test_the_lmdb_release_trains_as_the_same_images_in_a_folder(synthetic_world, tmp_path):
+    # LUPerson's LMDB release (key -> JPEG bytes as a uint8 array, keys.pkl) holding the folder's images in the
+    # folder's order: the same views (seeded per index), so the same losses; read by 2 forked workers, which
+    # open the database themselves.
+    lmdb = pytest.importorskip("lmdb")
+    pool = synthetic_world / "pool"
+    listing = _pool_file_list(synthetic_world, tmp_path, count=8)
+    keys = listing.read_text().split()
+    (tmp_path / "release").mkdir()
+    env = lmdb.open(str(tmp_path / "release" / "lmdb"), map_size=1 << 26)
+    with env.begin(write=True) as txn:
+        for key in keys:
+            txn.put(key.encode(), np.frombuffer((pool / key).read_bytes(), np.uint8))
+    env.close()
+    (tmp_path / "release" / "keys.pkl").write_bytes(pickle.dumps(keys))
+    common = [*TINY, "data.batch_size_per_gpu=4", "train.epochs=1", "optim.warmup_epochs=0"]
+    folder = run_pretraining(_load(DEMO, *common, "data.dataset=image_folder", f"data.root={pool}",
+                                   f"data.file_list={listing}", "data.num_workers=0",
+                                   f"train.output_dir={tmp_path / 'folder'}"))
+    release = run_pretraining(_load(DEMO, *common, "data.dataset=luperson_lmdb", f"data.root={tmp_path / 'release'}",
+                                    "data.num_workers=2", f"train.output_dir={tmp_path / 'lmdb'}"))
+    assert folder.finished and release.finished and release.iteration == folder.iteration == 2
+    losses = [[_train_records(tmp_path / run)[step]["loss"] for step in (1, 2)] for run in ("folder", "lmdb")]
+    # Same images, views and arithmetic in one process and thread: equal up to float rounding at most.
+    assert losses[1] == pytest.approx(losses[0], rel=1e-6)
 
 
 # ----------------------------------------------------------------------------- 3. DDP (2 processes, gloo)
