@@ -363,7 +363,8 @@ def test_unexpected_error_keeps_its_traceback_and_is_recorded(scripts, tmp_path,
 @pytest.mark.parametrize("name", ["pretrain", "finetune", "test", "usl", "uda"])
 def test_print_config_prints_the_resolved_yaml_and_runs_nothing(scripts, name, tmp_path, capsys):
     out = tmp_path / "never_created"
-    argv = ["--config-file", REPO / CONFIGS[name], "optim.lr=0.125", "--print-config", "--output-dir", out]
+    argv = ["--config-file", REPO / CONFIGS[name], "optim.lr=0.125", "--print-config", "--output-dir", out,
+            *_REQUIRED_INPUTS.get(name, [])]
     if name == "test":
         argv += ["--weights", tmp_path / "not_read.pth"]
     code, printed, err = _run(scripts, name, argv, capsys)
@@ -372,3 +373,26 @@ def test_print_config_prints_the_resolved_yaml_and_runs_nothing(scripts, name, t
     assert config["optim"]["lr"] == 0.125  # the override, given before an option
     assert config["train"]["output_dir"] == str(out)
     assert not out.exists()
+
+
+# What each training stage needs besides its recipe; paths need not exist yet (a launcher checks a pipeline's
+# stages before the upstream stages have written them).
+_REQUIRED_INPUTS = {"pretrain": ["--data-root", "/data/pool"], "uda": ["model.init_from=/runs/source/model_final.pth"]}
+
+
+@pytest.mark.parametrize("name, override, message", [
+    ("pretrain", "crops.local_crops_number=6", "config key 'crops.local_crops_number': must be 9 in PASS mode"),
+    ("finetune", "data.batch_size=30", "config key 'data.batch_size': 30 must be a multiple of data.num_instances"),
+    ("usl", "cluster.eps=0", "config key 'cluster.eps': must be positive"),
+    ("uda", "memory.momentum=1.5", "config key 'memory.momentum': must be in [0, 1)"),
+    ("pretrain", None, "config key 'data.root': is empty"),
+    ("uda", None, "config key 'model.init_from': UDA starts from a model trained on the source domain"),
+])
+def test_print_config_refuses_what_the_stage_would_refuse(scripts, name, override, message, tmp_path, capsys):
+    # The launchers check a pipeline's stages with --print-config before queueing any job: a value the stage
+    # cannot run with must stop them there, not when the job starts.
+    required = _REQUIRED_INPUTS.get(name, []) if override is not None else []
+    argv = ["--config-file", REPO / CONFIGS[name], "--print-config", "--output-dir", tmp_path / "out", *required,
+            *([override] if override else [])]
+    code, printed, err = _run(scripts, name, argv, capsys)
+    assert code == 2 and message in err and printed == ""

@@ -136,15 +136,17 @@ def error_boundary(main: Main | None = None, *, extra: tuple[type[BaseException]
 
 
 def run_training_command(argv: Sequence[str] | None, description: str, schema: type,
-                         run: Callable[..., Any]) -> int:
-    """The body of a training stage's command: parse the command line into ``schema`` (``--print-config`` prints
-    it and stops), ``run(cfg, resume=...)`` the stage, and requeue the SLURM job when a pre-emption signal
-    stopped it (the result says ``preempted``; rank 0 requeues)."""
+                         run: Callable[..., Any], validate: Callable[[Any], Any]) -> int:
+    """The body of a training stage's command: parse the command line into ``schema`` and ``validate`` it
+    (``--print-config`` prints it and stops: a config it prints is one the stage accepts, which is what the
+    launchers check before queueing a job), ``run(cfg, resume=...)`` the stage, and requeue the SLURM job when
+    a pre-emption signal stopped it (the result says ``preempted``; rank 0 requeues)."""
     from passreid import dist
     from passreid.config import default_argument_parser, parse_and_load, print_config
     from passreid.engine import requeue_current_job
 
     args, cfg = parse_and_load(schema, argv, default_argument_parser(description))
+    validate(cfg)
     if args.print_config:
         return print_config(cfg)
     result = run(cfg, resume=not args.no_resume)

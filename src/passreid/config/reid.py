@@ -119,6 +119,8 @@ def validate_reid_sections(model: ReIDModelConfig, data: ReIDDataConfig, train: 
         require(model.jpm_num_branches >= 1, "model.jpm_num_branches", "must be >= 1")
         require(model.jpm_shuffle_groups >= 1, "model.jpm_shuffle_groups", "must be >= 1")
         require(model.jpm_shift >= 1, "model.jpm_shift", "must be >= 1 (1 = no shift)")
+    require(data.num_instances >= 1 and data.batch_size >= 1, "data.num_instances",
+            f"batch_size and num_instances must be >= 1, got {data.batch_size}, {data.num_instances}")
     require(data.batch_size % data.num_instances == 0, "data.batch_size",
              f"{data.batch_size} must be a multiple of data.num_instances ({data.num_instances})")
     require(data.max_train_ids >= 0 and data.max_test_ids >= 0, "data.max_train_ids",

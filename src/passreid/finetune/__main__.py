@@ -18,12 +18,13 @@ from collections.abc import Sequence
 
 from passreid.cli import error_boundary, run_training_command
 from passreid.finetune import FinetuneConfig, run_training
+from passreid.finetune.config import validate_config
 
 
 @error_boundary(program="finetune/train.py")
 def main(argv: Sequence[str] | None = None) -> int:
     """Train (or resume); on a pre-emption signal write the checkpoint and requeue the SLURM job."""
-    return run_training_command(argv, __doc__, FinetuneConfig, run_training)
+    return run_training_command(argv, __doc__, FinetuneConfig, run_training, validate_config)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from passreid import dist
 from passreid.cli import error_boundary
 from passreid.config import default_argument_parser, parse_and_load, print_config
 from passreid.engine import requeue_current_job
-from passreid.pretrain.config import PretrainConfig
+from passreid.pretrain.config import PretrainConfig, validate_pretrain_config
 from passreid.pretrain.trainer import run_pretraining
 
 
@@ -29,6 +29,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Parse the command line, run (or resume) pre-training; exit status 0 when it finished or stopped as asked."""
     parser = default_argument_parser(__doc__.splitlines()[0])
     args, cfg = parse_and_load(PretrainConfig, argv, parser)
+    validate_pretrain_config(cfg)  # a config --print-config prints is one the stage accepts (the launchers' check)
     if args.print_config:
         return print_config(cfg)
     try:

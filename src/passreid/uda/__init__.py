@@ -15,9 +15,10 @@ from passreid.config import ConfigError
 from passreid.models.reid import ReIDModel
 from passreid.uda.source import SourceLoad, build_uda_model, load_source_backbone
 from passreid.usl import ClusterContrastTrainer, UslConfig, UslResult
+from passreid.usl.config import validate_usl_config
 from passreid.usl.trainer import run_cluster_contrast
 
-__all__ = ["SourceLoad", "UdaTrainer", "build_uda_model", "load_source_backbone", "run_uda"]
+__all__ = ["SourceLoad", "UdaTrainer", "build_uda_model", "load_source_backbone", "run_uda", "validate_uda_config"]
 
 
 class UdaTrainer(ClusterContrastTrainer):
@@ -29,9 +30,14 @@ class UdaTrainer(ClusterContrastTrainer):
         return build_uda_model(self.cfg.model, self.cfg.model.init_from, load_weights=load_weights)
 
 
-def run_uda(cfg: UslConfig, resume: bool = True) -> UslResult:
-    """Adapt the source model ``cfg.model.init_from`` to the target data set of ``cfg`` (or resume)."""
+def validate_uda_config(cfg: UslConfig) -> UslConfig:
+    """The Cluster-Contrast checks plus UDA's start: ``model.init_from`` must name the source-trained model."""
     if not cfg.model.init_from:
         raise ConfigError("config key 'model.init_from': UDA starts from a model trained on the source domain; "
                           "pass model.init_from=<finetune run>/model_final.pth (usl/train.py is the pure USL stage)")
-    return run_cluster_contrast(UdaTrainer, cfg, resume)
+    return validate_usl_config(cfg)
+
+
+def run_uda(cfg: UslConfig, resume: bool = True) -> UslResult:
+    """Adapt the source model ``cfg.model.init_from`` to the target data set of ``cfg`` (or resume)."""
+    return run_cluster_contrast(UdaTrainer, validate_uda_config(cfg), resume)

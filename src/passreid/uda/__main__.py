@@ -18,14 +18,14 @@ import sys
 from collections.abc import Sequence
 
 from passreid.cli import error_boundary, run_training_command
-from passreid.uda import run_uda
+from passreid.uda import run_uda, validate_uda_config
 from passreid.usl import UslConfig
 
 
 @error_boundary(program="uda/train.py")
 def main(argv: Sequence[str] | None = None) -> int:
     """Train (or resume); on a pre-emption signal write the checkpoint and requeue the SLURM job."""
-    return run_training_command(argv, __doc__, UslConfig, run_uda)
+    return run_training_command(argv, __doc__, UslConfig, run_uda, validate_uda_config)
 
 
 if __name__ == "__main__":

@@ -18,12 +18,13 @@ from collections.abc import Sequence
 
 from passreid.cli import error_boundary, run_training_command
 from passreid.usl import UslConfig, run_usl
+from passreid.usl.config import validate_usl_config
 
 
 @error_boundary(program="usl/train.py")
 def main(argv: Sequence[str] | None = None) -> int:
     """Train (or resume); on a pre-emption signal write the checkpoint and requeue the SLURM job."""
-    return run_training_command(argv, __doc__, UslConfig, run_usl)
+    return run_training_command(argv, __doc__, UslConfig, run_usl, validate_usl_config)
 
 
 if __name__ == "__main__":
