@@ -129,6 +129,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.data_root is not None:
             layers.append(Layer("--data-root", {"data": {"root": args.data_root}}))
         cfg = build_config(FinetuneConfig, layers + overrides_to_layers(FinetuneConfig, args.opts))
+    validate_config(cfg)  # as run_test will: a printed config is one the test accepts
     if args.print_config:
         return print_config(cfg)
     output_dir = args.output_dir or str(Path(args.weights).expanduser().absolute().parent / "test")
