@@ -44,6 +44,11 @@ def test_writes_labels_and_prints_summary(tool, tmp_path, capsys):
     assert clusters >= 2 and outliers >= 1
     printed = capsys.readouterr().out
     assert f"{clusters} clusters, {outliers} outliers" in printed
+    # Written to exactly the name given (numpy alone would add .npy), which the printed line names.
+    bare = tmp_path / "sub" / "labels_epoch3"
+    assert tool.main(["--features", str(tmp_path / "f.npz"), "--out", str(bare), "--eps", "0.6"]) == 0
+    np.testing.assert_array_equal(np.load(bare), labels)
+    assert f"labels written to {bare}\n" in capsys.readouterr().out
 
 
 def test_options_are_passed_on(tool, tmp_path):
