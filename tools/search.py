@@ -24,6 +24,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 
 from passreid.atomic_files import atomic_write_text
 from passreid.cli import error_boundary
@@ -110,7 +111,8 @@ def search(args: argparse.Namespace) -> dict:
         gallery = extracted(stored.feats, *(gallery_labels or (None, None)))
     exclude = None
     if args.exclude_same_camera:
-        exclude = [(gallery.pids == pid) & (gallery.camids == cam) for pid, cam in zip(query.pids, query.camids)]
+        def exclude(q: int) -> np.ndarray:
+            return (gallery.pids == query.pids[q]) & (gallery.camids == query.camids[q])
     ranked = rank_gallery(model.test_distance(query, gallery, extractor.device), len(query_paths), args.topk,
                           exclude=exclude)
     strips = args.out.parent / f"{args.out.stem}_strips"

@@ -156,7 +156,7 @@ def visualize(args: argparse.Namespace) -> int:
     for q in shown:
         same_camera = (gallery.pids == query.pids[q]) & (gallery.camids == query.camids[q])
         ranked_all[q] = rank_gallery(lambda a, b, q=q: distance(q + a, q + b), 1, args.topk,
-                                     exclude=None if args.keep_same_camera else [same_camera])[0]
+                                     exclude=None if args.keep_same_camera else lambda _, m=same_camera: m)[0]
     for sub in ("strips", "maps"):
         (args.out / sub).mkdir(parents=True, exist_ok=True)
     rows = []

@@ -25,7 +25,7 @@ import base64
 import html
 import io
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -70,11 +70,12 @@ class RankedList:
 
 
 def rank_gallery(distance: DistanceChunkFn, num_query: int, topk: int, *, chunk_size: int = 256,
-                 exclude: Sequence[np.ndarray] | None = None) -> list[RankedList]:
+                 exclude: Callable[[int], np.ndarray] | None = None) -> list[RankedList]:
     """Top-``topk`` gallery entries per query from a chunked distance ``fn(q0, q1) -> (q1 - q0, G)``.
 
-    ``exclude[q]``: boolean (G,) mask of gallery entries that query ``q`` must not retrieve (e.g. the
-    same identity seen by the same camera, the Market-1501 protocol).
+    ``exclude(q)``: boolean (G,) mask of gallery entries that query ``q`` must not retrieve (e.g. the
+    same identity seen by the same camera, the Market-1501 protocol), made when query ``q`` is ranked: no
+    (Q, G) mask is held for a large gallery.
     """
     if topk < 1:
         raise ValueError(f"topk must be >= 1, got {topk}")
@@ -85,7 +86,7 @@ def rank_gallery(distance: DistanceChunkFn, num_query: int, topk: int, *, chunk_
         for offset, row in enumerate(rows):
             order = torch.sort(row, stable=True).indices.numpy()
             if exclude is not None:
-                order = order[~exclude[start + offset][order]]
+                order = order[~exclude(start + offset)[order]]
             top = order[:topk]
             ranked.append(RankedList(top, row.numpy()[top]))
     return ranked
