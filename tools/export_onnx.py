@@ -65,7 +65,8 @@ def _example_inputs(model: LoadedModel, batch: int, seed: int) -> tuple[torch.Te
 
 def export_onnx(model: LoadedModel, out: Path, opset: int = 17, exporter: str = "torchscript") -> dict:
     """Write ``out`` (and ``<out>.json``), each atomically; returns the metadata recorded with it."""
-    with tempfile.TemporaryDirectory(prefix="passreid-onnx-") as scratch:  # the exporter writes a path
+    # The exporter writes to a path: a scratch folder beside --out (the space the user chose, not /tmp).
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}.export-", dir=out.parent) as scratch:
         graph_file = Path(scratch) / "model.onnx"
         metadata = _export_graph(model, graph_file, opset, exporter)
         _write_metadata(graph_file, out, metadata)
