@@ -55,6 +55,9 @@ def test_onnx_matches_pytorch_for_a_finetuned_model(tool, tmp_path, synthetic_wo
 
     props = {p.key: json.loads(p.value) for p in onnx.load(str(out)).metadata_props}
     assert props["pixel_mean"] == [0.5, 0.5, 0.5]
+    # Only the two files are left beside them: the exporter's scratch folder and the temp files are gone.
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith((".", "reid"))) == \
+        ["reid.onnx", "reid.onnx.json"]
 
 
 def test_onnx_matches_pytorch_for_a_backbone_export(tool, tmp_path):
