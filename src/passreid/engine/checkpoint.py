@@ -1,7 +1,8 @@
 """Atomic checkpoint files and the full-training-state convention.
 
-One file of ~530 lines on purpose: the atomic write, the kept previous checkpoint and the restore of every
-piece of training state must agree on one file layout; keeping them together keeps that contract in one place.
+One file of ~400 lines on purpose: the kept previous checkpoint and the restore of every piece of training
+state must agree on one file layout; keeping them together keeps that contract in one place. The atomic write
+itself (temp file, fsync, rename) is :mod:`passreid.atomic_files`, shared with every other file passreid writes.
 
 Checkpoint dict convention (``build_checkpoint`` writes it, ``restore_checkpoint`` reads it);
 every key is always present, ``None`` when the run has no such object:
