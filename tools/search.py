@@ -61,10 +61,6 @@ def _gallery_source(gallery: str) -> tuple[list[str], tuple | None, FeatureFile 
         paths = list_images(gallery)
         return paths, parse_market_names(paths), None
     stored = read_feature_file(gallery, require=("paths",))
-    missing = [image for image in stored.paths if not Path(image).is_file()]
-    if missing:
-        raise FileNotFoundError(f"--gallery {gallery}: {len(missing)} of its {len(stored.paths)} images are not "
-                                f"there (first: {missing[0]}); the page shows each hit's image")
     labels = (stored.pids, stored.camids) if stored.pids is not None and stored.camids is not None else None
     return stored.paths, labels, stored
 
@@ -77,6 +73,16 @@ def _check_stored_gallery(gallery: str, stored: FeatureFile, model, feature_dim:
     if stored.model is not None and stored.model != model.describe():
         print(f"warning: --gallery {gallery} was extracted by\n  {stored.model}\nthis search runs\n  "
               f"{model.describe()}\ndistances are meaningful only if that is the same model", file=sys.stderr)
+
+
+def _check_hits_exist(gallery: str, paths: list[str], ranked) -> None:
+    """The images a stored gallery names for the hits to show must still be there (only those are read: a
+    gallery file may name millions)."""
+    shown = sorted({int(g) for result in ranked for g in result.indices})
+    missing = [paths[g] for g in shown if not Path(paths[g]).is_file()]
+    if missing:
+        raise FileNotFoundError(f"--gallery {gallery}: {len(missing)} of the {len(shown)} gallery images to show "
+                                f"are not there (first: {missing[0]}); were they moved after extraction?")
 
 
 def _features(extractor, paths: list[str], labels: tuple | None, split: str) -> ExtractedFeatures:
@@ -115,6 +121,8 @@ def search(args: argparse.Namespace) -> dict:
             return (gallery.pids == query.pids[q]) & (gallery.camids == query.camids[q])
     ranked = rank_gallery(model.test_distance(query, gallery, extractor.device), len(query_paths), args.topk,
                           exclude=exclude)
+    if stored is not None:
+        _check_hits_exist(args.gallery, gallery_paths, ranked)
     strips = args.out.parent / f"{args.out.stem}_strips"
     strips.mkdir(exist_ok=True)
     rows, record = [], {"weights": str(args.weights), "model": model.describe(), "queries": []}
