@@ -22,6 +22,19 @@ def pytest_collection_modifyitems(config, items) -> None:
 DEFAULT_MARKET_ROOT = REPO_ROOT.parent / "shared" / "data" / "Market-1501-v15.09.15"
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op thread for a module (``pytestmark = pytest.mark.usefixtures("one_torch_thread")``): on a busy
+    2-core machine two threads that wait for each other run several times slower than one, and one thread keeps
+    the float summation order fixed within the module."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="session")
 def market1501_root() -> Path:
     """Root of the real Market-1501 release; the test is skipped when it is absent.

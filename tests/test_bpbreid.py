@@ -27,12 +27,7 @@ CONFIGS = REPO / "configs" / "finetune"
 HRNET_RECIPES = sorted(CONFIGS.glob("*/bpbreid_hrnet32_384.yaml"))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _cfg(*overrides: str) -> FinetuneConfig:

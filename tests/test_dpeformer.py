@@ -18,12 +18,7 @@ from passreid.models.factory import build_backbone
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "finetune"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _cfg(*overrides: str) -> FinetuneConfig:

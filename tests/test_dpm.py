@@ -31,12 +31,7 @@ SMALL = ["data.batch_size=16", "train.log_period=1", "eval.period=100", "train.c
          "data.test_batch_size=256"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _cfg(output_dir: Path, world: Path, *overrides: str, path: Path = DEMO_DPM) -> FinetuneConfig:

@@ -503,6 +503,22 @@ def test_setup_logging_rank0_writes_file_other_ranks_only_warn(
     assert not other_dir.exists()
 
 
+def test_console_lines_follow_the_current_stdout(tmp_path: Path) -> None:
+    # A notebook, redirect_stdout or test capture replaces sys.stdout after set-up: the console handler writes to
+    # the stream of the moment, and a replaced stream that was closed is not written to.
+    import contextlib
+    import io
+
+    logger = setup_logging(None, rank=0, name="passreid_test_console")
+    first, second = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(first):
+        logger.info("into the first")
+    first.close()
+    with contextlib.redirect_stdout(second), contextlib.redirect_stderr(io.StringIO()) as errors:
+        logger.info("into the second")
+    assert "into the second" in second.getvalue() and errors.getvalue() == ""  # no "--- Logging error ---"
+
+
 class _FullDiskStream:
     def write(self, text: str) -> int:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))

@@ -31,12 +31,7 @@ from passreid.inference import (FeatureExtractor, WeightsKindError, extracted, i
 from passreid.models import CheckpointFormatError
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -39,14 +39,7 @@ TINY = [
 ]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on a busy 2-core machine, two threads that wait for each other run several
-    times slower than one; it also keeps the float summation order fixed within this module."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _load(config_file: Path | None, *overrides: str) -> PretrainConfig:

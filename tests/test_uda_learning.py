@@ -37,12 +37,7 @@ MIN_GAIN_OVER_DIRECT = 0.04
 MIN_EPOCH_ARI = 0.06
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.mark.slow

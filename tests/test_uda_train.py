@@ -19,12 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 SMALL = ["model.img_size=[64,32]", "model.drop_path_rate=0.0", "data.batch_size=16", "data.test_batch_size=64"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

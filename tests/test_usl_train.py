@@ -26,12 +26,7 @@ FAST = ["model.pretrained=none", "model.img_size=[64,32]", "model.drop_path_rate
         "train.eval_at_start=false", "cluster.k1=10", "cluster.k2=3", "cluster.eps=0.7"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _config(out: Path, world: Path, *extra: str) -> UslConfig:

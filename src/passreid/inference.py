@@ -42,7 +42,6 @@ import argparse
 import glob
 import logging
 import os
-import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,7 +57,7 @@ from passreid.data.datasets import IMAGE_EXTENSIONS, is_image_file, list_image_f
 from passreid.data.images import read_image
 from passreid.data.multicrop import IMAGENET_MEAN, IMAGENET_STD
 from passreid.data.transforms import build_test_transform
-from passreid.engine.logger import ThroughputLogger
+from passreid.engine.logger import ConsoleHandler, ThroughputLogger
 from passreid.eval.distance import DistanceChunkFn, FeatureDistance
 from passreid.eval.features import ExtractedFeatures
 from passreid.models import (VIT_ARCHS, ArchitectureError, CheckpointFormatError,
@@ -564,18 +563,10 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-workers", type=int, default=0, help="image decoding worker processes")
 
 
-class _ToStderr(logging.Handler):
-    """Prints each record on the ``sys.stderr`` of the moment (a handler bound to a stream object would keep
-    one that was since replaced or closed)."""
-
-    def emit(self, record: logging.LogRecord) -> None:
-        print(self.format(record), file=sys.stderr, flush=True)
-
-
 def show_progress() -> None:
     """Print :class:`FeatureExtractor`'s progress lines on stderr (once per process: the tools call it)."""
-    if not any(isinstance(handler, _ToStderr) for handler in progress_logger.handlers):
-        progress_logger.addHandler(_ToStderr())
+    if not any(isinstance(handler, ConsoleHandler) for handler in progress_logger.handlers):
+        progress_logger.addHandler(ConsoleHandler("stderr"))
         progress_logger.setLevel(logging.INFO)
 
 

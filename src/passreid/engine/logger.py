@@ -24,6 +24,26 @@ _FORMAT = "[%(asctime)s %(name)s %(levelname)s] %(message)s"
 _DATE_FORMAT = "%m/%d %H:%M:%S"
 
 
+class ConsoleHandler(logging.StreamHandler):
+    """A handler that writes to ``sys.stdout`` / ``sys.stderr`` as they are at each record, not as they were
+    when it was made: notebooks, ``contextlib.redirect_stdout`` and test capture replace them, and a handler
+    bound to a replaced stream that was since closed fails every record."""
+
+    def __init__(self, stream_name: str = "stdout") -> None:
+        if stream_name not in ("stdout", "stderr"):
+            raise ValueError(f"ConsoleHandler: stream_name must be 'stdout' or 'stderr', got {stream_name!r}")
+        self.stream_name = stream_name
+        super().__init__()
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return getattr(sys, self.stream_name)
+
+    @stream.setter
+    def stream(self, _value) -> None:  # StreamHandler assigns it; the current one is always used
+        pass
+
+
 def setup_logging(
     output_dir: str | os.PathLike[str] | None = None,
     rank: int = 0,
@@ -46,7 +66,7 @@ def setup_logging(
 
     prefix = "" if rank == 0 else f"[rank {rank}] "
     formatter = logging.Formatter(prefix + _FORMAT, datefmt=_DATE_FORMAT)
-    console = logging.StreamHandler(sys.stdout)
+    console = ConsoleHandler("stdout")
     console.setLevel(level if rank == 0 else max(level, logging.WARNING))
     handlers: list[logging.Handler] = [console]
     if rank == 0 and output_dir is not None:
