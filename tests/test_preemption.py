@@ -40,6 +40,24 @@ def test_guard_records_the_signal_and_restores_the_previous_handler(signum):
     assert signal.getsignal(signum) is previous
 
 
+def test_the_handler_logs_nothing_itself_and_its_line_comes_at_the_next_poll(monkeypatch):
+    # A handler interrupting a logging call that writes the same file made logging fail ("reentrant call"):
+    # the handler queues its line, the loop's next poll logs it.
+    from passreid.engine import preemption
+
+    lines = []
+    monkeypatch.setattr(preemption.logger, "warning", lambda message, *args: lines.append(message % args))
+    guard = PreemptionGuard.install()
+    try:
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert guard.signal_received == signal.SIGUSR1 and lines == []  # recorded, nothing logged by the handler
+        assert guard.requested()
+        assert len(lines) == 1 and lines[0].startswith("received SIGUSR1: will write a checkpoint and stop")
+        assert guard.requested() and len(lines) == 1  # logged once
+    finally:
+        guard.uninstall()
+
+
 def test_requeue_is_a_no_op_outside_slurm(monkeypatch):
     monkeypatch.delenv("SLURM_JOB_ID", raising=False)
     assert requeue_current_job() is False

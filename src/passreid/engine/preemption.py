@@ -29,6 +29,7 @@ at its next fetch, which the loops treat as "stop here".
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import os
@@ -36,6 +37,7 @@ import shutil
 import signal
 import subprocess
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from types import FrameType
 from typing import Any
@@ -56,6 +58,22 @@ PREEMPTION_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 # Set by the installed guard's handler; read by the SIGCHLD wrapper below (a signal handler cannot be
 # handed the guard, and one process runs one training loop at a time).
 _signal_received = threading.Event()
+
+# Lines of the signal handlers, logged at the next safe point. A handler runs between two bytecodes of the main
+# thread, possibly inside a logging call writing the same file: logging there fails ("reentrant call inside
+# BufferedWriter" and a "--- Logging error ---" traceback in the job log). deque.append is safe there.
+_handler_notes: collections.deque[str] = collections.deque()
+
+
+def _note(message: str) -> None:
+    """From a signal handler: queue ``message`` (with the time it happened) for :func:`_log_handler_notes`."""
+    _handler_notes.append(f"{message} (at {time.strftime('%H:%M:%S')})")
+
+
+def _log_handler_notes() -> None:
+    """Log what the signal handlers queued; called where the training loop polls or stops."""
+    while _handler_notes:
+        logger.warning(_handler_notes.popleft())
 
 
 def preemption_signal_received() -> bool:
@@ -99,13 +117,14 @@ class PreemptionGuard:
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if self.signal_received is None:
-            logger.warning("received %s: will write a checkpoint and stop after the current iteration",
-                           signal.Signals(signum).name)
+            _note(f"received {signal.Signals(signum).name}: will write a checkpoint and stop after the current "
+                  "iteration")
         self.signal_received = signum
         _signal_received.set()
 
     def requested(self) -> bool:
         """Whether any rank received a pre-emption signal (a collective when ``world_size > 1``)."""
+        _log_handler_notes()
         local = self.signal_received is not None
         if dist.get_world_size() == 1:
             return local
@@ -115,6 +134,7 @@ class PreemptionGuard:
 
     def uninstall(self) -> None:
         """Undo one :meth:`install`; the last one puts the previous handlers back."""
+        _log_handler_notes()
         if self._installs > 1:
             self._installs -= 1
             return
@@ -162,7 +182,7 @@ class _DeferWorkerFailures:
 
     def __call__(self, signum: int, frame: FrameType | None) -> None:
         if _signal_received.is_set():
-            logger.warning("a data-loading worker ended after the pre-emption signal; stopping as planned")
+            _note("a data-loading worker ended after the pre-emption signal; stopping as planned")
             return
         self.inner(signum, frame)
 
@@ -202,6 +222,7 @@ def batches_until_preempted(loader: Iterable[Any]) -> Iterator[Any]:
         except RuntimeError as error:
             if not _signal_received.is_set():
                 raise
+            _log_handler_notes()
             logger.warning("data loading failed after the pre-emption signal (%s); stopping here", error)
             return
         yield batch
