@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -396,3 +397,26 @@ def test_print_config_refuses_what_the_stage_would_refuse(scripts, name, overrid
             *([override] if override else [])]
     code, printed, err = _run(scripts, name, argv, capsys)
     assert code == 2 and message in err and printed == ""
+
+
+def test_training_commands_leave_the_process_group_however_the_run_ends(monkeypatch, tmp_path):
+    # A process group left to the interpreter's exit can abort a finished rank (gloo: "terminate called without
+    # an active exception"), and the SLURM job then ends FAILED and cancels its afterok dependants.
+    from passreid import cli, dist
+    from passreid.finetune import FinetuneConfig
+    from passreid.finetune.config import validate_config
+
+    left = []
+    monkeypatch.setattr(dist, "destroy", lambda: left.append(True))
+    argv = ["--config-file", str(REPO / CONFIGS["finetune"]), "--output-dir", str(tmp_path)]
+
+    def finished(cfg, resume):
+        return types.SimpleNamespace(preempted=False)
+
+    def failed(cfg, resume):
+        raise RuntimeError("a bug in the run")
+
+    assert cli.run_training_command(argv, "finetune", FinetuneConfig, finished, validate_config) == 0
+    with pytest.raises(RuntimeError, match="a bug in the run"):
+        cli.run_training_command(argv, "finetune", FinetuneConfig, failed, validate_config)
+    assert left == [True, True]

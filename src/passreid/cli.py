@@ -149,7 +149,14 @@ def run_training_command(argv: Sequence[str] | None, description: str, schema: t
     validate(cfg)
     if args.print_config:
         return print_config(cfg)
-    result = run(cfg, resume=not args.no_resume)
-    if result.preempted and dist.is_main_process():
+    try:
+        result = run(cfg, resume=not args.no_resume)
+        is_main = dist.is_main_process()
+    finally:
+        # A process group left to the interpreter's exit can abort the process ("terminate called without an
+        # active exception" from gloo's threads): a finished job would then end FAILED and cancel its afterok
+        # dependants.
+        dist.destroy()
+    if result.preempted and is_main:
         requeue_current_job()
     return 0

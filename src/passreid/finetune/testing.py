@@ -133,6 +133,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.print_config:
         return print_config(cfg)
     output_dir = args.output_dir or str(Path(args.weights).expanduser().absolute().parent / "test")
-    run_test(args.weights, cfg, output_dir, allow_missing=args.allow_missing,
-             allow_unexpected=args.allow_unexpected)
+    try:
+        run_test(args.weights, cfg, output_dir, allow_missing=args.allow_missing,
+                 allow_unexpected=args.allow_unexpected)
+    finally:
+        dist.destroy()  # as the training commands: no process group left to the interpreter's exit
     return 0
