@@ -300,8 +300,9 @@ def test_the_lmdb_release_trains_as_the_same_images_in_a_folder(synthetic_world,
     folder = run_pretraining(_load(DEMO, *common, "data.dataset=image_folder", f"data.root={pool}",
                                    f"data.file_list={listing}", "data.num_workers=0",
                                    f"train.output_dir={tmp_path / 'folder'}"))
-    release = run_pretraining(_load(DEMO, *common, "data.dataset=luperson_lmdb", f"data.root={tmp_path / 'release'}",
-                                    "data.num_workers=2", f"train.output_dir={tmp_path / 'lmdb'}"))
+    release = run_pretraining(_load(DEMO, *common, "data.dataset=luperson_lmdb",
+                                    f"data.root={tmp_path / 'release'}", "data.num_workers=2",
+                                    f"train.output_dir={tmp_path / 'lmdb'}"))
     assert folder.finished and release.finished and release.iteration == folder.iteration == 2
     losses = [[_train_records(tmp_path / run)[step]["loss"] for step in (1, 2)] for run in ("folder", "lmdb")]
     # Same images, views and arithmetic in one process and thread: equal up to float rounding at most.

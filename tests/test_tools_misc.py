@@ -125,6 +125,7 @@ def test_visualize_ranks_without_weights_and_mismatched_features(demo, synthetic
     assert tool.main(["--query-features", str(outputs.query_features), "--gallery-features",
                       str(outputs.gallery_features), "--out", str(tmp_path / "no_dataset"), "--num-queries", "1",
                       "--topk", "2"]) == 0
+    assert len(re.findall(r'<td class="(?:match|mismatch)"', (tmp_path / "no_dataset" / "index.html").read_text())) == 2
     assert tool.main(["--query-features", str(tmp_path / "none.npz"), "--gallery-features",
                       str(outputs.gallery_features), "--out", str(tmp_path / "bad"), *common]) == 2
     assert "not found" in capsys.readouterr().err

@@ -61,7 +61,8 @@ def test_source_backbone_loaded_exactly_and_heads_dropped(tmp_path: Path, source
         assert torch.equal(neck.running_var, torch.ones_like(neck.running_var))
     assert model.head.classifier is None
     necks = sum(key.startswith("head.necks.") for key in source.dropped)
-    assert f"source heads dropped (24 source classes): head.classifier.weight, head.necks.* ({necks})" in source.summary()
+    assert (f"source heads dropped (24 source classes): head.classifier.weight, head.necks.* ({necks})"
+            in source.summary())
 
 
 def test_usl_refuses_a_source_model_and_names_the_uda_stage(tmp_path: Path):

@@ -23,6 +23,7 @@ from passreid.cluster import dbscan_pseudo_labels
 from passreid.config import add_debug_flag
 from passreid.eval.feature_file import read_feature_file
 
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options (defaults are the published Cluster-Contrast settings)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -28,6 +28,7 @@ from passreid.eval import EvaluationInputError, rank_metrics, rank_metrics_from_
 from passreid.eval.feature_file import FeatureFile, read_feature_file
 from passreid.eval.rank import DEFAULT_MEMORY_BUDGET_MB
 
+
 def load_split(path: Path) -> FeatureFile:
     """Read one split's feature file (``feats``, ``pids``, ``camids``); errors name the file and the key."""
     return read_feature_file(path, require=("pids", "camids"))

@@ -8,8 +8,9 @@ quoted glob pattern (``**`` recursive). The feature file (``passreid.eval.featur
 exactly ``--out``) holds ``feats`` (N x D float32), ``paths`` (N strings), ``model`` (the model's one-line
 description) and, when every file name follows Market-1501 / DukeMTMC naming (``<pid>_c<camera>...``), ``pids``
 and ``camids`` (0-based), which makes it the feature file ``tools/evaluate.py`` reads. ``tools/search.py
---gallery`` takes it in place of a gallery folder, so a large gallery is extracted once. The model's own test transform,
-feature and device are used (see ``passreid.inference``); SIE models need camera ids, taken from the names.
+--gallery`` takes it in place of a gallery folder, so a large gallery is extracted once. The model's own test
+transform, feature and device are used (see ``passreid.inference``); SIE models need camera ids, taken from the
+names.
 Exit status 2 on bad input (missing file, wrong kind of checkpoint), with the reason.
 """
 from __future__ import annotations

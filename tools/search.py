@@ -41,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_arguments(parser)
     parser.add_argument("--query", required=True, help="query image, folder or quoted glob")
     parser.add_argument("--gallery", required=True,
-                        help="gallery image, folder or quoted glob, or a .npz feature file of tools/extract_features.py")
+                        help="gallery image, folder or quoted glob, or a .npz feature file of "
+                             "tools/extract_features.py")
     parser.add_argument("--topk", type=int, default=10)
     parser.add_argument("--out", type=Path, required=True, help="HTML page to write (PNG strips and JSON next to it)")
     parser.add_argument("--exclude-same-camera", action="store_true",

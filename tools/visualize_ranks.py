@@ -45,6 +45,7 @@ from passreid.visualization import (PartView, RankHit, RankRow, format_distance,
                                     heatmap_overlay, part_distances, part_view, rank_gallery, rank_strip,
                                     write_rank_html)
 
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--query-features", type=Path, required=True, help="query .npz (feats, pids, camids)")
