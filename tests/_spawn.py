@@ -25,3 +25,14 @@ def wait_for_workers(context: mp.ProcessContext, timeout_s: float, what: str) ->
         for process in context.processes:
             if process.is_alive():
                 process.terminate()
+
+
+def leave_group_after(body: Callable[[], None]) -> None:
+    """``body()``, then leave the process group, with body's objects already freed: a DDP wrapper still alive
+    would keep the group, and a group alive at the interpreter's exit can abort the worker (SIGABRT)."""
+    from passreid import dist
+
+    try:
+        body()
+    finally:
+        dist.destroy()

@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from _ports import free_port
-from _spawn import start_workers, wait_for_workers
+from _spawn import leave_group_after, start_workers, wait_for_workers
 from torch import nn
 
 from passreid.dist import PortableSyncBatchNorm, convert_sync_batchnorm, gather_batch
@@ -83,7 +83,8 @@ def _worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
     from passreid import dist
 
     dist.init_distributed(dist.DistEnv(rank, world_size, rank, "127.0.0.1", port, "torchrun"))
-    try:
+
+    def train() -> None:
         images, labels = _global_batch()
         shard = slice(rank * GLOBAL_BATCH // world_size, (rank + 1) * GLOBAL_BATCH // world_size)
         results = {}
@@ -94,8 +95,8 @@ def _worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
             ddp = nn.parallel.DistributedDataParallel(model)
             results[mode] = _one_step(ddp, images[shard], labels[shard], gather=mode == "global")
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
-    finally:
-        dist.destroy()
+
+    leave_group_after(train)
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from _ports import free_port
-from _spawn import start_workers, wait_for_workers
+from _spawn import leave_group_after, start_workers, wait_for_workers
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -20,7 +20,6 @@ def _ddp_worker(rank: int, world_size: int, port: int, out_dir: str, world_dir: 
     os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank),
                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
     torch.set_num_threads(1)
-    from passreid import dist
     from passreid.config import load_config
     from passreid.engine import unwrap_model
     from passreid.finetune import FinetuneConfig, FinetuneTrainer
@@ -29,7 +28,8 @@ def _ddp_worker(rank: int, world_size: int, port: int, out_dir: str, world_dir: 
         f"train.output_dir={out_dir}/run", f"data.root={world_dir}/market", "model.img_size=[64,32]",
         "train.max_iters=2", "train.log_period=1", "data.batch_size=32",
     ])
-    try:
+
+    def train() -> None:
         trainer = FinetuneTrainer(cfg, resume=False)
         result = trainer.run()
         model = unwrap_model(trainer.model)
@@ -38,8 +38,8 @@ def _ddp_worker(rank: int, world_size: int, port: int, out_dir: str, world_dir: 
                     "per_rank_batch": trainer.sampler.per_rank_batch_size,
                     "rank_indices": trainer.sampler._rank_indices(0)[:32]},
                    Path(out_dir) / f"rank{rank}.pt")
-    finally:
-        dist.destroy()
+
+    leave_group_after(train)
 
 
 @pytest.mark.multiprocess
@@ -77,12 +77,11 @@ def _batch_worker(rank: int, world_size: int, port: int, out_dir: str, world_dir
     os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank),
                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
     torch.set_num_threads(1)
-    from passreid import dist
     from passreid.config import load_config
     from passreid.engine import unwrap_model
     from passreid.finetune import FinetuneConfig, FinetuneTrainer
 
-    try:
+    def train() -> None:
         for mode in modes:
             run = Path(out_dir) / f"{world_size}proc_{mode}"
             # SGD without warm-up: the update is linear in the gradient, so weights compare like gradients do
@@ -97,8 +96,8 @@ def _batch_worker(rank: int, world_size: int, port: int, out_dir: str, world_dir
             trainer.run()
             final = {k: v.detach().clone() for k, v in unwrap_model(trainer.model).state_dict().items()}
             torch.save({"initial": initial, "final": final}, run / f"weights_rank{rank}.pt")
-    finally:
-        dist.destroy()
+
+    leave_group_after(train)
 
 
 def _train_losses(run: Path) -> list[dict[str, float]]:

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from _ports import free_port
-from _spawn import start_workers, wait_for_workers
+from _spawn import leave_group_after, start_workers, wait_for_workers
 
 from passreid.config import load_config
 from passreid.engine import warmup_step_lr
@@ -172,21 +172,21 @@ def _ddp_worker(rank: int, world_size: int, port: int, out_dir: str, world_dir: 
     os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank),
                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
     torch.set_num_threads(1)
-    from passreid import dist
     from passreid.usl import ClusterContrastTrainer
 
     cfg = load_config(UslConfig, REPO / "configs" / "usl" / "demo.yaml",
                       [f"train.output_dir={out_dir}/ddp", f"data.root={world_dir}/market", *FAST, *_DETERMINISTIC,
                        "train.epochs=1"])
-    try:
+
+    def train() -> None:
         trainer = ClusterContrastTrainer(cfg, resume=False)
         result = trainer.run()
         torch.save({"labels": trainer.labels, "memory": trainer.memory.features.clone(), "history": result.history,
                     "metrics": result.final_metrics,
                     "params": {k: v.clone() for k, v in trainer.model.state_dict().items()}},
                    Path(out_dir) / f"rank{rank}.pt")
-    finally:
-        dist.destroy()
+
+    leave_group_after(train)
 
 
 # No random augmentation or stochastic depth: the two runs then see the same inputs. SGD: the update is

@@ -7,6 +7,8 @@ collective and the result comes back on the caller's device.
 from __future__ import annotations
 
 import datetime
+import gc
+import importlib
 import os
 from typing import Any
 
@@ -50,6 +52,10 @@ def init_distributed(env: DistEnv | None = None, backend: str | None = None,
     os.environ["MASTER_ADDR"] = env.master_addr
     os.environ["MASTER_PORT"] = str(env.master_port)
     host = f"[{env.master_addr}]" if ":" in env.master_addr else env.master_addr  # IPv6
+    # torch._dynamo (imported by DDP on first use) keeps references to the process group that exists when it is
+    # imported, so destroy() could not free that group: its gloo threads then ran into the interpreter's exit,
+    # which now and then aborted a finished rank (SIGABRT, "terminate called without an active exception").
+    importlib.import_module("torch._dynamo")
     kwargs: dict[str, Any] = {"timeout": timeout} if timeout is not None else {}
     dist.init_process_group(backend=backend, init_method=f"tcp://{host}:{env.master_port}",
                             rank=env.rank, world_size=env.world_size, **kwargs)
@@ -57,9 +63,11 @@ def init_distributed(env: DistEnv | None = None, backend: str | None = None,
 
 
 def destroy() -> None:
-    """Leave the process group (if any); the helpers fall back to single-process answers."""
+    """Leave the process group (if any) and free it, which ends its communication threads; the helpers fall back
+    to single-process answers."""
     global _current_env
     if _is_initialized():
+        gc.collect()  # a DDP wrapper left in a reference cycle would keep the group (and its threads) alive
         dist.destroy_process_group()
     _current_env = None
 
