@@ -1,8 +1,10 @@
-"""Start test worker processes (spawned, one per rank) and wait for them with a deadline."""
+"""Start test worker processes (spawned, one per rank), wait for them with a deadline, and leave their process
+group cleanly."""
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch.multiprocessing as mp
@@ -29,10 +31,23 @@ def wait_for_workers(context: mp.ProcessContext, timeout_s: float, what: str) ->
 
 def leave_group_after(body: Callable[[], None]) -> None:
     """``body()``, then leave the process group, with body's objects already freed: a DDP wrapper still alive
-    would keep the group, and a group alive at the interpreter's exit can abort the worker (SIGABRT)."""
+    would keep the group, and a group alive at the interpreter's exit can abort the worker (SIGABRT). Raises when
+    the group's threads outlive it."""
     from passreid import dist
 
     try:
         body()
     finally:
         dist.destroy()
+    left = group_threads()
+    if left:
+        raise RuntimeError(f"the process group's threads outlived dist.destroy(): {left}")
+
+
+def group_threads() -> list[str]:
+    """This process's gloo and TCP-store threads (by their native names; none listed where /proc is absent)."""
+    tasks = Path("/proc/self/task")
+    if not tasks.is_dir():
+        return []
+    names = ((task / "comm").read_text().strip() for task in tasks.iterdir())
+    return sorted(name for name in names if "gloo" in name or "tcpstore" in name)
