@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from _ports import free_port
-from _spawn import start_workers, wait_for_workers
+from _spawn import leave_group_after, start_workers, wait_for_workers
 import torch
 
 from passreid.config import ConfigError, load_config
@@ -354,10 +354,7 @@ def _ddp_worker(rank: int, world_size: int, port: int, output_dir: str) -> None:
     dist.init_distributed(backend="gloo", timeout=datetime.timedelta(seconds=120))
     share = DDP_GLOBAL_BATCH // world_size
     shard = [[view[rank * share:(rank + 1) * share] for view in views] for views in _fixed_global_batches()]
-    try:
-        run_pretraining(_ddp_config(Path(output_dir), share), batch_source=FixedBatches(shard))
-    finally:
-        dist.destroy()
+    leave_group_after(lambda: run_pretraining(_ddp_config(Path(output_dir), share), batch_source=FixedBatches(shard)))
 
 
 @pytest.mark.slow
