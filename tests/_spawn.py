@@ -1,12 +1,15 @@
 """Start test worker processes (spawned, one per rank), wait for them with a deadline, and leave their process
-group cleanly."""
+group cleanly; a process group of one in the test process itself."""
 from __future__ import annotations
 
+import contextlib
+import importlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
@@ -51,3 +54,16 @@ def group_threads() -> list[str]:
         return []
     names = ((task / "comm").read_text().strip() for task in tasks.iterdir())
     return sorted(name for name in names if "gloo" in name or "tcpstore" in name)
+
+
+@contextlib.contextmanager
+def process_group_of_one(backend: str, store_file: Path) -> Iterator[None]:
+    """A real ``backend`` process group of this process alone, left on exit. torch._dynamo is imported first, as
+    passreid.dist.init_distributed does: imported later (DDP does), it would keep the group and its threads alive
+    until pytest's exit."""
+    importlib.import_module("torch._dynamo")
+    dist.init_process_group(backend, init_method=f"file://{store_file}", rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()

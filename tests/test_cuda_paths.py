@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _spawn import process_group_of_one
 import torch
 
 from passreid.config import load_config
@@ -110,8 +111,7 @@ def test_one_process_nccl_group_collectives_and_ddp(tmp_path):
 
     if not dist.is_nccl_available():
         pytest.skip("this torch build has no NCCL")
-    dist.init_process_group("nccl", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
-    try:
+    with process_group_of_one("nccl", tmp_path / "store"):
         torch.cuda.set_device(0)
         value = torch.arange(4.0, device="cuda")
         dist.all_reduce(value)
@@ -134,8 +134,6 @@ def test_one_process_nccl_group_collectives_and_ddp(tmp_path):
         # (up to the bucket copy, exact in float32).
         for a, b in zip(plain.parameters(), wrapped.module.parameters()):
             torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=0)
-    finally:
-        dist.destroy_process_group()
 
 
 def test_faiss_gpu_knn_finds_the_torch_neighbours():

@@ -21,6 +21,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from _disk_full import fill_disk
+from _spawn import process_group_of_one
 from passreid.engine import (
     CHECKPOINT_KEYS,
     CheckpointCorruptError,
@@ -439,11 +440,8 @@ def test_gather_rng_states_single_process_and_world_of_one(tmp_path: Path) -> No
 
     if dist.is_initialized():
         pytest.skip("another test left a process group initialised")
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
-    try:
+    with process_group_of_one("gloo", tmp_path / "store"):
         gathered = gather_rng_states()
-    finally:
-        dist.destroy_process_group()
     assert len(gathered) == 1 and torch.equal(gathered[0]["torch"], torch.get_rng_state())
 
 

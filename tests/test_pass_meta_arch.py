@@ -6,9 +6,8 @@ import math
 
 import pytest
 
-from _ports import free_port
+from _spawn import process_group_of_one
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -354,15 +353,12 @@ def test_wrapper_is_used_and_kept_out_of_the_state_dict(meta):
     assert keys[0].startswith("student.backbone.") and "loss.center_pt3" in keys
 
 
-def test_ddp_wrapped_student_single_process_gloo(meta):
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
-    try:
+def test_ddp_wrapped_student_single_process_gloo(meta, tmp_path):
+    with process_group_of_one("gloo", tmp_path / "store"):
         meta.wrap_student(lambda network: nn.parallel.DistributedDataParallel(network))
         loss, stats = meta.forward_backward(make_views(), epoch=0)
         assert math.isfinite(loss.item()) and stats["num_terms"] == 44
         assert all(p.grad is not None for _, p in meta.named_trainable_parameters())
-    finally:
-        dist.destroy_process_group()
 
 
 def test_published_layout_round_trip(meta):
