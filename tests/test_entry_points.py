@@ -386,6 +386,8 @@ _REQUIRED_INPUTS = {"pretrain": ["--data-root", "/data/pool"], "uda": ["model.in
     ("finetune", "data.batch_size=30", "config key 'data.batch_size': 30 must be a multiple of data.num_instances"),
     ("usl", "cluster.eps=0", "config key 'cluster.eps': must be positive"),
     ("uda", "memory.momentum=1.5", "config key 'memory.momentum': must be in [0, 1)"),
+    ("finetune", "train.log_period=0", "config key 'train.log_period': must be >= 1, got 0"),
+    ("usl", "train.dist_timeout_min=0", "config key 'train.dist_timeout_min': must be positive, got 0"),
     ("pretrain", None, "config key 'data.root': is empty"),
     ("uda", None, "config key 'model.init_from': UDA starts from a model trained on the source domain"),
 ])

@@ -2,6 +2,7 @@
 ``train.ddp_batch``: ``global`` reproduces the 1-process run on the same global batch, ``local`` does not."""
 from __future__ import annotations
 
+import datetime
 import json
 import os
 from pathlib import Path
@@ -26,17 +27,18 @@ def _ddp_worker(rank: int, world_size: int, port: int, out_dir: str, world_dir: 
 
     cfg = load_config(FinetuneConfig, REPO / "configs" / "finetune" / "demo.yaml", [
         f"train.output_dir={out_dir}/run", f"data.root={world_dir}/market", "model.img_size=[64,32]",
-        "train.max_iters=2", "train.log_period=1", "data.batch_size=32",
+        "train.max_iters=2", "train.log_period=1", "data.batch_size=32", "train.dist_timeout_min=45",
     ])
 
     def train() -> None:
         trainer = FinetuneTrainer(cfg, resume=False)
+        group_timeout = torch.distributed.group.WORLD._get_backend(torch.device("cpu")).options._timeout
         result = trainer.run()
         model = unwrap_model(trainer.model)
         checksum = sum(float(p.detach().double().sum()) for p in model.parameters())
         torch.save({"iterations": result.iterations, "metrics": result.final_metrics, "checksum": checksum,
                     "per_rank_batch": trainer.sampler.per_rank_batch_size,
-                    "rank_indices": trainer.sampler._rank_indices(0)[:32]},
+                    "rank_indices": trainer.sampler._rank_indices(0)[:32], "group_timeout": group_timeout},
                    Path(out_dir) / f"rank{rank}.pt")
 
     leave_group_after(train)
@@ -51,6 +53,7 @@ def test_two_process_fine_tuning(tmp_path: Path, synthetic_world: Path):
     assert [r["iterations"] for r in ranks] == [2, 2]
     assert ranks[0]["checksum"] == pytest.approx(ranks[1]["checksum"], rel=1e-9)  # DDP kept replicas equal
     assert ranks[0]["per_rank_batch"] == 16
+    assert [r["group_timeout"] for r in ranks] == [datetime.timedelta(minutes=45)] * 2  # train.dist_timeout_min
     assert not set(ranks[0]["rank_indices"]) & set(ranks[1]["rank_indices"])  # disjoint halves of each batch
     assert ranks[0]["metrics"] is not None and ranks[1]["metrics"] is None  # rank 0 evaluates
     run = tmp_path / "run"

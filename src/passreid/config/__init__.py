@@ -9,7 +9,8 @@ from .errors import ConfigError, require
 from .loader import (build_config, config_from_dict, config_to_dict, dump_config, field_type,
                      load_config, overrides_to_layers, save_config)
 from .reid import ReIDDataConfig, ReIDModelConfig, ReIDTrainConfig, validate_reid_sections
-from .schema import RANDOM_INIT, DataConfig, EvalConfig, ModelConfig, OptimConfig, TrainConfig
+from .schema import (RANDOM_INIT, DataConfig, EvalConfig, ModelConfig, OptimConfig, TrainConfig,
+                     validate_train_config)
 from .yaml_io import Layer, deep_merge, load_yaml_layers, load_yaml_with_bases
 
 __all__ = [
@@ -45,4 +46,5 @@ __all__ = [
     "print_config",
     "save_config",
     "validate_reid_sections",
+    "validate_train_config",
 ]

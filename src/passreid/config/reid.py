@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from .errors import require
-from .schema import DataConfig, EvalConfig, ModelConfig, TrainConfig
+from .schema import DataConfig, EvalConfig, ModelConfig, TrainConfig, validate_train_config
 
 __all__ = ["ReIDDataConfig", "ReIDModelConfig", "ReIDTrainConfig", "validate_reid_sections"]
 
@@ -132,9 +132,6 @@ def validate_reid_sections(model: ReIDModelConfig, data: ReIDDataConfig, train: 
     require(0.0 < data.occluder_area[0] <= data.occluder_area[1] <= 1.0, "data.occluder_area",
              f"must be (min, max) with 0 < min <= max <= 1, got {data.occluder_area}")
     require(data.mask_scale >= 1, "data.mask_scale", f"must be >= 1, got {data.mask_scale}")
-    require(train.epochs > 0, "train.epochs", f"must be positive, got {train.epochs}")
-    require(train.max_iters >= 0, "train.max_iters", "must be >= 0 (0 = no cap)")
+    validate_train_config(train)
     require(train.num_threads >= 0, "train.num_threads", "must be >= 0 (0 = torch's default)")
-    require(train.checkpoint_period > 0, "train.checkpoint_period", "must be positive")
-    require(train.checkpoint_period_iters >= 0, "train.checkpoint_period_iters", "must be >= 0 (0: epoch ends only)")
     require(eval_cfg.period > 0, "eval.period", f"must be positive, got {eval_cfg.period}")

@@ -18,6 +18,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from .errors import require
+
 
 #: ``model.pretrained`` value that asks for random initialisation explicitly (an empty value is an error).
 RANDOM_INIT = "none"
@@ -102,3 +104,18 @@ class TrainConfig:
     max_iters: int = 0
     device: str = "auto"  # auto (CUDA when available), cpu, cuda or cuda:N (passreid.engine.select_device)
     output_dir: str = "output"  # --output-dir on the command line fills it
+    # Minutes a collective waits for the other processes before the run fails (the process group's timeout).
+    # Rank 0 alone clusters (USL/UDA), scores the kNN monitor and writes files while the other ranks wait in
+    # the next collective: PyTorch's NCCL default, 10 minutes, would end a run whose clustering takes longer
+    # (~200k images). 30 is torch's gloo default and its NCCL default when the published code ran.
+    dist_timeout_min: float = 30.0
+
+
+def validate_train_config(train: TrainConfig) -> None:
+    """Check the value ranges of the shared ``train`` fields; raise ``ConfigError`` naming the key."""
+    require(train.epochs >= 1, "train.epochs", f"must be >= 1, got {train.epochs}")
+    require(train.log_period >= 1, "train.log_period", f"must be >= 1, got {train.log_period}")
+    require(train.max_iters >= 0, "train.max_iters", "must be >= 0 (0 = no cap)")
+    require(train.checkpoint_period >= 1, "train.checkpoint_period", "must be >= 1 (epochs)")
+    require(train.checkpoint_period_iters >= 0, "train.checkpoint_period_iters", "must be >= 0 (0: epoch ends only)")
+    require(train.dist_timeout_min > 0, "train.dist_timeout_min", f"must be positive, got {train.dist_timeout_min}")

@@ -9,6 +9,7 @@ listed in the class docstring.
 """
 from __future__ import annotations
 
+import datetime
 import logging
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -140,7 +141,7 @@ class Trainer:
     def _set_up_process(self) -> None:
         """Distributed env, device, precision, output folder with its log and saved config, seeds, checkpointer."""
         train = self.cfg.train
-        self.env = dist.init_distributed()
+        self.env = dist.init_distributed(timeout=datetime.timedelta(minutes=train.dist_timeout_min))
         self.rank, self.world_size = self.env.rank, self.env.world_size
         self.device = select_device(train.device, self.env.local_rank)
         eval_key = self._eval_precision_key()

@@ -8,6 +8,7 @@ CMC, counts, re-ranking parameters when used, the weights file and the test set)
 """
 from __future__ import annotations
 
+import datetime
 import json
 import logging
 import os
@@ -61,7 +62,8 @@ def run_test(
     The architecture comes from the file for passreid checkpoints and from ``cfg`` for published
     TransReID/PASS ones (see :func:`~passreid.finetune.checkpoints.load_finetuned_model`).
     """
-    env = dist.init_distributed()
+    minutes = (cfg if cfg is not None else FinetuneConfig()).train.dist_timeout_min
+    env = dist.init_distributed(timeout=datetime.timedelta(minutes=minutes))
     out = make_output_dir(output_dir)
     setup_logging(out, rank=env.rank)
     model, model_cfg, report = load_finetuned_model(weights, cfg, allow_missing=allow_missing,

@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from passreid.config import TrainConfig, require
+from passreid.config import TrainConfig, require, validate_train_config
 
 # Unlabeled sources: the two dataset-registry readers.
 PRETRAIN_DATASETS = ("image_folder", "luperson_lmdb")
@@ -167,10 +167,7 @@ def validate_pretrain_config(cfg: PretrainConfig) -> None:
             "needs 0 <= optim.momentum_teacher <= optim.momentum_teacher_end <= 1")
     require(cfg.loss.warmup_teacher_temp_epochs <= train.epochs, "loss.warmup_teacher_temp_epochs",
             "must not exceed train.epochs")
-    require(train.epochs >= 1, "train.epochs", "must be >= 1")
-    require(train.log_period >= 1, "train.log_period", "must be >= 1")
-    for name in ("checkpoint_period_iters", "keep_checkpoint_period", "max_iters"):
-        require(getattr(train, name) >= 0, f"train.{name}", "must be >= 0")
-    require(train.checkpoint_period >= 1, "train.checkpoint_period", "must be >= 1 (epochs)")
+    validate_train_config(train)
+    require(train.keep_checkpoint_period >= 0, "train.keep_checkpoint_period", "must be >= 0")
     require(monitor.period >= 0, "monitor.period", "must be >= 0 (0 disables the kNN monitor)")
     require(monitor.batch_size >= 1, "monitor.batch_size", "must be >= 1")
