@@ -1,8 +1,10 @@
 """The pre-training stage end to end on generated data (CPU): learning, exact resume, DDP, schedules, export."""
 from __future__ import annotations
 
+import contextlib
 import datetime
 import importlib.util
+import io
 import json
 import math
 import os
@@ -149,12 +151,15 @@ def test_multicrop_dataset_is_seeded_per_sample_and_skips_corrupt_files(syntheti
 # ----------------------------------------------------------------------------- 1. learning (the demo recipe)
 
 
-def _run_train_script(argv: list[str]) -> None:
-    """``pretrain/train.py`` in this process, through its command-line ``main``."""
+def _run_train_script(argv: list[str]) -> str:
+    """``pretrain/train.py`` in this process, through its command-line ``main``; what it printed."""
     spec = importlib.util.spec_from_file_location("pretrain_train_script", REPO_ROOT / "pretrain" / "train.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    assert module.main(argv) == 0
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert module.main(argv) == 0
+    return printed.getvalue()
 
 
 # The demo recipe as published in configs/ (8 epochs of 12 iterations), without DataLoader workers.
@@ -164,8 +169,11 @@ DEMO_TEST_OVERRIDES = ["data.num_workers=0"]
 @pytest.fixture(scope="module")
 def demo_run(synthetic_world, monitor_world, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("pretrain_demo")
-    _run_train_script(["--config-file", str(DEMO), "--output-dir", str(out), "--data-root", str(synthetic_world / "pool"),
-                       f"monitor.root={monitor_world / 'pool'}", *DEMO_TEST_OVERRIDES])
+    printed = _run_train_script(["--config-file", str(DEMO), "--output-dir", str(out),
+                                 "--data-root", str(synthetic_world / "pool"),
+                                 f"monitor.root={monitor_world / 'pool'}", *DEMO_TEST_OVERRIDES])
+    # the command's last word: how the run ended and where its outputs are (8 epochs x 12 iterations)
+    assert f"pre-training finished at iteration 96; outputs in {out}" in printed
     return out
 
 

@@ -136,11 +136,13 @@ def error_boundary(main: Main | None = None, *, extra: tuple[type[BaseException]
 
 
 def run_training_command(argv: Sequence[str] | None, description: str, schema: type,
-                         run: Callable[..., Any], validate: Callable[[Any], Any]) -> int:
+                         run: Callable[..., Any], validate: Callable[[Any], Any],
+                         report: Callable[[Any], None] | None = None) -> int:
     """The body of a training stage's command: parse the command line into ``schema`` and ``validate`` it
     (``--print-config`` prints it and stops: a config it prints is one the stage accepts, which is what the
     launchers check before queueing a job), ``run(cfg, resume=...)`` the stage, and requeue the SLURM job when
-    a pre-emption signal stopped it (the result says ``preempted``; rank 0 requeues)."""
+    a pre-emption signal stopped it (the result says ``preempted``; rank 0 requeues). Rank 0 then passes the
+    result to ``report`` when one is given (after the process group has ended)."""
     from passreid import dist
     from passreid.config import default_argument_parser, parse_and_load, print_config
     from passreid.engine import requeue_current_job
@@ -157,6 +159,9 @@ def run_training_command(argv: Sequence[str] | None, description: str, schema: t
         # active exception" from gloo's threads): a finished job would then end FAILED and cancel its afterok
         # dependants.
         dist.destroy()
-    if result.preempted and is_main:
-        requeue_current_job()
+    if is_main:
+        if result.preempted:
+            requeue_current_job()
+        if report is not None:
+            report(result)
     return 0

@@ -16,34 +16,23 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from passreid import dist
-from passreid.cli import error_boundary
-from passreid.config import default_argument_parser, parse_and_load, print_config
-from passreid.engine import requeue_current_job
+from passreid.cli import error_boundary, run_training_command
 from passreid.pretrain.config import PretrainConfig, validate_pretrain_config
-from passreid.pretrain.trainer import run_pretraining
+from passreid.pretrain.trainer import PretrainResult, run_pretraining
+
+
+def report_outcome(result: PretrainResult) -> None:
+    """One line on how the run ended and where its outputs are."""
+    state = ("finished" if result.finished else
+             "stopped by a pre-emption signal" if result.preempted else "stopped (train.max_iters)")
+    print(f"pre-training {state} at iteration {result.iteration}; outputs in {result.output_dir}")
 
 
 @error_boundary(program="pretrain/train.py")
 def main(argv: Sequence[str] | None = None) -> int:
-    """Parse the command line, run (or resume) pre-training; exit status 0 when it finished or stopped as asked."""
-    parser = default_argument_parser(__doc__.splitlines()[0])
-    args, cfg = parse_and_load(PretrainConfig, argv, parser)
-    validate_pretrain_config(cfg)  # a config --print-config prints is one the stage accepts (the launchers' check)
-    if args.print_config:
-        return print_config(cfg)
-    try:
-        result = run_pretraining(cfg, resume=not args.no_resume)
-        is_main = dist.is_main_process()
-    finally:
-        dist.destroy()
-    if is_main:
-        if result.preempted:
-            requeue_current_job()
-        state = ("finished" if result.finished else
-                 "stopped by a pre-emption signal" if result.preempted else "stopped (train.max_iters)")
-        print(f"pre-training {state} at iteration {result.iteration}; outputs in {result.output_dir}")
-    return 0
+    """Train (or resume); on a pre-emption signal write the checkpoint and requeue the SLURM job."""
+    return run_training_command(argv, __doc__, PretrainConfig, run_pretraining, validate_pretrain_config,
+                                report=report_outcome)
 
 
 if __name__ == "__main__":
