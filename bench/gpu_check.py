@@ -33,9 +33,9 @@ a part that fails or runs out of time is recorded and the next one starts. The b
    ``PASSREID_MARKET1501`` or ``../shared/data/Market-1501-v15.09.15`` (skipped with the reason when absent).
 
 The results folder (default ``bench/results/gpu_check/<UTC timestamp>/``) holds each part's log, the
-JSON of each benchmark, the machine description (``machine.log``), and ``summary.json`` / ``summary.md`` (every part's status,
-duration and headline figures). ``--archive`` also packs the folder into one .tar.gz. This driver uses
-the standard library only, so it runs before anything is installed.
+JSON of each benchmark, the machine description (``machine.log``), and ``summary.json`` / ``summary.md`` (every
+part's status, duration and headline figures). ``--archive`` also packs the folder, checkpoints left out, into
+one .tar.gz. This driver uses the standard library only, so it runs before anything is installed.
 """
 from __future__ import annotations
 
@@ -386,13 +386,24 @@ def write_summary(results: Path, records: list[dict], started: str, total_s: flo
     print("\n".join(lines))
 
 
+def pack_results(results: Path, archive: Path) -> None:
+    """Pack the results folder into ``archive`` (.tar.gz) without the fine-tuning checkpoints (``*.pth``): the
+    figures and logs are kilobytes, a ViT-S checkpoint is hundreds of megabytes, and an archive is meant to
+    travel back from a GPU machine whose returned files are capped (16 MiB each on this project's device)."""
+    archive.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(archive, "w:gz") as packed:
+        packed.add(results, arcname=results.name,
+                   filter=lambda member: None if member.name.endswith(".pth") else member)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dry-run", action="store_true", help="print and check the plan; run nothing (no GPU needed)")
     parser.add_argument("--parts", default="", help="comma-separated part names to run (default: all)")
     parser.add_argument("--results-dir", type=Path, default=None,
                         help="results folder (default: bench/results/gpu_check/<UTC timestamp>)")
-    parser.add_argument("--archive", type=Path, default=None, help="also pack the results folder into this .tar.gz")
+    parser.add_argument("--archive", type=Path, default=None,
+                        help="also pack the results folder (without checkpoints) into this .tar.gz")
     parser.add_argument("--wheels", type=Path, default=None, help="install offline from this folder of wheels")
     parser.add_argument("--market", type=Path, default=None, help="Market-1501 root (default: PASSREID_MARKET1501 "
                                                                    "or ../shared/data/Market-1501-v15.09.15)")
@@ -444,10 +455,8 @@ def main(argv: list[str] | None = None) -> int:
     total = time.perf_counter() - start
     write_summary(results, records, started, total)
     if args.archive is not None:
-        args.archive.parent.mkdir(parents=True, exist_ok=True)
-        with tarfile.open(args.archive, "w:gz") as archive:
-            archive.add(results, arcname=results.name)
-        print(f"packed {results} into {args.archive}")
+        pack_results(results, args.archive)
+        print(f"packed {results} into {args.archive} (checkpoints left out)")
     return 0 if all(record["status"] in ("ok", "skipped") for record in records) else 1
 
 

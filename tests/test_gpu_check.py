@@ -120,7 +120,9 @@ def test_a_failed_or_timed_out_part_does_not_stop_the_others(gpu_check, tmp_path
     Part = gpu_check.Part
     fake = [Part("fails", 10, [sys.executable, "-c", "raise SystemExit(3)"], "exits 3"),
             Part("hangs", 2, [sys.executable, "-c", hang], "outruns its budget, with a child"),
-            Part("works", 10, [sys.executable, "-c", "print('fine')"], "exits 0"),
+            Part("works", 10, [sys.executable, "-c", "import pathlib, sys; d = pathlib.Path(sys.argv[1]); d.mkdir(); "
+                                             "(d / 'model_final.pth').write_bytes(b'x'); (d / 'metrics.jsonl').touch(); "
+                                             "print('fine')", str(tmp_path / "results" / "run")], "exits 0"),
             Part("absent", 10, ["true"], "cannot run here", skip_reason="no data here")]
     monkeypatch.setattr(gpu_check, "build_plan", lambda *args: [Part(p.name, p.budget_s, list(p.command), p.what,
                                                                      skip_reason=p.skip_reason) for p in fake])
@@ -143,4 +145,6 @@ def test_a_failed_or_timed_out_part_does_not_stop_the_others(gpu_check, tmp_path
     assert not running(child)
     assert "| hangs | timed out |" in (results / "summary.md").read_text()
     with tarfile.open(archive) as packed:
-        assert "results/summary.json" in packed.getnames()
+        names = packed.getnames()
+    assert "results/summary.json" in names and "results/run/metrics.jsonl" in names
+    assert "results/run/model_final.pth" not in names  # checkpoints stay behind: the archive has to travel
