@@ -204,7 +204,8 @@ def build_published(args: argparse.Namespace, device: torch.device):
 def worker(args: argparse.Namespace) -> int:
     """Build one side, warm up (counting the step's FLOPs), then time a step per ``step`` line on stdin."""
     device = torch.device(args.device)
-    if device.type == "cuda":
+    if device.type == "cuda":  # set_device needs an index: "cuda" alone means the current device
+        device = torch.device("cuda", torch.cuda.current_device() if device.index is None else device.index)
         torch.cuda.set_device(device)
     torch.manual_seed(0)
     rss_start = peak_rss_gb()
