@@ -3,6 +3,7 @@ optionally side by side with the published step.
 
     python bench/bench_pretrain_step.py [--arch vit_small] [--batch 8] [--steps 3] [--device cpu|cuda]
                                         [--precision fp32|bf16|fp16] [--reference-dir PASS-reID checkout]
+    python bench/bench_pretrain_step.py --profile [--device cuda] [--trace trace.json.gz] ...  # where it goes
 
 A step is what the training loop does per iteration: ``zero_grad``, ``PASSMetaArch.forward_backward``
 (teacher on the 2 globals, student on all 11 views, 44-term loss, centre update, backward),
@@ -39,10 +40,12 @@ from __future__ import annotations
 
 import argparse
 import collections.abc
+import gzip
 import json
 import os
 import platform
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -312,21 +315,34 @@ OP_FAMILIES = (
 
 
 def profile_ours(args: argparse.Namespace) -> int:
-    """One profiled step of ours after one warm-up step: self CPU (or CUDA) time by op family and the top ops."""
+    """One profiled step of ours after two warm-up steps: self time by op family and the top ops (CPU time on
+    the CPU; on CUDA the device time of the kernels each op launched). On CUDA also the GPU's busy share of the
+    step (the kernels' summed time over the step's wall time: kernels of one stream do not overlap), the number
+    of kernels, the top kernels and the ops with the most CPU time, which tell a launch-bound step from a
+    compute-bound one. ``--trace FILE.json.gz`` also writes the Chrome trace (chrome://tracing, Perfetto)."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     device = torch.device(args.device)
+    on_gpu = device.type == "cuda"
     step, _ = build_ours(args, device)
-    step()
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    start = time.perf_counter()
-    with profile(activities=activities) as prof:
+
+    def synchronized_step() -> None:
         step()
-        if device.type == "cuda":
+        if on_gpu:
             torch.cuda.synchronize(device)
-    wall = time.perf_counter() - start
-    attribute = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    events = [(event.key, getattr(event, attribute) / 1e6) for event in prof.key_averages()]
+
+    for _ in range(2):  # the first steps allocate, autotune and compile; the profiled one is a steady one
+        synchronized_step()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
+    with profile(activities=activities) as prof:
+        start = time.perf_counter()
+        synchronized_step()
+        wall = time.perf_counter() - start
+    averages = prof.key_averages()
+    op_averages = [event for event in averages if event.device_type == DeviceType.CPU]
+    attribute = "self_device_time_total" if on_gpu else "self_cpu_time_total"
+    events = [(event.key, getattr(event, attribute) / 1e6) for event in op_averages]
     total = sum(seconds for _, seconds in events)
     families: dict[str, float] = {}
     for name, seconds in events:
@@ -334,13 +350,33 @@ def profile_ours(args: argparse.Namespace) -> int:
         families[family] = families.get(family, 0.0) + seconds
     result = {"name": "pretrain_step_profile", "arch": args.arch, "batch": args.batch, "device": str(device),
               "precision": args.precision, "torch_threads": torch.get_num_threads(),
-              "profiled_step_wall_seconds": round(wall, 3), "self_time_seconds": round(total, 3),
-              "by_family": {label: {"seconds": round(seconds, 3), "share": round(seconds / total, 3)}
+              "profiled_step_wall_seconds": round(wall, 4), "self_time_seconds": round(total, 4),
+              "by_family": {label: {"seconds": round(seconds, 4), "share": round(seconds / total, 3)}
                             for label, seconds in sorted(families.items(), key=lambda item: -item[1])},
-              "top_ops": [{"op": name, "seconds": round(seconds, 3)}
-                          for name, seconds in sorted(events, key=lambda item: -item[1])[:15]],
-              "load_average_1min": round(os.getloadavg()[0], 2), "command": " ".join(["python", *sys.argv]),
-              "date": time.strftime("%Y-%m-%dT%H:%M:%S")}
+              "top_ops": [{"op": name, "seconds": round(seconds, 4)}
+                          for name, seconds in sorted(events, key=lambda item: -item[1])[:15]]}
+    if on_gpu:
+        kernels = [event for event in prof.events() if event.device_type == DeviceType.CUDA]
+        busy = sum(event.time_range.elapsed_us() for event in kernels) / 1e6
+        result.update({
+            "device_name": torch.cuda.get_device_name(device), "kernels": len(kernels),
+            "gpu_busy_seconds": round(busy, 4), "gpu_busy_share": round(busy / wall, 3),
+            "top_kernels": [{"kernel": event.key[:120], "calls": event.count,
+                             "seconds": round(event.self_device_time_total / 1e6, 4)}
+                            for event in sorted((e for e in averages if e.device_type == DeviceType.CUDA),
+                                                key=lambda e: -e.self_device_time_total)[:15]],
+            "top_cpu_ops": [{"op": event.key, "calls": event.count,
+                             "self_cpu_seconds": round(event.self_cpu_time_total / 1e6, 4)}
+                            for event in sorted(op_averages, key=lambda e: -e.self_cpu_time_total)[:15]]})
+    result.update({"load_average_1min": round(os.getloadavg()[0], 2), "command": " ".join(["python", *sys.argv]),
+                   "date": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    if args.trace is not None:
+        args.trace.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory() as folder:
+            raw = Path(folder) / "trace.json"
+            prof.export_chrome_trace(str(raw))
+            with raw.open("rb") as source, gzip.open(args.trace, "wb") as target:
+                shutil.copyfileobj(source, target)
     out = args.out if args.out != RESULTS_DIR / "pretrain_step.json" else RESULTS_DIR / "pretrain_step_profile.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
@@ -362,6 +398,8 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=RESULTS_DIR / "pretrain_step.json")
     parser.add_argument("--profile", action="store_true",
                         help="profile one step of ours (torch.profiler) and print where its time goes, by op family")
+    parser.add_argument("--trace", type=Path, default=None,
+                        help="with --profile: also write the profiled step's Chrome trace (.json.gz) here")
     parser.add_argument("--worker", choices=("ours", "published"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
