@@ -297,7 +297,13 @@ class PASSMetaArch(nn.Module):
         if not grads:
             return []
         norms = torch._foreach_norm(grads)
-        coefficients = [(max_norm / (norm + 1e-6)).clamp_(max=1.0) for norm in norms]
+        # min(1, max_norm / (norm + 1e-6)) in four multi-tensor launches instead of three kernels per tensor
+        # (~550 launches a step on GPU). torch evaluates a number over a tensor as reciprocal-then-multiply,
+        # so this is the same arithmetic as the per-tensor expression, bit for bit.
+        coefficients = torch._foreach_add(norms, 1e-6)
+        torch._foreach_reciprocal_(coefficients)
+        torch._foreach_mul_(coefficients, max_norm)
+        torch._foreach_clamp_max_(coefficients, 1.0)
         torch._foreach_mul_(grads, coefficients)
         return torch.stack(norms).tolist()
 
