@@ -33,7 +33,9 @@ Without ``--reference-dir`` only this code's absolute figures are printed, with 
 On CUDA the step is timed between ``torch.cuda.synchronize()`` calls; the model FLOPs of a step are
 counted once (``torch.utils.flop_counter.FlopCounterMode`` on the warm-up step: matmuls, attention,
 convolutions, forward and backward) and the model FLOP utilisation is FLOPs / step time / the GPU's
-dense bf16/fp16 peak (``--peak-tflops``, or a known value for H100/H200/A100).
+dense bf16/fp16 peak (``--peak-tflops``, or a known value for H100/H200/A100). ``--compile MODE`` runs our
+student and teacher backbones through ``torch.compile`` (heads, loss and optimizer stay eager): the FLOPs
+are counted on an eager step first, and the step that compiles is reported apart (``compile_step_seconds``).
 Writes ``bench/results/pretrain_step.json`` (``--out``) and prints the figures.
 """
 from __future__ import annotations
@@ -117,7 +119,7 @@ def build_ours(args: argparse.Namespace, device: torch.device):
 
     info = {"parameters_per_network": sum(p.numel() for p in meta.student.parameters()),
             "optimizer": f"AdamW({next(iter(kernel))})"}
-    return step, info
+    return step, info, meta.compile_backbones  # what train.compile does
 
 
 # ---------------------------------------------------------------------------------------- published step
@@ -198,7 +200,7 @@ def build_published(args: argparse.Namespace, device: torch.device):
 
     info = {"parameters_per_network": sum(p.numel() for p in student.parameters()),
             "optimizer": "AdamW(torch default kernel)", "published_code": str(folder)}
-    return step, info
+    return step, info, None  # the published step is timed as published: never compiled
 
 
 # ---------------------------------------------------------------------------------------------- a worker
@@ -212,7 +214,7 @@ def worker(args: argparse.Namespace) -> int:
         torch.cuda.set_device(device)
     torch.manual_seed(0)
     rss_start = peak_rss_gb()
-    step, info = (build_published if args.worker == "published" else build_ours)(args, device)
+    step, info, compile_backbones = (build_published if args.worker == "published" else build_ours)(args, device)
     rss_built = peak_rss_gb()
 
     def sync() -> None:
@@ -229,9 +231,13 @@ def worker(args: argparse.Namespace) -> int:
     from torch.utils.flop_counter import FlopCounterMode
 
     counter = FlopCounterMode(display=False)
-    with counter:
+    with counter:  # an eager step: compiled kernels would bypass the counter, and the FLOPs are the same
         warmup, _ = timed_step()
     flops = counter.get_total_flops()
+    if compile_backbones is not None and args.compile != "none":
+        compile_backbones(args.compile)
+        info["compile"] = args.compile
+        info["compile_step_seconds"] = round(timed_step()[0], 3)  # the first compiled step compiles
     timed_step()  # a second untimed step: the flop counter slows the first, and allocators settle
     reply = {"ready": True, "warmup_step_seconds": round(warmup, 3), "flops_per_step": flops,
              "peak_rss_after_build_gb": round(rss_built, 3), "peak_rss_at_start_gb": round(rss_start, 3), **info}
@@ -257,7 +263,7 @@ class WorkerProcess:
         self.side = side
         command = [sys.executable, str(Path(__file__).resolve()), "--worker", side, "--arch", args.arch,
                    "--batch", str(args.batch), "--out-dim", str(args.out_dim), "--device", args.device,
-                   "--precision", args.precision]
+                   "--precision", args.precision, "--compile", args.compile]
         if args.reference_dir is not None:
             command += ["--reference-dir", str(args.reference_dir)]
         self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
@@ -291,7 +297,7 @@ def side_figures(ready: dict, steps: list[tuple[float, float]], final: dict, bat
         "warmup_step_seconds": ready["warmup_step_seconds"],
         "gflop_per_sample": round(ready["flops_per_step"] / batch / 1e9, 1),
         **{key: ready[key] for key in ("peak_rss_after_build_gb", "peak_rss_at_start_gb", "parameters_per_network",
-                                       "optimizer") if key in ready},
+                                       "optimizer", "compile_step_seconds") if key in ready},
         **final,
     }
     if peak_tflops:
@@ -325,7 +331,9 @@ def profile_ours(args: argparse.Namespace) -> int:
 
     device = torch.device(args.device)
     on_gpu = device.type == "cuda"
-    step, _ = build_ours(args, device)
+    step, _, compile_backbones = build_ours(args, device)
+    if args.compile != "none":
+        compile_backbones(args.compile)  # compiled in the first warm-up step below
 
     def synchronized_step() -> None:
         step()
@@ -349,7 +357,7 @@ def profile_ours(args: argparse.Namespace) -> int:
         family = next((label for label, fragments in OP_FAMILIES if any(f in name for f in fragments)), "other")
         families[family] = families.get(family, 0.0) + seconds
     result = {"name": "pretrain_step_profile", "arch": args.arch, "batch": args.batch, "device": str(device),
-              "precision": args.precision, "torch_threads": torch.get_num_threads(),
+              "precision": args.precision, "compile": args.compile, "torch_threads": torch.get_num_threads(),
               "profiled_step_wall_seconds": round(wall, 4), "self_time_seconds": round(total, 4),
               "by_family": {label: {"seconds": round(seconds, 4), "share": round(seconds / total, 3)}
                             for label, seconds in sorted(families.items(), key=lambda item: -item[1])},
@@ -394,6 +402,10 @@ def main() -> int:
     parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"))
     parser.add_argument("--reference-dir", type=Path, default=None,
                         help="a PASS-reID checkout: time the published step side by side and print the ratio")
+    parser.add_argument("--compile", default="none",
+                        choices=("none", "default", "reduce-overhead", "max-autotune-no-cudagraphs"),
+                        help="torch.compile our student and teacher backbones with this mode (ours only; the FLOPs "
+                             "are counted on an eager step first, and the first compiled step is not timed)")
     parser.add_argument("--peak-tflops", type=float, default=None, help="GPU peak for the MFU (default: known GPUs)")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR / "pretrain_step.json")
     parser.add_argument("--profile", action="store_true",
@@ -445,6 +457,7 @@ def main() -> int:
         "out_dim": args.out_dim,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "precision": args.precision,
+        "compile": args.compile,
         "peak_tflops_for_mfu": peak,
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),

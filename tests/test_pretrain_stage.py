@@ -273,6 +273,35 @@ def test_resume_after_preemption_continues_exactly(synthetic_world, tmp_path, mo
     assert all(torch.equal(final_a[key], final_b[key]) for key in final_a)
 
 
+def test_train_compile_trains_what_the_eager_run_trains(synthetic_world, tmp_path, monkeypatch):
+    """train.compile: the trainer compiles both backbones before its first step, and the run's losses are the
+    eager run's. The compiler is AOT autograd's capture run by the aot_eager backend (what inductor compiles
+    from, without its code generation, which takes minutes on two cores); inductor itself is timed on a GPU
+    by bench/gpu_check.py's optional parts."""
+    listing = _pool_file_list(synthetic_world, tmp_path, count=8)
+    common = [*TINY, "data.dataset=image_folder", f"data.root={synthetic_world / 'pool'}", f"data.file_list={listing}",
+              "data.batch_size_per_gpu=4", "data.num_workers=0", "train.epochs=1", "optim.warmup_epochs=0",
+              "model.drop_path_rate=0.1"]  # drop-path draws random numbers inside the compiled graphs
+    compiled_modes = []
+    original = PASSMetaArch.compile_backbones
+
+    def on_aot_eager(self, mode="default", backend="inductor"):
+        compiled_modes.append(mode)
+        original(self, mode, backend="aot_eager")
+
+    monkeypatch.setattr(PASSMetaArch, "compile_backbones", on_aot_eager)
+    eager = run_pretraining(_load(None, *common, f"train.output_dir={tmp_path / 'eager'}"))
+    assert compiled_modes == []  # train.compile defaults to none: the published eager step
+    compiled = run_pretraining(_load(None, *common, "train.compile=default", f"train.output_dir={tmp_path / 'c'}"))
+    assert compiled_modes == ["default"] and eager.iteration == compiled.iteration == 2
+    assert "student and teacher backbones: torch.compile mode default" in (tmp_path / "c" / "log.txt").read_text()
+    reference, result = _train_records(tmp_path / "eager"), _train_records(tmp_path / "c")
+    for step in (1, 2):
+        # float32 on the CPU; AOT autograd's graphs may reorder float arithmetic, hence a tolerance of
+        # float32 rounding accumulated over a tiny ViT and two steps, not equality
+        assert result[step]["loss"] == pytest.approx(reference[step]["loss"], rel=1e-5)
+
+
 def test_dino_mode_trains_and_exports_a_backbone_without_part_tokens(synthetic_world, tmp_path):
     listing = _pool_file_list(synthetic_world, tmp_path, count=8)
     out = tmp_path / "dino"

@@ -80,6 +80,12 @@ def patch_grid_size(img_size: Sequence[int], patch_size: int, stride_size: int) 
     return (height - patch_size) // stride_size + 1, (width - patch_size) // stride_size + 1
 
 
+# Kept out of torch.compile graphs: compiled, the bicubic resampling is decomposed into arithmetic that honours
+# the scale factor everywhere, while the eager kernels special-case an output of the input's size (PyTorch's
+# CUDA kernel copies the grid; its CPU backward copies the gradient, so on the CPU that backward is not the
+# adjoint of the shifted forward). PASS resamples the 16x8 grid to 16x8 for every global crop, so a compiled
+# backbone would train another function than the eager (and published) one.
+@torch.compiler.disable
 def interpolate_pos_grid(
     pos_embed: Tensor, old_grid: tuple[int, int], new_grid: tuple[int, int]
 ) -> Tensor:
@@ -87,7 +93,8 @@ def interpolate_pos_grid(
 
     Bicubic, ``align_corners=False``, driven by ``scale_factor=((new+0.1)/old)`` per axis (PASS-reID:
     PASS/vision_transformer.py, ``interpolate_pos_encoding``): PyTorch maps output index i to source ``(i + 0.5) / scale - 0.5``, so even
-    ``new_grid == old_grid`` gives a slightly shifted, not identical, grid.
+    ``new_grid == old_grid`` gives a slightly shifted, not identical, grid on the CPU (PyTorch's CUDA kernel,
+    aten/src/ATen/native/cuda/UpSampleBicubic2d.cu, copies a grid of unchanged size instead).
     """
     old_h, old_w = old_grid
     new_h, new_w = new_grid

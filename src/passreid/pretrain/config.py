@@ -105,6 +105,9 @@ class PretrainTrainConfig(TrainConfig):
     log_period: int = 200  # iterations between log lines / metrics.jsonl records
     checkpoint_period: int = 1  # epochs between end-of-epoch writes of checkpoint.pth
     keep_checkpoint_period: int = 0  # keep a named copy checkpoint_<epoch:07d>.pth every N epochs (0: none)
+    # torch.compile the student and teacher ViTs (PASSMetaArch.compile_backbones) with this mode; "none": eager,
+    # as published. Not bit-identical to eager (float rounding); reduce-overhead adds CUDA graphs.
+    compile: Literal["none", "default", "reduce-overhead", "max-autotune-no-cudagraphs"] = "none"
 
 
 @dataclass

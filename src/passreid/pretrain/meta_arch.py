@@ -151,6 +151,18 @@ class PASSMetaArch(nn.Module):
         object.__setattr__(self, "_student_wrapper", wrapper)
         return wrapper
 
+    def compile_backbones(self, mode: str = "default", backend: str = "inductor") -> None:
+        """``torch.compile`` the student's and the teacher's ViT in place (``nn.Module.compile``: parameter names
+        and checkpoints stay as they are); the heads, the loss and the optimizer stay eager.
+
+        ``dynamic=False``: each input shape gets its own static graph (the globals, each band, whose part index is
+        a constant, and the teacher's pass). Compiled kernels compute what the eager ones do up to float rounding,
+        not bit for bit. ``mode`` is torch.compile's (``default``, ``reduce-overhead`` for CUDA graphs,
+        ``max-autotune-no-cudagraphs``); ``backend`` another compiler (tests use ``aot_eager``).
+        """
+        for network in (self.student_network, self.teacher):
+            network["backbone"].compile(mode=None if mode == "default" else mode, dynamic=False, backend=backend)
+
     @property
     def student_network(self) -> MultiCropNetwork:
         """The unwrapped student (also when ``self.student`` was replaced by a DDP wrapper)."""

@@ -143,6 +143,9 @@ class PretrainTrainer(Trainer):
         seed_everything(cfg.train.seed)
         self.meta = self._build_meta_arch().to(self.device)
         self.model = self.meta  # what the checkpoint stores (DDP wraps the student inside, not the module tree)
+        if cfg.train.compile != "none":  # in place: compiled on the first step, parameter names unchanged
+            self.meta.compile_backbones(cfg.train.compile)
+            logger.info("student and teacher backbones: torch.compile mode %s", cfg.train.compile)
         seed_everything(cfg.train.seed + self.rank)
         if self.batch_source is not None:
             self.source: BatchSource = self.batch_source
