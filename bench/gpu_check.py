@@ -33,6 +33,11 @@ a part that fails or runs out of time is recorded and the next one starts. The b
    query/gallery split; data from ``--market``,
    ``PASSREID_MARKET1501`` or ``../shared/data/Market-1501-v15.09.15`` (skipped with the reason when absent).
 
+Optional parts, run only when named in ``--parts`` (their budgets add up to under 8 minutes of their own):
+``pretrain_vit_small_b128_bf16_compiled`` and ``..._cudagraphs`` (the ViT-S bf16 step with its backbones
+through ``torch.compile``, default mode and ``reduce-overhead``), ``profile_vit_small_b128_bf16`` and
+``..._compiled`` (one profiled step: the GPU's busy share, the kernel count, a Chrome trace).
+
 The results folder (default ``bench/results/gpu_check/<UTC timestamp>/``) holds each part's log, the
 JSON of each benchmark, the machine description (``machine.log``), and ``summary.json`` / ``summary.md`` (every
 part's status, duration and headline figures). ``--archive`` also packs the folder, checkpoints left out, into
@@ -72,6 +77,7 @@ class Part:
     what: str
     results: list[str] = field(default_factory=list)  # JSON files the command writes into the results folder
     skip_reason: str | None = None  # set when the part cannot run here (e.g. no Market-1501)
+    optional: bool = False  # run only when named in --parts; not in the default 8-minute plan
 
 
 def market_root(explicit: Path | None) -> Path:
@@ -102,6 +108,7 @@ def build_plan(python: str, results: Path, wheels: Path | None, market: Path) ->
                 name, 32, [python, "bench/bench_pretrain_step.py", "--device", "cuda", "--arch", arch, "--batch",
                            str(batch), "--precision", precision, "--steps", "6", "--out", str(results / f"{name}.json")],
                 f"PASS step alone, {arch} batch {batch} {precision}: samples/s and MFU", [f"{name}.json"]))
+    parts += step_experiments(python, results)
     parts.append(Part(
         "input_path", 55, [python, "bench/bench_multicrop_loading.py", "--device", "cuda", "--workers", "8",
                            "--images", "512", "--batch", "64", "--sizes", "128x256", "--loader-epochs", "3",
@@ -129,6 +136,39 @@ def build_plan(python: str, results: Path, wheels: Path | None, market: Path) ->
         market_part.skip_reason = (f"Market-1501 not found at {market} (no {', '.join(absent)}; pass --market or set "
                                    "PASSREID_MARKET1501)")
     parts.append(market_part)
+    return parts
+
+
+def step_experiments(python: str, results: Path) -> list[Part]:
+    """Optional parts (``--parts``) that look into the ViT-S bf16 step: its profile, and the step with the
+    backbones compiled (``torch.compile``, then also with CUDA graphs). Inductor caches what it compiles on the
+    machine, so the later compiled parts reuse the first one's kernels; these parts' budgets add up to <= 8 min."""
+    step = [python, "bench/bench_pretrain_step.py", "--device", "cuda", "--arch", "vit_small", "--batch", "128",
+            "--precision", "bf16"]
+    timed = [*step, "--steps", "6"]
+    parts = [
+        Part("pretrain_vit_small_b128_bf16_compiled", 150,
+             [*timed, "--compile", "default", "--out", str(results / "pretrain_vit_small_b128_bf16_compiled.json")],
+             "PASS step, ViT-S batch 128 bf16, backbones through torch.compile: samples/s and MFU",
+             ["pretrain_vit_small_b128_bf16_compiled.json"]),
+        Part("pretrain_vit_small_b128_bf16_cudagraphs", 120,
+             [*timed, "--compile", "reduce-overhead", "--out",
+              str(results / "pretrain_vit_small_b128_bf16_cudagraphs.json")],
+             "the same with CUDA graphs (torch.compile mode reduce-overhead)",
+             ["pretrain_vit_small_b128_bf16_cudagraphs.json"]),
+        Part("profile_vit_small_b128_bf16", 45,
+             [*step, "--profile", "--out", str(results / "profile_vit_small_b128_bf16.json"), "--trace",
+              str(results / "profile_vit_small_b128_bf16_trace.json.gz")],
+             "one profiled eager step: the GPU's busy share, kernels, where the time goes; Chrome trace",
+             ["profile_vit_small_b128_bf16.json"]),
+        Part("profile_vit_small_b128_bf16_compiled", 90,
+             [*step, "--profile", "--compile", "default", "--out",
+              str(results / "profile_vit_small_b128_bf16_compiled.json"), "--trace",
+              str(results / "profile_vit_small_b128_bf16_compiled_trace.json.gz")],
+             "the same profile with the backbones compiled", ["profile_vit_small_b128_bf16_compiled.json"]),
+    ]
+    for part in parts:
+        part.optional = True
     return parts
 
 
@@ -236,8 +276,10 @@ def _script_of(command: list[str]) -> Path | None:
 def check_plan(parts: list[Part], python: str) -> list[str]:
     """Problems with the plan that can be seen without a GPU (empty when it is ready to run)."""
     problems = []
-    if sum(part.budget_s for part in parts) > TOTAL_BUDGET_S:
-        problems.append(f"the parts' budgets add up to {sum(p.budget_s for p in parts)} s > {TOTAL_BUDGET_S} s")
+    for label, chosen in (("the default parts'", [p for p in parts if not p.optional]),
+                          ("the optional parts'", [p for p in parts if p.optional])):
+        if sum(part.budget_s for part in chosen) > TOTAL_BUDGET_S:
+            problems.append(f"{label} budgets add up to {sum(p.budget_s for p in chosen)} s > {TOTAL_BUDGET_S} s")
     for part in parts:
         script = _script_of(part.command)
         if script is not None:
@@ -276,7 +318,7 @@ def print_plan(parts: list[Part], results: Path) -> None:
           f"(cut at {TOTAL_BUDGET_S} s); results in {results}")
     for index, part in enumerate(parts, 1):
         note = f"   [skipped: {part.skip_reason}]" if part.skip_reason else ""
-        print(f"{index:2d}. {part.name:28s} {part.budget_s:4d} s  {part.what}{note}")
+        print(f"{index:2d}. {part.name:38s} {part.budget_s:4d} s  {part.what}{note}")
         print(f"      $ {shlex.join(part.command)}")
 
 
@@ -346,8 +388,17 @@ def headline(record: dict, results: Path) -> str:
         data = _load(results / f"{name}.json")
         if data:
             mfu = f", MFU {100 * data['mfu']:.1f} %" if data.get("mfu") is not None else ""
+            compiled = (f", first compiled step {data['compile_step_seconds']} s"
+                        if data.get("compile_step_seconds") is not None else "")
             return (f"{data['samples_per_second']:.0f} samples/s ({data['seconds_per_step'] * 1000:.0f} ms/step, "
-                    f"{data['gflop_per_sample']} GFLOP/sample{mfu}, peak {data.get('peak_gpu_memory_gb', '?')} GB)")
+                    f"{data['gflop_per_sample']} GFLOP/sample{mfu}, peak {data.get('peak_gpu_memory_gb', '?')} GB"
+                    f"{compiled})")
+    if name.startswith("profile_"):
+        data = _load(results / f"{name}.json")
+        if data and data.get("gpu_busy_share") is not None:
+            top = next(iter(data["by_family"]))
+            return (f"step {data['profiled_step_wall_seconds'] * 1000:.0f} ms profiled, GPU busy "
+                    f"{100 * data['gpu_busy_share']:.0f} %, {data['kernels']} kernels; most device time: {top}")
     if name == "input_path":
         data = _load(results / "input_path.json")
         if data:
@@ -433,6 +484,10 @@ def main(argv: list[str] | None = None) -> int:
                   file=sys.stderr)
             return 2
         parts = [part for part in parts if part.name in wanted]
+    else:
+        optional = [part.name for part in parts if part.optional]
+        parts = [part for part in parts if not part.optional]
+        print(f"optional parts, run only when named in --parts: {', '.join(optional)}")
 
     print_plan(parts, results)
     if args.dry_run:
