@@ -20,7 +20,7 @@ a part that fails or runs out of time is recorded and the next one starts. The b
    ``--no-index --find-links DIR``). A failed install is recorded and the check goes on: the library imports
    without lmdb, submitit and faiss, which only the LMDB reader, the launchers and the faiss kNN need.
 2. ``machine``: ``nvidia-smi``, the torch / CUDA / driver versions and the packages seen (machine.log).
-3. ``pytest_cuda``: ``pytest -m cuda tests/`` (AMP bf16/fp16 of every stage, device-side multi-crop on the
+3. ``pytest_cuda``: ``pytest -m "cuda and not inductor" tests/`` (AMP bf16/fp16 of every stage, device-side multi-crop on the
    GPU, a one-process NCCL group, faiss GPU kNN when installed).
 4. ``pretrain_*``: ``bench/bench_pretrain_step.py`` for ViT-S batch 128 and ViT-B batch 64, bf16 and fp16:
    samples/s of the PASS step alone and its model FLOP utilisation.
@@ -34,6 +34,7 @@ a part that fails or runs out of time is recorded and the next one starts. The b
    ``PASSREID_MARKET1501`` or ``../shared/data/Market-1501-v15.09.15`` (skipped with the reason when absent).
 
 Optional parts, run only when named in ``--parts`` (their budgets add up to under 8 minutes of their own):
+``pytest_cuda_inductor`` (the tests marked cuda and inductor: ``train.compile`` on the GPU),
 ``pretrain_vit_small_b128_bf16_compiled`` and ``..._cudagraphs`` (the ViT-S bf16 step with its backbones
 through ``torch.compile``, default mode and ``reduce-overhead``), ``profile_vit_small_b128_bf16`` and
 ``..._compiled`` (one profiled step: the GPU's busy share, the kernel count, a Chrome trace).
@@ -97,8 +98,8 @@ def build_plan(python: str, results: Path, wheels: Path | None, market: Path) ->
                                      "the check goes on if it fails"),
         Part("machine", 10, [python, "bench/gpu_check.py", "--describe-machine"],
              "machine description: nvidia-smi, torch / CUDA / cuDNN, CPUs, packages present"),
-        Part("pytest_cuda", 70, [python, "-m", "pytest", "-m", "cuda", "-q", "-p", "no:cacheprovider", "tests/",
-                                 f"--junitxml={results / 'pytest_cuda.xml'}"],
+        Part("pytest_cuda", 70, [python, "-m", "pytest", "-m", "cuda and not inductor", "-q", "-p", "no:cacheprovider",
+                                 "tests/", f"--junitxml={results / 'pytest_cuda.xml'}"],
              "the tests marked cuda (AMP of every stage, device multi-crop, NCCL, faiss GPU)"),
     ]
     for arch, batch in (("vit_small", 128), ("vit_base", 64)):
@@ -140,18 +141,23 @@ def build_plan(python: str, results: Path, wheels: Path | None, market: Path) ->
 
 
 def step_experiments(python: str, results: Path) -> list[Part]:
-    """Optional parts (``--parts``) that look into the ViT-S bf16 step: its profile, and the step with the
-    backbones compiled (``torch.compile``, then also with CUDA graphs). Inductor caches what it compiles on the
+    """Optional parts (``--parts``) for ``train.compile`` and the ViT-S bf16 step: the tests marked cuda and
+    inductor, the step with the backbones compiled (``torch.compile``, then also with CUDA graphs), its profile
+    eager and compiled. Inductor caches what it compiles on the
     machine, so the later compiled parts reuse the first one's kernels; these parts' budgets add up to <= 8 min."""
     step = [python, "bench/bench_pretrain_step.py", "--device", "cuda", "--arch", "vit_small", "--batch", "128",
             "--precision", "bf16"]
     timed = [*step, "--steps", "6"]
     parts = [
+        Part("pytest_cuda_inductor", 90, [python, "-m", "pytest", "-m", "cuda and inductor", "-q", "-p",
+                                          "no:cacheprovider", "tests/",
+                                          f"--junitxml={results / 'pytest_cuda_inductor.xml'}"],
+             "train.compile on the GPU: the compiled step against the eager one, a compiled pre-training run"),
         Part("pretrain_vit_small_b128_bf16_compiled", 150,
              [*timed, "--compile", "default", "--out", str(results / "pretrain_vit_small_b128_bf16_compiled.json")],
              "PASS step, ViT-S batch 128 bf16, backbones through torch.compile: samples/s and MFU",
              ["pretrain_vit_small_b128_bf16_compiled.json"]),
-        Part("pretrain_vit_small_b128_bf16_cudagraphs", 120,
+        Part("pretrain_vit_small_b128_bf16_cudagraphs", 100,
              [*timed, "--compile", "reduce-overhead", "--out",
               str(results / "pretrain_vit_small_b128_bf16_cudagraphs.json")],
              "the same with CUDA graphs (torch.compile mode reduce-overhead)",
@@ -161,7 +167,7 @@ def step_experiments(python: str, results: Path) -> list[Part]:
               str(results / "profile_vit_small_b128_bf16_trace.json.gz")],
              "one profiled eager step: the GPU's busy share, kernels, where the time goes; Chrome trace",
              ["profile_vit_small_b128_bf16.json"]),
-        Part("profile_vit_small_b128_bf16_compiled", 90,
+        Part("profile_vit_small_b128_bf16_compiled", 80,
              [*step, "--profile", "--compile", "default", "--out",
               str(results / "profile_vit_small_b128_bf16_compiled.json"), "--trace",
               str(results / "profile_vit_small_b128_bf16_compiled_trace.json.gz")],
@@ -419,7 +425,7 @@ def headline(record: dict, results: Path) -> str:
             evals = [r for r in evals if r.get("split") == "eval"]
             if evals:
                 return f"mAP {100 * evals[-1]['mAP']:.1f} %, rank-1 {100 * evals[-1].get('rank1', float('nan')):.1f} %"
-    if name == "pytest_cuda":
+    if name.startswith("pytest_cuda"):
         log = (results / record["log"]).read_text(errors="replace")
         counts = re.findall(r"^=*\s*(\d+ (?:passed|failed|skipped|error).*?)\s*=*\s*$", log, flags=re.M)
         return counts[-1] if counts else ""

@@ -4,7 +4,9 @@
   the generated world in bf16 autocast and in fp16 autocast + GradScaler and ends with finite figures;
 * the device-side multi-crop gives the same views on the GPU as on the CPU;
 * a one-process NCCL group: collectives and a DDP step equal to the plain step;
-* faiss on the GPU (when faiss-gpu is installed) finds the torch backend's neighbours.
+* faiss on the GPU (when faiss-gpu is installed) finds the torch backend's neighbours;
+* marked ``inductor`` as well (``bench/gpu_check.sh --parts pytest_cuda_inductor``): ``train.compile`` on the
+  GPU, the compiled step against the eager one and a compiled pre-training run.
 """
 from __future__ import annotations
 
@@ -152,3 +154,51 @@ def test_faiss_gpu_knn_finds_the_torch_neighbours():
     torch.testing.assert_close(d_faiss, d_torch, rtol=1e-4, atol=1e-3)
     same = sum(set(a) == set(b) for a, b in zip(i_torch.tolist(), i_faiss.tolist()))
     assert same >= 0.99 * len(x)  # a near-tie at the 20th place may swap one neighbour in a few rows
+
+
+@pytest.mark.inductor
+def test_compiled_pretraining_step_matches_the_eager_one_on_the_gpu():
+    """PASSMetaArch.compile_backbones with inductor on the published crop geometry (16x8 and 8x4 position
+    grids): the loss and every gradient of one fp32 step are the eager ones up to the reordered float32 sums
+    of fused kernels. A backbone that resampled the position grid inside the graph would be off by percents
+    in the position-embedding gradient (pretrain/README.md, train.compile)."""
+    import copy
+
+    from passreid.pretrain import PASSMetaArch
+
+    torch.manual_seed(0)
+    base = PASSMetaArch("vit_tiny", (256, 128), out_dim=1024, hidden_dim=256, bottleneck_dim=64,
+                        drop_path_rate=0.0).cuda()  # no drop path: inductor draws its own random numbers
+    eager, compiled = base, copy.deepcopy(base)
+    compiled.compile_backbones("default")
+    generator = torch.Generator().manual_seed(1)
+    views = [torch.randn(4, 3, 256, 128, generator=generator) for _ in range(2)] + [
+        torch.randn(4, 3, 128, 64, generator=generator) for _ in range(9)]
+    views = [view.cuda() for view in views]
+    losses, grads = [], []
+    for model in (eager, compiled):
+        loss, _ = model.forward_backward(views, epoch=0)
+        losses.append(loss.item())
+        grads.append({name: p.grad for name, p in model.named_trainable_parameters() if p.grad is not None})
+    assert losses[1] == pytest.approx(losses[0], rel=1e-4)
+    assert grads[0].keys() == grads[1].keys()
+    for name, grad in grads[0].items():
+        relative = ((grads[1][name] - grad).norm() / grad.norm().clamp_min(1e-12)).item()
+        assert relative < 1e-3, f"{name}: compiled gradient off by {relative:.2e} (relative norm)"
+
+
+@pytest.mark.inductor
+def test_compiled_pretraining_trains_on_the_gpu(synthetic_world, tmp_path):
+    from passreid.pretrain.config import PretrainConfig
+    from passreid.pretrain.trainer import run_pretraining
+
+    cfg = load_config(PretrainConfig, None, [
+        "model.arch=vit_tiny", "model.img_size=[64,32]", "model.out_dim=256", "model.hidden_dim=128",
+        "model.bottleneck_dim=64", "crops.global_size=[64,32]", "crops.local_size=[32,16]", "monitor.period=0",
+        "train.log_period=1", "train.precision=bf16", "train.device=cuda", "train.compile=default",
+        "data.augment_on=gpu", "data.dataset=image_folder", f"data.root={synthetic_world / 'pool'}",
+        "data.batch_size_per_gpu=8", "data.num_workers=0", "train.max_iters=3", f"train.output_dir={tmp_path}"])
+    result = run_pretraining(cfg)
+    assert result.iteration == 3
+    losses = _train_losses(tmp_path)
+    assert len(losses) == 3 and all(math.isfinite(loss) for loss in losses)
