@@ -106,7 +106,7 @@ class PretrainTrainConfig(TrainConfig):
     checkpoint_period: int = 1  # epochs between end-of-epoch writes of checkpoint.pth
     keep_checkpoint_period: int = 0  # keep a named copy checkpoint_<epoch:07d>.pth every N epochs (0: none)
     # torch.compile the student and teacher ViTs (PASSMetaArch.compile_backbones) with this mode; "none": eager,
-    # as published. Not bit-identical to eager (float rounding); reduce-overhead adds CUDA graphs.
+    # as published. Equal to eager up to float rounding (same drop-path draws); reduce-overhead adds CUDA graphs.
     compile: Literal["none", "default", "reduce-overhead", "max-autotune-no-cudagraphs"] = "none"
 
 

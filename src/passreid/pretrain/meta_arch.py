@@ -157,11 +157,18 @@ class PASSMetaArch(nn.Module):
 
         ``dynamic=False``: each input shape gets its own static graph (the globals, each band, whose part index is
         a constant, and the teacher's pass). Compiled kernels compute what the eager ones do up to float rounding,
-        not bit for bit. ``mode`` is torch.compile's (``default``, ``reduce-overhead`` for CUDA graphs,
+        not bit for bit, and draw the drop-path masks from torch's generators as eager code does (inductor's
+        ``fallback_random``; its own random numbers would give other masks than an eager run with the same
+        seed). ``mode`` is torch.compile's (``default``, ``reduce-overhead`` for CUDA graphs,
         ``max-autotune-no-cudagraphs``); ``backend`` another compiler (tests use ``aot_eager``).
         """
+        options = None
+        if backend == "inductor":  # a mode is a set of inductor options, to which fallback_random is added
+            import torch._inductor
+
+            options = {**torch._inductor.list_mode_options(mode), "fallback_random": True}
         for network in (self.student_network, self.teacher):
-            network["backbone"].compile(mode=None if mode == "default" else mode, dynamic=False, backend=backend)
+            network["backbone"].compile(dynamic=False, backend=backend, options=options)
 
     @property
     def student_network(self) -> MultiCropNetwork:
