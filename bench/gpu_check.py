@@ -20,8 +20,8 @@ a part that fails or runs out of time is recorded and the next one starts. The b
    ``--no-index --find-links DIR``). A failed install is recorded and the check goes on: the library imports
    without lmdb, submitit and faiss, which only the LMDB reader, the launchers and the faiss kNN need.
 2. ``machine``: ``nvidia-smi``, the torch / CUDA / driver versions and the packages seen (machine.log).
-3. ``pytest_cuda``: ``pytest -m "cuda and not inductor" tests/`` (AMP bf16/fp16 of every stage, device-side multi-crop on the
-   GPU, a one-process NCCL group, faiss GPU kNN when installed).
+3. ``pytest_cuda``: ``pytest -m "cuda and not inductor" tests/`` (AMP bf16/fp16 of every stage, device-side
+   multi-crop on the GPU, a one-process NCCL group, faiss GPU kNN when installed).
 4. ``pretrain_*``: ``bench/bench_pretrain_step.py`` for ViT-S batch 128 and ViT-B batch 64, bf16 and fp16:
    samples/s of the PASS step alone and its model FLOP utilisation.
 5. ``input_path``: ``bench/bench_multicrop_loading.py --device cuda --workers 8``: samples/s of the input
@@ -143,8 +143,8 @@ def build_plan(python: str, results: Path, wheels: Path | None, market: Path) ->
 def step_experiments(python: str, results: Path) -> list[Part]:
     """Optional parts (``--parts``) for ``train.compile`` and the ViT-S bf16 step: the tests marked cuda and
     inductor, the step with the backbones compiled (``torch.compile``, then also with CUDA graphs), its profile
-    eager and compiled. Inductor caches what it compiles on the
-    machine, so the later compiled parts reuse the first one's kernels; these parts' budgets add up to <= 8 min."""
+    eager and compiled. Inductor caches what it compiles on the machine, so the later compiled parts reuse the
+    first one's kernels; these parts' budgets add up to <= 8 min."""
     step = [python, "bench/bench_pretrain_step.py", "--device", "cuda", "--arch", "vit_small", "--batch", "128",
             "--precision", "bf16"]
     timed = [*step, "--steps", "6"]
@@ -462,7 +462,8 @@ def pack_results(results: Path, archive: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dry-run", action="store_true", help="print and check the plan; run nothing (no GPU needed)")
-    parser.add_argument("--parts", default="", help="comma-separated part names to run (default: all)")
+    parser.add_argument("--parts", default="",
+                        help="comma-separated part names to run (default: every part but the optional ones)")
     parser.add_argument("--results-dir", type=Path, default=None,
                         help="results folder (default: bench/results/gpu_check/<UTC timestamp>)")
     parser.add_argument("--archive", type=Path, default=None,
