@@ -36,6 +36,7 @@ convolutions, forward and backward) and the model FLOP utilisation is FLOPs / st
 dense bf16/fp16 peak (``--peak-tflops``, or a known value for H100/H200/A100). ``--compile MODE`` runs our
 student and teacher backbones through ``torch.compile`` (heads, loss and optimizer stay eager): the FLOPs
 are counted on an eager step first, and the step that compiles is reported apart (``compile_step_seconds``).
+``--batch-band-views`` runs our student's band views in one backbone pass (``train.batch_band_views``).
 Writes ``bench/results/pretrain_step.json`` (``--out``) and prints the figures.
 """
 from __future__ import annotations
@@ -95,7 +96,7 @@ def build_ours(args: argparse.Namespace, device: torch.device):
     from passreid.engine import autocast_for
     from passreid.pretrain import PASSMetaArch
 
-    meta = PASSMetaArch(args.arch, out_dim=args.out_dim).to(device)
+    meta = PASSMetaArch(args.arch, out_dim=args.out_dim, batch_band_views=args.batch_band_views).to(device)
     groups = meta.param_groups()
     for group in groups:
         group["weight_decay"] = 0.04 * group["wd_multiplier"]
@@ -264,6 +265,8 @@ class WorkerProcess:
         command = [sys.executable, str(Path(__file__).resolve()), "--worker", side, "--arch", args.arch,
                    "--batch", str(args.batch), "--out-dim", str(args.out_dim), "--device", args.device,
                    "--precision", args.precision, "--compile", args.compile]
+        if args.batch_band_views:
+            command.append("--batch-band-views")
         if args.reference_dir is not None:
             command += ["--reference-dir", str(args.reference_dir)]
         self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
@@ -357,7 +360,8 @@ def profile_ours(args: argparse.Namespace) -> int:
         family = next((label for label, fragments in OP_FAMILIES if any(f in name for f in fragments)), "other")
         families[family] = families.get(family, 0.0) + seconds
     result = {"name": "pretrain_step_profile", "arch": args.arch, "batch": args.batch, "device": str(device),
-              "precision": args.precision, "compile": args.compile, "torch_threads": torch.get_num_threads(),
+              "precision": args.precision, "compile": args.compile, "batch_band_views": args.batch_band_views,
+              "torch_threads": torch.get_num_threads(), "op_calls": sum(event.count for event in op_averages),
               "profiled_step_wall_seconds": round(wall, 4), "self_time_seconds": round(total, 4),
               "by_family": {label: {"seconds": round(seconds, 4), "share": round(seconds / total, 3)}
                             for label, seconds in sorted(families.items(), key=lambda item: -item[1])},
@@ -406,6 +410,8 @@ def main() -> int:
                         choices=("none", "default", "reduce-overhead", "max-autotune-no-cudagraphs"),
                         help="torch.compile our student and teacher backbones with this mode (ours only; the FLOPs "
                              "are counted on an eager step first, and the first compiled step is not timed)")
+    parser.add_argument("--batch-band-views", action="store_true",
+                        help="ours: the student's 9 band views in one backbone pass (train.batch_band_views)")
     parser.add_argument("--peak-tflops", type=float, default=None, help="GPU peak for the MFU (default: known GPUs)")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR / "pretrain_step.json")
     parser.add_argument("--profile", action="store_true",
@@ -458,6 +464,7 @@ def main() -> int:
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "precision": args.precision,
         "compile": args.compile,
+        "batch_band_views": args.batch_band_views,
         "peak_tflops_for_mfu": peak,
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),

@@ -36,8 +36,10 @@ a part that fails or runs out of time is recorded and the next one starts. The b
 Optional parts, run only when named in ``--parts`` (their budgets add up to under 8 minutes of their own):
 ``pytest_cuda_inductor`` (the tests marked cuda and inductor: ``train.compile`` on the GPU),
 ``pretrain_vit_small_b128_bf16_compiled`` and ``..._cudagraphs`` (the ViT-S bf16 step with its backbones
-through ``torch.compile``, default mode and ``reduce-overhead``), ``profile_vit_small_b128_bf16`` and
-``..._compiled`` (one profiled step: the GPU's busy share, the kernel count, a Chrome trace).
+through ``torch.compile``, default mode and ``reduce-overhead``), ``..._banded`` (eager, the student's band views
+in one backbone pass: ``train.batch_band_views``), ``profile_vit_small_b128_bf16_compiled`` (one profiled
+compiled step: the GPU's busy share, the kernel count, a Chrome trace; the eager profile is
+``bench_pretrain_step.py --profile``, committed for the H200 in ``bench/results/``).
 
 The results folder (default ``bench/results/gpu_check/<UTC timestamp>/``) holds each part's log, the
 JSON of each benchmark, the machine description (``machine.log``), and ``summary.json`` / ``summary.md`` (every
@@ -142,8 +144,8 @@ def build_plan(python: str, results: Path, wheels: Path | None, market: Path) ->
 
 def step_experiments(python: str, results: Path) -> list[Part]:
     """Optional parts (``--parts``) for ``train.compile`` and the ViT-S bf16 step: the tests marked cuda and
-    inductor, the step with the backbones compiled (``torch.compile``, then also with CUDA graphs), its profile
-    eager and compiled. Inductor caches what it compiles on the machine, so the later compiled parts reuse the
+    inductor, the step with the backbones compiled (``torch.compile``, then also with CUDA graphs), the eager step
+    with the band views batched (``train.batch_band_views``), the compiled step's profile. Inductor caches what it compiles on the machine, so the later compiled parts reuse the
     first one's kernels; these parts' budgets add up to <= 8 min."""
     step = [python, "bench/bench_pretrain_step.py", "--device", "cuda", "--arch", "vit_small", "--batch", "128",
             "--precision", "bf16"]
@@ -162,16 +164,16 @@ def step_experiments(python: str, results: Path) -> list[Part]:
               str(results / "pretrain_vit_small_b128_bf16_cudagraphs.json")],
              "the same with CUDA graphs (torch.compile mode reduce-overhead)",
              ["pretrain_vit_small_b128_bf16_cudagraphs.json"]),
-        Part("profile_vit_small_b128_bf16", 45,
-             [*step, "--profile", "--out", str(results / "profile_vit_small_b128_bf16.json"), "--trace",
-              str(results / "profile_vit_small_b128_bf16_trace.json.gz")],
-             "one profiled eager step: the GPU's busy share, kernels, where the time goes; Chrome trace",
-             ["profile_vit_small_b128_bf16.json"]),
+        Part("pretrain_vit_small_b128_bf16_banded", 32,
+             [*timed, "--batch-band-views", "--out", str(results / "pretrain_vit_small_b128_bf16_banded.json")],
+             "the eager step with the student's 9 band views in one backbone pass (train.batch_band_views)",
+             ["pretrain_vit_small_b128_bf16_banded.json"]),
         Part("profile_vit_small_b128_bf16_compiled", 80,
              [*step, "--profile", "--compile", "default", "--out",
               str(results / "profile_vit_small_b128_bf16_compiled.json"), "--trace",
               str(results / "profile_vit_small_b128_bf16_compiled_trace.json.gz")],
-             "the same profile with the backbones compiled", ["profile_vit_small_b128_bf16_compiled.json"]),
+             "one profiled step, backbones compiled: the GPU's busy share, kernels, where the time goes; Chrome trace",
+             ["profile_vit_small_b128_bf16_compiled.json"]),
     ]
     for part in parts:
         part.optional = True

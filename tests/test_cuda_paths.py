@@ -5,6 +5,7 @@
 * the device-side multi-crop gives the same views on the GPU as on the CPU;
 * a one-process NCCL group: collectives and a DDP step equal to the plain step;
 * faiss on the GPU (when faiss-gpu is installed) finds the torch backend's neighbours;
+* ``train.batch_band_views``: the step with the band views in one pass equals the per-band step;
 * marked ``inductor`` as well (``bench/gpu_check.sh --parts pytest_cuda_inductor``): ``train.compile`` on the
   GPU, the compiled step against the eager one and a compiled pre-training run.
 """
@@ -154,6 +155,36 @@ def test_faiss_gpu_knn_finds_the_torch_neighbours():
     torch.testing.assert_close(d_faiss, d_torch, rtol=1e-4, atol=1e-3)
     same = sum(set(a) == set(b) for a, b in zip(i_torch.tolist(), i_faiss.tolist()))
     assert same >= 0.99 * len(x)  # a near-tie at the 20th place may swap one neighbour in a few rows
+
+
+def test_batched_band_views_step_matches_the_per_band_one_on_the_gpu():
+    """train.batch_band_views on the GPU, published crop geometry, fp32, drop path off (its masks are what a seed
+    draws differently): the loss and every gradient are the per-band step's up to float32 rounding."""
+    import copy
+
+    from passreid.pretrain import PASSMetaArch
+
+    torch.manual_seed(0)
+    per_band = PASSMetaArch("vit_tiny", (256, 128), out_dim=1024, hidden_dim=256, bottleneck_dim=64,
+                            drop_path_rate=0.0).cuda()
+    batched = copy.deepcopy(per_band)
+    batched.student.batch_band_views = True
+    generator = torch.Generator().manual_seed(1)
+    views = [torch.randn(4, 3, 256, 128, generator=generator) for _ in range(2)] + [
+        torch.randn(4, 3, 128, 64, generator=generator) for _ in range(9)]
+    views = [view.cuda() for view in views]
+    losses, grads = [], []
+    for model in (per_band, batched):
+        loss, _ = model.forward_backward(views, epoch=0)
+        losses.append(loss.item())
+        grads.append({name: p.grad for name, p in model.named_trainable_parameters() if p.grad is not None})
+    # matmul kernels chosen for other row counts sum in other orders (TF32, if a caller enabled it, would
+    # round more): a bound far below any step-to-step change of a gradient
+    assert losses[1] == pytest.approx(losses[0], rel=1e-4)
+    assert grads[0].keys() == grads[1].keys()
+    for name, grad in grads[0].items():
+        relative = ((grads[1][name] - grad).norm() / grad.norm().clamp_min(1e-12)).item()
+        assert relative < 1e-3, f"{name}: batched gradient off by {relative:.2e} (relative norm)"
 
 
 @pytest.mark.inductor

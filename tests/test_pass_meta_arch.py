@@ -399,9 +399,41 @@ def test_compiled_backbones_compute_the_eager_step(pristine_meta):
     (eager_loss, eager_grads), (compiled_loss, compiled_grads) = results
     # AOT autograd decomposes some ops (layer norm, GELU, attention backward) into other float32 arithmetic:
     # equal up to float32 rounding accumulated over the tiny ViT's 4 blocks, far below the size of any gradient's
-    # change
-    # from one step's inputs to another's
+    # change from one step's inputs to another's
     assert compiled_loss.item() == pytest.approx(eager_loss.item(), rel=1e-5)
     assert eager_grads.keys() == compiled_grads.keys()
     for name, grad in eager_grads.items():
         torch.testing.assert_close(compiled_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_batched_band_views_compute_the_per_band_step():
+    """train.batch_band_views: one student backbone pass over the 9 band views (2 passes instead of 4) gives the
+    per-band step's loss and gradients. Drop path off: its masks are the one thing that differs for a seed."""
+    torch.manual_seed(0)
+    per_band = PASSMetaArch("vit_tiny", drop_path_rate=0.0, **SMALL_HEAD)
+    batched = copy.deepcopy(per_band)
+    batched.student.batch_band_views = True
+    views = make_views(batch=3)
+    results = []
+    for model in (per_band, batched):
+        passes = []
+        hook = model.student["backbone"].register_forward_hook(lambda module, args, out: passes.append(len(args[0])))
+        loss, _ = model.forward_backward(views, epoch=0)
+        hook.remove()
+        results.append((passes, loss, {n: p.grad for n, p in model.named_trainable_parameters() if p.grad is not None}))
+    (passes, loss, grads), (batched_passes, batched_loss, batched_grads) = results
+    assert passes == [6, 9, 9, 9] and batched_passes == [6, 27]  # globals, then the bands' 3 x 3 views
+    # the same per-image arithmetic; matmuls over other row counts and the [PART] gradients summed in another
+    # order differ by float32 rounding, orders of magnitude below any gradient's size
+    assert batched_loss.item() == pytest.approx(loss.item(), rel=1e-6)
+    assert grads.keys() == batched_grads.keys()
+    for name, grad in grads.items():
+        torch.testing.assert_close(batched_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_batched_band_views_need_band_views_of_one_size(meta):
+    meta.student.batch_band_views = True
+    views = make_views()
+    views[-3:] = [torch.randn(2, 3, 48, 16)] * 3  # band 2's views taller than the other bands'
+    with pytest.raises(ValueError, match="band views of one size"):
+        meta.forward_backward(views, epoch=0)

@@ -25,7 +25,7 @@ from passreid.data.multicrop import MultiCropAugmentation
 from passreid.engine import seed_everything
 from passreid.models import build_vit, load_pretrained
 from passreid.pretrain.config import PretrainConfig
-from passreid.pretrain.meta_arch import PASSMetaArch
+from passreid.pretrain.meta_arch import MultiCropNetwork, PASSMetaArch
 from passreid.pretrain.data import MultiCropDataset, collate_views
 from passreid.pretrain.trainer import PretrainTrainer, build_schedules, peak_learning_rate, run_pretraining
 
@@ -299,6 +299,33 @@ def test_train_compile_trains_what_the_eager_run_trains(synthetic_world, tmp_pat
     for step in (1, 2):
         # float32 on the CPU; AOT autograd's graphs may reorder float arithmetic, hence a tolerance of
         # float32 rounding accumulated over a tiny ViT and two steps, not equality
+        assert result[step]["loss"] == pytest.approx(reference[step]["loss"], rel=1e-5)
+
+
+def test_batch_band_views_trains_what_the_per_band_run_trains(synthetic_world, tmp_path, monkeypatch):
+    """train.batch_band_views: the student's band views go through one backbone pass per step, and without drop
+    path (whose masks a seed draws differently for one pass than for three) the run's losses are the per-band
+    run's."""
+    listing = _pool_file_list(synthetic_world, tmp_path, count=8)
+    common = [*TINY, "data.dataset=image_folder", f"data.root={synthetic_world / 'pool'}", f"data.file_list={listing}",
+              "data.batch_size_per_gpu=4", "data.num_workers=0", "train.epochs=1", "optim.warmup_epochs=0",
+              "model.drop_path_rate=0.0"]
+    batched_calls = []
+    original = MultiCropNetwork._band_batched_tokens
+
+    def counted(self, groups):
+        batched_calls.append(len(groups))
+        return original(self, groups)
+
+    monkeypatch.setattr(MultiCropNetwork, "_band_batched_tokens", counted)
+    per_band = run_pretraining(_load(None, *common, f"train.output_dir={tmp_path / 'per_band'}"))
+    assert batched_calls == []  # false by default: one pass per band, as published
+    batched = run_pretraining(_load(None, *common, "train.batch_band_views=true", f"train.output_dir={tmp_path / 'b'}"))
+    assert per_band.iteration == batched.iteration == 2 and batched_calls == [4, 4]  # globals + 3 bands per step
+    assert "band views of all bands in one backbone pass" in (tmp_path / "b" / "log.txt").read_text()
+    reference, result = _train_records(tmp_path / "per_band"), _train_records(tmp_path / "b")
+    for step in (1, 2):
+        # float32 on the CPU: matmuls over other row counts round differently; a tiny ViT, two steps
         assert result[step]["loss"] == pytest.approx(reference[step]["loss"], rel=1e-5)
 
 

@@ -128,6 +128,20 @@ def test_band_view_uses_only_its_own_part_token():
     assert not torch.allclose(model(crops, part_index=1), before)
 
 
+def test_per_image_part_index_is_each_image_in_its_own_band_pass():
+    """A (B,) part_index gives every image the tokens of a pass with its band's int index (batch_band_views)."""
+    model = tiny().eval()
+    crops = torch.randn(6, 3, 128, 64)
+    bands = torch.tensor([2, 0, 1, 1, 2, 0])
+    batched = model.forward_tokens(crops, part_index=bands)
+    assert batched.shape == (6, 2 + 32, TINY_DIM)
+    for band in range(3):
+        rows = (bands == band).nonzero().flatten()
+        # the same per-image arithmetic in matmuls of another row count: float32 rounding only
+        torch.testing.assert_close(batched[rows], model.forward_tokens(crops[rows], part_index=band),
+                                   rtol=1e-5, atol=1e-5)
+
+
 def test_global_view_token_order_is_cls_then_parts():
     model = tiny()
     images = torch.randn(1, 3, 256, 128)
@@ -247,6 +261,10 @@ def test_bad_inputs_raise_clear_errors():
         model(torch.randn(3, 256, 128))
     with pytest.raises(ValueError, match="part_index must be in 0..2"):
         model(torch.randn(1, 3, 128, 64), part_index=3)
+    with pytest.raises(ValueError, match="1-D long tensor"):
+        model(torch.randn(2, 3, 128, 64), part_index=torch.tensor([0.0, 1.0]))
+    with pytest.raises(ValueError, match="2 entries for 3 images"):
+        model(torch.randn(3, 3, 128, 64), part_index=torch.tensor([0, 1]))
     with pytest.raises(ValueError, match="no part tokens"):
         tiny(num_part_tokens=0)(torch.randn(1, 3, 128, 64), part_index=0)
     with pytest.raises(ValueError, match="smaller than the 16x16 patch"):

@@ -248,17 +248,22 @@ class VisionTransformer(nn.Module):
         """Position vector of [PART] token ``index`` (0-based): parameter ``part{index+1}_pos``."""
         return getattr(self, f"part{index + 1}_pos")
 
-    def _check_part_index(self, part_index: int | None) -> None:
+    def _check_part_index(self, part_index: int | Tensor | None) -> None:
         if part_index is None:
             return
         if self.num_part_tokens == 0:
             raise ValueError("part_index was given, but this ViT has no part tokens (num_part_tokens=0)")
+        if isinstance(part_index, Tensor):
+            if part_index.ndim != 1 or part_index.dtype != torch.long:
+                raise ValueError(f"a per-image part_index must be a 1-D long tensor, got {part_index.dtype} "
+                                 f"of shape {tuple(part_index.shape)}")
+            return  # its range is checked by the indexing itself (no device sync here)
         if not 0 <= part_index < self.num_part_tokens:
             raise ValueError(
                 f"part_index must be in 0..{self.num_part_tokens - 1} or None, got {part_index}"
             )
 
-    def num_leading_tokens(self, part_index: int | None = None) -> int:
+    def num_leading_tokens(self, part_index: int | Tensor | None = None) -> int:
         """Tokens before the patches: 1 + num_part_tokens (global view), 2 (band view), 1 (plain)."""
         self._check_part_index(part_index)
         return 2 if part_index is not None else 1 + self.num_part_tokens
@@ -269,23 +274,30 @@ class VisionTransformer(nn.Module):
             return self.pos_embed
         return interpolate_pos_grid(self.pos_embed, self.pos_grid, grid)
 
-    def prepare_tokens(self, x: Tensor, part_index: int | None = None) -> Tensor:
-        """Embed images and prepend [CLS]/[PART] tokens, positions added: ``(B, T + N, D)``."""
+    def prepare_tokens(self, x: Tensor, part_index: int | Tensor | None = None) -> Tensor:
+        """Embed images and prepend [CLS]/[PART] tokens, positions added: ``(B, T + N, D)``.
+
+        ``part_index``: ``None`` (global view: every [PART] token), ``k`` (band-k views), or a (B,) long
+        tensor giving each image its own band (band views of several bands in one pass).
+        """
         self._check_part_index(part_index)
         patches, grid = self.patch_embed(x)
         batch = patches.shape[0]
-        if part_index is None:
-            part_indices = list(range(self.num_part_tokens))
+        cls = self.cls_token + self.cls_pos
+        if isinstance(part_index, Tensor):
+            if part_index.shape[0] != batch:
+                raise ValueError(f"part_index has {part_index.shape[0]} entries for {batch} images")
+            parts = torch.cat([self.part_token(i) + self.part_pos(i) for i in range(self.num_part_tokens)])
+            leading_tokens = torch.cat([cls.expand(batch, -1, -1), parts[part_index]], dim=1)
         else:
-            part_indices = [part_index]
-        leading = [self.cls_token + self.cls_pos]
-        leading += [self.part_token(i) + self.part_pos(i) for i in part_indices]
-        leading_tokens = torch.cat(leading, dim=1).expand(batch, -1, -1)
+            part_indices = range(self.num_part_tokens) if part_index is None else [part_index]
+            leading = [cls] + [self.part_token(i) + self.part_pos(i) for i in part_indices]
+            leading_tokens = torch.cat(leading, dim=1).expand(batch, -1, -1)
         patches = patches + self.patch_pos_embed(grid)
         return torch.cat([leading_tokens, patches], dim=1)
 
     # --------------------------------------------------------------- forward
-    def forward_until(self, x: Tensor, n_blocks: int, part_index: int | None = None) -> Tensor:
+    def forward_until(self, x: Tensor, n_blocks: int, part_index: int | Tensor | None = None) -> Tensor:
         """Tokens after the first ``n_blocks`` blocks, no final LN: ``(B, T + N, D)``.
 
         ``n_blocks = depth - 1`` is the JPM/TSD "all but the last block" feature; finish with
@@ -299,7 +311,7 @@ class VisionTransformer(nn.Module):
         return tokens
 
     def get_intermediate_tokens(
-        self, x: Tensor, block_indices: Sequence[int], part_index: int | None = None
+        self, x: Tensor, block_indices: Sequence[int], part_index: int | Tensor | None = None
     ) -> list[Tensor]:
         """Outputs (no final LN) of the blocks at the given 0-based indices, in the order asked.
 
@@ -321,13 +333,13 @@ class VisionTransformer(nn.Module):
                 outputs[i] = tokens
         return [outputs[i] for i in indices]
 
-    def forward_tokens(self, x: Tensor, part_index: int | None = None) -> Tensor:
+    def forward_tokens(self, x: Tensor, part_index: int | Tensor | None = None) -> Tensor:
         """All tokens after the final LayerNorm: ``(B, T + N, D)``, T from :meth:`num_leading_tokens`."""
         return self.norm(self.forward_until(x, self.depth, part_index))
 
-    def forward(self, x: Tensor, part_index: int | None = None) -> Tensor:
+    def forward(self, x: Tensor, part_index: int | Tensor | None = None) -> Tensor:
         """Final-LN outputs of the leading tokens ``(B, T, D)``: [CLS, P1..PK] (global view),
-        [CLS, P(k+1)] (``part_index=k``), [CLS] (no part tokens)."""
+        [CLS, P(k+1)] (``part_index=k``, or row by row for a tensor), [CLS] (no part tokens)."""
         tokens = self.forward_tokens(x, part_index)
         return tokens[:, : self.num_leading_tokens(part_index)]
 

@@ -108,6 +108,10 @@ class PretrainTrainConfig(TrainConfig):
     # torch.compile the student and teacher ViTs (PASSMetaArch.compile_backbones) with this mode; "none": eager,
     # as published. Equal to eager up to float rounding (same drop-path draws); reduce-overhead adds CUDA graphs.
     compile: Literal["none", "default", "reduce-overhead", "max-autotune-no-cudagraphs"] = "none"
+    # true: the student runs the 9 band-local views in one backbone pass, each with its band's [PART] token,
+    # instead of one pass per band (false, as published). The same function in fewer kernel launches; the
+    # drop-path masks a seed draws differ.
+    batch_band_views: bool = False
 
 
 @dataclass

@@ -24,7 +24,7 @@ to and from the published ``{"student": {"module.*"}, "teacher", "dino_loss"}`` 
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, ContextManager, Mapping, Sequence
+from typing import Any, Callable, ContextManager, Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -54,17 +54,44 @@ class MultiCropNetwork(nn.ModuleDict):
     can be wrapped in DistributedDataParallel as one module.
     """
 
-    def __init__(self, backbone: VisionTransformer, head: PASSHead):
+    def __init__(self, backbone: VisionTransformer, head: PASSHead, batch_band_views: bool = False):
         super().__init__({"backbone": backbone, "head": head})
+        self.batch_band_views = batch_band_views
 
     def forward(self, groups: ViewGroups) -> tuple[Tensor, list[Tensor]]:
         """One backbone pass per ``(images (n, 3, H, W), part_index)`` group, then one pass per head.
 
-        Returns ``(cls_logits, [pt1_logits, ..])`` with rows in group order (see
-        :meth:`PASSHead.forward_groups`).
+        With ``batch_band_views`` the band groups (``part_index`` not ``None``) share one backbone pass, each
+        image with its band's [PART] token: the same function (every op of a ViT is per image) in fewer, larger
+        kernels; only the drop-path masks drawn for a seed differ. Returns ``(cls_logits, [pt1_logits, ..])``
+        with rows in group order (see :meth:`PASSHead.forward_groups`).
         """
-        tokens = [(self["backbone"](images, part_index=part_index), part_index) for images, part_index in groups]
+        if self.batch_band_views:
+            tokens = self._band_batched_tokens(groups)
+        else:
+            tokens = [(self["backbone"](images, part_index=part_index), part_index) for images, part_index in groups]
         return self["head"].forward_groups(tokens)
+
+    def _band_batched_tokens(self, groups: ViewGroups) -> list[tuple[Tensor, int | None]]:
+        """Backbone tokens per group as in :meth:`forward`, the band groups' from one pass, split back."""
+        bands = [(images, part_index) for images, part_index in groups if part_index is not None]
+        sizes = {tuple(images.shape[1:]) for images, _ in bands}
+        if len(sizes) > 1:
+            raise ValueError(f"batch_band_views needs band views of one size, got {sorted(sizes)}")
+        band_tokens: Iterator[Tensor] | None = None
+        tokens = []
+        for images, part_index in groups:
+            if part_index is None:
+                tokens.append((self["backbone"](images), None))
+                continue
+            if band_tokens is None:  # at the first band group, as the per-band passes would start
+                rows = [len(band_images) for band_images, _ in bands]
+                per_image_band = torch.cat([torch.full((n,), band, dtype=torch.long)
+                                            for n, (_, band) in zip(rows, bands)])
+                batched = torch.cat([band_images for band_images, _ in bands])
+                band_tokens = iter(self["backbone"](batched, part_index=per_image_band.to(batched.device)).split(rows))
+            tokens.append((next(band_tokens), part_index))
+        return tokens
 
 
 def _views_batch(views: Sequence[Tensor], label: str) -> Tensor:
@@ -85,6 +112,9 @@ class PASSMetaArch(nn.Module):
         mode: ``"pass"`` (3 part tokens, band locals) or ``"dino"`` (no part tokens, whole-image locals).
         loss_kwargs: extra :class:`PASSLoss` arguments (temperatures, ``total_epochs``, ...).
         local_crops_number: local views per image (``"pass"``: a multiple of 3; published 9).
+        batch_band_views: the student runs the band-local views of all bands in one backbone pass (each view
+            with its band's [PART] token) instead of one pass per band as published: the same function in
+            fewer kernel launches; the drop-path masks a seed draws differ (see :class:`MultiCropNetwork`).
 
     Attributes: ``student`` and ``teacher`` (:class:`MultiCropNetwork`), ``loss`` (:class:`PASSLoss`).
     """
@@ -101,6 +131,7 @@ class PASSMetaArch(nn.Module):
         mode: str = "pass",
         loss_kwargs: Mapping[str, Any] | None = None,
         local_crops_number: int = 9,
+        batch_band_views: bool = False,
     ):
         super().__init__()
         if mode not in PRETRAIN_MODES:
@@ -122,7 +153,7 @@ class PASSMetaArch(nn.Module):
         self.local_crops_number = local_crops_number
         self.img_size = tuple(int(s) for s in img_size)
 
-        def network(drop_path: float) -> MultiCropNetwork:
+        def network(drop_path: float, batch_band_views: bool = False) -> MultiCropNetwork:
             backbone = build_vit(
                 arch, img_size=self.img_size, drop_path_rate=drop_path,
                 num_part_tokens=self.num_parts, pass_interp_quirk=True,
@@ -131,9 +162,9 @@ class PASSMetaArch(nn.Module):
                 backbone.embed_dim, out_dim, num_parts=self.num_parts, hidden_dim=hidden_dim,
                 bottleneck_dim=bottleneck_dim, norm_last_layer=norm_last_layer,
             )
-            return MultiCropNetwork(backbone, head)
+            return MultiCropNetwork(backbone, head, batch_band_views)
 
-        self.student = network(drop_path_rate)
+        self.student = network(drop_path_rate, batch_band_views)
         self.teacher = network(0.0)
         self.teacher.load_state_dict(self.student.state_dict())
         self.teacher.requires_grad_(False)

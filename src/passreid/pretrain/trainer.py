@@ -146,6 +146,8 @@ class PretrainTrainer(Trainer):
         if cfg.train.compile != "none":  # in place: compiled on the first step, parameter names unchanged
             self.meta.compile_backbones(cfg.train.compile)
             logger.info("student and teacher backbones: torch.compile mode %s", cfg.train.compile)
+        if cfg.train.batch_band_views:
+            logger.info("student: the band views of all bands in one backbone pass (train.batch_band_views)")
         seed_everything(cfg.train.seed + self.rank)
         if self.batch_source is not None:
             self.source: BatchSource = self.batch_source
@@ -182,7 +184,7 @@ class PretrainTrainer(Trainer):
                              warmup_teacher_temp=loss.warmup_teacher_temp,
                              warmup_teacher_temp_epochs=loss.warmup_teacher_temp_epochs,
                              center_momentum=loss.center_momentum, total_epochs=cfg.train.epochs),
-            local_crops_number=cfg.crops.local_crops_number,
+            local_crops_number=cfg.crops.local_crops_number, batch_band_views=cfg.train.batch_band_views,
         )
 
     def _adamw_kernel(self) -> dict[str, bool]:
