@@ -93,6 +93,8 @@ def test_recipes_carry_the_published_settings():
     ([], "config key 'data.root': is empty: pass --data-root"),
     (["data.root=/x", "optim.warmup_epochs=20", "train.epochs=5"], "config key 'optim.warmup_epochs': must be in"),
     (["data.root=/x", "train.device=gpu"], "config key 'train.device': must be auto, cpu, cuda or cuda:N, got 'gpu'"),
+    (["data.root=/x", "crops.mode=dino", "train.batch_band_views=true"],
+     "config key 'train.batch_band_views': applies to crops.mode=pass only"),
 ])
 def test_invalid_config_is_refused_naming_the_key(tmp_path, overrides, message):
     cfg = _load(None, f"train.output_dir={tmp_path}", *overrides)

@@ -176,5 +176,7 @@ def validate_pretrain_config(cfg: PretrainConfig) -> None:
             "must not exceed train.epochs")
     validate_train_config(train)
     require(train.keep_checkpoint_period >= 0, "train.keep_checkpoint_period", "must be >= 0")
+    require(not train.batch_band_views or crops.mode == "pass", "train.batch_band_views",
+            "applies to crops.mode=pass only (the dino mode's local views have no bands)")
     require(monitor.period >= 0, "monitor.period", "must be >= 0 (0 disables the kNN monitor)")
     require(monitor.batch_size >= 1, "monitor.batch_size", "must be >= 1")
