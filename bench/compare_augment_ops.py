@@ -145,8 +145,9 @@ class Dali:
 
     def jitter(self, x: torch.Tensor, op: str, factor: float) -> torch.Tensor:
         feeds = {"image": self._hwc(x), "factor": np.float32(factor)}
-        if op == "contrast":  # PIL blends with the rounded grey mean, DALI with contrast_center
-            feeds["center"] = np.float32(int(float(ours._gray(x).mean()) * LEVELS + 0.5))
+        if op == "contrast":  # PIL blends with the rounded mean of the "L" image, DALI with contrast_center
+            grey = np.asarray(Image.fromarray(feeds["image"]).convert("L"), dtype=np.float64)
+            feeds["center"] = np.float32(int(grey.mean() + 0.5))
         graphs = {"brightness": lambda image, factor: self.fn.brightness_contrast(image, brightness=factor),
                   "contrast": lambda image, factor, center: self.fn.brightness_contrast(
                       image, contrast=factor, contrast_center=center),

@@ -275,15 +275,21 @@ def test_resume_after_preemption_continues_exactly(synthetic_world, tmp_path, mo
     assert all(torch.equal(final_a[key], final_b[key]) for key in final_a)
 
 
+def _two_steps_on_the_pool(synthetic_world: Path, tmp_path: Path, drop_path_rate: float) -> list[str]:
+    """Overrides of a two-step tiny run on 8 pool images (one epoch of two batches of 4, no warm-up)."""
+    listing = _pool_file_list(synthetic_world, tmp_path, count=8)
+    return [*TINY, "data.dataset=image_folder", f"data.root={synthetic_world / 'pool'}", f"data.file_list={listing}",
+            "data.batch_size_per_gpu=4", "data.num_workers=0", "train.epochs=1", "optim.warmup_epochs=0",
+            f"model.drop_path_rate={drop_path_rate}"]
+
+
 def test_train_compile_trains_what_the_eager_run_trains(synthetic_world, tmp_path, monkeypatch):
     """train.compile: the trainer compiles both backbones before its first step, and the run's losses are the
     eager run's. The compiler is AOT autograd's capture run by the aot_eager backend (what inductor compiles
     from, without its code generation, which takes minutes on two cores); inductor itself is timed on a GPU
     by bench/gpu_check.py's optional parts."""
-    listing = _pool_file_list(synthetic_world, tmp_path, count=8)
-    common = [*TINY, "data.dataset=image_folder", f"data.root={synthetic_world / 'pool'}", f"data.file_list={listing}",
-              "data.batch_size_per_gpu=4", "data.num_workers=0", "train.epochs=1", "optim.warmup_epochs=0",
-              "model.drop_path_rate=0.1"]  # drop-path draws random numbers inside the compiled graphs
+    # drop path on: it draws random numbers inside the compiled graphs
+    common = _two_steps_on_the_pool(synthetic_world, tmp_path, drop_path_rate=0.1)
     compiled_modes = []
     original = PASSMetaArch.compile_backbones
 
@@ -308,10 +314,7 @@ def test_batch_band_views_trains_what_the_per_band_run_trains(synthetic_world, t
     """train.batch_band_views: the student's band views go through one backbone pass per step, and without drop
     path (whose masks a seed draws differently for one pass than for three) the run's losses are the per-band
     run's."""
-    listing = _pool_file_list(synthetic_world, tmp_path, count=8)
-    common = [*TINY, "data.dataset=image_folder", f"data.root={synthetic_world / 'pool'}", f"data.file_list={listing}",
-              "data.batch_size_per_gpu=4", "data.num_workers=0", "train.epochs=1", "optim.warmup_epochs=0",
-              "model.drop_path_rate=0.0"]
+    common = _two_steps_on_the_pool(synthetic_world, tmp_path, drop_path_rate=0.0)
     batched_calls = []
     original = MultiCropNetwork._band_batched_tokens
 

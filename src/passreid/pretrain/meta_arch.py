@@ -86,10 +86,11 @@ class MultiCropNetwork(nn.ModuleDict):
                 continue
             if band_tokens is None:  # at the first band group, as the per-band passes would start
                 rows = [len(band_images) for band_images, _ in bands]
-                per_image_band = torch.cat([torch.full((n,), band, dtype=torch.long)
-                                            for n, (_, band) in zip(rows, bands)])
                 batched = torch.cat([band_images for band_images, _ in bands])
-                band_tokens = iter(self["backbone"](batched, part_index=per_image_band.to(batched.device)).split(rows))
+                # filled on the device: a copy from the host would wait for the queued kernels of the globals
+                per_image_band = torch.cat([torch.full((n,), band, dtype=torch.long, device=batched.device)
+                                            for n, (_, band) in zip(rows, bands)])
+                band_tokens = iter(self["backbone"](batched, part_index=per_image_band).split(rows))
             tokens.append((next(band_tokens), part_index))
         return tokens
 
@@ -187,7 +188,7 @@ class PASSMetaArch(nn.Module):
         and checkpoints stay as they are); the heads, the loss and the optimizer stay eager.
 
         ``dynamic=False``: each input shape gets its own static graph (the globals, each band, whose part index is
-        a constant, and the teacher's pass). Compiled kernels compute what the eager ones do up to float rounding,
+        a constant, or all bands together with ``batch_band_views``, and the teacher's pass). Compiled kernels compute what the eager ones do up to float rounding,
         not bit for bit, and draw the drop-path masks from torch's generators as eager code does (inductor's
         ``fallback_random``; its own random numbers would give other masks than an eager run with the same
         seed). ``mode`` is torch.compile's (``default``, ``reduce-overhead`` for CUDA graphs,
