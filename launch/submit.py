@@ -220,7 +220,7 @@ class StageTask:
 
         _export_local_dist_env()
         entry = _load_entry(self.stage)
-        status = entry.main(self.argv)
+        status = entry.main(self.argv_for_this_start())
         if status:  # the stage stopped on a mistake in its input and said why (also in <output-dir>/log.txt)
             reason = (last_reported_error() or "see the job's log").splitlines()[0]
             raise RuntimeError(f"{self.stage} stopped with exit status {status}: {reason}")
@@ -237,10 +237,19 @@ class StageTask:
         return {"stage": self.stage, "output_dir": str(self.output_dir), "final": str(final),
                 "metrics": last_metrics(self.output_dir)}
 
+    def argv_for_this_start(self) -> list[str]:
+        """The stage's arguments for this start of the job: ``--no-resume`` applies to the first start only
+        (a job requeued by SLURM, ``SLURM_RESTART_COUNT`` > 0, continues from its checkpoint), as in
+        launch/common.sh."""
+        if int(os.environ.get("SLURM_RESTART_COUNT") or 0) > 0:
+            return [arg for arg in self.argv if arg != "--no-resume"]
+        return list(self.argv)
+
     def checkpoint(self) -> submitit.helpers.DelayedSubmission:
-        """Called by submitit on pre-emption/timeout outside the training loop: the same task again (it
-        resumes from the output directory's checkpoint)."""
-        return submitit.helpers.DelayedSubmission(StageTask(self.stage, self.argv))
+        """Called by submitit on pre-emption/timeout outside the training loop: the same task again, without
+        ``--no-resume`` (it resumes from the output directory's checkpoint)."""
+        return submitit.helpers.DelayedSubmission(
+            StageTask(self.stage, [arg for arg in self.argv if arg != "--no-resume"]))
 
     def __repr__(self) -> str:
         return f"StageTask({self.stage!r}, {self.argv!r})"

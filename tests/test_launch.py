@@ -452,5 +452,18 @@ def test_submitit_task_resubmits_itself_on_checkpoint(submit_module, tmp_path):
         submit_module.StageTask("finetune", ["--config-file", "c.yaml"])
 
 
+def test_no_resume_applies_to_the_first_start_of_a_submitit_job_only(submit_module, tmp_path, monkeypatch):
+    argv = ["--config-file", "c.yaml", "--output-dir", str(tmp_path), "--no-resume", "train.epochs=2"]
+    task = submit_module.StageTask("usl", argv)
+    monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
+    assert task.argv_for_this_start() == argv
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "0")
+    assert task.argv_for_this_start() == argv
+    resumed = [a for a in argv if a != "--no-resume"]
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")  # requeued by the stage's own scontrol requeue
+    assert task.argv_for_this_start() == resumed
+    assert task.checkpoint().function.argv == resumed  # resubmitted by submitit on pre-emption
+
+
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))
