@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from passreid.config import load_config
-from passreid.engine import Checkpointer, warmup_cosine_lr
+from passreid.engine import Checkpointer, CheckpointStateError, warmup_cosine_lr
 from passreid.eval import rank_metrics
 from passreid.finetune import FinetuneConfig, load_finetuned_model, run_training
 from passreid.data.reid_sets import load_test_dataset
@@ -149,6 +149,21 @@ def test_resume_continues_with_the_same_losses(tmp_path, synthetic_world):
     # The run folder's per-iteration schedule is the rate each step ran at (train.max_iters=6: six rows).
     lr = np.load(resumed_dir / "schedules.npz")["lr"]
     assert lr.shape[0] == 6 and [resumed[step]["lr"] for step in range(1, 7)] == list(lr[:, 0])
+
+
+def test_a_mid_epoch_checkpoint_of_another_process_count_is_refused(tmp_path, synthetic_world):
+    """Each process's position in the epoch depends on their number: a checkpoint written mid-epoch by two
+    processes (simulated: two stored RNG states) does not continue on one; at an epoch boundary it does."""
+    common = ["train.epochs=2", "eval.period=100", "train.checkpoint_period=100"]
+    run_training(_cfg(tmp_path, synthetic_world, *common, "train.max_iters=2"), resume=False)
+    checkpointer = Checkpointer(tmp_path)
+    state = checkpointer.load()
+    assert state["sampler"]["position"] > 0 and len(state["rng"]) == 1
+    checkpointer.save({**state, "rng": state["rng"] * 2})
+    with pytest.raises(CheckpointStateError, match=r"middle of epoch 1 by 2 process\(es\).*this run has 1"):
+        run_training(_cfg(tmp_path, synthetic_world, *common, "train.max_iters=3"), resume=True)
+    checkpointer.save({**state, "rng": state["rng"] * 2, "sampler": {"epoch": 1, "position": 0}})
+    assert run_training(_cfg(tmp_path, synthetic_world, *common, "train.max_iters=3"), resume=True).iterations == 3
 
 
 def test_sie_and_jpm_train_and_evaluate_with_camera_ids(tmp_path, synthetic_world):

@@ -24,8 +24,8 @@ from torch.utils.data import DataLoader, Dataset
 from passreid import dist
 from passreid.config import config_to_dict, save_config
 from passreid.data.samplers import BatchShardedSampler, SampleSeeds, SeededSamples
-from passreid.engine import (Checkpointer, MetricsWriter, PreemptionGuard, ProgressLogger, autocast_for,
-                             batches_until_preempted, build_checkpoint, gather_rng_states, make_output_dir,
+from passreid.engine import (CheckpointStateError, Checkpointer, MetricsWriter, PreemptionGuard, ProgressLogger,
+                             autocast_for, batches_until_preempted, build_checkpoint, gather_rng_states, make_output_dir,
                              output_layout, preemption_guard, restore_checkpoint, run_precision, save_schedules,
                              seed_everything, select_device, setup_logging)
 from passreid.engine.logger import run_position
@@ -256,6 +256,7 @@ class Trainer:
         if state is None:
             return
         self._check_resumable(state)
+        self._check_mid_epoch_world_size(state)
         info = restore_checkpoint(state, model=self.model, optimizer=self.optimizer, scaler=self.amp.scaler,
                                   rank=self.rank, world_size=self.world_size)
         self.epoch, self.iteration, self.pending_sampler_state = info.epoch, info.iteration, info.sampler
@@ -266,6 +267,20 @@ class Trainer:
         self._warn_config_changes(info.config or {})
         self.log.info("resumed from %s at iteration %d, %s (sampler position %d)%s", self.checkpointer.loaded_from,
                       self.iteration, run_position(self.epoch, position), position, self._resume_note())
+
+    def _check_mid_epoch_world_size(self, state: dict[str, Any]) -> None:
+        """A mid-epoch position counts this rank's share of the epoch, which depends on the number of
+        processes: continuing it with another number would repeat or skip data, so it is refused (a
+        checkpoint taken at an epoch boundary resumes on any number)."""
+        rng, sampler = state.get("rng"), state.get("sampler") or {}
+        saved_ranks = len(rng) if isinstance(rng, (list, tuple)) else 1
+        position = int(sampler.get("position", 0)) if isinstance(sampler, dict) else 0
+        if position and saved_ranks != self.world_size:
+            raise CheckpointStateError(
+                f"{self.checkpointer.path()} was written in the middle of epoch {int(sampler.get('epoch', 0)) + 1} "
+                f"by {saved_ranks} process(es); it can only continue on {saved_ranks} (this run has "
+                f"{self.world_size}): each process's position in the epoch depends on their number. Resume "
+                f"with {saved_ranks} process(es), or start fresh with --no-resume.")
 
     def _warn_config_changes(self, saved: dict[str, Any]) -> None:
         """Resuming with a changed config is allowed (e.g. more epochs) but never silent."""
