@@ -175,7 +175,9 @@ def sbatch_options(profile: Profile, stage: str) -> list[str]:
     options += [f"--nodes={s.nodes}", f"--ntasks-per-node={s.tasks_per_node}", f"--gpus-per-node={s.gpus_per_node}",
                 f"--cpus-per-task={s.cpus_per_task}", f"--mem={mem}", f"--time={s.time_min}",
                 f"--signal=USR1@{s.signal_delay_s}"]
-    options += [f"--{name}={value}" for name, value in s.additional.items()]
+    # As submitit writes them: '_' in a name becomes '-', true is a bare flag; false leaves the option out.
+    options += [f"--{str(name).replace('_', '-')}" + ("" if value is True else f"={value}")
+                for name, value in s.additional.items() if value is not False]
     if profile.env:
         bad = [name for name, value in profile.env.items() if "," in value]
         if bad:
@@ -196,7 +198,9 @@ def executor_parameters(profile: Profile, stage: str) -> dict[str, Any]:
                                                         ("exclude", s.exclude)) if value}
     setup = [f"export {name}={shlex.quote(value)}" for name, value in profile.env.items()]
     return {**common, **slurm, "mem_gb": s.mem_gb, "slurm_signal_delay_s": s.signal_delay_s,
-            "slurm_additional_parameters": {"requeue": True, **s.additional}, "slurm_setup": setup}
+            "slurm_additional_parameters": {"requeue": True, **{name: value for name, value in s.additional.items()
+                                                                 if value is not False}},
+            "slurm_setup": setup}
 
 
 # ---------------------------------------------------------------------------------------------- the job

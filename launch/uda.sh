@@ -6,14 +6,16 @@
 #
 #   sbatch launch/uda.sh configs/uda/msmt2market_pass_vit_s.yaml --data-root /data \
 #       model.init_from=runs/finetune/124/model_final.pth
-# Every #SBATCH value below is a default for one 8-GPU A100 node: override it on the sbatch command line
-# (sbatch --nodes=2 --time=2:00:00 launch/uda.sh ...) or with a profile (launch/pipeline.sh --profile).
+# Every #SBATCH value below is a default for 4 GPUs of an A100 node, the published run's 4 GPUs: the recipes'
+# BN chunks (train.ghost_bn_size) split a 256-image batch as 4 processes do. The MSMT17-side recipes
+# (ghost_bn_size 128) were published on 2 GPUs: sbatch --ntasks-per-node=2 --gpus-per-node=2 launch/uda.sh ...
+# Override any value on the sbatch command line or with a profile (launch/pipeline.sh --profile).
 # The same settings come from the environment too: CONFIG, OUTPUT_DIR (default runs/uda/<job id>),
 # DATA_ROOT, OVERRIDES, PYTHON, RESUME=0. A job array over LIST.txt runs one line per task. See launch/README.md.
 #SBATCH --job-name=passreid-uda
 #SBATCH --nodes=1
-#SBATCH --ntasks-per-node=8
-#SBATCH --gpus-per-node=8
+#SBATCH --ntasks-per-node=4
+#SBATCH --gpus-per-node=4
 #SBATCH --cpus-per-task=10
 #SBATCH --mem=0
 #SBATCH --time=1-00:00:00

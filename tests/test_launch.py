@@ -120,6 +120,18 @@ def test_profiles_map_to_sbatch_options_and_submitit_parameters(submit_module, p
     assert params["slurm_signal_delay_s"] == 60 and params["slurm_setup"] == ["export OMP_NUM_THREADS=1"]
     local = submit_module.load_profile(LAUNCH / "profiles" / "local.yaml")
     assert local.cluster == "local" and "slurm_partition" not in submit_module.executor_parameters(local, "usl")
+    # USL / UDA ask for the published run's 4 GPUs, which the recipes' BN chunks assume.
+    assert submit_module.sbatch_options(default, "usl")[1:3] == ["--ntasks-per-node=4", "--gpus-per-node=4"]
+
+
+def test_additional_sbatch_options_read_the_same_through_sbatch_and_submitit(submit_module, tmp_path):
+    path = tmp_path / "profile.yaml"
+    path.write_text(yaml.safe_dump({"slurm": {"additional": {"exclusive": True, "mail_type": "END", "hint": False}}}))
+    profile = submit_module.load_profile(path)
+    options = submit_module.sbatch_options(profile, "finetune")
+    assert "--exclusive" in options and "--mail-type=END" in options and not any("hint" in o for o in options)
+    additional = submit_module.executor_parameters(profile, "finetune")["slurm_additional_parameters"]
+    assert additional == {"requeue": True, "exclusive": True, "mail_type": "END"}  # submitit writes '-' and bare flags
 
 
 @pytest.mark.parametrize("text, message", [
