@@ -158,7 +158,8 @@ passreid_run_stage() {
     if [ "$passreid_no_resume" = 1 ] && [ "${SLURM_RESTART_COUNT:-0}" = 0 ]; then
         command+=(--no-resume)
     fi
-    command+=("${passreid_overrides[@]}")
+    # ${a[@]+"${a[@]}"}: bash before 4.4 (RHEL 7) calls an empty array unbound under set -u.
+    command+=(${passreid_overrides[@]+"${passreid_overrides[@]}"})
 
     export OMP_NUM_THREADS="${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}"
     export PYTHONUNBUFFERED=1

@@ -85,14 +85,15 @@ stage_arguments() {
             demo_args_of[$stage]="$("$python" -m passreid.demo --out "$run_dir/worlds" --arguments-for "$stage")"
         fi
         mapfile -t demo_args <<< "${demo_args_of[$stage]}"
-        stage_args+=("${demo_args[@]}")
+        # ${a[@]+"${a[@]}"}: bash before 4.4 (RHEL 7) calls an empty array unbound under set -u.
+        stage_args+=(${demo_args[@]+"${demo_args[@]}"})
     fi
     if [ -n "${starts_from[$stage]+set}" ]; then
         read -r upstream key file <<< "${starts_from[$stage]}"
         stage_args+=("$key=$run_dir/$upstream/$file")
     fi
     read -r -a stage_opts <<< "${opts[$stage]}"
-    stage_args+=("${stage_opts[@]}")
+    stage_args+=(${stage_opts[@]+"${stage_opts[@]}"})
 }
 
 reads_demo_worlds() {   # a demo recipe with no folder given reads the demo worlds
@@ -151,7 +152,7 @@ for stage in "${stage_list[@]}"; do
             command+=(--dependency="afterok:${job_id[$upstream]}" --kill-on-invalid-dep=yes)
         fi
     fi
-    command+=("${extra_sbatch[@]}" "$root/launch/$stage.sh" "${stage_args[@]}")
+    command+=(${extra_sbatch[@]+"${extra_sbatch[@]}"} "$root/launch/$stage.sh" "${stage_args[@]}")
     if [ "$dry_run" = 1 ]; then
         job_id[$stage]="<$stage-job-id>"
         printf '%q ' "${command[@]}"
