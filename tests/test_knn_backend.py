@@ -65,9 +65,12 @@ def test_auto_on_cuda_needs_faiss_gpus(machine):
 def test_named_backends_are_kept_and_unknown_ones_refused(machine):
     machine(faiss=None, cuda=False, threads=2)
     assert resolve_knn_backend("torch") == "torch"
-    assert resolve_knn_backend("faiss") == "faiss"  # knn() then raises ImportError naming the package
+    with pytest.raises(EvaluationInputError, match=r"faiss is not installed: pip install 'passreid\[faiss\]'"):
+        resolve_knn_backend("faiss")
     with pytest.raises(EvaluationInputError, match="unknown kNN backend"):
         resolve_knn_backend("annoy")
+    machine(faiss=fake_faiss(None), cuda=False, threads=1)
+    assert resolve_knn_backend("faiss") == "faiss"
 
 
 def tied_features() -> np.ndarray:

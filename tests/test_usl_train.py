@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -166,6 +167,33 @@ def test_best_is_the_highest_map_and_the_earlier_on_a_tie():
         trainer.epoch, trainer.iteration = epoch, 10 * epoch
         ClusterContrastTrainer._track_best(trainer, {"mAP": mAP, "rank1": mAP})
     assert trainer.best == {"epoch": 2, "iteration": 20, "metrics": {"mAP": 0.5, "rank1": 0.5}}
+
+
+def test_input_problems_found_at_clustering_or_set_up_are_user_errors(tmp_path: Path, synthetic_world: Path,
+                                                                       monkeypatch):
+    """DBSCAN finding no cluster, a batch that does not split over the processes and a faiss backend that is
+    not installed each stop the run with a message (entry points: exit status 2), the last two before any
+    feature pass."""
+    from passreid.cli import user_errors
+    from passreid.config import ConfigError
+    from passreid.dist import DistEnv
+    from passreid.usl import ClusterContrastTrainer, NoClustersError
+
+    assert NoClustersError in user_errors()
+    with pytest.raises(NoClustersError, match="found no cluster among .* raise cluster.eps"):
+        run_usl(_config(tmp_path / "eps", synthetic_world, "cluster.eps=0.0001", "train.epochs=1"), resume=False)
+
+    three = DistEnv(rank=0, world_size=3, local_rank=0, master_addr="127.0.0.1", master_port=29500,
+                    source="torchrun")
+    monkeypatch.setattr("passreid.engine.trainer.dist.init_distributed", lambda **_: three)
+    monkeypatch.setattr(ClusterContrastTrainer, "_prepare_epoch", lambda *_: pytest.fail("got to the first epoch"))
+    with pytest.raises(ConfigError, match="data.batch_size.*16 images per step do not split over 3 processes"):
+        ClusterContrastTrainer(_config(tmp_path / "three", synthetic_world), resume=False)
+    monkeypatch.undo()
+
+    monkeypatch.setitem(sys.modules, "faiss", None)  # ``import faiss`` raises ImportError
+    with pytest.raises(ConfigError, match="cluster.knn_backend.*faiss is not installed"):
+        run_usl(_config(tmp_path / "faiss", synthetic_world, "cluster.knn_backend=faiss"), resume=False)
 
 
 def _ddp_worker(rank: int, world_size: int, port: int, out_dir: str, world_dir: str) -> None:

@@ -34,7 +34,7 @@ import torch
 
 from passreid.feature_inputs import EvaluationInputError, as_feature_tensor, resolve_device
 
-__all__ = ["knn", "knn_with_farthest", "resolve_knn_backend", "DEFAULT_KNN_MEMORY_MB"]
+__all__ = ["knn", "knn_with_farthest", "faiss_installed", "resolve_knn_backend", "DEFAULT_KNN_MEMORY_MB"]
 
 Backend = Literal["auto", "faiss", "torch"]
 KnnMetric = Literal["sqeuclidean", "inner_product"]
@@ -100,6 +100,9 @@ def resolve_knn_backend(backend: Backend, device: str | torch.device | None = No
     torch otherwise."""
     if backend not in _BACKENDS:
         raise EvaluationInputError(f"unknown kNN backend {backend!r}; expected one of {_BACKENDS}")
+    if backend == "faiss" and not faiss_installed():
+        raise EvaluationInputError("kNN backend 'faiss' asked for, but faiss is not installed: pip install "
+                                   "'passreid[faiss]' (CPU) or 'passreid[gpu]', or use the backend auto or torch")
     if backend != "auto":
         return backend
     try:
@@ -113,6 +116,15 @@ def resolve_knn_backend(backend: Backend, device: str | torch.device | None = No
         # faiss-cpu loses ~5-20 % to torch on one thread and wins 2-4x on two (bench/bench_knn.py).
         return "faiss" if torch.get_num_threads() > 1 else "torch"
     return "torch"  # another accelerator (e.g. mps): torch runs there, faiss does not
+
+
+def faiss_installed() -> bool:
+    """Whether ``import faiss`` works (faiss-cpu or faiss-gpu)."""
+    try:
+        import faiss  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def _faiss_gpus(faiss) -> int:

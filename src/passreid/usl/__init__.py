@@ -13,7 +13,7 @@ from passreid.usl.config import (ClusterConfig, MemoryConfig, UslConfig, UslData
                                  UslTrainConfig, validate_usl_config)
 from passreid.usl.memory import ClusterMemory, hard_momentum_update, momentum_update
 from passreid.usl.model import ClusterContrastNet, build_usl_model
-from passreid.usl.pseudo_labels import (ClusterStats, PseudoLabels, cluster_centroids, cluster_features,
+from passreid.usl.pseudo_labels import (ClusterStats, NoClustersError, PseudoLabels, cluster_centroids, cluster_features,
                                         cluster_statistics)
 from passreid.usl.sampler import PseudoLabelSampler
 from passreid.usl.trainer import ClusterContrastTrainer, TargetData, UslResult, load_target_data, run_usl
@@ -25,6 +25,7 @@ __all__ = [
     "ClusterMemory",
     "ClusterStats",
     "MemoryConfig",
+    "NoClustersError",
     "PseudoLabelSampler",
     "PseudoLabels",
     "TargetData",

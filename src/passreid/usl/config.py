@@ -22,6 +22,7 @@ from typing import Literal
 
 from passreid.config import (RANDOM_INIT, EvalConfig, ReIDDataConfig, ReIDModelConfig, ReIDTrainConfig, require,
                              validate_reid_sections)
+from passreid.cluster.knn import faiss_installed
 from passreid.models.cnn import is_cnn_arch
 
 __all__ = [
@@ -160,6 +161,8 @@ def validate_usl_config(cfg: UslConfig) -> UslConfig:
     require(0.0 < cluster.eps, "cluster.eps", f"must be positive, got {cluster.eps}")
     require(cluster.min_samples >= 1, "cluster.min_samples", f"must be >= 1, got {cluster.min_samples}")
     require(cluster.k1 >= 1 and cluster.k2 >= 1, "cluster.k1", "k1 and k2 must be >= 1")
+    require(cluster.knn_backend != "faiss" or faiss_installed(), "cluster.knn_backend",
+            "faiss is not installed: pip install 'passreid[faiss]' (CPU) or 'passreid[gpu]', or use auto / torch")
     require(memory.temperature > 0, "memory.temperature", f"must be positive, got {memory.temperature}")
     require(0.0 <= memory.momentum < 1.0, "memory.momentum", f"must be in [0, 1), got {memory.momentum}")
     require(optim.lr > 0, "optim.lr", f"must be positive, got {optim.lr}")

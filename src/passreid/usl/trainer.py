@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from passreid import dist
-from passreid.config import ConfigError, config_to_dict
+from passreid.config import ConfigError, config_to_dict, require
 from passreid.data import DatasetFormatError, ImageItem, ReIDDataset, build_dataset, check_data_root, reader_options
 from passreid.data.reid_sets import build_image_train_set, load_test_dataset
 from passreid.engine import atomic_save, output_layout, preemption_guard, warmup_step_lr
@@ -54,7 +54,8 @@ from passreid.models.reid_file import reid_file_config, reid_model_file
 from passreid.usl.config import UslConfig, ghost_bn_mismatch, validate_usl_config
 from passreid.usl.meta_arch import ClusterContrastMetaArch
 from passreid.usl.model import build_usl_model
-from passreid.usl.pseudo_labels import ClusterStats, PseudoLabels, cluster_centroids, cluster_features
+from passreid.usl.pseudo_labels import (ClusterStats, NoClustersError, PseudoLabels, cluster_centroids,
+                                        cluster_features)
 from passreid.usl.sampler import PseudoLabelSampler
 
 __all__ = ["ClusterContrastTrainer", "TargetData", "UslResult", "load_target_data", "run_cluster_contrast",
@@ -131,6 +132,10 @@ class ClusterContrastTrainer(Trainer):
     # ------------------------------------------------------------------ set-up
     def _build(self, resuming: bool) -> None:
         cfg = self.cfg
+        # Checked before the data and the first feature pass, not when the first epoch's sampler is built.
+        require(cfg.data.batch_size % self.world_size == 0, "data.batch_size",
+                f"{cfg.data.batch_size} images per step do not split over {self.world_size} processes: use a "
+                f"number of processes that divides it")
         self.data = load_target_data(cfg)
         # A resumed run takes every weight from the checkpoint: model.pretrained / init_from are not read again.
         self.model, self.source = self._build_model(load_weights=not resuming)
@@ -250,7 +255,7 @@ class ClusterContrastTrainer(Trainer):
             outcome = (pseudo.labels, pseudo.stats)
         labels, stats = dist.broadcast_object(outcome)
         if stats.num_clusters == 0:
-            raise RuntimeError(
+            raise NoClustersError(
                 f"epoch {epoch + 1}: DBSCAN (eps {self.cfg.cluster.eps}, min_samples {self.cfg.cluster.min_samples}) "
                 f"found no cluster among {stats.num_samples} images: every image is an outlier. The features do "
                 "not separate the images (a weak or collapsed model?); check model.pretrained / init_from or "
