@@ -212,3 +212,45 @@ def test_a_worker_that_dies_after_the_signal_does_not_interrupt_the_step(synthet
     assert sorted(continued) == sorted(expected)
     for step in sorted(expected):  # same process, same computations: float32 round-off at most
         assert continued[step] == pytest.approx(expected[step], rel=1e-6), step
+
+
+# A loader whose workers ignore SIGTERM (as the stages' do) meets an error at its third item.
+_FAILING_LOADER = """
+import sys
+from torch.utils.data import Dataset
+from passreid.data import CorruptImageError
+from passreid.engine import PreemptibleDataLoader, batches_until_preempted
+
+class Failing(Dataset):
+    def __len__(self):
+        return 64
+    def __getitem__(self, index):
+        if index == 2:
+            raise {error}
+        return index
+
+loader = PreemptibleDataLoader(Failing(), batch_size=1, num_workers=2)
+{iterate}
+"""
+
+
+@pytest.mark.parametrize("error, iterate", [
+    # a stage's loop: the fetch error ends the workers, and the entry point reports the error's own message
+    ("CorruptImageError('/data/x.jpg', 'image file is truncated')",
+     "from passreid.cli import describe_error\n"
+     "try:\n    [b for b in batches_until_preempted(loader)]\n"
+     "except CorruptImageError as error:\n    print('MESSAGE', describe_error(error))\n    sys.exit(2)"),
+    # a bug that escapes with the iterator kept alive: the exit must not wait for workers that ignore SIGTERM
+    ("ValueError('a bug')", "kept = iter(loader)\nwhile True:\n    next(kept)"),
+])
+def test_a_loader_error_ends_the_process_instead_of_leaving_it_waiting_for_its_workers(error, iterate):
+    script = _FAILING_LOADER.format(error=error, iterate=iterate.replace("\\n", "\n"))
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode != 0, done.stderr
+    if "CorruptImageError(" in error:
+        assert done.returncode == 2
+        assert ("MESSAGE cannot decode image /data/x.jpg: image file is truncated (in a data-loading worker "
+                "process 0)") in done.stdout, done.stdout + done.stderr
+    else:
+        assert "ValueError: a bug" in done.stderr

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import sys
 import traceback
 from collections.abc import Callable, Sequence
@@ -72,13 +73,27 @@ def debug_requested(argv: Sequence[str]) -> bool:
     return DEBUG_FLAG in options or os.environ.get(DEBUG_ENV, "0") not in ("", "0")
 
 
+# How a DataLoader re-raises a worker's error: this header, the worker's traceback, then "<type>: <message>".
+_WORKER_ERROR = re.compile(r"^Caught (?P<type>\w+) in DataLoader (?P<where>worker process \d+)\.\n"
+                           r"Original Traceback \(most recent call last\):\n")
+
+
 def describe_error(error: BaseException) -> str:
     """The message of a user error; an OS error as ``<file>: <reason>`` (Python's own form starts with
-    ``[Errno N]``)."""
+    ``[Errno N]``); an error re-raised from a DataLoader worker as its original message, without the
+    worker's traceback."""
     if isinstance(error, OSError) and error.strerror:
         files = [str(name) for name in (error.filename, error.filename2) if name is not None]
         return f"{' -> '.join(files)}: {error.strerror}" if files else error.strerror
-    return str(error) or type(error).__name__
+    message = str(error) or type(error).__name__
+    header = _WORKER_ERROR.match(message)
+    if header:
+        # The last "<type>: " line starts the original message (earlier ones belong to chained causes).
+        starts = [line.start(1) for line in re.finditer(rf"^(?:[\w.]+\.)?{header['type']}: (.)", message,
+                                                         re.MULTILINE)]
+        if starts:
+            return f"{message[starts[-1]:].strip()} (in a data-loading {header['where']})"
+    return message
 
 
 def _script_label(path: Path) -> str:

@@ -47,9 +47,17 @@ CHECK_THREADS = 16
 
 
 class CorruptImageError(OSError):
-    """An image file exists but cannot be decoded; ``path`` names it, ``cause`` is the decoder error."""
+    """An image file exists but cannot be decoded; ``path`` names it, ``cause`` is the decoder error.
 
-    def __init__(self, path: str, cause: BaseException | str, message: str | None = None):
+    Built from one argument it is a message alone (``path`` and ``cause`` ``None``): that is how a
+    DataLoader re-raises a worker's error in the main process, as ``type(error)(message)``.
+    """
+
+    def __init__(self, path: str, cause: BaseException | str | None = None, message: str | None = None):
+        if cause is None and message is None:
+            super().__init__(path)
+            self.path, self.cause = None, None
+            return
         super().__init__(message or f"cannot decode image {path}: {cause}")
         self.path = path
         self.cause = cause

@@ -25,13 +25,18 @@ therefore build their loaders with :class:`PreemptibleDataLoader`: its workers i
 signals (the main process alone decides when to stop), the signals are blocked while the workers are
 forked (no window in which a new worker still has PyTorch's handler), and once a pre-emption signal has
 arrived a worker that dies anyway no longer interrupts the main process mid-step: the loader reports it
-at its next fetch, which the loops treat as "stop here".
+at its next fetch, which the loops treat as "stop here". Because the workers ignore SIGTERM, the process
+ends them itself when a batch cannot be fetched and, as a last resort, kills the ones still alive at exit
+(``multiprocessing`` stops daemonic children at exit with a SIGTERM, then waits for them forever).
 """
 from __future__ import annotations
 
+import atexit
 import collections
 import contextlib
+import functools
 import logging
+import multiprocessing
 import os
 import shutil
 import signal
@@ -206,7 +211,22 @@ class PreemptibleDataLoader(DataLoader):
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, previous)  # a signal that arrived meanwhile is delivered now
         _wrap_sigchld_handler()
+        _kill_workers_left_at_exit()
         return iterator
+
+
+@functools.cache
+def _kill_workers_left_at_exit() -> None:
+    """Registers (once, after multiprocessing's own exit hook, so it runs first) a hook that kills the
+    daemonic children still alive when the interpreter exits: workers that ignore SIGTERM would otherwise
+    make multiprocessing's exit hook wait for them forever (e.g. after an error left an iterator alive)."""
+
+    def kill_daemonic_children() -> None:
+        for child in multiprocessing.active_children():
+            if child.daemon:
+                child.kill()
+
+    atexit.register(kill_daemonic_children)
 
 
 def batches_until_preempted(loader: Iterable[Any]) -> Iterator[Any]:
@@ -221,11 +241,22 @@ def batches_until_preempted(loader: Iterable[Any]) -> Iterator[Any]:
             return
         except RuntimeError as error:
             if not _signal_received.is_set():
+                _shut_down_workers(iterator)
                 raise
             _log_handler_notes()
             logger.warning("data loading failed after the pre-emption signal (%s); stopping here", error)
             return
+        except BaseException:
+            _shut_down_workers(iterator)  # the error's traceback keeps the iterator, and its workers, alive
+            raise
         yield batch
+
+
+def _shut_down_workers(iterator: Iterator[Any]) -> None:
+    """End a multi-process DataLoader iterator's workers now (what its ``__del__`` does)."""
+    shut_down = getattr(iterator, "_shutdown_workers", None)
+    if shut_down is not None:
+        shut_down()
 
 
 def _wrap_sigchld_handler() -> None:
