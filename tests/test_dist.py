@@ -16,6 +16,7 @@ from torch import nn
 from passreid.dist import (DistEnv, all_gather_by_index, all_reduce_mean, barrier, broadcast_object,
                            destroy, expand_nodelist, get_local_rank, get_rank, get_world_size,
                            init_distributed, is_main_process, resolve_dist_env, slurm_master_port)
+from passreid.engine import NonFiniteLossError, check_finite_on_every_rank
 
 # ---------------------------------------------------------------------------------- node lists
 
@@ -243,6 +244,12 @@ def _gloo_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
                 results["errors"][name] = None
             except ValueError as err:
                 results["errors"][name] = str(err)
+        results["finite"] = check_finite_on_every_rank(torch.tensor(2.0 + rank), step=7)
+        try:  # rank 1's loss diverged: both ranks must stop, not only rank 1 (rank 0 would wait in backward)
+            check_finite_on_every_rank(torch.tensor(float("nan") if rank == 1 else 1.5), step=8)
+            results["non_finite"] = None
+        except NonFiniteLossError as err:
+            results["non_finite"] = str(err)
         barrier()
         _train_a_ddp_model_in_a_reference_cycle()
     finally:
@@ -293,6 +300,15 @@ def test_destroy_ends_the_groups_threads_after_a_ddp_model(two_process_results):
         pytest.skip("needs /proc/<pid>/task to list a process's threads (Linux)")
     for res in two_process_results:
         assert res["threads_after_destroy"] == []
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_a_non_finite_loss_on_one_rank_stops_every_rank(two_process_results):
+    assert [r["finite"] for r in two_process_results] == [2.0, 3.0]  # each rank's own loss
+    rank0, rank1 = (r["non_finite"] for r in two_process_results)
+    assert rank1 is not None and rank1.startswith("non-finite loss nan at step 8")
+    assert rank0 is not None and "this rank's loss=1.5, mean over ranks=nan" in rank0
 
 
 @pytest.mark.multiprocess

@@ -57,7 +57,7 @@ from passreid.engine.checkpoint import (
     unwrap_model,
 )
 from passreid.engine.device import select_device
-from passreid.engine.guards import NonFiniteLossError, check_finite
+from passreid.engine.guards import NonFiniteLossError, check_finite, check_finite_on_every_rank
 from passreid.engine.logger import (MetricsWriter, ProgressLogger, SmoothedValue, ThroughputLogger, format_eta,
                                    setup_logging)
 from passreid.engine.output import (
@@ -124,6 +124,7 @@ __all__ = [
     "build_checkpoint",
     "capture_rng_state",
     "check_finite",
+    "check_finite_on_every_rank",
     "cosine_schedule",
     "derive_seed",
     "describe_precision",

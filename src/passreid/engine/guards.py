@@ -7,6 +7,8 @@ from typing import Any
 
 import torch
 
+from passreid import dist
+
 
 class NonFiniteLossError(FloatingPointError):
     """The loss became NaN or infinite; ``step`` and ``value`` say where and what."""
@@ -57,3 +59,21 @@ def _format(value: Any) -> str:
         return f"{_as_float(value):.6g}"
     except (TypeError, ValueError):
         return repr(value)
+
+
+def check_finite_on_every_rank(loss: torch.Tensor, step: int, extra: Mapping[str, Any] | None = None) -> float:
+    """:func:`check_finite` that raises on every process when the loss of any one is NaN/Inf.
+
+    A collective under a process group (every rank calls it at the same step, before ``backward``): a
+    rank that raised alone would leave the others waiting in the gradient all-reduce of ``backward``
+    until the collective timeout. The mean over ranks is non-finite exactly when some rank's loss is.
+    """
+    if dist.get_world_size() == 1:
+        return check_finite(loss, step, extra)
+    local = loss.detach().float().reshape(1)
+    mean = float(dist.all_reduce_mean(local))
+    if math.isfinite(mean):
+        return _as_float(loss)
+    check_finite(loss, step, extra)  # this rank's own loss is the culprit: its message
+    # Another rank's loss is: the error reports the mean over ranks, and this rank's finite loss.
+    return check_finite(mean, step, {"this rank's loss": _as_float(loss), "mean over ranks": mean, **(extra or {})})

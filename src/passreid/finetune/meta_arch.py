@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from passreid import dist
-from passreid.engine import check_finite
+from passreid.engine import check_finite_on_every_rank
 from passreid.engine.optim import build_param_groups
 from passreid.finetune.methods import SecondPass, build_criterion, build_model, get_method
 
@@ -143,7 +143,7 @@ class ReIDMetaArch(nn.Module):
         """
         terms = self.loss_terms(self._wrapper if self._wrapper is not None else self.model, batch, autocast)
         loss = terms["loss"]
-        check_finite(loss, -1 if iteration is None else iteration,
+        check_finite_on_every_rank(loss, -1 if iteration is None else iteration,
                      extra={k: v for k, v in terms.items() if k != "loss"})
         (scaler.scale(loss) if scaler is not None else loss).backward()
         return {key: value.detach() for key, value in terms.items()}
@@ -161,7 +161,7 @@ class ReIDMetaArch(nn.Module):
         optimizer = self.second_pass.optimizer
         terms = self.loss_terms(self.model, batch, autocast)
         loss = terms["loss"]
-        check_finite(loss, -1 if iteration is None else iteration,
+        check_finite_on_every_rank(loss, -1 if iteration is None else iteration,
                      extra={f"second_pass_{k}": v for k, v in terms.items() if k != "loss"})
         scaled = scaler.scale(loss) if scaler is not None else loss
         grads = torch.autograd.grad(scaled, self.second_pass_params, allow_unused=True)

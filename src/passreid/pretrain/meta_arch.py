@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from passreid.data.multicrop import NUM_BANDS
-from passreid.engine import check_finite
+from passreid.engine import check_finite_on_every_rank
 from passreid.models import VisionTransformer, build_vit
 from passreid.pretrain.heads import PASSHead
 from passreid.pretrain.loss import NUM_GLOBAL_VIEWS, MultiCropOutputs, PASSLoss
@@ -284,7 +284,7 @@ class PASSMetaArch(nn.Module):
             MultiCropOutputs(teacher_cls, teacher_parts, batch_size),
             epoch,
         )
-        check_finite(loss, -1 if iteration is None else iteration,
+        check_finite_on_every_rank(loss, -1 if iteration is None else iteration,
                      extra={k: v for k, v in stats.items() if k.startswith("loss_")})
         to_backward = scaler.scale(loss) if scaler is not None else loss
         if loss_scale_hook is not None:

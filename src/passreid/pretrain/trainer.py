@@ -5,8 +5,8 @@ One iteration, in the published order (PASS-reID: PASS/main_pass.py, ``train_one
 1. write this iteration's lr and weight decay into the AdamW groups (wd only where ``wd_multiplier`` is 1);
 2. ``PASSMetaArch.forward_backward`` under autocast: teacher on the 2 globals, student on all views,
    the loss (which also updates and all-reduces the centres), backward (scaled under fp16);
-3. NaN guard before any weight changes: the meta-architecture checks its loss before backward, the
-   loop checks the mean over ranks (so every rank stops together, none is left waiting);
+3. NaN guard before any weight changes: the meta-architecture checks the loss of every rank before
+   backward (all-reduced, so every rank stops together and none is left waiting in backward);
 4. unscale, per-tensor clip at ``optim.clip_grad``, drop the last layers' grads in epochs
    ``< optim.freeze_last_layer``, optimizer step, scaler update;
 5. EMA update of the teacher with this iteration's momentum.
@@ -286,7 +286,7 @@ class PretrainTrainer(Trainer):
         views = [v.to(self.device, non_blocking=True) for v in batch["views"]]
         loss, self.step_stats = self.meta.forward_backward(views, epoch, autocast=self.amp.autocast,
                                                            scaler=self.amp.scaler, iteration=it + 1)
-        # The mean over ranks, so that every rank raises together instead of leaving the others waiting.
+        # The mean over ranks, the loss that is logged (forward_backward has checked every rank's).
         mean_loss = check_finite(dist.all_reduce_mean(loss.detach().float().reshape(1)), it + 1,
                                  extra=self.step_stats)
         scaler = self.amp.scaler

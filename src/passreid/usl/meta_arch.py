@@ -25,7 +25,7 @@ from typing import Any, ContextManager
 import torch
 from torch import Tensor, nn
 
-from passreid.engine import check_finite
+from passreid.engine import check_finite_on_every_rank
 from passreid.engine.optim import build_param_groups
 from passreid.models.reid import ReIDModel
 from passreid.usl.config import UslOptimConfig
@@ -87,6 +87,6 @@ class ClusterContrastMetaArch(nn.Module):
         with (autocast or contextlib.nullcontext)():
             feats = self.forward_module(images)
         loss = self.memory(feats, targets)
-        check_finite(loss, -1 if iteration is None else iteration)
+        check_finite_on_every_rank(loss, -1 if iteration is None else iteration)
         (scaler.scale(loss) if scaler is not None else loss).backward()
         return loss.detach()
