@@ -144,7 +144,7 @@ class ReIDMetaArch(nn.Module):
         terms = self.loss_terms(self._wrapper if self._wrapper is not None else self.model, batch, autocast)
         loss = terms["loss"]
         check_finite_on_every_rank(loss, -1 if iteration is None else iteration,
-                     extra={k: v for k, v in terms.items() if k != "loss"})
+                                   extra={k: v for k, v in terms.items() if k != "loss"})
         (scaler.scale(loss) if scaler is not None else loss).backward()
         return {key: value.detach() for key, value in terms.items()}
 
@@ -162,7 +162,7 @@ class ReIDMetaArch(nn.Module):
         terms = self.loss_terms(self.model, batch, autocast)
         loss = terms["loss"]
         check_finite_on_every_rank(loss, -1 if iteration is None else iteration,
-                     extra={f"second_pass_{k}": v for k, v in terms.items() if k != "loss"})
+                                   extra={f"second_pass_{k}": v for k, v in terms.items() if k != "loss"})
         scaled = scaler.scale(loss) if scaler is not None else loss
         grads = torch.autograd.grad(scaled, self.second_pass_params, allow_unused=True)
         distributed = dist.get_world_size() > 1

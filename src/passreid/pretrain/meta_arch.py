@@ -285,7 +285,7 @@ class PASSMetaArch(nn.Module):
             epoch,
         )
         check_finite_on_every_rank(loss, -1 if iteration is None else iteration,
-                     extra={k: v for k, v in stats.items() if k.startswith("loss_")})
+                                   extra={k: v for k, v in stats.items() if k.startswith("loss_")})
         to_backward = scaler.scale(loss) if scaler is not None else loss
         if loss_scale_hook is not None:
             to_backward = loss_scale_hook(to_backward)
