@@ -317,10 +317,11 @@ def load_model(
 ) -> LoadedModel:
     """Load any supported weights file (module docstring) into an eval-mode :class:`LoadedModel`.
 
-    ``config``: a :class:`~passreid.finetune.FinetuneConfig` or a YAML path; needed only for published
-    TransReID / PASS fine-tuned checkpoints (it describes their architecture). ``which`` picks the
-    ``teacher`` (default) or ``student`` of a pre-training checkpoint; ``hw_ratio`` is the height/width
-    ratio used to infer the input size of a pre-training checkpoint that records none.
+    ``config``: a :class:`~passreid.finetune.FinetuneConfig` or a YAML path; needed only for released
+    fine-tuned checkpoints (TransReID / PASS-reID, DPM, TSD, DPEFormer, BPBReID: it describes their
+    architecture). ``which`` picks the ``teacher`` (default) or ``student`` of a pre-training checkpoint;
+    ``hw_ratio`` is the height/width ratio used to infer the input size of a pre-training checkpoint that
+    records none.
     ``device``: ``None`` = CUDA when available. Raises ``FileNotFoundError`` for a missing file and
     :class:`WeightsKindError` for a file of another kind.
     """

@@ -26,8 +26,9 @@ tie; the starting-model evaluation of ``train.eval_at_start`` is not a candidate
 Exact resume: at an epoch boundary the checkpoint holds the model, optimizer and RNG states, and the
 resumed run re-clusters from the checkpointed model, which gives the same pseudo labels and memory as the
 uninterrupted run. A checkpoint written mid-epoch (pre-emption, ``train.max_iters``) also stores the
-epoch's pseudo labels and the current memory, so the epoch continues where it stopped. With
-``data.num_workers > 0`` the augmentations after a mid-epoch resume come from fresh worker seeds.
+epoch's pseudo labels and the current memory, so the epoch continues where it stopped. The continuation is
+exact with any ``data.num_workers``: each sample's augmentation is seeded from its place in the epoch
+(:class:`~passreid.data.samplers.SampleSeeds`).
 """
 from __future__ import annotations
 
