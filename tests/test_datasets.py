@@ -514,7 +514,10 @@ def test_luperson_lmdb_missing_layout_and_unsafe_key_file(tmp_path):
     write_luperson_release(tmp_path, None)
     with open(tmp_path / "keys.pkl", "wb") as handle:
         pickle.dump({"keys": LUP_KEYS, "hook": logging.Logger}, handle)
-    with pytest.raises(ValueError, match="refusing to load logging.Logger"):
+    with pytest.raises(DatasetFormatError, match="refusing to load logging.Logger"):
+        build_dataset("luperson_lmdb", tmp_path)
+    (tmp_path / "keys.pkl").write_bytes(pickle.dumps(LUP_KEYS)[:-5])  # cut short
+    with pytest.raises(DatasetFormatError, match="keys.pkl: cannot read the key list"):
         build_dataset("luperson_lmdb", tmp_path)
 
 

@@ -95,10 +95,26 @@ def test_recipes_carry_the_published_settings():
     (["data.root=/x", "train.device=gpu"], "config key 'train.device': must be auto, cpu, cuda or cuda:N, got 'gpu'"),
     (["data.root=/x", "crops.mode=dino", "train.batch_band_views=true"],
      "config key 'train.batch_band_views': applies to crops.mode=pass only"),
+    (["data.root=/x", "crops.mode=dino", "crops.local_crops_number=0"], "'crops.local_crops_number': must be >= 1"),
+    (["data.root=/x", "crops.local_size=[7,7]"], r"'crops.local_size': must be at least 16x16 .*, got 7x7"),
+    (["data.root=/x", "loss.student_temp=0"], "'loss.student_temp': must be > 0"),
+    (["data.root=/x", "loss.teacher_temp=-1"], "'loss.teacher_temp': must be > 0"),
+    (["data.root=/x", "loss.warmup_teacher_temp_epochs=-1"], "'loss.warmup_teacher_temp_epochs': must be in"),
+    (["data.root=/x", "train.seed=-1"], r"'train.seed': must be in \[0, 2\*\*32 - 1\]"),
+    (["data.root=/x", "monitor.dataset=foo"], "'monitor.dataset': must be one of .*generated_pool.*market1501"),
 ])
 def test_invalid_config_is_refused_naming_the_key(tmp_path, overrides, message):
     cfg = _load(None, f"train.output_dir={tmp_path}", *overrides)
     with pytest.raises(ConfigError, match=message):
+        run_pretraining(cfg)
+
+
+def test_a_batch_larger_than_the_data_is_a_config_error(synthetic_world, tmp_path):
+    listing = _pool_file_list(synthetic_world, tmp_path, count=24)
+    cfg = _load(None, *TINY, f"train.output_dir={tmp_path / 'out'}", f"data.root={synthetic_world / 'pool'}",
+                f"data.file_list={listing}", "data.batch_size_per_gpu=32", "data.num_workers=0")
+    with pytest.raises(ConfigError, match=r"'data.batch_size_per_gpu': the pre-training data has 24 images, fewer "
+                                          r"than one global batch \(32 per GPU x 1 processes\)"):
         run_pretraining(cfg)
 
 

@@ -119,3 +119,4 @@ def validate_train_config(train: TrainConfig) -> None:
     require(train.checkpoint_period >= 1, "train.checkpoint_period", "must be >= 1 (epochs)")
     require(train.checkpoint_period_iters >= 0, "train.checkpoint_period_iters", "must be >= 0 (0: epoch ends only)")
     require(train.dist_timeout_min > 0, "train.dist_timeout_min", f"must be positive, got {train.dist_timeout_min}")
+    require(0 <= train.seed < 2**32, "train.seed", f"must be in [0, 2**32 - 1], got {train.seed}")

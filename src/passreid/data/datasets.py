@@ -840,7 +840,10 @@ def read_luperson_lmdb(root: Path, keys_file: str | None = None) -> ReIDDataset:
     notes: list[str] = []
     entries = lmdb_entry_count(db_dir)
     if key_path is not None:
-        keys = load_key_file(key_path)
+        try:
+            keys = load_key_file(key_path)
+        except ValueError as error:  # a damaged or foreign key file: the user's input, named in the message
+            raise DatasetFormatError(str(error)) from error
         notes.append(f"keys from {key_path}")
         if len(keys) != entries:
             message = f"{key_path} lists {len(keys)} keys but {db_dir} holds {entries} entries"

@@ -16,9 +16,14 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from passreid.config import TrainConfig, require, validate_train_config
+from passreid.data import list_datasets
 
 # Unlabeled sources: the two dataset-registry readers.
 PRETRAIN_DATASETS = ("image_folder", "luperson_lmdb")
+# The kNN monitor's name for the persons of a generated pool folder (passreid.pretrain.knn_monitor).
+GENERATED_POOL = "generated_pool"
+# The side of the ViTs' square patches: every crop must hold at least one.
+PATCH_SIZE = 16
 
 
 @dataclass
@@ -156,12 +161,16 @@ def validate_pretrain_config(cfg: PretrainConfig) -> None:
             "applies to data.dataset=luperson_lmdb only")
     require(data.batch_size_per_gpu >= 1, "data.batch_size_per_gpu", "must be >= 1")
     require(data.num_workers >= 0, "data.num_workers", "must be >= 0")
-    require(crops.local_crops_number >= 0, "crops.local_crops_number", "must be >= 0")
+    require(crops.local_crops_number >= 1, "crops.local_crops_number", "must be >= 1")
     require(crops.mode != "pass" or crops.local_crops_number == 9, "crops.local_crops_number",
             "must be 9 in PASS mode (three crops in each of the three horizontal bands, as PASS-reID's main_pass.py)")
     for name in ("global_scale", "local_scale"):
         low, high = getattr(crops, name)
         require(0 < low <= high <= 1, f"crops.{name}", f"must satisfy 0 < low <= high <= 1, got {(low, high)}")
+    for name in ("global_size", "local_size"):  # the ViT cuts every view into 16x16 patches
+        height, width = getattr(crops, name)
+        require(height >= PATCH_SIZE and width >= PATCH_SIZE, f"crops.{name}",
+                f"must be at least {PATCH_SIZE}x{PATCH_SIZE} (one ViT patch), got {height}x{width}")
     for name in ("out_dim", "hidden_dim", "bottleneck_dim"):
         require(getattr(model, name) >= 1, f"model.{name}", "must be >= 1")
     require(0 <= model.drop_path_rate < 1, "model.drop_path_rate", "must be in [0, 1)")
@@ -172,11 +181,17 @@ def validate_pretrain_config(cfg: PretrainConfig) -> None:
     require(optim.freeze_last_layer >= 0, "optim.freeze_last_layer", "must be >= 0")
     require(0 <= optim.momentum_teacher <= optim.momentum_teacher_end <= 1, "optim.momentum_teacher",
             "needs 0 <= optim.momentum_teacher <= optim.momentum_teacher_end <= 1")
-    require(cfg.loss.warmup_teacher_temp_epochs <= train.epochs, "loss.warmup_teacher_temp_epochs",
-            "must not exceed train.epochs")
+    loss = cfg.loss
+    for name in ("student_temp", "teacher_temp", "warmup_teacher_temp"):
+        require(getattr(loss, name) > 0, f"loss.{name}", f"must be > 0, got {getattr(loss, name)}")
+    require(0 <= loss.warmup_teacher_temp_epochs <= train.epochs, "loss.warmup_teacher_temp_epochs",
+            f"must be in [0, train.epochs={train.epochs}]")
+    require(0 <= loss.center_momentum <= 1, "loss.center_momentum", "must be in [0, 1]")
     validate_train_config(train)
     require(train.keep_checkpoint_period >= 0, "train.keep_checkpoint_period", "must be >= 0")
     require(not train.batch_band_views or crops.mode == "pass", "train.batch_band_views",
             "applies to crops.mode=pass only (the dino mode's local views have no bands)")
     require(monitor.period >= 0, "monitor.period", "must be >= 0 (0 disables the kNN monitor)")
     require(monitor.batch_size >= 1, "monitor.batch_size", "must be >= 1")
+    monitor_sets = [GENERATED_POOL, *list_datasets()]
+    require(monitor.dataset in monitor_sets, "monitor.dataset", f"must be one of {monitor_sets}, got {monitor.dataset!r}")

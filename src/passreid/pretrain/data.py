@@ -10,6 +10,7 @@ from typing import Any, Protocol
 import torch
 from torch.utils.data import Dataset
 
+from passreid.config import ConfigError
 from passreid.data import ImageItem, SafeImageReader, build_dataset
 from passreid.data.device_multicrop import BatchedMultiCrop, collate_device_samples, device_sample_views
 from passreid.data.multicrop import MultiCropAugmentation
@@ -122,9 +123,9 @@ class EpochLoader:
                                                    world_size=world_size, drop_last=True)
         self.iters_per_epoch = len(self.sampler) // self.batch_size
         if self.iters_per_epoch < 1:
-            raise ValueError(
-                f"pre-training data has {len(dataset)} images, fewer than one global batch "
-                f"({self.batch_size} per GPU x {world_size} processes); lower data.batch_size_per_gpu")
+            raise ConfigError(
+                f"config key 'data.batch_size_per_gpu': the pre-training data has {len(dataset)} images, fewer "
+                f"than one global batch ({self.batch_size} per GPU x {world_size} processes); lower it")
         self.pin_memory = cfg.data.pin_memory and device.type == "cuda"
 
     def batches(self, epoch: int, start: int) -> Iterator[dict[str, Any]]:

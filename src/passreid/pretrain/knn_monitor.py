@@ -36,9 +36,8 @@ from passreid.data.transforms import build_test_transform
 from passreid.engine import PreemptibleDataLoader
 from passreid.eval import rank_metrics
 from passreid.eval.features import cls_feature, extract_features, pass_fusion_feature
-from passreid.pretrain.config import KnnMonitorConfig
+from passreid.pretrain.config import GENERATED_POOL, KnnMonitorConfig
 
-GENERATED_POOL = "generated_pool"
 
 # Pool file names written by passreid.demo.world: <video>/<video:03d>_<person:02d>_<shot:02d>.jpg
 _POOL_NAME = re.compile(r"^(\d+)_(\d+)_(\d+)\.jpg$")
