@@ -232,8 +232,12 @@ class PretrainTrainer(Trainer):
     # ------------------------------------------------------------------ checkpoints
     def _checkpoint_extra(self, stopped_in_epoch: int | None) -> dict[str, Any]:
         return {"iters_per_epoch": self.iters_per_epoch, "world_size": self.world_size,
-                "global_batch": self.global_batch, "corrupt_skipped": self.corrupt_skipped,
+                "global_batch": self.global_batch, "corrupt_skipped": self._total_corrupt_skipped(),
                 "knn": list(self.knn_history)}
+
+    def _total_corrupt_skipped(self) -> int:
+        """Damaged images skipped so far by all ranks (a collective: the ranks' counts summed)."""
+        return round(float(dist.all_reduce_mean(torch.tensor([float(self.corrupt_skipped)]))[0]) * self.world_size)
 
     def _decorate_checkpoint(self, state: dict[str, Any]) -> dict[str, Any]:
         # The published layout as aliases of the same tensors (torch.save stores them once), so that
@@ -258,7 +262,8 @@ class PretrainTrainer(Trainer):
                              "(checkpoint: %s on %s); schedules follow the new length", self.epoch + 1,
                              self.iters_per_epoch, self.world_size, saved_ipe, saved_world)
             self.iteration = self.epoch * self.iters_per_epoch
-        self.corrupt_skipped = int(extra.get("corrupt_skipped", 0))
+        # The saved count is the total over ranks: rank 0 carries it on, so that the sum stays the total.
+        self.corrupt_skipped = int(extra.get("corrupt_skipped", 0)) if self.rank == 0 else 0
         self.knn_history = list(extra.get("knn", []))
 
     # ------------------------------------------------------------------ batches
@@ -320,7 +325,7 @@ class PretrainTrainer(Trainer):
         """The "train" record of the step just taken: step = ``self.iteration`` (steps done, so 1 for the first),
         epoch 1-based, lr / wd / momentum the values that step used."""
         it = self.iteration - 1  # index of the step just taken into the per-iteration schedules
-        skipped = float(dist.all_reduce_mean(torch.tensor([float(self.corrupt_skipped)]))[0]) * self.world_size
+        skipped = float(self._total_corrupt_skipped())
         scalars = {"loss": loss, "lr": float(self.schedules["lr"][it]),
                    "wd": float(self.schedules["weight_decay"][it]), "momentum": float(self.schedules["momentum"][it]),
                    "epoch": float(self.epoch + 1), "images_per_s": images_per_second, "corrupt_skipped": skipped}
