@@ -72,6 +72,7 @@ def test_cli_subprocess_writes_reference_metrics(files, case):
         "query": None, "gallery": None, "metric": "euclidean", "normalize": True, "max_rank": 20,
         "cmc_length": 20, "chunk_size": 7, "memory_budget_mb": 256.0, "device": "cpu", "rerank": None,
         "tie_rule": "stable: ascending distance, then gallery index",
+        "junk_dropped": {"query": 0, "gallery": 0},
     }
     distmat = pairwise_distance(case[0], case[1], device="cpu").numpy()
     check_against_reference(report, distmat, case, max_rank=20)
@@ -110,6 +111,47 @@ def test_cli_metric_options(tool, files, case, extra, metric, normalize):
     check_against_reference(report, distmat, case, max_rank=50)
 
 
+def test_cli_drops_junk_rows_as_the_market_protocol(tool, tmp_path, capsys):
+    """pid -1 rows (junk, kept by tools/extract_features.py) are left out of both splits, not scored as
+    negatives: the metrics equal those of the files without them."""
+    q_feats, g_feats, q_pids, g_pids, q_cams, g_cams = make_case(5, num_query=20, num_gallery=90, num_ids=12,
+                                                                 distractors=10, junk=12, noise=2.0)
+    q_pids = q_pids.copy()
+    q_pids[:2] = -1
+    with_junk = (write_split(tmp_path / "q.npz", q_feats, q_pids, q_cams),
+                 write_split(tmp_path / "g.npz", g_feats, g_pids, g_cams))
+    q_keep, g_keep = q_pids != -1, g_pids != -1
+    clean = (write_split(tmp_path / "q_clean.npz", q_feats[q_keep], q_pids[q_keep], q_cams[q_keep]),
+             write_split(tmp_path / "g_clean.npz", g_feats[g_keep], g_pids[g_keep], g_cams[g_keep]))
+    reports = []
+    for (query, gallery), name in ((with_junk, "junk"), (clean, "clean")):
+        out = tmp_path / f"{name}.json"
+        assert tool.main(["--query", str(query), "--gallery", str(gallery), "--out", str(out), "--device", "cpu"]) == 0
+        reports.append(json.loads(out.read_text()))
+    printed = capsys.readouterr().out
+    junk, expected = reports
+    assert junk["params"]["junk_dropped"] == {"query": 2, "gallery": 12}
+    assert expected["params"]["junk_dropped"] == {"query": 0, "gallery": 0}
+    assert "dropped 12 gallery and 2 query rows with pid -1" in printed
+    assert printed.count("dropped") == 1
+    for key in ("mAP", "mINP", "cmc", "num_valid_queries", "num_gallery"):
+        assert junk[key] == expected[key], key
+    distmat = pairwise_distance(q_feats[q_keep], g_feats[g_keep], device="cpu").numpy()
+    reference = reference_rank_metrics(distmat, q_pids[q_keep], g_pids[g_keep], q_cams[q_keep], g_cams[g_keep])
+    assert junk["mAP"] == pytest.approx(reference["mAP"], abs=1e-6)
+    # Negative control: scored as negatives, the junk rows would change the result.
+    as_negatives = reference_rank_metrics(pairwise_distance(q_feats[q_keep], g_feats, device="cpu").numpy(),
+                                          q_pids[q_keep], g_pids, q_cams[q_keep], g_cams)
+    assert as_negatives["mAP"] != pytest.approx(junk["mAP"], abs=1e-6)
+
+
+def test_cli_refuses_a_split_of_junk_only(tool, tmp_path, case, capsys):
+    query = write_split(tmp_path / "q.npz", case[0], np.full(len(case[2]), -1), case[4])
+    gallery = write_split(tmp_path / "g.npz", case[1], case[3], case[5])
+    assert tool.main(["--query", str(query), "--gallery", str(gallery), "--out", str(tmp_path / "m.json")]) == 2
+    assert f"{query}: every row has pid -1" in capsys.readouterr().err
+
+
 def test_cli_small_gallery_truncates_cmc(tool, tmp_path):
     q_feats, g_feats, q_pids, g_pids, q_cams, g_cams = make_case(2, num_query=6, num_gallery=8, num_ids=3)
     query = write_split(tmp_path / "q.npz", q_feats, q_pids, q_cams)
@@ -124,9 +166,9 @@ def fake_rerank_module(calls: list, distance: torch.Tensor) -> types.ModuleType:
     """Test double for passreid.eval.rerank (written by another helper): records its arguments."""
     module = types.ModuleType("passreid.eval.rerank")
 
-    def re_ranking(query_feats, gallery_feats, k1=20, k2=6, lambda_value=0.3):
+    def re_ranking(query_feats, gallery_feats, k1=20, k2=6, lambda_value=0.3, *, device=None):
         calls.append(dict(query=query_feats.clone(), gallery=gallery_feats.clone(), k1=k1, k2=k2,
-                          lambda_value=lambda_value))
+                          lambda_value=lambda_value, device=device))
         return distance.clone()
 
     module.re_ranking = re_ranking
@@ -143,6 +185,7 @@ def test_cli_rerank_plumbing(tool, files, case, monkeypatch):
             "--rerank", "--k1", "15", "--k2", "4", "--lambda", "0.25"]
     assert tool.main(argv) == 0
     assert len(calls) == 1 and (calls[0]["k1"], calls[0]["k2"], calls[0]["lambda_value"]) == (15, 4, 0.25)
+    assert calls[0]["device"] == "cpu"  # --device reaches re-ranking too
     expected_query = torch.nn.functional.normalize(torch.from_numpy(case[0]), dim=1)
     torch.testing.assert_close(calls[0]["query"], expected_query)  # normalised features are re-ranked
     assert calls[0]["gallery"].shape == case[1].shape

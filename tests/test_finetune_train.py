@@ -122,7 +122,7 @@ def test_test_script_rebuilds_the_model_and_writes_matching_metrics(demo_run, tm
     assert list(recomputed.cmc) == pytest.approx(metrics["plain"]["cmc"], abs=1e-12)
     model, cfg, _ = load_finetuned_model(out / "model_final.pth")
     assert query["feats"].shape == (metrics["plain"]["num_queries"], model.feature_dim)
-    # The last training checkpoint rebuilds the same model (config inside, counts from the shapes).
+    # The last training checkpoint rebuilds the same model (config and class / camera counts inside).
     from_checkpoint, _, _ = load_finetuned_model(out / "checkpoint.pth")
     final_state = model.state_dict()
     assert all(torch.equal(v, final_state[k]) for k, v in from_checkpoint.state_dict().items())
@@ -195,3 +195,58 @@ def test_a_pretrain_backbone_export_initialises_the_demo_model(tmp_path, synthet
     model, _, _ = load_finetuned_model(tmp_path / "run" / "model_final.pth")
     for key, value in backbone.state_dict().items():
         torch.testing.assert_close(model.backbone.state_dict()[key], value, rtol=0, atol=1e-6)
+
+
+def _test_metrics(weights: Path, output_dir: Path, *args: str) -> dict:
+    assert _load_script("test").main(["--weights", str(weights), "--output-dir", str(output_dir), *args]) == 0
+    return json.loads((output_dir / "metrics.json").read_text())
+
+
+METRIC_KEYS = ("rank1", "rank5", "rank10", "mAP", "mINP")
+
+
+def test_a_model_file_is_tested_as_trained_whatever_the_given_config(tmp_path, synthetic_world, capsys):
+    """test.py --config-file <a DPM config> on a bnneck model_final.pth: the method, its test distance and the test
+    transform are the file's (the given ones are named in a warning), the test set and eval.* the given config's."""
+    run = tmp_path / "run"
+    run_training(_cfg(run, synthetic_world, "train.max_iters=2", "eval.period=100"), resume=False)
+    own = _test_metrics(run / "model_final.pth", tmp_path / "own")
+    other = ["--config-file", str(REPO / "configs" / "finetune" / "demo_dpm.yaml"),
+             "--data-root", f"{synthetic_world}/market", *FAST,
+             "data.pixel_mean=[0.485,0.456,0.406]", "data.test_interpolation=bicubic"]
+    given = _test_metrics(run / "model_final.pth", tmp_path / "given", *other)
+    for key in METRIC_KEYS:
+        assert given[key] == pytest.approx(own[key], abs=1e-9), key
+    assert given["dataset_root"] == own["dataset_root"]
+    log = (tmp_path / "given" / "log.txt").read_text()
+    assert "method='dpm' (file: 'bnneck')" in log and "data.test_interpolation='bicubic' (file: 'bilinear')" in log
+    capsys.readouterr()
+    assert _load_script("test").main(["--weights", str(run / "model_final.pth"), *other, "--print-config"]) == 0
+    text = capsys.readouterr().out  # --print-config shows the config the test runs with
+    assert "method: bnneck" in text and "test_interpolation: bilinear" in text
+
+
+def test_a_training_checkpoint_of_a_part_method_is_evaluated(tmp_path, synthetic_world):
+    """A TSD run's checkpoint.pth (no ReIDModel key names) stores its class and camera counts: test.py evaluates it
+    as the run's model_final.pth; a checkpoint without them (older passreid) falls back to the tensor shapes."""
+    run = tmp_path / "tsd"
+    cfg = load_config(FinetuneConfig, REPO / "configs" / "finetune" / "demo_tsd.yaml",
+                      [f"train.output_dir={run}", f"data.root={synthetic_world}/market_occluded", "train.max_iters=1",
+                       "eval.period=100", "data.test_batch_size=256"])
+    run_training(cfg, resume=False)
+    state = Checkpointer(run).load()
+    assert "head.classifier.weight" not in state["model"]
+    assert (state["extra"]["num_classes"], state["extra"]["num_cameras"]) == (24, 4)
+    from_checkpoint = _test_metrics(run / "checkpoint.pth", tmp_path / "checkpoint")
+    final = _test_metrics(run / "model_final.pth", tmp_path / "final")
+    for key in METRIC_KEYS:
+        assert from_checkpoint[key] == pytest.approx(final[key], abs=1e-9), key
+
+    bnneck = tmp_path / "bnneck"
+    run_training(_cfg(bnneck, synthetic_world, "train.max_iters=1", "eval.period=100"), resume=False)
+    old = Checkpointer(bnneck).load()
+    for key in ("num_classes", "num_cameras"):
+        del old["extra"][key]
+    torch.save(old, tmp_path / "old_checkpoint.pth")
+    model, _, _ = load_finetuned_model(tmp_path / "old_checkpoint.pth")
+    assert model.head.classifier.weight.shape[0] == 24

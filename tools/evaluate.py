@@ -9,7 +9,9 @@ squared Euclidean on L2-normalised features by default (``--metric cosine``: 1 â
 (``passreid.eval.rerank.re_ranking``) of the L2-normalised features instead. Ties are broken by
 gallery index (see ``passreid.eval.rank``). The JSON holds ``mAP``,
 ``mINP`` and ``cmc`` as fractions in [0, 1] (``cmc`` has ``min(max_rank, num_gallery)`` entries),
-``num_valid_queries`` and ``params`` (everything needed to reproduce the numbers).
+``num_valid_queries`` and ``params`` (everything needed to reproduce the numbers). Rows with pid -1 (junk,
+which ``tools/extract_features.py`` keeps) are dropped from both splits before ranking, as the Market-1501
+protocol does; ``params.junk_dropped`` and the output say how many.
 Exit status 2 on bad input, with a message naming the problem and the file.
 """
 from __future__ import annotations
@@ -19,6 +21,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from passreid.atomic_files import atomic_write_text
@@ -28,10 +31,25 @@ from passreid.eval import EvaluationInputError, rank_metrics, rank_metrics_from_
 from passreid.eval.feature_file import FeatureFile, read_feature_file
 from passreid.eval.rank import DEFAULT_MEMORY_BUDGET_MB
 
+JUNK_PID = -1
+
 
 def load_split(path: Path) -> FeatureFile:
     """Read one split's feature file (``feats``, ``pids``, ``camids``); errors name the file and the key."""
     return read_feature_file(path, require=("pids", "camids"))
+
+
+def drop_junk(split: FeatureFile, path: Path) -> tuple[FeatureFile, int]:
+    """``split`` without its rows of pid -1 (junk / unknown identity, which the Market-1501 protocol leaves out
+    rather than counting as negatives), and how many rows were dropped."""
+    keep = split.pids != JUNK_PID
+    dropped = int(np.count_nonzero(~keep))
+    if dropped == 0:
+        return split, 0
+    if dropped == len(keep):
+        raise EvaluationInputError(f"{path}: every row has pid {JUNK_PID} (junk / unknown identity); nothing to evaluate")
+    paths = [p for p, kept in zip(split.paths, keep) if kept] if split.paths is not None else None
+    return FeatureFile(split.feats[keep], split.pids[keep], split.camids[keep], paths=paths, model=split.model), dropped
 
 
 def compute_metrics(query: FeatureFile, gallery: FeatureFile, args: argparse.Namespace, device: str):
@@ -47,7 +65,8 @@ def compute_metrics(query: FeatureFile, gallery: FeatureFile, args: argparse.Nam
 
     query_feats = torch.nn.functional.normalize(torch.from_numpy(query.feats), dim=1)
     gallery_feats = torch.nn.functional.normalize(torch.from_numpy(gallery.feats), dim=1)
-    distance = re_ranking(query_feats, gallery_feats, k1=args.k1, k2=args.k2, lambda_value=args.lambda_value)
+    distance = re_ranking(query_feats, gallery_feats, k1=args.k1, k2=args.k2, lambda_value=args.lambda_value,
+                          device=device)
     return rank_metrics_from_distance(
         distance, *ids, max_rank=args.max_rank, chunk_size=args.chunk_size,
         memory_budget_mb=args.memory_budget_mb, device=device,
@@ -102,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
             f"feature dimension differs: {args.query} has D={query.feats.shape[1]}, "
             f"{args.gallery} has D={gallery.feats.shape[1]}"
         )
+    (query, query_junk), (gallery, gallery_junk) = drop_junk(query, args.query), drop_junk(gallery, args.gallery)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     result = compute_metrics(query, gallery, args, device)
 
@@ -118,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         "device": device,
         "rerank": {"k1": args.k1, "k2": args.k2, "lambda": args.lambda_value} if args.rerank else None,
         "tie_rule": "stable: ascending distance, then gallery index",
+        "junk_dropped": {"query": query_junk, "gallery": gallery_junk},
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(args.out, json.dumps(report, indent=2) + "\n")
@@ -125,6 +146,9 @@ def main(argv: list[str] | None = None) -> int:
     distance = "k-reciprocal re-ranking" if args.rerank else (
         f"{args.metric} ({'L2-normalised' if args.normalize or args.metric == 'cosine' else 'raw'} features)"
     )
+    if query_junk or gallery_junk:
+        print(f"dropped {gallery_junk} gallery and {query_junk} query rows with pid {JUNK_PID} (junk, left out by "
+              "the Market-1501 protocol)")
     print(f"query {result.num_queries} x gallery {result.num_gallery}, {result.num_valid_queries} valid queries, "
           f"distance: {distance}")
     print(result.format_table())

@@ -59,10 +59,21 @@ def _config_of(raw: Any, label: str) -> FinetuneConfig:
     return validate_config(config_from_dict(FinetuneConfig, stored, source=f"{label} (stored config)"))
 
 
+def _training_counts(checkpoint: Mapping[str, Any], label: str) -> tuple[int, int]:
+    """(num_classes, num_cameras) of a run's ``checkpoint.pth``: stored in its ``extra`` by the fine-tuning
+    trainer; files written before that hold them only in ReIDModel tensor shapes."""
+    extra = checkpoint.get("extra")
+    if isinstance(extra, Mapping) and "num_classes" in extra and "num_cameras" in extra:
+        return int(extra["num_classes"]), int(extra["num_cameras"])
+    return _counts_from_state(checkpoint["model"], label)
+
+
 def _counts_from_state(state: Mapping[str, Tensor], label: str) -> tuple[int, int]:
     """(num_classes, num_cameras) of a passreid ReIDModel state dict, from the tensor shapes."""
     if "head.classifier.weight" not in state:
-        raise CheckpointFormatError(f"{label}: no 'head.classifier.weight'; cannot tell the number of classes")
+        raise CheckpointFormatError(f"{label}: no 'head.classifier.weight' and no stored num_classes (a checkpoint "
+                                    "of another method written by an older passreid?); cannot tell the number of "
+                                    "classes: evaluate the run's model_final.pth instead")
     num_cameras = state["sie_embed"].shape[0] if "sie_embed" in state else 0
     return int(state["head.classifier.weight"].shape[0]), int(num_cameras)
 
@@ -101,7 +112,7 @@ def load_finetuned_model(
     _refuse_pretraining_file(obj, label)
     if "config" in obj and "iteration" in obj and isinstance(obj.get("model"), Mapping):
         stored = _config_of(obj["config"], label)
-        num_classes, num_cameras = _counts_from_state(obj["model"], label)
+        num_classes, num_cameras = _training_counts(obj, label)
         model = build_model(stored, num_classes, num_cameras, load_weights=False)
         _load_strict(model, obj["model"], label)
         _log_model_differences(stored, cfg, label)
@@ -162,6 +173,6 @@ def _log_model_differences(stored: FinetuneConfig, given: FinetuneConfig | None,
     stored_model, given_model = config_to_dict(stored.model), config_to_dict(given.model)
     differing = [k for k in stored_model if k != "pretrained" and stored_model[k] != given_model.get(k)]
     if differing or stored.method != given.method:
-        logger.warning("%s was built with a different model config than the one given; using the file's "
-                       "(method %s, differing keys: %s)", label, stored.method,
+        logger.warning("%s was built with a different method or model config than the one given; the model is "
+                       "rebuilt from the file's config (method %s, differing keys: %s)", label, stored.method,
                        ", ".join(f"model.{k}={stored_model[k]!r}" for k in differing) or "none")

@@ -13,14 +13,14 @@ import json
 import logging
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from passreid import dist
 from passreid.atomic_files import atomic_write_text
 from passreid.cli import error_boundary
-from passreid.config import (Layer, build_config, default_argument_parser, overrides_to_layers, parse_and_load,
-                             print_config)
+from passreid.config import (Layer, build_config, config_to_dict, default_argument_parser, overrides_to_layers,
+                             parse_and_load, print_config)
 from passreid.data.reid_sets import load_test_dataset
 from passreid.engine import (autocast_for, describe_precision, make_output_dir, resolve_precision, select_device,
                              setup_logging)
@@ -28,6 +28,7 @@ from passreid.eval.evaluator import EvalResult, evaluate_model, format_result
 from passreid.finetune.checkpoints import load_finetuned_model, stored_config
 from passreid.finetune.config import FinetuneConfig, validate_config
 from passreid.finetune.methods import get_method
+from passreid.models import CheckpointFormatError
 
 __all__ = ["EvaluationOutputs", "main", "run_test"]
 
@@ -60,7 +61,9 @@ def run_test(
     """Evaluate ``weights`` on the test set of ``cfg`` (``None``: the config stored in a passreid file).
 
     The architecture comes from the file for passreid checkpoints and from ``cfg`` for published
-    TransReID/PASS ones (see :func:`~passreid.finetune.checkpoints.load_finetuned_model`).
+    TransReID/PASS ones (see :func:`~passreid.finetune.checkpoints.load_finetuned_model`). A passreid file
+    also gives the method, its test distance and the test transform; ``cfg`` then chooses only the test set,
+    ``eval.*`` and the device (:func:`resolve_test_config`).
     """
     minutes = (cfg if cfg is not None else FinetuneConfig()).train.dist_timeout_min
     env = dist.init_distributed(timeout=datetime.timedelta(minutes=minutes))
@@ -68,6 +71,8 @@ def run_test(
     setup_logging(out, rank=env.rank)
     model, model_cfg, report = load_finetuned_model(weights, cfg, allow_missing=allow_missing,
                                                     allow_unexpected=allow_unexpected)
+    if report is None and cfg is not None:  # a passreid file: it says how its model reads and compares
+        cfg = resolve_test_config(model_cfg, cfg, str(weights))
     cfg = validate_config(cfg if cfg is not None else model_cfg)
     device = select_device(cfg.train.device, env.local_rank)
     model.to(device)
@@ -100,6 +105,52 @@ def run_test(
     return EvaluationOutputs(out, metrics_path, query_path, gallery_path, result)
 
 
+# What the given config decides when a passreid model file is tested: the test set, eval.* and where the run
+# executes. Everything else (method, model, method sections, test transform) is how the stored model reads
+# images and compares features, so it comes from the file.
+GIVEN_TEST_SET_KEYS = ("dataset", "root", "test_dataset", "test_root", "max_test_ids")
+GIVEN_DATA_KEYS = (*GIVEN_TEST_SET_KEYS, "test_batch_size", "num_workers")
+GIVEN_TRAIN_KEYS = ("device", "dist_timeout_min")
+# Data keys of the file that change test features or distances (the others are training augmentation).
+TEST_READ_DATA_KEYS = ("pixel_mean", "pixel_std", "test_interpolation", "mask_preprocess")
+
+
+def resolve_test_config(stored: FinetuneConfig, given: FinetuneConfig, label: str) -> FinetuneConfig:
+    """The config that tests a passreid model file: ``stored`` (the file's) with the test set, ``eval.*`` and
+    the device of ``given``. A warning names every given test-relevant setting the file's replaces."""
+    data = replace(stored.data, **{key: getattr(given.data, key) for key in GIVEN_DATA_KEYS})
+    train = replace(stored.train, **{key: getattr(given.train, key) for key in GIVEN_TRAIN_KEYS})
+    merged = replace(stored, data=data, train=train, eval=given.eval)
+    replaced = [f"{key}={value!r} (file: {file_value!r})"
+                for key, value, file_value in _differences(config_to_dict(given), config_to_dict(merged))
+                if _read_by_the_test(key)]
+    if replaced:
+        logger.warning("%s stores the config it was trained with: the method, model, method settings and test "
+                       "transform are the file's; the test set (data.%s) and eval.* are the given config's; "
+                       "given settings not used: %s", label, "/".join(GIVEN_TEST_SET_KEYS), "; ".join(replaced))
+    return merged
+
+
+def _read_by_the_test(key: str) -> bool:
+    """Whether the dotted config ``key`` can change test features or distances."""
+    section, _, name = key.partition(".")
+    if section == "data":
+        return name in TEST_READ_DATA_KEYS
+    return section not in ("train", "optim", "loss", "eval") and key != "model.pretrained"
+
+
+def _differences(given: dict, used: dict, prefix: str = "") -> list[tuple[str, object, object]]:
+    """``(dotted key, given value, used value)`` of every leaf where two config dicts differ."""
+    found = []
+    for key, value in given.items():
+        other = used.get(key)
+        if isinstance(value, dict) and isinstance(other, dict):
+            found += _differences(value, other, f"{prefix}{key}.")
+        elif value != other:
+            found.append((f"{prefix}{key}", value, other))
+    return found
+
+
 TEST_COMMAND_HELP = """Evaluate a fine-tuned checkpoint on a config's test set (see finetune/README.md).
 
     python finetune/test.py --config-file configs/finetune/market1501/pass_vit_s_256.yaml \
@@ -107,9 +158,11 @@ TEST_COMMAND_HELP = """Evaluate a fine-tuned checkpoint on a config's test set (
 
 Writes D/metrics.json, D/query_features.npz and D/gallery_features.npz (default D: <weights dir>/test).
 Without --config-file, a passreid model_final.pth / checkpoint.pth is evaluated with the config stored
-in it (overrides still apply). Released TransReID / PASS-reID, DPM, TSD, DPEFormer and BPBReID checkpoints
-need the --config-file that describes their architecture; every key that does not map is reported and refused
-unless allowed with --allow-missing / --allow-unexpected (fnmatch patterns).
+in it (overrides still apply). With --config-file, a passreid file is still tested with its own method, model
+and test transform: the config chooses the test set, eval.* and the device (a warning names what it ignores).
+Released TransReID / PASS-reID, DPM, TSD, DPEFormer and BPBReID checkpoints need the --config-file that
+describes their architecture; every key that does not map is reported and refused unless allowed with
+--allow-missing / --allow-unexpected (fnmatch patterns).
 --print-config prints the resolved config and exits; a mistake in the input is one message and exit
 status 2 (--debug adds the traceback).
 """
@@ -133,7 +186,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = build_config(FinetuneConfig, layers + overrides_to_layers(FinetuneConfig, args.opts))
     validate_config(cfg)  # as run_test will: a printed config is one the test accepts
     if args.print_config:
-        return print_config(cfg)
+        return print_config(_config_used(args.weights, cfg) if args.config_file is not None else cfg)
     output_dir = args.output_dir or str(Path(args.weights).expanduser().absolute().parent / "test")
     try:
         run_test(args.weights, cfg, output_dir, allow_missing=args.allow_missing,
@@ -141,3 +194,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         dist.destroy()  # as the training commands: no process group left to the interpreter's exit
     return 0
+
+
+def _config_used(weights: str, given: FinetuneConfig) -> FinetuneConfig:
+    """What :func:`run_test` evaluates ``weights`` with when ``given`` comes from --config-file."""
+    try:
+        stored = build_config(FinetuneConfig, [Layer(f"{weights} (stored config)", stored_config(weights))])
+    except CheckpointFormatError:  # a released checkpoint: the given config describes it
+        return given
+    return validate_config(resolve_test_config(stored, given, weights))

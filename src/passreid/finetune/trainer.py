@@ -97,9 +97,11 @@ class FinetuneTrainer(Trainer):
         return self.world_size > 1 and self.cfg.train.ddp_batch == "global"
 
     def _checkpoint_extra(self, stopped_in_epoch: int | None) -> dict[str, Any]:
-        if self.meta.second_pass is None:
-            return {}
-        return {"second_pass_optimizer": self.meta.second_pass.optimizer.state_dict()}
+        # The counts let test.py / extract_features.py rebuild any method's model from checkpoint.pth alone.
+        extra: dict[str, Any] = {"num_classes": self.data.num_classes, "num_cameras": self.data.num_cameras}
+        if self.meta.second_pass is not None:
+            extra["second_pass_optimizer"] = self.meta.second_pass.optimizer.state_dict()
+        return extra
 
     def _restore_extra(self, extra: dict[str, Any]) -> None:
         if self.meta.second_pass is None:
