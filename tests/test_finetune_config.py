@@ -53,6 +53,10 @@ def test_validation_names_the_offending_key():
         validate_config(load_config(FinetuneConfig, None, ["data.batch_size=30"]))
     with pytest.raises(ConfigError, match="did you mean 'model.feat_fusion'"):
         load_config(FinetuneConfig, None, ["model.feat_fusoin=cat"])
+    with pytest.raises(ConfigError, match="'data.dataset': unknown dataset 'market'; valid names: .*market1501"):
+        validate_config(load_config(FinetuneConfig, None, ["data.dataset=market"]))
+    with pytest.raises(ConfigError, match="'data.test_dataset': unknown dataset 'occluded'"):
+        validate_config(load_config(FinetuneConfig, None, ["data.test_dataset=occluded"]))
 
 
 @pytest.mark.parametrize("key", ["data.world_dir=/w", "data.world_seed=3", "data.world_options={style: b}"])

@@ -126,6 +126,11 @@ def validate_reid_sections(model: ReIDModelConfig, data: ReIDDataConfig, train: 
     require(data.max_train_ids >= 0 and data.max_test_ids >= 0, "data.max_train_ids",
              "max_train_ids / max_test_ids must be >= 0 (0 = all)")
     require(data.test_batch_size > 0, "data.test_batch_size", "must be positive")
+    from passreid.data import list_datasets  # here: passreid.data imports the config package
+    known = list_datasets()
+    require(data.dataset in known, "data.dataset", f"unknown dataset {data.dataset!r}; valid names: {', '.join(known)}")
+    require(data.test_dataset in ("", *known), "data.test_dataset",
+            f"unknown dataset {data.test_dataset!r}; valid names: {', '.join(known)} (or empty: data.dataset's)")
     require(len(data.color_jitter) in (0, 4) and all(v >= 0 for v in data.color_jitter), "data.color_jitter",
              f"must be [] or [brightness, contrast, saturation, hue] (>= 0), got {data.color_jitter}")
     require(0.0 <= data.occluder_p <= 1.0, "data.occluder_p", f"must be a probability, got {data.occluder_p}")
