@@ -61,6 +61,22 @@ def test_extract_features_writes_the_evaluate_npz(demo, market, synthetic_world,
     assert evaluate.load_split(out).feats.shape == data["feats"].shape  # the format tools/evaluate.py reads
 
 
+@pytest.mark.parametrize("device, message", [
+    ("bogus", "device 'bogus' is not a device name (expected e.g. cpu, cuda or cuda:0)"),
+    ("cuda", "device 'cuda' was requested but CUDA is not available"),
+])
+def test_a_device_that_cannot_be_used_is_one_message(demo, synthetic_world, tmp_path, capsys, monkeypatch, device,
+                                                      message):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for tool, options in (("extract_features", ["--images", str(synthetic_world / "market" / "query"),
+                                                "--out", str(tmp_path / "f.npz")]),
+                          ("visualize_ranks", ["--query-features", str(demo[1].query_features),
+                                               "--gallery-features", str(demo[1].gallery_features),
+                                               "--out", str(tmp_path / "r.html")])):
+        assert _tool(tool).main(["--weights", str(demo[0]), *options, "--device", device]) == 2, tool
+        assert message in capsys.readouterr().err, tool
+
+
 def test_extract_features_without_dataset_naming_has_no_labels(demo, market, tmp_path):
     folder = tmp_path / "mine"
     folder.mkdir()

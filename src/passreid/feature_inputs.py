@@ -13,12 +13,17 @@ class EvaluationInputError(ValueError):
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``None`` -> CUDA when available, else CPU; a CUDA request without CUDA is an error."""
+    """``None`` -> CUDA when available, else CPU; a device name torch does not know, or a CUDA request
+    without CUDA, is an :class:`EvaluationInputError`."""
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise EvaluationInputError(f"device {device!r} is not a device name (expected e.g. cpu, cuda or cuda:0): "
+                                   f"{error}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise EvaluationInputError("device 'cuda' was requested but CUDA is not available")
+        raise EvaluationInputError(f"device '{device}' was requested but CUDA is not available")
     return device
 
 

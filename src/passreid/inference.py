@@ -60,6 +60,7 @@ from passreid.data.transforms import build_test_transform
 from passreid.engine.logger import ConsoleHandler, ThroughputLogger
 from passreid.eval.distance import DistanceChunkFn, FeatureDistance
 from passreid.eval.features import ExtractedFeatures
+from passreid.feature_inputs import resolve_device
 from passreid.models import (VIT_ARCHS, ArchitectureError, CheckpointFormatError,
                              LoadReport, VisionTransformer, architecture_hints, build_vit,
                              extract_backbone_state_dict, infer_vit_arguments, load_pretrained, read_checkpoint)
@@ -349,8 +350,7 @@ def load_model(
         loaded = _finetuned(obj, kind, label, config, allow_missing, allow_unexpected)
     else:
         loaded = _backbone(obj, kind, label, which, backbone_feature, hw_ratio)
-    device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available()
-                                                                           else "cpu")
+    device = resolve_device(device)
     logger.info(loaded.describe())
     return loaded.to(device)
 
@@ -575,7 +575,6 @@ def load_model_from_args(args: argparse.Namespace) -> FeatureExtractor:
     """The :class:`FeatureExtractor` described by :func:`add_model_arguments`' options; a long extraction
     prints its progress on stderr (:func:`show_progress`)."""
     show_progress()
-    if args.device is not None and torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {args.device} was requested but CUDA is not available")
+    resolve_device(args.device)  # a bad --device is one message before the weights are read
     return FeatureExtractor(args.weights, args.device, config=args.config_file, batch_size=args.batch_size,
                             num_workers=args.num_workers, which=args.which, backbone_feature=args.backbone_feature)
