@@ -57,6 +57,10 @@ def test_validation_names_the_offending_key():
         validate_config(load_config(FinetuneConfig, None, ["data.dataset=market"]))
     with pytest.raises(ConfigError, match="'data.test_dataset': unknown dataset 'occluded'"):
         validate_config(load_config(FinetuneConfig, None, ["data.test_dataset=occluded"]))
+    for method, option in (("tsd", "model.sie_camera=true"), ("dpeformer", "model.jpm=true"),
+                           ("bpbreid", "model.sie_camera=true")):
+        with pytest.raises(ConfigError, match=f"method {method} does not combine with model.sie_camera or model.jpm"):
+            validate_config(load_config(FinetuneConfig, None, [f"method={method}", option]))
 
 
 @pytest.mark.parametrize("key", ["data.world_dir=/w", "data.world_seed=3", "data.world_options={style: b}"])

@@ -400,6 +400,7 @@ register_method(
         build_model=build_bpbreid_model,
         build_criterion=build_bpbreid_criterion,
         build_test_distance=build_bpbreid_test_distance,
+        sie_and_jpm=False,
         train_masks=lambda cfg: "parsing",
         section="bpbreid",
         section_type=BPBReIDConfig,

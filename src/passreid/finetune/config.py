@@ -135,6 +135,8 @@ def validate_config(cfg: FinetuneConfig) -> FinetuneConfig:
         # A method registered after this module was imported (outside the package) without its field.
         raise TypeError(f"method {method.name!r} registers config section {method.section!r} "
                         f"({method.section_type.__name__}), which FinetuneConfig has no field for")
+    require(method.sie_and_jpm or not (model.sie_camera or model.jpm), "model.sie_camera",
+            f"method {method.name} does not combine with model.sie_camera or model.jpm: set both to false")
     if method.validate is not None:  # the method's own config section, checked only when the method runs
         method.validate(cfg)
     return cfg

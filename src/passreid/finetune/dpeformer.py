@@ -493,6 +493,7 @@ register_method(
         build_model=build_dpeformer_model,
         build_criterion=build_dpeformer_criterion,
         build_train_set=build_two_view_train_set,
+        sie_and_jpm=False,
         validate=validate_dpeformer_config,
         section="dpeformer",
         section_type=DPEFormerConfig,

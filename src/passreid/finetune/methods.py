@@ -109,6 +109,9 @@ class FinetuneMethod:
     # Checks of the method's own config section (raise ConfigError naming the key); run by validate_config
     # only when this method is selected.
     validate: Callable[[FinetuneConfig], None] | None = None
+    # False: the method's heads take neither the camera embedding (model.sie_camera) nor JPM (model.jpm);
+    # validate_config refuses them with the method.
+    sie_and_jpm: bool = True
 
     def __post_init__(self) -> None:
         if (self.section is None) != (self.section_type is None):

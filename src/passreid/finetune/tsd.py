@@ -478,6 +478,7 @@ if __name__ != "__main__":
             build_model=build_tsd_model,
             build_criterion=build_tsd_criterion,
             build_test_distance=build_tsd_test_distance,
+            sie_and_jpm=False,
             train_masks=lambda cfg: "parsing",
             validate=validate_tsd_config,
             section="tsd",
