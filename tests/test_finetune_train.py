@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -176,6 +177,27 @@ def test_sie_and_jpm_train_and_evaluate_with_camera_ids(tmp_path, synthetic_worl
     images = torch.randn(2, 3, 64, 32)
     with torch.no_grad():
         assert model(images, camids=torch.tensor([0, 3])).shape == (2, 5 * 192)
+
+
+def test_sie_with_a_test_camera_it_has_no_embedding_for_is_refused_before_training(tmp_path, synthetic_world):
+    import shutil
+
+    from passreid.config import ConfigError
+    from passreid.finetune.testing import run_test
+
+    world = tmp_path / "world"
+    shutil.copytree(synthetic_world / "market", world / "market")
+    query = sorted((world / "market" / "query").glob("*.jpg"))[0]
+    query.rename(query.with_name(re.sub(r"_c\d", "_c6", query.name)))  # a sixth camera; training has four
+    cfg = _cfg(tmp_path / "run", world, "model.num_part_tokens=0", "model.head=cls", "model.sie_camera=true")
+    with pytest.raises(ConfigError, match=r"'model.sie_camera': the test set market1501 .* camera ids \[5\]"):
+        run_training(cfg, resume=False)
+    assert not (tmp_path / "run" / "checkpoint.pth").exists()  # refused before the first step
+    trained = _cfg(tmp_path / "trained", synthetic_world, "model.num_part_tokens=0", "model.head=cls",
+                   "model.sie_camera=true", "train.max_iters=1", "eval.period=100")
+    run_training(trained, resume=False)
+    with pytest.raises(ConfigError, match=r"camera ids \[5\]"):  # test.py: the model's own camera count
+        run_test(tmp_path / "trained" / "model_final.pth", _cfg(tmp_path / "t", world), tmp_path / "test")
 
 
 def test_a_pretrain_backbone_export_initialises_the_demo_model(tmp_path, synthetic_world):

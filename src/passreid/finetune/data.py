@@ -61,10 +61,25 @@ def load_finetune_data(cfg: FinetuneConfig) -> FinetuneData:
                     train_set.split_table(), test_set.split_table() if test_set is not train_set else "")
     num_classes = max(item.pid for item in train_set.train) + 1
     num_cameras = max(item.camid for item in train_set.train) + 1
+    check_test_cameras(test_set, num_cameras, cfg.model.sie_camera)
     logger.info("fine-tuning on %s: %d identities, %d images, %d cameras; evaluating on %s: %d query, %d gallery",
                 train_set.name, num_classes, len(train_set.train), num_cameras, test_set.name,
                 len(test_set.query), len(test_set.gallery))
     return FinetuneData(train_set, test_set, num_classes, num_cameras)
+
+
+def check_test_cameras(test_set: ReIDDataset, num_cameras: int, sie_camera: bool) -> None:
+    """With SIE, refuse a test set whose cameras the model has no embedding for (one per training camera):
+    found before training, not at the first evaluation."""
+    if not sie_camera:
+        return
+    cameras = {item.camid for item in (*test_set.query, *test_set.gallery)}
+    unseen = sorted(camid for camid in cameras if not 0 <= camid < num_cameras)
+    if unseen:
+        raise ConfigError(
+            f"config key 'model.sie_camera': the test set {test_set.name} ({test_set.root}) has camera ids "
+            f"{unseen} (0-based) that the model's {num_cameras} training cameras do not cover, and SIE cannot "
+            "embed an unseen camera: set model.sie_camera=false, or test on a set with the training cameras")
 
 
 def build_train_set(items: list[ImageItem], cfg: FinetuneConfig) -> Dataset:

@@ -27,6 +27,7 @@ from passreid.engine import (autocast_for, describe_precision, make_output_dir, 
 from passreid.eval.evaluator import EvalResult, evaluate_model, format_result
 from passreid.finetune.checkpoints import load_finetuned_model, stored_config
 from passreid.finetune.config import FinetuneConfig, validate_config
+from passreid.finetune.data import check_test_cameras
 from passreid.finetune.methods import get_method
 from passreid.models import CheckpointFormatError
 
@@ -77,6 +78,7 @@ def run_test(
     device = select_device(cfg.train.device, env.local_rank)
     model.to(device)
     dataset = load_test_dataset(cfg.data)
+    check_test_cameras(dataset, getattr(model, "num_cameras", 0), model_cfg.model.sie_camera)
     precision = resolve_precision(device, cfg.eval.precision, "eval.precision")
     logger.info("test features on %s in %s", device, describe_precision(cfg.eval.precision, precision))
     amp = autocast_for(device, precision)
