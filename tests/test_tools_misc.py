@@ -194,6 +194,9 @@ def test_plot_training_fails_clearly(tmp_path, capsys):
     bad.write_text(json.dumps({"step": 1, "split": "train", "loss": 1.0}) + "\n")
     assert tool.main([str(bad), "--out", str(tmp_path / "c.png"), "--keys", "mAP"]) == 2
     assert "available: ['loss']" in capsys.readouterr().err
+    bad.write_text(json.dumps({"step": None, "split": "train", "loss": 1.0}) + "\n")
+    assert tool.main([str(bad), "--out", str(tmp_path / "c.png")]) == 2
+    assert "metrics.jsonl:1: expected a record with an integer 'step'" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("name", ["extract_features", "search", "visualize_ranks", "export_onnx"])

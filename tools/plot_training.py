@@ -49,9 +49,11 @@ def read_metrics(path: Path) -> dict[tuple[str, str], list[tuple[int, float]]]:
             record = json.loads(line)
         except json.JSONDecodeError as error:
             raise ValueError(f"{path}:{number}: not a JSON record ({error})") from error
-        if not isinstance(record, dict) or "step" not in record or "split" not in record:
-            raise ValueError(f"{path}:{number}: expected a record with 'step' and 'split', got {line[:80]!r}")
-        latest[(str(record["split"]), int(record["step"]))] = record
+        step = record.get("step") if isinstance(record, dict) else None
+        if not isinstance(step, int) or isinstance(step, bool) or "split" not in record:
+            raise ValueError(f"{path}:{number}: expected a record with an integer 'step' and a 'split', "
+                             f"got {line[:80]!r}")
+        latest[(str(record["split"]), step)] = record
     series: dict[tuple[str, str], list[tuple[int, float]]] = {}
     for (split, step), record in sorted(latest.items(), key=lambda item: item[0][1]):
         for key, value in record.items():
