@@ -366,8 +366,9 @@ def test_print_config_prints_the_resolved_yaml_and_runs_nothing(scripts, name, t
     out = tmp_path / "never_created"
     argv = ["--config-file", REPO / CONFIGS[name], "optim.lr=0.125", "--print-config", "--output-dir", out,
             *_REQUIRED_INPUTS.get(name, [])]
-    if name == "test":
-        argv += ["--weights", tmp_path / "not_read.pth"]
+    if name == "test":  # a released checkpoint (no stored config): the config printed is the one given
+        torch.save({"base.cls_token": torch.zeros(1, 1, 4)}, tmp_path / "released.pth")
+        argv += ["--weights", tmp_path / "released.pth"]
     code, printed, err = _run(scripts, name, argv, capsys)
     assert code == 0, err
     config = yaml.safe_load(printed)

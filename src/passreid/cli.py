@@ -43,13 +43,13 @@ def user_errors() -> tuple[type[BaseException], ...]:
     names what was expected and where. OSError covers missing, unreadable or unwritable files and a full
     disk; NonFiniteLossError is a diverged run and NoClustersError a clustering with no cluster, their
     messages say what to change."""
+    from passreid.cluster import NoClustersError
     from passreid.config import ConfigError
     from passreid.data import CorruptImageError, DatasetFormatError, DatasetLayoutError
     from passreid.data.masks import MaskFileError
     from passreid.engine import CheckpointCorruptError, CheckpointStateError, NonFiniteLossError
     from passreid.eval import EvaluationInputError
     from passreid.models import ArchitectureError, CheckpointFormatError, CheckpointMismatchError
-    from passreid.usl import NoClustersError
 
     return (ConfigError,
             DatasetLayoutError, DatasetFormatError, CorruptImageError, MaskFileError,

@@ -28,7 +28,12 @@ from passreid.cluster.jaccard import check_k_parameters, jaccard_sparse, prepare
 from passreid.cluster.knn import Backend
 from passreid.feature_inputs import EvaluationInputError
 
-__all__ = ["dbscan_from_graph", "dbscan_pseudo_labels"]
+__all__ = ["NoClustersError", "dbscan_from_graph", "dbscan_pseudo_labels"]
+
+
+class NoClustersError(RuntimeError):
+    """DBSCAN found no cluster: every image is an outlier, so there is nothing to train on. A problem with
+    the run's input (weak or collapsed weights, ``cluster.eps`` too small); the message says what to check."""
 
 
 def dbscan_from_graph(graph: sp.spmatrix, eps: float, min_samples: int = 4) -> np.ndarray:

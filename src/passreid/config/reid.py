@@ -10,6 +10,7 @@ PASS ViT-S/16 fine-tuning recipe (PASS-reID: PASS_transreid/configs/market/vit_s
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from collections.abc import Sequence
 from typing import Literal
 
 from .errors import require
@@ -106,9 +107,10 @@ class ReIDTrainConfig(TrainConfig):
 
 
 def validate_reid_sections(model: ReIDModelConfig, data: ReIDDataConfig, train: ReIDTrainConfig,
-                           eval_cfg: EvalConfig) -> None:
+                           eval_cfg: EvalConfig, known_datasets: Sequence[str]) -> None:
     """Check the value ranges and combinations of the shared sections a type check cannot; raise
-    ``ConfigError`` naming the key."""
+    ``ConfigError`` naming the key. ``known_datasets`` are the names ``data.dataset`` may take (the stage passes
+    ``passreid.data.list_datasets()``: the data package builds on this one, so it cannot be imported here)."""
     require(model.num_part_tokens >= 0, "model.num_part_tokens", f"must be >= 0, got {model.num_part_tokens}")
     require(model.head != "pass" or model.num_part_tokens > 0, "model.head",
              "'pass' needs part tokens (model.num_part_tokens > 0); use head: cls for a plain [CLS] ViT")
@@ -126,8 +128,7 @@ def validate_reid_sections(model: ReIDModelConfig, data: ReIDDataConfig, train: 
     require(data.max_train_ids >= 0 and data.max_test_ids >= 0, "data.max_train_ids",
              "max_train_ids / max_test_ids must be >= 0 (0 = all)")
     require(data.test_batch_size > 0, "data.test_batch_size", "must be positive")
-    from passreid.data import list_datasets  # here: passreid.data imports the config package
-    known = list_datasets()
+    known = list(known_datasets)
     require(data.dataset in known, "data.dataset", f"unknown dataset {data.dataset!r}; valid names: {', '.join(known)}")
     require(data.test_dataset in ("", *known), "data.test_dataset",
             f"unknown dataset {data.test_dataset!r}; valid names: {', '.join(known)} (or empty: data.dataset's)")

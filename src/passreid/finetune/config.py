@@ -26,6 +26,7 @@ from typing import Literal
 from passreid.config import require
 from passreid.config.reid import ReIDDataConfig, ReIDModelConfig, ReIDTrainConfig, validate_reid_sections
 from passreid.config.schema import EvalConfig, OptimConfig
+from passreid.data import list_datasets
 # The registry first: importing it imports and registers every method module (in the order it chooses).
 from passreid.finetune.methods import get_method, list_methods, method_sections
 from passreid.finetune.bpbreid import BPBReIDConfig
@@ -121,7 +122,7 @@ def validate_config(cfg: FinetuneConfig) -> FinetuneConfig:
     require(not is_cnn_arch(model.arch) or cfg.method == "bpbreid", "model.arch",
              f"{model.arch} is a CNN feature-map backbone, used by method bpbreid only (method is {cfg.method!r}); "
              "the other methods need a ViT (vit_tiny, vit_small, vit_base)")
-    validate_reid_sections(model, cfg.data, cfg.train, cfg.eval)
+    validate_reid_sections(model, cfg.data, cfg.train, cfg.eval, list_datasets())
     require(list(optim.milestones) == sorted(optim.milestones), "optim.milestones",
              f"must be increasing epochs, got {optim.milestones}")
     require(0.0 <= loss.label_smoothing < 1.0, "loss.label_smoothing",

@@ -23,6 +23,7 @@ from typing import Literal
 from passreid.config import (RANDOM_INIT, EvalConfig, ReIDDataConfig, ReIDModelConfig, ReIDTrainConfig, require,
                              validate_reid_sections)
 from passreid.cluster.knn import faiss_installed
+from passreid.data import list_datasets
 from passreid.models.cnn import is_cnn_arch
 
 __all__ = [
@@ -171,7 +172,7 @@ def validate_usl_config(cfg: UslConfig) -> UslConfig:
     require(optim.warmup_epochs >= 0, "optim.warmup_epochs", f"must be >= 0, got {optim.warmup_epochs}")
     require(train.iters >= 1, "train.iters", f"must be >= 1, got {train.iters}")
     require(train.ghost_bn_size >= 0, "train.ghost_bn_size", "must be >= 0 (0 = the whole per-process batch)")
-    validate_reid_sections(model, cfg.data, train, cfg.eval)
+    validate_reid_sections(model, cfg.data, train, cfg.eval, list_datasets())
     return cfg
 
 

@@ -22,17 +22,12 @@ import torch
 import torch.nn.functional as F
 from sklearn.metrics import adjusted_rand_score
 
-from passreid.cluster import dbscan_pseudo_labels
+from passreid.cluster import NoClustersError, dbscan_pseudo_labels
 from passreid.usl.config import ClusterConfig
 
 __all__ = ["ClusterStats", "NoClustersError", "PseudoLabels", "cluster_centroids", "cluster_features", "cluster_statistics"]
 
 logger = logging.getLogger(__name__)
-
-
-class NoClustersError(RuntimeError):
-    """DBSCAN found no cluster: every image is an outlier, so there is nothing to train on. A problem with
-    the run's input (weak or collapsed weights, ``cluster.eps`` too small); the message says what to check."""
 
 
 @dataclass
