@@ -43,6 +43,7 @@ import torch
 from torch import nn
 
 from passreid import dist
+from passreid.cluster import NoClustersError
 from passreid.config import ConfigError, config_to_dict, require
 from passreid.data import DatasetFormatError, ImageItem, ReIDDataset, build_dataset, check_data_root, reader_options
 from passreid.data.reid_sets import build_image_train_set, load_test_dataset
@@ -55,8 +56,7 @@ from passreid.models.reid_file import reid_file_config, reid_model_file
 from passreid.usl.config import UslConfig, ghost_bn_mismatch, validate_usl_config
 from passreid.usl.meta_arch import ClusterContrastMetaArch
 from passreid.usl.model import build_usl_model
-from passreid.usl.pseudo_labels import (ClusterStats, NoClustersError, PseudoLabels, cluster_centroids,
-                                        cluster_features)
+from passreid.usl.pseudo_labels import ClusterStats, PseudoLabels, cluster_centroids, cluster_features
 from passreid.usl.sampler import PseudoLabelSampler
 
 __all__ = ["ClusterContrastTrainer", "TargetData", "UslResult", "load_target_data", "run_cluster_contrast",
