@@ -9,8 +9,8 @@ PASS ViT-S/16 fine-tuning recipe (PASS-reID: PASS_transreid/configs/market/vit_s
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Literal
 
 from .errors import require
